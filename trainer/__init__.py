@@ -1,0 +1,1 @@
+"""Trains the autoencoder and writes a versioned artifact for the worker."""

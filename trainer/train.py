@@ -1,0 +1,228 @@
+"""Fit the autoencoder, measure held-out errors, compute the baseline, write the artifact."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.data import Dataset
+from trainer.models import DEFAULT_ARCHITECTURE, build_model
+from worker.artifact import (
+    ERRORS_FILE,
+    MODEL_FILE,
+    Baseline,
+    Preprocessing,
+    Statistics,
+    Threshold,
+    Training,
+    save_errors,
+    write_artifact,
+)
+from worker.thresholds import flag_rate, parse_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `anomaly-trainer train` can set."""
+
+    out: Path
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    classes: list[int] | None = None
+    architecture: str = DEFAULT_ARCHITECTURE
+    epochs: int = 10
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    threshold: str = "mean+3std"
+    seed: int = 0
+    holdout_fraction: float = 0.2
+    max_samples: int | None = None
+    patience: int = 3
+    preprocessing: str = "unit"
+    report: bool = True
+    progress: bool | None = None  # None: show a progress bar only on a terminal
+
+
+@dataclass
+class TrainResult:
+    """What training produced."""
+
+    artifact: Path
+    baseline: Baseline
+    history: dict[str, list[float]] = field(default_factory=dict)
+    duration_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Normal training data cut three ways: fit, validation (early stopping), calibration."""
+
+    fit: np.ndarray
+    validation: np.ndarray
+    calibration: np.ndarray
+
+
+def split_normal(x: np.ndarray, holdout_fraction: float, seed: int) -> Splits:
+    """Shuffle with `seed`; the held-out part is halved into validation and calibration."""
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), found {holdout_fraction}")
+    order = np.random.default_rng(seed).permutation(x.shape[0])
+    n_hold = max(2, round(x.shape[0] * holdout_fraction))
+    if x.shape[0] - n_hold < 1:
+        raise ValueError(f"{x.shape[0]} samples are too few to hold out {n_hold}")
+    n_val = n_hold // 2
+    return Splits(
+        fit=x[order[n_hold:]],
+        validation=x[order[:n_val]],
+        calibration=x[order[n_val:n_hold]],
+    )
+
+
+def select_normal(dataset: Dataset, classes: list[int] | None) -> np.ndarray:
+    """Training images of the normal classes (all when `classes` is None)."""
+    x, y = dataset.train.x, dataset.train.y
+    if classes is None:
+        return x
+    if y is None:
+        raise ValueError(f"dataset {dataset.name} has no labels, so --classes cannot be used")
+    mask = np.isin(y, classes)
+    if not mask.any():
+        raise ValueError(f"no training images of classes {classes} in {dataset.name}")
+    return x[mask]
+
+
+def reconstruction_errors(model: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Per-row MSE between `x` and the model's reconstruction (in model space)."""
+    recon = model.predict(x, batch_size=batch_size, verbose=0)
+    return np.asarray(np.mean(np.square(x - recon), axis=1, dtype=np.float64))
+
+
+class _Standardizer:
+    def __init__(self, x: np.ndarray) -> None:
+        self.mean = x.mean(axis=0).astype(np.float32)
+        self.std = x.std(axis=0).astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.mean) / np.maximum(self.std, 1e-6)).astype(np.float32)
+
+
+def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
+    """Train, calibrate and write the artifact to `config.out`."""
+    import keras
+    import tensorflow as tf
+
+    started = time.monotonic()
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+
+    normal = select_normal(dataset, config.classes)
+    if config.max_samples is not None and normal.shape[0] > config.max_samples:
+        pick = np.random.default_rng(config.seed).choice(normal.shape[0], config.max_samples, replace=False)
+        normal = normal[np.sort(pick)]
+    splits = split_normal(normal, config.holdout_fraction, config.seed)
+    policy = parse_policy(config.threshold)  # fail before training on a bad policy
+
+    preprocessing = Preprocessing()
+    transform: Any = lambda a: a  # noqa: E731
+    if config.preprocessing == "standardize":
+        standardizer = _Standardizer(splits.fit)
+        transform = standardizer
+        preprocessing = Preprocessing(
+            kind="standardize",
+            feature_mean=standardizer.mean.tolist(),
+            feature_std=standardizer.std.tolist(),
+        )
+    elif config.preprocessing != "unit":
+        raise ValueError(f"preprocessing must be unit or standardize, found {config.preprocessing!r}")
+
+    fit_x, val_x, cal_x = (
+        transform(splits.fit),
+        transform(splits.validation),
+        transform(splits.calibration),
+    )
+    input_dim = fit_x.shape[1]
+    model = build_model(config.architecture, input_dim, linear_output=preprocessing.kind == "standardize")
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
+    show_progress = sys.stdout.isatty() if config.progress is None else config.progress
+    log.info(
+        "training architecture=%s fit=%d validation=%d calibration=%d epochs=%d",
+        config.architecture,
+        fit_x.shape[0],
+        val_x.shape[0],
+        cal_x.shape[0],
+        config.epochs,
+    )
+    history = model.fit(
+        fit_x,
+        fit_x,
+        validation_data=(val_x, val_x),
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        shuffle=True,
+        verbose=1 if show_progress else 0,
+        callbacks=[
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=config.patience, restore_best_weights=True
+            )
+        ],
+    )
+    losses = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+    cal_errors = reconstruction_errors(model, cal_x)
+    threshold_value = policy.threshold(cal_errors)
+    latent_dim = int(model.get_layer("encoder").output.shape[-1])
+    training = Training(
+        dataset=dataset.name,
+        classes=config.classes,
+        architecture=config.architecture,
+        epochs_requested=config.epochs,
+        epochs_run=len(losses.get("loss", [])),
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        train_count=int(fit_x.shape[0]),
+        validation_count=int(val_x.shape[0]),
+        calibration_count=int(cal_x.shape[0]),
+        history=losses,
+        duration_seconds=round(time.monotonic() - started, 3),
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        keras_version=keras.__version__,
+        tensorflow_version=tf.__version__,
+    )
+    baseline = Baseline(
+        model_version="pending",
+        input_dim=input_dim,
+        latent_dim=latent_dim,
+        preprocessing=preprocessing,
+        statistics=Statistics.of(cal_errors),
+        threshold=Threshold(
+            policy=policy.text,
+            value=threshold_value,
+            expected_flag_rate=flag_rate(cal_errors, threshold_value),
+        ),
+        training=training,
+    )
+
+    def stage(tmp: Path) -> Baseline:
+        model.save(tmp / MODEL_FILE)
+        save_errors(tmp / ERRORS_FILE, cal_errors)
+        if config.report:
+            from trainer.report import write_report
+
+            write_report(tmp, model, baseline, dataset, splits, transform)
+        return baseline
+
+    path = write_artifact(config.out, stage)
+    from worker.artifact import load_artifact
+
+    final = load_artifact(path).baseline
+    return TrainResult(path, final, losses, time.monotonic() - started)

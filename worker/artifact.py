@@ -1,0 +1,289 @@
+"""The artifact format, owned here and imported by both the trainer and the worker.
+
+An artifact is a directory:
+  model.keras              the Keras autoencoder (input D floats -> D floats)
+  baseline.json            `Baseline` below: statistics, threshold policy, preprocessing, training
+  calibration_errors.npy   sorted held-out normal errors (float64): p-values, policy switching
+  manifest.json            sha256 of every other file; the worker refuses a mismatch
+  report.png / report.html what people look at (optional, also checksummed)
+It imports nothing heavy (no TensorFlow): the model is loaded by `worker.scoring`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worker.errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1.0"
+MODEL_FILE = "model.keras"
+BASELINE_FILE = "baseline.json"
+MANIFEST_FILE = "manifest.json"
+ERRORS_FILE = "calibration_errors.npy"
+PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class Statistics(_Strict):
+    """Per-image reconstruction error on held-out normal data."""
+
+    count: int = Field(gt=0)
+    mean: float
+    std: float
+    min: float
+    max: float
+    percentiles: dict[str, float] = Field(description="keys '50', '90', '95', '99', '99.9'")
+
+    @classmethod
+    def of(cls, errors: np.ndarray) -> Statistics:
+        """Summarise a 1-D array of errors."""
+        e = np.asarray(errors, dtype=np.float64).ravel()
+        return cls(
+            count=int(e.size),
+            mean=float(e.mean()),
+            std=float(e.std()),
+            min=float(e.min()),
+            max=float(e.max()),
+            percentiles={f"{p:g}": float(np.percentile(e, p)) for p in PERCENTILES},
+        )
+
+
+class Threshold(_Strict):
+    """The decision rule: flag when score > value."""
+
+    policy: str = Field(description="e.g. mean+3std, 2mean, p95, fpr=0.01")
+    value: float
+    expected_flag_rate: float = Field(
+        ge=0, le=1, description="share of held-out normal images above the threshold"
+    )
+
+
+class Preprocessing(_Strict):
+    """How raw pixels in [0,1] become model input; the worker applies it identically."""
+
+    kind: Literal["unit", "standardize"] = "unit"
+    input_range: tuple[float, float] = (0.0, 1.0)
+    uint8_scale: float = Field(1.0 / 255.0, description="uint8 pixels are multiplied by this")
+    feature_mean: list[float] | None = None
+    feature_std: list[float] | None = None
+
+
+class Training(_Strict):
+    """What produced the model, enough to reproduce it."""
+
+    dataset: str
+    classes: list[int] | None = None
+    architecture: str
+    epochs_requested: int
+    epochs_run: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    train_count: int
+    validation_count: int
+    calibration_count: int
+    history: dict[str, list[float]] = Field(default_factory=dict)
+    duration_seconds: float
+    created_at: str
+    keras_version: str
+    tensorflow_version: str
+
+
+class Baseline(_Strict):
+    """baseline.json: everything the worker needs besides the model weights."""
+
+    schema_version: str = SCHEMA_VERSION
+    model_version: str = Field(description="sha256 of model.keras, first 16 hex digits")
+    input_dim: int = Field(gt=0)
+    latent_dim: int | None = None
+    score: Literal["mse"] = "mse"
+    preprocessing: Preprocessing = Preprocessing()
+    statistics: Statistics
+    threshold: Threshold
+    calibration_errors_file: str = ERRORS_FILE
+    training: Training
+
+
+class Manifest(_Strict):
+    """manifest.json: checksums of every file of the artifact but itself."""
+
+    schema_version: str = SCHEMA_VERSION
+    model_version: str
+    files: dict[str, str] = Field(description="file name -> sha256 hex digest")
+
+
+@dataclass(frozen=True)
+class LoadedArtifact:
+    """A verified artifact, read into memory once (no second read between verify and use)."""
+
+    path: Path
+    baseline: Baseline
+    manifest: Manifest
+    model_bytes: bytes
+    calibration_errors: np.ndarray  # sorted ascending, float64
+
+
+def sha256_hex(data: bytes) -> str:
+    """Hex sha256 of bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_version_of(model_bytes: bytes) -> str:
+    """The content hash that names a model."""
+    return sha256_hex(model_bytes)[:16]
+
+
+def _check_schema_version(found: str, what: str) -> None:
+    expected_major = SCHEMA_VERSION.split(".")[0]
+    major = found.partition(".")[0]
+    if major != expected_major:
+        raise ArtifactError(
+            f"{what}: schema version {found!r} is not supported, expected {SCHEMA_VERSION!r} "
+            f"(major {expected_major}); retrain or upgrade the worker"
+        )
+    if found != SCHEMA_VERSION:
+        log.warning(
+            "artifact schema minor version differs what=%s found=%s expected=%s",
+            what,
+            found,
+            SCHEMA_VERSION,
+        )
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"artifact file {path} is missing") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"artifact file {path} is not valid JSON: {exc}") from exc
+
+
+def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
+    """Read and verify an artifact directory; raise ArtifactError naming what is wrong."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"artifact directory {root} does not exist or is not a directory")
+    raw_manifest = _read_json(root / MANIFEST_FILE)
+    if isinstance(raw_manifest, dict):
+        _check_schema_version(str(raw_manifest.get("schema_version", "")), str(root / MANIFEST_FILE))
+    try:
+        manifest = Manifest.model_validate(raw_manifest)
+    except ValidationError as exc:
+        raise ArtifactError(f"{root / MANIFEST_FILE} does not match the schema: {exc}") from exc
+
+    contents: dict[str, bytes] = {}
+    for name, expected in manifest.files.items():
+        if Path(name).name != name:
+            raise ArtifactError(f"manifest names {name!r}: only plain file names are allowed")
+        try:
+            data = (root / name).read_bytes()
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"artifact file {root / name} listed in the manifest is missing") from exc
+        found = sha256_hex(data)
+        if found != expected:
+            raise ArtifactError(
+                f"checksum mismatch for {root / name}: manifest says sha256 {expected[:16]}..., "
+                f"file has {found[:16]}...; the artifact was modified or is half-written"
+            )
+        contents[name] = data
+    for required in (MODEL_FILE, BASELINE_FILE, ERRORS_FILE):
+        if required not in contents:
+            raise ArtifactError(f"manifest of {root} does not list required file {required!r}")
+
+    try:
+        raw_baseline = json.loads(contents[BASELINE_FILE])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{root / BASELINE_FILE} is not valid JSON: {exc}") from exc
+    if isinstance(raw_baseline, dict):
+        _check_schema_version(str(raw_baseline.get("schema_version", "")), str(root / BASELINE_FILE))
+    try:
+        baseline = Baseline.model_validate(raw_baseline)
+    except ValidationError as exc:
+        raise ArtifactError(f"{root / BASELINE_FILE} does not match the schema: {exc}") from exc
+
+    model_bytes = contents[MODEL_FILE]
+    if model_version_of(model_bytes) != baseline.model_version:
+        raise ArtifactError(
+            f"model_version {baseline.model_version} in {root / BASELINE_FILE} does not match "
+            f"the hash of {MODEL_FILE} ({model_version_of(model_bytes)})"
+        )
+    if manifest.model_version != baseline.model_version:
+        raise ArtifactError(
+            f"manifest model_version {manifest.model_version} differs from baseline's "
+            f"{baseline.model_version}"
+        )
+    try:
+        errors = np.load(io.BytesIO(contents[baseline.calibration_errors_file]), allow_pickle=False)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ArtifactError(f"{root / baseline.calibration_errors_file} is unreadable: {exc}") from exc
+    errors = np.sort(np.asarray(errors, dtype=np.float64).ravel())
+    if errors.size != baseline.statistics.count:
+        raise ArtifactError(
+            f"{baseline.calibration_errors_file} has {errors.size} errors, "
+            f"baseline statistics say {baseline.statistics.count}"
+        )
+    return LoadedArtifact(root, baseline, manifest, model_bytes, errors)
+
+
+def write_artifact(out: str | os.PathLike[str], stage: Callable[[Path], Baseline]) -> Path:
+    """Build an artifact in a temporary sibling directory, then move it into place.
+
+    `stage(tmp)` writes model.keras (and any report files) into `tmp` and returns the baseline;
+    its `model_version` is overwritten here with the hash of model.keras. A worker never sees
+    half an artifact: it is either the old directory or the complete new one.
+    """
+    target = Path(out).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        baseline = stage(tmp)
+        model_bytes = (tmp / MODEL_FILE).read_bytes()
+        version = model_version_of(model_bytes)
+        baseline = baseline.model_copy(update={"model_version": version})
+        Baseline.model_validate(baseline.model_dump())  # re-check after the update
+        (tmp / BASELINE_FILE).write_text(baseline.model_dump_json(indent=2) + "\n")
+        files = {
+            p.name: sha256_hex(p.read_bytes())
+            for p in sorted(tmp.iterdir())
+            if p.is_file() and p.name != MANIFEST_FILE
+        }
+        manifest = Manifest(model_version=version, files=files)
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            # Directories cannot be replaced atomically; the old one steps aside for a moment.
+            old = target.with_name(f".{target.name}.old-{time.time_ns()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_errors(path: Path, errors: np.ndarray) -> None:
+    """Write held-out errors sorted ascending, as the worker expects them."""
+    np.save(path, np.sort(np.asarray(errors, dtype=np.float64).ravel()), allow_pickle=False)

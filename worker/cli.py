@@ -1,0 +1,199 @@
+"""anomaly-worker: settings from ANOMALY_* variables, flags override; builds the real parts and runs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+from pydantic import ValidationError
+
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("worker")
+EXIT_CONFIG = 2
+EXIT_FORCED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per setting (--batch-size for ANOMALY_BATCH_SIZE, ...), plus --burst."""
+    parser = argparse.ArgumentParser(
+        prog="anomaly-worker",
+        description="Score images from a Redis stream with an autoencoder artifact and publish the "
+        "anomalies. Every flag can also be set as an environment variable ANOMALY_<NAME>; "
+        "flags win.",
+    )
+    for name, info in WorkerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.default if info.default_factory is None else "hostname-pid"
+        if hasattr(default, "get_secret_value"):
+            default = "redis://localhost:6379/0"
+        parser.add_argument(
+            flag,
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            help=f"{info.description} [env ANOMALY_{name.upper()}, default: {default!r}]",
+        )
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="handle what is in the stream now, then exit (batch jobs, tests)",
+    )
+    return parser
+
+
+def load_settings(args: argparse.Namespace) -> WorkerSettings:
+    """Environment first, then the flags that were given."""
+    overrides = {k: v for k, v in vars(args).items() if k in WorkerSettings.model_fields and v is not None}
+    return WorkerSettings(**overrides)
+
+
+def explain(exc: ValidationError) -> str:
+    """One line per invalid setting, naming the variable."""
+    lines = []
+    for error in exc.errors():
+        name = ".".join(str(p) for p in error["loc"]) or "settings"
+        env = f"ANOMALY_{name.upper()}" if name != "settings" else "settings"
+        value = error.get("input")
+        shown = "" if name == "redis_url" or isinstance(value, dict) else f" (found {value!r})"
+        lines.append(f"invalid setting {env}: {error['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def make_redis(settings: WorkerSettings) -> Any:
+    """A client with redis-py's own retry (jittered backoff) and a read timeout above block_ms."""
+    import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
+    kwargs: dict[str, Any] = {
+        "retry": Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "socket_timeout": settings.block_ms / 1000.0 + 10.0,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 15,
+        "client_name": settings.consumer,
+    }
+    if (password := settings.redis_password()) is not None:
+        kwargs["password"] = password
+    return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of anomaly-worker."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except ValidationError as exc:
+        print(f"anomaly-worker: {explain(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    log.info("starting %s", settings.summary())
+
+    from prometheus_client import CollectorRegistry
+
+    from worker.errors import AnomalyScorerError
+    from worker.http import Health, HttpServer
+    from worker.metrics import WorkerMetrics
+    from worker.runner import Runner, load_model
+    from worker.stream import StreamClient
+
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry)
+    health = Health(liveness_seconds=max(60.0, 3 * settings.block_ms / 1000.0))
+    try:
+        server = HttpServer(settings.metrics_host, settings.metrics_port, registry, health).start()
+    except OSError as exc:
+        log.error(
+            "cannot serve metrics host=%s port=%s error=%s",
+            settings.metrics_host,
+            settings.metrics_port,
+            exc,
+        )
+        return EXIT_CONFIG
+    log.info(
+        "http listening host=%s port=%d paths=/metrics,/healthz,/readyz",
+        settings.metrics_host,
+        server.port,
+    )
+    try:
+        model = load_model(settings)
+    except (AnomalyScorerError, OSError, ValueError) as exc:
+        log.error("model not loaded error=%s", exc)
+        print(f"anomaly-worker: cannot load the artifact: {exc}", file=sys.stderr)
+        server.stop()
+        return EXIT_CONFIG
+    rule = model.rule
+    log.info(
+        "model loaded model_version=%s threshold=%.6g policy=%s expected_flag_rate=%.4f",
+        model.scorer.model_version,
+        rule.threshold,
+        rule.policy,
+        rule.expected_flag_rate,
+    )
+
+    client = make_redis(settings)
+    stream = StreamClient(
+        client,
+        input_stream=settings.input_stream,
+        output_stream=settings.output_stream,
+        dead_letter_stream=settings.dead_letter_stream,
+        scores_stream=settings.scores_stream,
+        group=settings.group,
+        consumer=settings.consumer,
+        output_maxlen=settings.output_maxlen,
+        dead_letter_maxlen=settings.dead_letter_maxlen,
+        scores_maxlen=settings.scores_maxlen,
+    )
+    runner = Runner(settings, stream, model, metrics, health, loader=lambda: load_model(settings))
+    install_signal_handlers(runner, settings.grace_seconds)
+    try:
+        if args.burst:
+            handled = runner.drain()
+            log.info("burst done handled=%d", handled)
+        else:
+            runner.run()
+    finally:
+        server.stop()
+        client.close()
+    log.info("stopped")
+    return 0
+
+
+def install_signal_handlers(runner: Any, grace_seconds: float) -> None:
+    """SIGTERM/SIGINT: warm stop (finish the batch), forced after grace; again: exit now. SIGHUP: reload."""
+    state = {"signals": 0}
+
+    def hard_exit(reason: str) -> None:
+        log.error("exiting now reason=%s", reason)
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        state["signals"] += 1
+        if state["signals"] > 1:
+            hard_exit(f"second signal {signal.Signals(signum).name}")
+        log.info("stop requested signal=%s grace_seconds=%g", signal.Signals(signum).name, grace_seconds)
+        runner.request_stop()
+        timer = threading.Timer(grace_seconds, hard_exit, args=("grace time exceeded",))
+        timer.daemon = True
+        timer.start()
+
+    def on_reload(_signum: int, _frame: FrameType | None) -> None:
+        log.info("reload requested signal=SIGHUP")
+        runner.reload_event.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_reload)

@@ -1,0 +1,214 @@
+"""Stream entry fields <-> image arrays. Every rejection carries a code and a readable reason.
+
+Input entry fields (the producer contract):
+  image  the D pixel values, row-major, encoded as `dtype` says
+  dtype  uint8 (default: D raw bytes 0-255, scaled by 1/255), float32 (4*D bytes little-endian,
+         values in [0,1]) or json (a JSON array of D numbers in [0,1])
+  id     optional producer id, echoed back in the output entry
+Any other field is kept (and copied to the dead-letter stream when the entry is rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from worker.errors import InvalidMessage
+
+DTYPES = ("uint8", "float32", "json")
+MAX_ID_BYTES = 256
+Entry = tuple[bytes, Mapping[bytes, bytes]]
+
+
+def default_max_payload_bytes(input_dim: int) -> int:
+    """Largest accepted `image` field: room for a JSON array of D numbers with 16 digits each."""
+    return 24 * input_dim + 64
+
+
+@dataclass
+class Rejected:
+    """An entry that cannot be scored and goes to the dead-letter stream."""
+
+    entry_id: bytes
+    fields: Mapping[bytes, bytes]
+    code: str
+    reason: str
+
+
+@dataclass
+class DecodedBatch:
+    """The scorable part of a batch as one float32 matrix, in entry order, plus the rejects."""
+
+    ids: list[bytes]
+    fields: list[Mapping[bytes, bytes]]
+    dtypes: list[str]
+    images: np.ndarray  # (len(ids), D) float32 in [0, 1]
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+def _dtype_of(fields: Mapping[bytes, bytes]) -> str:
+    raw = fields.get(b"dtype", b"uint8")
+    try:
+        name = raw.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        name = None
+    if name not in DTYPES:
+        shown = raw[:32].decode("utf-8", "replace")
+        raise InvalidMessage(
+            "unknown_dtype",
+            f"dtype {shown!r} is not supported; expected one of {', '.join(DTYPES)}",
+        )
+    return name
+
+
+def _check_floats(values: np.ndarray, dtype: str) -> None:
+    """Reject NaN/inf and values outside [0, 1] for one image."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(np.argmin(finite))
+        raise InvalidMessage(
+            "non_finite",
+            f"pixel {bad} is {values[bad]!r}; expected finite values for dtype {dtype}",
+        )
+    low, high = float(values.min()), float(values.max())
+    if low < 0.0 or high > 1.0:
+        raise InvalidMessage(
+            "out_of_range",
+            f"pixel values span [{low:g}, {high:g}]; expected values in [0, 1] for dtype {dtype}",
+        )
+
+
+def _decode_json(payload: bytes, dim: int) -> np.ndarray:
+    try:
+        values = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidMessage("bad_json", f"image is not valid JSON: {exc}") from exc
+    if not isinstance(values, list):
+        raise InvalidMessage(
+            "bad_json",
+            f"image JSON is a {type(values).__name__}, expected an array of {dim} numbers",
+        )
+    if len(values) != dim:
+        raise InvalidMessage("bad_length", f"image JSON array has {len(values)} values, expected {dim}")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise InvalidMessage(
+                "not_numeric",
+                f"image JSON value {i} is {type(v).__name__} {v!r:.40}, expected a number",
+            )
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InvalidMessage("non_finite", f"pixel {i} is {v!r}; expected finite values for dtype json")
+    array = np.asarray(values, dtype=np.float64)
+    _check_floats(array, "json")
+    return array.astype(np.float32)
+
+
+def validate_entry(fields: Mapping[bytes, bytes], dim: int, max_payload_bytes: int) -> str:
+    """Check the cheap, per-entry parts of the contract; return the dtype name."""
+    payload = fields.get(b"image")
+    if payload is None:
+        raise InvalidMessage(
+            "missing_image", "entry has no 'image' field; expected the image pixels in 'image'"
+        )
+    producer_id = fields.get(b"id")
+    if producer_id is not None and len(producer_id) > MAX_ID_BYTES:
+        raise InvalidMessage("bad_id", f"id has {len(producer_id)} bytes, expected at most {MAX_ID_BYTES}")
+    if len(payload) > max_payload_bytes:
+        raise InvalidMessage(
+            "oversize",
+            f"image has {len(payload)} bytes, more than the limit of {max_payload_bytes}",
+        )
+    dtype = _dtype_of(fields)
+    expected = {"uint8": dim, "float32": 4 * dim}.get(dtype)
+    if expected is not None and len(payload) != expected:
+        raise InvalidMessage(
+            "bad_length", f"image has {len(payload)} bytes, expected {expected} for dtype {dtype}"
+        )
+    return dtype
+
+
+def decode_batch(
+    entries: Sequence[Entry], dim: int, max_payload_bytes: int, uint8_scale: float = 1.0 / 255.0
+) -> DecodedBatch:
+    """Decode a batch into one (n, D) float32 matrix; uint8 and float32 in one numpy call each."""
+    kinds: list[str] = []
+    rejected: list[Rejected] = []
+    accepted: list[int] = []
+    for index, (entry_id, fields) in enumerate(entries):
+        try:
+            kinds.append(validate_entry(fields, dim, max_payload_bytes))
+            accepted.append(index)
+        except InvalidMessage as exc:
+            rejected.append(Rejected(entry_id, fields, exc.code, exc.reason))
+
+    images = np.empty((len(accepted), dim), dtype=np.float32)
+    rows_by_dtype: dict[str, list[int]] = {name: [] for name in DTYPES}
+    for row, kind in enumerate(kinds):
+        rows_by_dtype[kind].append(row)
+
+    if rows := rows_by_dtype["uint8"]:
+        joined = b"".join(entries[accepted[r]][1][b"image"] for r in rows)
+        pixels = np.frombuffer(joined, dtype=np.uint8).reshape(len(rows), dim)
+        images[rows] = pixels * np.float32(uint8_scale)
+
+    bad_rows: dict[int, InvalidMessage] = {}
+    if rows := rows_by_dtype["float32"]:
+        joined = b"".join(entries[accepted[r]][1][b"image"] for r in rows)
+        block = np.frombuffer(joined, dtype="<f4").reshape(len(rows), dim)
+        finite = np.isfinite(block).all(axis=1)
+        with np.errstate(invalid="ignore"):
+            in_range = ((block >= 0.0) & (block <= 1.0)).all(axis=1)
+        for i in np.flatnonzero(~(finite & in_range)):
+            try:
+                _check_floats(block[i], "float32")
+            except InvalidMessage as float_error:
+                bad_rows[rows[i]] = float_error
+        images[rows] = block
+
+    for r in rows_by_dtype["json"]:
+        try:
+            images[r] = _decode_json(entries[accepted[r]][1][b"image"], dim)
+        except InvalidMessage as json_error:
+            bad_rows[r] = json_error
+
+    if bad_rows:
+        for r, problem in bad_rows.items():
+            entry_id, fields = entries[accepted[r]]
+            rejected.append(Rejected(entry_id, fields, problem.code, problem.reason))
+        keep = [r for r in range(len(accepted)) if r not in bad_rows]
+        images = images[keep]
+        accepted = [accepted[r] for r in keep]
+        kinds = [kinds[r] for r in keep]
+
+    return DecodedBatch(
+        ids=[entries[i][0] for i in accepted],
+        fields=[entries[i][1] for i in accepted],
+        dtypes=kinds,
+        images=images,
+        rejected=rejected,
+    )
+
+
+def encode_image(image: np.ndarray, dtype: str = "uint8") -> dict[str, bytes]:
+    """Encode one flattened image for the input stream (what producers send).
+
+    uint8 accepts a uint8 array (raw pixels) or floats in [0, 1] (rounded to 0-255).
+    """
+    flat = np.asarray(image).ravel()
+    if dtype == "uint8":
+        if flat.dtype != np.uint8:
+            flat = np.clip(np.rint(flat.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+        payload = flat.tobytes()
+    elif dtype == "float32":
+        as_float = flat.astype("<f4") if flat.dtype != np.uint8 else (flat / 255.0).astype("<f4")
+        payload = as_float.tobytes()
+    elif dtype == "json":
+        as_float = flat.astype(np.float64) if flat.dtype != np.uint8 else flat / 255.0
+        payload = json.dumps([round(float(v), 6) for v in as_float]).encode()
+    else:
+        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    return {"image": payload, "dtype": dtype.encode()}

@@ -1,0 +1,147 @@
+"""The worker's Prometheus metrics, all registered on an injected registry.
+
+Names are a contract with dashboards and alert rules (deploy/grafana, deploy/prometheus).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Callable, Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+# Reconstruction MSE of 28x28 images spans about 1e-3 (clean digits) to 0.3 (noise).
+SCORE_BUCKETS = tuple(round(0.001 * 1.5**i, 6) for i in range(18))
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class DetectionWindow:
+    """flagged / scored over the last `seconds`, from per-batch counts."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self.clock = clock
+        self._batches: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._scored = 0
+        self._flagged = 0
+
+    def add(self, scored: int, flagged: int) -> float:
+        """Record a batch; return the current rate (NaN before anything was scored)."""
+        now = self.clock()
+        self._batches.append((now, scored, flagged))
+        self._scored += scored
+        self._flagged += flagged
+        while self._batches and self._batches[0][0] < now - self.seconds:
+            _, s, f = self._batches.popleft()
+            self._scored -= s
+            self._flagged -= f
+        return self._flagged / self._scored if self._scored else math.nan
+
+
+class WorkerMetrics:
+    """Every metric the worker exports."""
+
+    def __init__(self, registry: CollectorRegistry, with_process: bool = True) -> None:
+        self.registry = registry
+        r = registry
+        if with_process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+        self.scored = Counter("anomaly_messages_scored", "Images scored.", registry=r)
+        self.flagged = Counter("anomaly_messages_flagged", "Images flagged as anomalies.", registry=r)
+        self.invalid = Counter(
+            "anomaly_messages_invalid",
+            "Entries dead-lettered, by reason code.",
+            ["reason"],
+            registry=r,
+        )
+        self.messages = Counter(
+            "anomaly_messages",
+            "Entries handled, by payload dtype and outcome (normal, flagged, dead_letter).",
+            ["dtype", "outcome"],
+            registry=r,
+        )
+        self.reclaimed = Counter(
+            "anomaly_messages_reclaimed",
+            "Entries reclaimed from idle consumers (XAUTOCLAIM).",
+            registry=r,
+        )
+        self.redis_errors = Counter("anomaly_redis_errors", "Failed Redis operations.", registry=r)
+        self.reloads = Counter(
+            "anomaly_model_reloads", "Artifact reload attempts, by result.", ["result"], registry=r
+        )
+        self.detection_rate = Gauge(
+            "anomaly_detection_rate", "Flagged / scored over the recent window.", registry=r
+        )
+        self.expected_detection_rate = Gauge(
+            "anomaly_expected_detection_rate",
+            "Flag rate of the threshold on held-out normal data (from the artifact).",
+            registry=r,
+        )
+        self.threshold = Gauge("anomaly_threshold", "Score threshold in use.", registry=r)
+        self.redis_up = Gauge("anomaly_redis_up", "1 when the last Redis operation succeeded.", registry=r)
+        self.group_lag = Gauge(
+            "anomaly_consumer_group_lag",
+            "Entries not yet delivered to the group (Redis >= 7).",
+            registry=r,
+        )
+        self.group_pending = Gauge(
+            "anomaly_consumer_group_pending", "Entries delivered but not acknowledged.", registry=r
+        )
+        self.last_batch = Gauge(
+            "anomaly_last_batch_timestamp_seconds",
+            "Unix time the last batch was committed.",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "anomaly_batch_size", "Entries per batch read.", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_duration = Histogram(
+            "anomaly_batch_duration_seconds",
+            "Time to decode, score and commit one batch.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.score = Histogram(
+            "anomaly_score",
+            "Reconstruction error of scored images.",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "anomaly_end_to_end_latency_seconds",
+            "From the input entry's id timestamp to its result being committed.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model = Info("anomaly_model", "Model version and threshold in use.", registry=r)
+        self.window: DetectionWindow | None = None
+
+    def set_model(self, model_version: str, policy: str, threshold: float, expected_rate: float) -> None:
+        """Publish the model in use."""
+        self.model.info(
+            {
+                "model_version": model_version,
+                "threshold_policy": policy,
+                "threshold": f"{threshold:.6g}",
+            }
+        )
+        self.threshold.set(threshold)
+        self.expected_detection_rate.set(expected_rate)
+
+    def observe_scores(self, scores: Iterable[float]) -> None:
+        """Add scores to the histogram (one call per batch)."""
+        for s in scores:
+            self.score.observe(s)

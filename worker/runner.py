@@ -1,0 +1,451 @@
+"""The loop: read a batch, decode, score, decide, commit; recover, reclaim, reload, stop.
+
+`Runner.run_once()` is one iteration and `Runner.drain()` a burst (handle what is there, then
+return), so the real loop is tested synchronously. `run()` adds the fault handling around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+
+from worker.artifact import MANIFEST_FILE, load_artifact
+from worker.codec import DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
+from worker.errors import AnomalyScorerError
+from worker.http import Health
+from worker.metrics import DetectionWindow, WorkerMetrics
+from worker.scoring import DecisionRule, Decisions
+from worker.settings import WorkerSettings
+from worker.stream import (
+    DEAD_LETTER,
+    OUTPUT,
+    SCORES,
+    Commit,
+    StreamClient,
+    entry_timestamp_ms,
+    flat_fields,
+)
+
+log = logging.getLogger(__name__)
+
+# Dead-letter entries carry these; an original field of the same name is kept as original:<name>.
+DEAD_LETTER_FIELDS = ("source_id", "reason", "reason_code", "failed_at_ms", "model_version")
+
+
+class BatchScorer(Protocol):
+    """What the runner needs of a scorer (worker.scoring.Scorer, or a fake in tests)."""
+
+    model_version: str
+    input_dim: int
+
+    def score_batch(self, images: np.ndarray) -> np.ndarray:
+        """Per-row score of a (n, D) float32 batch."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The swappable unit: a scorer, its decision rule, and the artifact it came from."""
+
+    scorer: BatchScorer
+    rule: DecisionRule
+    uint8_scale: float
+    manifest_digest: str
+
+
+ModelLoader = Callable[[], LoadedModel]
+
+
+def manifest_digest(artifact_dir: Path) -> str:
+    """sha256 of manifest.json: it changes whenever any file of the artifact does."""
+    return hashlib.sha256((artifact_dir / MANIFEST_FILE).read_bytes()).hexdigest()
+
+
+def load_model(settings: WorkerSettings) -> LoadedModel:
+    """Verify the artifact, load and warm up the compiled scorer, build the decision rule."""
+    from worker.scoring import Scorer
+
+    if settings.artifact is None:
+        raise AnomalyScorerError("ANOMALY_ARTIFACT is not set; expected the artifact directory")
+    artifact = load_artifact(settings.artifact)
+    scorer = Scorer(artifact, max_batch=settings.batch_size, jit=settings.jit)
+    scorer.warm_up(settings.batch_size)
+    rule = DecisionRule.from_artifact(artifact, settings.threshold or None)
+    digest = manifest_digest(settings.artifact)
+    return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest)
+
+
+def dead_letter_fields(rejected: Rejected, now_ms: int, model_version: str) -> list[bytes | str]:
+    """source_id, reason, reason_code, failed_at_ms, model_version, then the original fields."""
+    fields: dict[str | bytes, bytes | str | int | float] = {
+        "source_id": rejected.entry_id,
+        "reason": rejected.reason,
+        "reason_code": rejected.code,
+        "failed_at_ms": now_ms,
+        "model_version": model_version,
+    }
+    for key, value in rejected.fields.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        fields[f"original:{name}" if name in DEAD_LETTER_FIELDS else key] = value
+    return flat_fields(fields)  # type: ignore[arg-type]
+
+
+def build_commit(
+    decoded: DecodedBatch,
+    scores: np.ndarray,
+    decisions: Decisions,
+    *,
+    model_version: str,
+    threshold: float,
+    now_ms: int,
+    with_scores_stream: bool,
+) -> Commit:
+    """Pure: the writes of one batch (outputs for flagged rows, dead letters, optional scores)."""
+    commit = Commit()
+    threshold_text = repr(float(threshold))
+    for i, entry_id in enumerate(decoded.ids):
+        flagged = bool(decisions.flagged[i])
+        if not flagged and not with_scores_stream:
+            commit.plain_ids.append(entry_id)
+            continue
+        fields: dict[str, bytes | str | int | float] = {
+            "id": decoded.fields[i].get(b"id") or entry_id,
+            "source_id": entry_id,
+            "score": float(scores[i]),
+            "threshold": threshold_text,
+            "z": float(decisions.z[i]),
+            "p_value": float(decisions.p_value[i]),
+            "model_version": model_version,
+            "scored_at_ms": now_ms,
+        }
+        adds: list[tuple[int, list[bytes | str]]] = []
+        if flagged:
+            adds.append((OUTPUT, flat_fields(fields)))
+        if with_scores_stream:
+            fields["flagged"] = int(flagged)
+            adds.append((SCORES, flat_fields(fields)))
+        commit.records.append((entry_id, adds))
+    for rejected in decoded.rejected:
+        commit.records.append(
+            (
+                rejected.entry_id,
+                [(DEAD_LETTER, dead_letter_fields(rejected, now_ms, model_version))],
+            )
+        )
+    return commit
+
+
+class Runner:
+    """One worker: the loop and its state. Dependencies are passed in."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        stream: StreamClient,
+        model: LoadedModel,
+        metrics: WorkerMetrics,
+        health: Health | None = None,
+        loader: ModelLoader | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.stream = stream
+        self.model = model
+        self.metrics = metrics
+        self.health = health or Health()
+        self.loader = loader
+        self.clock = clock
+        self.monotonic = monotonic
+        self.stop_event = threading.Event()
+        self.reload_event = threading.Event()
+        self.window = DetectionWindow(settings.detection_window_seconds, monotonic)
+        self.max_payload = settings.max_payload_bytes or default_max_payload_bytes(model.scorer.input_dim)
+        self._started = False
+        self._pending_cursor: bytes | str | None = b"0"
+        self._claim_cursor: bytes | str = b"0-0"
+        self._claim_interval = max(0.05, settings.claim_idle_ms / 2000.0)
+        self._next_claim = monotonic() + self._claim_interval
+        self._next_sample = 0.0
+        self._next_reload_check = monotonic() + settings.reload_poll_seconds
+        self._publish_model()
+        self.health.model_loaded = True
+
+    # -- one iteration ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Create the group if missing; the next reads recover this consumer's own pending."""
+        if self.stream.ensure_group(self.settings.start_id):
+            log.info(
+                "group created stream=%s group=%s start_id=%s",
+                self.settings.input_stream,
+                self.settings.group,
+                self.settings.start_id,
+            )
+        self._pending_cursor = b"0"
+        self._started = True
+
+    def run_once(self, block_ms: int | None = None) -> int:
+        """One iteration: own pending first, then stale entries of others, then new ones."""
+        if not self._started:
+            self.start()
+        self.health.heartbeat()
+        self._maybe_reload()
+        self._maybe_sample_group()
+        entries: list[Entry] = []
+        suspects = False
+        if self._pending_cursor is not None:
+            entries = self.stream.read_own_pending(self._pending_cursor, self.settings.batch_size)
+            self._pending_cursor = entries[-1][0] if entries else None
+            suspects = bool(entries)
+        elif self.monotonic() >= self._next_claim:
+            entries = self._reclaim()
+            suspects = bool(entries)
+        if not entries:
+            entries = self.stream.read_new(self.settings.batch_size, block_ms)
+        if entries:
+            self.handle_batch(entries, check_deliveries=suspects)
+        self.health.redis_ok = True
+        self.metrics.redis_up.set(1)
+        return len(entries)
+
+    def drain(self) -> int:
+        """Burst mode: handle everything available now (no blocking), then return the count."""
+        total = 0
+        self._next_claim = self.monotonic()
+        while True:
+            handled = self.run_once(block_ms=None)
+            if handled == 0 and self._pending_cursor is None:
+                return total
+            total += handled
+
+    def _reclaim(self) -> list[Entry]:
+        cursor, entries, deleted = self.stream.reclaim_stale(
+            self.settings.claim_idle_ms, self._claim_cursor, self.settings.batch_size
+        )
+        self._claim_cursor = cursor
+        if _is_zero_id(cursor):
+            self._next_claim = self.monotonic() + self._claim_interval
+        if deleted:
+            log.warning("reclaimed entries were trimmed from the stream count=%d", len(deleted))
+        if entries:
+            self.metrics.reclaimed.inc(len(entries))
+            log.info("reclaimed stale entries count=%d", len(entries))
+        return entries
+
+    def handle_batch(self, entries: Sequence[Entry], check_deliveries: bool = False) -> None:
+        """Decode, score, decide and commit one batch atomically."""
+        started = self.monotonic()
+        now_ms = int(self.clock() * 1000)
+        model = self.model
+        poison: list[Rejected] = []
+        if check_deliveries:
+            entries, poison = self._split_poison(entries)
+        decoded = decode_batch(entries, model.scorer.input_dim, self.max_payload, model.uint8_scale)
+        decoded.rejected.extend(poison)
+        scores = model.scorer.score_batch(decoded.images)
+        decisions = model.rule.decide(scores)
+        commit = build_commit(
+            decoded,
+            scores,
+            decisions,
+            model_version=model.scorer.model_version,
+            threshold=model.rule.threshold,
+            now_ms=now_ms,
+            with_scores_stream=bool(self.settings.scores_stream),
+        )
+        result = self.stream.commit_batch(commit)
+        if result.stale:
+            log.info("entries already acknowledged by another consumer count=%d", result.stale)
+        self._record(decoded, scores, decisions, len(entries) + len(poison), started)
+
+    def _split_poison(self, entries: Sequence[Entry]) -> tuple[list[Entry], list[Rejected]]:
+        counts = self.stream.delivery_counts([e[0] for e in entries])
+        limit = self.settings.max_deliveries
+        keep: list[Entry] = []
+        poison: list[Rejected] = []
+        for entry_id, fields in entries:
+            delivered = counts.get(entry_id, 1)
+            if delivered > limit:
+                poison.append(
+                    Rejected(
+                        entry_id,
+                        fields,
+                        "max_deliveries",
+                        f"delivered {delivered} times without being committed, more than the limit "
+                        f"of {limit} (ANOMALY_MAX_DELIVERIES); a worker may crash on it",
+                    )
+                )
+            elif not fields:
+                poison.append(
+                    Rejected(
+                        entry_id,
+                        fields,
+                        "deleted",
+                        "entry was deleted from the stream before it was scored",
+                    )
+                )
+            else:
+                keep.append((entry_id, fields))
+        return keep, poison
+
+    def _record(
+        self,
+        decoded: DecodedBatch,
+        scores: np.ndarray,
+        decisions: Decisions,
+        n: int,
+        started: float,
+    ) -> None:
+        m = self.metrics
+        flagged = int(np.count_nonzero(decisions.flagged))
+        scored = len(decoded.ids)
+        m.scored.inc(scored)
+        m.flagged.inc(flagged)
+        for rejected in decoded.rejected:
+            m.invalid.labels(rejected.code).inc()
+            m.messages.labels("unknown", "dead_letter").inc()
+        if scored:
+            dtypes = np.asarray(decoded.dtypes)
+            for dtype in set(decoded.dtypes):
+                mask = dtypes == dtype
+                n_flag = int(np.count_nonzero(decisions.flagged[mask]))
+                m.messages.labels(dtype, "flagged").inc(n_flag)
+                m.messages.labels(dtype, "normal").inc(int(mask.sum()) - n_flag)
+            m.observe_scores(scores.tolist())
+        rate = self.window.add(scored, flagged)
+        if not math.isnan(rate):
+            m.detection_rate.set(rate)
+        m.batch_size.observe(n)
+        now = self.clock()
+        m.batch_duration.observe(self.monotonic() - started)
+        m.last_batch.set(now)
+        now_ms = now * 1000.0
+        for entry_id in decoded.ids:
+            m.latency.observe(max(0.0, (now_ms - entry_timestamp_ms(entry_id)) / 1000.0))
+
+    # -- periodic work ---------------------------------------------------------------------
+    def _maybe_sample_group(self) -> None:
+        now = self.monotonic()
+        if now < self._next_sample:
+            return
+        self._next_sample = now + self.settings.lag_sample_seconds
+        state = self.stream.group_state()
+        self.metrics.group_pending.set(state.pending)
+        self.metrics.group_lag.set(math.nan if state.lag is None else state.lag)
+
+    def _maybe_reload(self) -> None:
+        if self.loader is None:
+            return
+        requested = self.reload_event.is_set()
+        if not requested:
+            if not self.settings.reload_poll_seconds or self.monotonic() < self._next_reload_check:
+                return
+            self._next_reload_check = self.monotonic() + self.settings.reload_poll_seconds
+            if self.settings.artifact is None:
+                return
+            try:
+                digest = manifest_digest(self.settings.artifact)
+            except OSError as exc:
+                log.debug("artifact check failed error=%s", exc)
+                return
+            if digest == self.model.manifest_digest:
+                return
+        self.reload_event.clear()
+        self.reload()
+
+    def reload(self) -> bool:
+        """Load, verify and swap in a new model between batches; keep the old one on failure."""
+        if self.loader is None:
+            return False
+        try:
+            new = self.loader()
+        except (AnomalyScorerError, OSError, ValueError) as exc:
+            self.metrics.reloads.labels("failure").inc()
+            log.error(
+                "reload refused, keeping model_version=%s error=%s",
+                self.model.scorer.model_version,
+                exc,
+            )
+            return False
+        old = self.model.scorer.model_version
+        self.model = new
+        self._publish_model()
+        self.metrics.reloads.labels("success").inc()
+        log.info(
+            "reloaded old_model_version=%s model_version=%s threshold=%.6g",
+            old,
+            new.scorer.model_version,
+            new.rule.threshold,
+        )
+        return True
+
+    def _publish_model(self) -> None:
+        rule = self.model.rule
+        self.metrics.set_model(
+            self.model.scorer.model_version, rule.policy, rule.threshold, rule.expected_flag_rate
+        )
+
+    # -- the loop --------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the batch in hand, commit it, then leave the loop."""
+        self.health.stopping = True
+        self.stop_event.set()
+
+    def run(self) -> None:
+        """Loop until stopped; Redis faults are retried with capped, jittered backoff."""
+        backoff = ExponentialWithJitterBackoff(cap=10.0, base=0.1)
+        failures = 0
+        redis_state: bool | None = None
+        while not self.stop_event.is_set():
+            try:
+                self.run_once(self.settings.block_ms)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                failures += 1
+                self._redis_failed()
+                if redis_state is not False:
+                    log.warning("redis lost error=%s; retrying with backoff", exc)
+                redis_state = False
+                self.stop_event.wait(backoff.compute(failures))
+                continue
+            except redis.ResponseError as exc:
+                failures += 1
+                self._redis_failed()
+                if "NOGROUP" in str(exc):
+                    log.warning("consumer group missing (stream deleted or Redis data lost); recreating")
+                    self._started = False
+                    continue
+                log.error("redis refused a command error=%s; retrying with backoff", exc)
+                redis_state = False
+                self.stop_event.wait(backoff.compute(failures))
+                continue
+            if redis_state is not True:
+                log.info(
+                    "redis %s url=%s",
+                    "back" if redis_state is False else "connected",
+                    self.settings.redacted_redis_url(),
+                )
+            redis_state = True
+            failures = 0
+        log.info("stopping consumer=%s", self.settings.consumer)
+
+    def _redis_failed(self) -> None:
+        self.metrics.redis_errors.inc()
+        self.metrics.redis_up.set(0)
+        self.health.redis_ok = False
+        self._started = False  # re-read own pending after reconnecting: outcomes are unknown
+
+
+def _is_zero_id(value: bytes | str) -> bool:
+    text = value.decode() if isinstance(value, bytes) else value
+    return text in ("0-0", "0")

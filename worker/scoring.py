@@ -1,0 +1,161 @@
+"""Batch -> scores -> decisions. No Redis, no globals.
+
+`Scorer` runs the autoencoder as one compiled function per padded batch size (powers of two),
+so a stream of odd-sized batches never retraces; `decide` turns scores into the output fields'
+numbers (flagged, z, p-value) with plain numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from worker.artifact import LoadedArtifact
+from worker.errors import ArtifactError
+from worker.thresholds import flag_rate, p_values, parse_policy
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 8
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Per-row outcome of a scored batch."""
+
+    flagged: np.ndarray  # bool
+    z: np.ndarray
+    p_value: np.ndarray
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """Threshold and the baseline numbers that turn a score into z and a p-value."""
+
+    threshold: float
+    policy: str
+    mean: float
+    std: float
+    expected_flag_rate: float
+    sorted_errors: np.ndarray
+
+    @classmethod
+    def from_artifact(cls, artifact: LoadedArtifact, policy: str | None = None) -> DecisionRule:
+        """The artifact's own rule, or `policy` recomputed from its held-out errors."""
+        stats = artifact.baseline.statistics
+        errors = artifact.calibration_errors
+        if policy:
+            parsed = parse_policy(policy)
+            value = parsed.threshold(errors)
+            return cls(value, parsed.text, stats.mean, stats.std, flag_rate(errors, value), errors)
+        t = artifact.baseline.threshold
+        return cls(t.value, t.policy, stats.mean, stats.std, t.expected_flag_rate, errors)
+
+    def decide(self, scores: np.ndarray) -> Decisions:
+        """Flag score > threshold; z against the baseline; conformal p-value."""
+        scores = np.asarray(scores, dtype=np.float64)
+        std = self.std if self.std > 0 else 1e-12
+        return Decisions(
+            flagged=scores > self.threshold,
+            z=(scores - self.mean) / std,
+            p_value=p_values(self.sorted_errors, scores),
+        )
+
+
+def _bucket(n: int) -> int:
+    size = MIN_BUCKET
+    while size < n:
+        size *= 2
+    return size
+
+
+class Scorer:
+    """Per-image reconstruction MSE from a verified artifact's autoencoder."""
+
+    def __init__(self, artifact: LoadedArtifact, max_batch: int = 1024, jit: bool = True) -> None:
+        import tensorflow as tf
+
+        self.artifact = artifact
+        self.model_version = artifact.baseline.model_version
+        self.input_dim = artifact.baseline.input_dim
+        self.max_bucket = _bucket(max_batch)
+        self.model = load_model_bytes(artifact.model_bytes, artifact)
+        if self.model.input_shape[-1] != self.input_dim:
+            raise ArtifactError(
+                f"model input has {self.model.input_shape[-1]} features, "
+                f"baseline.json says input_dim {self.input_dim}"
+            )
+        pre = artifact.baseline.preprocessing
+        mean: np.ndarray = np.zeros(self.input_dim, np.float32)
+        inv_std: np.ndarray = np.ones(self.input_dim, np.float32)
+        if pre.kind == "standardize":
+            if pre.feature_mean is None or pre.feature_std is None:
+                raise ArtifactError("preprocessing 'standardize' needs feature_mean and feature_std")
+            mean = np.asarray(pre.feature_mean, np.float32)
+            inv_std = 1.0 / np.maximum(np.asarray(pre.feature_std, np.float32), 1e-6)
+        model = self.model
+        mean_t = tf.constant(mean)
+        inv_std_t = tf.constant(inv_std)
+
+        def mse(x: Any) -> Any:
+            z = (x - mean_t) * inv_std_t
+            recon = model(z, training=False)
+            return tf.reduce_mean(tf.square(z - recon), axis=1)
+
+        # One concrete function per padded size: no retracing, and each compiled once by XLA.
+        self._function = tf.function(mse, jit_compile=jit)
+        self._by_size: dict[int, Any] = {}
+        self._tf = tf
+
+    def warm_up(self, up_to: int) -> None:
+        """Trace the compiled function for every bucket a batch of `up_to` rows may use."""
+        size = MIN_BUCKET
+        while True:
+            self._run(np.zeros((size, self.input_dim), np.float32))
+            if size >= min(_bucket(up_to), self.max_bucket):
+                break
+            size *= 2
+
+    def _run(self, padded: np.ndarray) -> np.ndarray:
+        size = padded.shape[0]
+        fn = self._by_size.get(size)
+        if fn is None:
+            spec = self._tf.TensorSpec((size, self.input_dim), self._tf.float32)
+            fn = self._by_size[size] = self._function.get_concrete_function(spec)
+        return np.asarray(fn(self._tf.constant(padded)))
+
+    def score_batch(self, images: np.ndarray) -> np.ndarray:
+        """Per-row MSE of a (n, D) float32 batch; one forward pass per <= max_batch rows."""
+        n = images.shape[0]
+        if n == 0:
+            return np.empty(0, np.float64)
+        if images.shape[1] != self.input_dim:
+            raise ValueError(f"batch has {images.shape[1]} features, expected {self.input_dim}")
+        out = np.empty(n, np.float64)
+        for start in range(0, n, self.max_bucket):
+            chunk = images[start : start + self.max_bucket]
+            size = _bucket(chunk.shape[0])
+            padded = np.zeros((size, self.input_dim), np.float32)
+            padded[: chunk.shape[0]] = chunk
+            out[start : start + chunk.shape[0]] = self._run(padded)[: chunk.shape[0]]
+        return out
+
+
+def load_model_bytes(model_bytes: bytes, artifact: LoadedArtifact) -> Any:
+    """Load the verified model bytes with Keras' safe mode (no Lambda-layer code execution)."""
+    import keras
+
+    fd, tmp = tempfile.mkstemp(suffix=".keras")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model_bytes)
+        return keras.saving.load_model(tmp, compile=False, safe_mode=True)
+    except (ValueError, OSError, TypeError) as exc:
+        raise ArtifactError(f"{artifact.path / 'model.keras'} cannot be loaded: {exc}") from exc
+    finally:
+        os.unlink(tmp)

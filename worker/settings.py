@@ -1,0 +1,142 @@
+"""Worker settings: environment variables with prefix ANOMALY_, CLI flags override them."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ThresholdPolicyError
+from worker.thresholds import parse_policy
+
+StreamKey = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+def _default_consumer() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    """Every knob of the worker, typed, defaulted and described (env name: ANOMALY_<FIELD>)."""
+
+    model_config = SettingsConfigDict(env_prefix="ANOMALY_", extra="forbid", validate_default=True)
+
+    redis_url: SecretStr = Field(
+        SecretStr("redis://localhost:6379/0"),
+        description="redis://[user:password@]host:port/db, rediss:// for TLS, or unix:///path",
+    )
+    redis_password_file: Path | None = Field(
+        None, description="file holding the Redis password (a mounted secret); overrides the URL's"
+    )
+    artifact: Path | None = Field(None, description="artifact directory written by anomaly-trainer")
+    input_stream: StreamKey = Field("images", description="stream producers write images to")
+    output_stream: StreamKey = Field("anomalies", description="stream of flagged images")
+    dead_letter_stream: StreamKey = Field("images:dead-letter", description="rejected entries, with reason")
+    scores_stream: str = Field("", description="optional stream of every score (empty: off)")
+    group: StreamKey = Field("anomaly-scorer", description="consumer group shared by all workers")
+    consumer: StreamKey = Field(
+        default_factory=_default_consumer, description="this worker's name in the group"
+    )
+    batch_size: int = Field(256, ge=1, le=4096, description="entries read per XREADGROUP")
+    block_ms: int = Field(1000, ge=1, le=60_000, description="how long one read waits for entries")
+    metrics_host: str = Field("0.0.0.0", description="address of the /metrics, /healthz, /readyz server")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="port of that server (0: any free port)")
+    start_id: str = Field("0", description="where a new group starts: 0 (whole backlog) or $ (new only)")
+    claim_idle_ms: int = Field(60_000, ge=100, description="reclaim entries pending longer than this")
+    max_deliveries: int = Field(5, ge=1, description="an entry delivered more often is dead-lettered")
+    output_maxlen: int = Field(100_000, ge=0, description="approximate cap of the output stream (0: none)")
+    dead_letter_maxlen: int = Field(100_000, ge=0, description="approximate cap of the dead-letter stream")
+    scores_maxlen: int = Field(1_000_000, ge=0, description="approximate cap of the scores stream")
+    max_payload_bytes: int = Field(0, ge=0, description="largest accepted image field (0: 24*D+64)")
+    threshold: str = Field("", description="threshold policy overriding the artifact's, e.g. p99, fpr=0.01")
+    grace_seconds: float = Field(20.0, gt=0, description="time allowed to finish the batch on SIGTERM")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    lag_sample_seconds: float = Field(5.0, gt=0, description="how often group lag/pending are sampled")
+    detection_window_seconds: float = Field(60.0, gt=0, description="window of anomaly_detection_rate")
+    reload_poll_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="how often the artifact is checked for a new version (0: SIGHUP only)",
+    )
+    jit: bool = Field(True, description="compile the forward pass with XLA")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError(f"scheme {scheme!r} is not supported; expected redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("start_id")
+    @classmethod
+    def _start_id(cls, value: str) -> str:
+        if value not in {"0", "$"} and not value.replace("-", "").isdigit():
+            raise ValueError(f"expected 0, $ or a stream id like 1700000000000-0, found {value!r}")
+        return value
+
+    @field_validator("threshold")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        if value:
+            try:
+                parse_policy(value)
+            except ThresholdPolicyError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        upper = value.upper()
+        if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, found {value!r}")
+        return upper
+
+    @model_validator(mode="after")
+    def _distinct_streams(self) -> WorkerSettings:
+        names = [self.input_stream, self.output_stream, self.dead_letter_stream]
+        if self.scores_stream:
+            names.append(self.scores_stream)
+        if len(set(names)) != len(names):
+            raise ValueError(f"input, output, dead-letter and scores streams must differ, found {names}")
+        return self
+
+    def redis_password(self) -> str | None:
+        """The password from redis_password_file, if set (trailing newline stripped)."""
+        if self.redis_password_file is None:
+            return None
+        return self.redis_password_file.read_text().rstrip("\r\n")
+
+    def redacted_redis_url(self) -> str:
+        """The Redis URL with any password replaced, for logs."""
+        parts = urlsplit(self.redis_url.get_secret_value())
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    def summary(self) -> str:
+        """key=value config line for the start-up log, without secrets."""
+        fields = {
+            "redis": self.redacted_redis_url(),
+            "artifact": self.artifact,
+            "input": self.input_stream,
+            "output": self.output_stream,
+            "dead_letter": self.dead_letter_stream,
+            "scores": self.scores_stream or "off",
+            "group": self.group,
+            "consumer": self.consumer,
+            "batch_size": self.batch_size,
+            "block_ms": self.block_ms,
+            "metrics": f"{self.metrics_host}:{self.metrics_port}",
+            "threshold": self.threshold or "artifact",
+        }
+        return " ".join(f"{k}={v}" for k, v in fields.items())

@@ -1,0 +1,237 @@
+"""The consumer group: read, reclaim, commit (publish + ack atomically), inspect.
+
+Entries are (id, fields) with bytes keys and values: the client is created with
+decode_responses=False and this module is the one place that speaks Redis Streams.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from worker.codec import Entry
+
+log = logging.getLogger(__name__)
+
+# Index of each target stream in the commit script's KEYS (1 is the input stream).
+OUTPUT, DEAD_LETTER, SCORES = 2, 3, 4
+
+# Acks each entry and adds its results only where XACK returned 1: a result is published iff
+# this call is the one that acknowledged its entry. If another worker already acked it (it
+# reclaimed the entry from us while we were slow), we publish nothing: exactly-once output.
+# One script call is atomic, so a crash never acks an unpublished result nor publishes an
+# unacked one. Plain ids (no result to publish) are acked in chunks (unpack has a stack limit).
+COMMIT_SCRIPT = """
+local group = ARGV[1]
+local maxlen = {0, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+local nplain = tonumber(ARGV[5])
+local i = 6
+local acked, published, stale = 0, 0, 0
+local last = i + nplain - 1
+while i <= last do
+  local stop = math.min(i + 999, last)
+  local n = redis.call('XACK', KEYS[1], group, unpack(ARGV, i, stop))
+  acked = acked + n
+  stale = stale + (stop - i + 1 - n)
+  i = stop + 1
+end
+while i <= #ARGV do
+  local id = ARGV[i]
+  local nadds = tonumber(ARGV[i + 1])
+  i = i + 2
+  local ok = redis.call('XACK', KEYS[1], group, id)
+  if ok == 1 then acked = acked + 1 else stale = stale + 1 end
+  for _ = 1, nadds do
+    local k = tonumber(ARGV[i])
+    local nf = tonumber(ARGV[i + 1])
+    i = i + 2
+    if ok == 1 then
+      local args = {KEYS[k]}
+      if maxlen[k] > 0 then
+        args[#args + 1] = 'MAXLEN'
+        args[#args + 1] = '~'
+        args[#args + 1] = maxlen[k]
+      end
+      args[#args + 1] = '*'
+      for f = i, i + nf - 1 do args[#args + 1] = ARGV[f] end
+      redis.call('XADD', unpack(args))
+      published = published + 1
+    end
+    i = i + nf
+  end
+end
+return {acked, published, stale}
+"""
+
+
+@dataclass
+class Commit:
+    """What one batch writes: ids to ack only, and ids whose ack publishes entries."""
+
+    plain_ids: list[bytes] = field(default_factory=list)
+    # (entry id, [(target index OUTPUT|DEAD_LETTER|SCORES, flat [k1, v1, k2, v2, ...])])
+    records: list[tuple[bytes, list[tuple[int, list[bytes | str]]]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.plain_ids) + len(self.records)
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """Counts returned by the commit script."""
+
+    acked: int
+    published: int
+    stale: int  # entries another consumer had already acknowledged
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """Sampled consumer-group figures; lag is None on Redis < 7."""
+
+    pending: int
+    lag: int | None
+
+
+class StreamClient:
+    """One worker's view of the input stream's consumer group."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        input_stream: str,
+        output_stream: str,
+        dead_letter_stream: str,
+        scores_stream: str,
+        group: str,
+        consumer: str,
+        output_maxlen: int,
+        dead_letter_maxlen: int,
+        scores_maxlen: int,
+    ) -> None:
+        self.redis: Any = client  # redis-py's return types are unions; this module checks shapes
+        self.input_stream = input_stream
+        self.group = group
+        self.consumer = consumer
+        self.keys = [input_stream, output_stream, dead_letter_stream]
+        if scores_stream:
+            self.keys.append(scores_stream)
+        self.maxlens = [output_maxlen, dead_letter_maxlen, scores_maxlen]
+        self._commit = client.register_script(COMMIT_SCRIPT)
+
+    def ensure_group(self, start_id: str) -> bool:
+        """Create the group (and the stream) if missing; True when this call created it."""
+        try:
+            self.redis.xgroup_create(self.input_stream, self.group, id=start_id, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return False
+            raise
+        return True
+
+    def read_new(self, count: int, block_ms: int | None) -> list[Entry]:
+        """Entries never delivered to the group, up to `count`, waiting up to `block_ms`."""
+        return self._read(">", count, block_ms)
+
+    def read_own_pending(self, after: bytes | str, count: int) -> list[Entry]:
+        """Entries delivered to this consumer and not acked, after id `after` (start with 0)."""
+        return self._read(after, count, None)
+
+    def _read(self, stream_id: bytes | str, count: int, block_ms: int | None) -> list[Entry]:
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {self.input_stream: stream_id}, count=count, block=block_ms
+        )
+        if not reply:
+            return []
+        # redis-py gives [[stream, [(id, fields), ...]]] (RESP2) or {stream: [[...]]} (RESP3).
+        items = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
+        return [(entry_id, fields or {}) for entry_id, fields in items]
+
+    def reclaim_stale(
+        self, min_idle_ms: int, start: bytes | str, count: int
+    ) -> tuple[bytes | str, list[Entry], list[bytes]]:
+        """XAUTOCLAIM entries idle longer than `min_idle_ms`; returns (next cursor, entries, deleted ids)."""
+        reply = self.redis.xautoclaim(
+            self.input_stream, self.group, self.consumer, min_idle_ms, start_id=start, count=count
+        )
+        cursor, claimed = reply[0], reply[1]
+        deleted = list(reply[2]) if len(reply) > 2 else []  # Redis >= 7 reports trimmed entries
+        entries: list[Entry] = []
+        for entry_id, fields in claimed:
+            if fields:
+                entries.append((entry_id, fields))
+            else:  # Redis 6.2 returns a nil entry for one trimmed away
+                deleted.append(entry_id)
+        return cursor, entries, deleted
+
+    def delivery_counts(self, ids: Sequence[bytes]) -> dict[bytes, int]:
+        """How often each of `ids` has been delivered (from XPENDING)."""
+        if not ids:
+            return {}
+        as_int = sorted(ids, key=_id_key)
+        rows = self.redis.xpending_range(
+            self.input_stream, self.group, min=as_int[0], max=as_int[-1], count=len(ids) + 1000
+        )
+        wanted = set(ids)
+        return {
+            _as_bytes(row["message_id"]): int(row["times_delivered"])
+            for row in rows
+            if _as_bytes(row["message_id"]) in wanted
+        }
+
+    def commit_batch(self, commit: Commit) -> CommitResult:
+        """Ack the batch and publish its results in one atomic script call."""
+        if not len(commit):
+            return CommitResult(0, 0, 0)
+        args: list[bytes | str | int] = [self.group, *self.maxlens, len(commit.plain_ids)]
+        args.extend(commit.plain_ids)
+        for entry_id, adds in commit.records:
+            args.append(entry_id)
+            args.append(len(adds))
+            for target, flat in adds:
+                if target > len(self.keys):
+                    raise ValueError(
+                        f"commit targets stream index {target} but only {len(self.keys)} keys are set"
+                    )
+                args.append(target)
+                args.append(len(flat))
+                args.extend(flat)
+        acked, published, stale = self._commit(keys=self.keys, args=args)
+        return CommitResult(int(acked), int(published), int(stale))
+
+    def group_state(self) -> GroupState:
+        """Pending count and (Redis >= 7) lag of our group."""
+        for info in self.redis.xinfo_groups(self.input_stream):
+            name = info.get("name")
+            if _as_bytes(name) == self.group.encode():
+                lag = info.get("lag")
+                return GroupState(int(info.get("pending", 0)), None if lag is None else int(lag))
+        return GroupState(0, None)
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _id_key(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _as_bytes(entry_id).partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def entry_timestamp_ms(entry_id: bytes) -> int:
+    """The milliseconds part of a stream id (producers use '*' so it is the time of XADD)."""
+    return int(entry_id.split(b"-", 1)[0])
+
+
+def flat_fields(fields: Mapping[str, bytes | str | int | float]) -> list[bytes | str]:
+    """dict -> [k1, v1, k2, v2, ...] with values as Redis strings."""
+    out: list[bytes | str] = []
+    for key, value in fields.items():
+        out.append(key)
+        out.append(value if isinstance(value, bytes | str) else repr(value))
+    return out
