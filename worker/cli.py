@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, unknown_variables
 
 log = logging.getLogger("worker")
 EXIT_CONFIG = 2
@@ -88,6 +88,9 @@ def make_redis(settings: WorkerSettings) -> Any:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of anomaly-worker."""
     args = build_parser().parse_args(argv)
+    if unknown := unknown_variables(dict(os.environ)):
+        print("anomaly-worker: " + "\n".join(unknown), file=sys.stderr)
+        return EXIT_CONFIG
     try:
         settings = load_settings(args)
     except ValidationError as exc:

@@ -208,7 +208,7 @@ class Runner:
             entries = self.stream.read_own_pending(self._pending_cursor, self.settings.batch_size)
             self._pending_cursor = entries[-1][0] if entries else None
             suspects = bool(entries)
-        elif self.monotonic() >= self._next_claim:
+        if not entries and self.monotonic() >= self._next_claim:
             entries = self._reclaim()
             suspects = bool(entries)
         if not entries:

@@ -140,3 +140,21 @@ class WorkerSettings(BaseSettings):
             "threshold": self.threshold or "artifact",
         }
         return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+# ANOMALY_* variables that belong to other parts of the project (the trainer's data lookup).
+OTHER_ANOMALY_VARIABLES = frozenset({"ANOMALY_DATA_DIR"})
+
+
+def unknown_variables(environ: dict[str, str]) -> list[str]:
+    """A message for each ANOMALY_* variable that is no setting (a typo would be silently ignored)."""
+    import difflib
+
+    known = {f"ANOMALY_{name.upper()}" for name in WorkerSettings.model_fields}
+    messages = []
+    for name in sorted(environ):
+        if name.startswith("ANOMALY_") and name not in known and name not in OTHER_ANOMALY_VARIABLES:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            messages.append(f"unknown setting {name}{hint}")
+    return messages

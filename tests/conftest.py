@@ -1,0 +1,133 @@
+"""Shared fixtures: a real redis-server on a free port, a tiny trained artifact, fakes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """Poll `condition` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process the tests own: they may kill and restart it."""
+
+    port: int
+    directory: Path
+    extra_args: tuple[str, ...] = ()
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
+             *self.extra_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, 10, what=f"redis-server on port {self.port}")
+        client.close()
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill() if kill else self.process.terminate()
+            self.process.wait(10)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (tests use their own key names or flush it)."""
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A client of the session server, flushed before each test (the server is ours alone)."""
+    client = redis_server.client()
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for one test, with AOF on, that the test may kill and restart."""
+    server = RedisServer(free_port(), tmp_path, ("--appendonly", "yes")).start()
+    yield server
+    server.stop(kill=True)
+
+
+def mnist_sample(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n MNIST training images (float32 in [0,1]) and labels, from the shipped copy."""
+    from trainer.data import load_dataset
+
+    ds = load_dataset("mnist")
+    idx = np.random.default_rng(seed).choice(ds.train.x.shape[0], n, replace=False)
+    return ds.train.x[idx], ds.train.y[idx]  # type: ignore[index]
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real artifact from a tiny model (784-8-784 dense, 2 epochs on 2000 digits)."""
+    from trainer.data import Dataset, Split
+    from trainer.train import TrainConfig, train
+
+    x, y = mnist_sample(2500)
+    dataset = Dataset("mnist-sample", Split(x[:2000], y[:2000]), Split(x[2000:], y[2000:]), "test")
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    config = TrainConfig(out=out, architecture="dense-32", epochs=2, batch_size=128, seed=1,
+                         report=False, progress=False)
+    train(config, dataset)
+    return out

@@ -1,0 +1,134 @@
+"""The producer contract: every dtype decodes, every bad entry is rejected with a reason."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from worker.codec import decode_batch, default_max_payload_bytes, encode_image
+
+D = 784
+MAX = default_max_payload_bytes(D)
+
+
+def image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, D, dtype=np.uint8)
+
+
+def entry(i: int, **fields: bytes | str) -> tuple[bytes, dict[bytes, bytes]]:
+    return (f"{i}-0".encode(), {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()})
+
+
+def decode_one(**fields: bytes | str):
+    return decode_batch([entry(1, **fields)], D, MAX)
+
+
+def test_uint8_is_the_default_dtype_and_is_scaled_by_1_over_255() -> None:
+    pixels = image()
+    batch = decode_one(image=pixels.tobytes())
+    assert batch.rejected == []
+    np.testing.assert_allclose(batch.images[0], pixels / 255.0, rtol=1e-6)
+    assert batch.dtypes == ["uint8"]
+
+
+def test_float32_little_endian_decodes_exactly() -> None:
+    values = np.random.default_rng(1).random(D).astype("<f4")
+    batch = decode_one(image=values.tobytes(), dtype="float32")
+    np.testing.assert_array_equal(batch.images[0], values)
+
+
+def test_json_array_decodes() -> None:
+    values = np.random.default_rng(2).random(D)
+    batch = decode_one(image=json.dumps(values.tolist()), dtype="json")
+    np.testing.assert_allclose(batch.images[0], values, rtol=1e-6)
+
+
+def test_mixed_batch_keeps_entry_order_and_separates_rejects() -> None:
+    pixels = [image(i) for i in range(4)]
+    entries = [
+        entry(1, image=pixels[0].tobytes()),
+        entry(2, image=b"short"),
+        entry(3, image=(pixels[2] / 255.0).astype("<f4").tobytes(), dtype="float32"),
+        entry(4, image=json.dumps((pixels[3] / 255.0).tolist()), dtype="json"),
+    ]
+    batch = decode_batch(entries, D, MAX)
+    assert batch.ids == [b"1-0", b"3-0", b"4-0"]
+    assert [r.entry_id for r in batch.rejected] == [b"2-0"]
+    for row, source in zip(batch.images, (pixels[0], pixels[2], pixels[3]), strict=True):
+        np.testing.assert_allclose(row, source / 255.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "reason_part"),
+    [
+        ({"dtype": "uint8"}, "missing_image", "no 'image' field"),
+        ({"image": b"\x00" * 783}, "bad_length", "image has 783 bytes, expected 784 for dtype uint8"),
+        ({"image": b"\x00" * 100, "dtype": "float32"}, "bad_length", "expected 3136 for dtype float32"),
+        ({"image": b"\x00" * D, "dtype": "int16"}, "unknown_dtype", "dtype 'int16' is not supported"),
+        ({"image": b"\x00" * D, "dtype": b"\xff\xfe"}, "unknown_dtype", "not supported"),
+        ({"image": "[0.1, 0.2", "dtype": "json"}, "bad_json", "not valid JSON"),
+        ({"image": '{"a": 1}', "dtype": "json"}, "bad_json", "is a dict, expected an array of 784"),
+        ({"image": json.dumps([0.5] * 10), "dtype": "json"}, "bad_length", "has 10 values, expected 784"),
+        ({"image": json.dumps(["x"] * D), "dtype": "json"}, "not_numeric", "value 0 is str"),
+        ({"image": json.dumps([True] * D), "dtype": "json"}, "not_numeric", "value 0 is bool"),
+        ({"image": "[" + ",".join(["NaN"] + ["0"] * (D - 1)) + "]", "dtype": "json"}, "non_finite", "pixel 0 is nan"),
+        ({"image": json.dumps([2.0] * D), "dtype": "json"}, "out_of_range", "expected values in [0, 1]"),
+        ({"image": b"\xff" * (MAX + 1), "dtype": "json"}, "oversize", f"more than the limit of {MAX}"),
+        ({"image": image().tobytes(), "id": "x" * 300}, "bad_id", "id has 300 bytes"),
+        ({"image": b"\x89PNG\r\n" * 5}, "bad_length", "image has 30 bytes"),
+    ],
+)
+def test_bad_entry_is_rejected_with_a_specific_reason(fields, code: str, reason_part: str) -> None:
+    batch = decode_one(**fields)
+    assert batch.ids == []
+    assert len(batch.rejected) == 1
+    rejected = batch.rejected[0]
+    assert rejected.code == code
+    assert reason_part in rejected.reason
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_float32_nan_or_inf_is_rejected(bad: float) -> None:
+    values = np.full(D, 0.5, "<f4")
+    values[17] = bad
+    batch = decode_one(image=values.tobytes(), dtype="float32")
+    assert batch.rejected[0].code == "non_finite"
+    assert "pixel 17" in batch.rejected[0].reason
+
+
+def test_float32_out_of_range_is_rejected_and_names_the_range() -> None:
+    values = np.full(D, 0.5, "<f4")
+    values[3] = 1.5
+    batch = decode_one(image=values.tobytes(), dtype="float32")
+    assert batch.rejected[0].code == "out_of_range"
+    assert "[0.5, 1.5]" in batch.rejected[0].reason
+
+
+def test_rejected_entry_keeps_all_original_fields() -> None:
+    batch = decode_one(image=b"abc", id="p-1", tenant="acme")
+    assert batch.rejected[0].fields == {b"image": b"abc", b"id": b"p-1", b"tenant": b"acme"}
+
+
+def test_extra_fields_do_not_prevent_scoring() -> None:
+    batch = decode_one(image=image().tobytes(), tenant="acme", trace="abc")
+    assert batch.ids == [b"1-0"] and batch.rejected == []
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32", "json"])
+def test_encode_then_decode_round_trips(dtype: str) -> None:
+    pixels = image(5)
+    fields = {k.encode(): v for k, v in encode_image(pixels, dtype).items()}
+    batch = decode_batch([(b"1-0", fields)], D, MAX)
+    np.testing.assert_allclose(batch.images[0], pixels / 255.0, atol=1e-6)
+
+
+def test_encode_uint8_from_floats_rounds_to_nearest_level() -> None:
+    fields = encode_image(np.array([0.0, 0.5, 1.0, 0.999]), "uint8")
+    assert fields["image"] == bytes([0, 128, 255, 255])
+
+
+def test_default_payload_cap_fits_a_json_image_with_full_precision_floats() -> None:
+    payload = json.dumps([0.12345678901234567] * D).encode()
+    assert len(payload) <= MAX

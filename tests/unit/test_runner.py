@@ -1,0 +1,290 @@
+"""The loop against fakeredis with a fake scorer (score = mean pixel): what lands where, and when."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import fakeredis
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from worker.codec import encode_image
+from worker.errors import ArtifactError
+from worker.http import Health
+from worker.metrics import WorkerMetrics
+from worker.runner import LoadedModel, Runner, build_commit
+from worker.scoring import DecisionRule
+from worker.settings import WorkerSettings
+from worker.stream import OUTPUT, SCORES, StreamClient
+
+D = 16
+
+
+class MeanPixelScorer:
+    """Score = mean pixel value: bright images are anomalies. Counts forward passes."""
+
+    input_dim = D
+
+    def __init__(self, version: str = "fake-v1") -> None:
+        self.model_version = version
+        self.calls: list[int] = []
+
+    def score_batch(self, images: np.ndarray) -> np.ndarray:
+        self.calls.append(images.shape[0])
+        return images.mean(axis=1).astype(np.float64)
+
+
+def make_model(version: str = "fake-v1", threshold: float = 0.5) -> LoadedModel:
+    rule = DecisionRule(threshold, "p95", 0.25, 0.1, 0.05, np.linspace(0, 0.6, 101))
+    return LoadedModel(MeanPixelScorer(version), rule, 1 / 255, version)
+
+
+@pytest.fixture
+def r() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def make_runner(r: fakeredis.FakeRedis) -> Callable[..., Runner]:
+    def factory(model: LoadedModel | None = None, loader: Any = None, registry: CollectorRegistry | None = None,
+                consumer: str = "w1", **overrides: Any) -> Runner:
+        settings = WorkerSettings(consumer=consumer, **{"reload_poll_seconds": 0, **overrides})
+        stream = StreamClient(
+            r, input_stream=settings.input_stream, output_stream=settings.output_stream,
+            dead_letter_stream=settings.dead_letter_stream, scores_stream=settings.scores_stream,
+            group=settings.group, consumer=settings.consumer, output_maxlen=settings.output_maxlen,
+            dead_letter_maxlen=settings.dead_letter_maxlen, scores_maxlen=settings.scores_maxlen,
+        )
+        metrics = WorkerMetrics(registry or CollectorRegistry(), with_process=False)
+        return Runner(settings, stream, model or make_model(), metrics, Health(), loader=loader)
+
+    return factory
+
+
+def push(r: fakeredis.FakeRedis, brightness: float, pid: str | None = None, dtype: str = "uint8", **extra: Any) -> bytes:
+    fields: dict[str, Any] = dict(encode_image(np.full(D, brightness), dtype))
+    if pid:
+        fields["id"] = pid
+    fields.update(extra)
+    return r.xadd("images", fields)
+
+
+def stream(r: fakeredis.FakeRedis, name: str) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode("utf-8", "replace") for k, v in f.items()} for _, f in r.xrange(name)]
+
+
+def pending(r: fakeredis.FakeRedis) -> int:
+    return int(r.xpending("images", "anomaly-scorer")["pending"])
+
+
+def test_flagged_images_are_published_with_the_contract_fields(r, make_runner) -> None:
+    runner = make_runner()
+    normal = push(r, 0.1, "cam-1")
+    bright = push(r, 0.9, "cam-2")
+    runner.drain()
+    out = stream(r, "anomalies")
+    assert len(out) == 1
+    entry = out[0]
+    assert set(entry) == {"id", "source_id", "score", "threshold", "z", "p_value", "model_version", "scored_at_ms"}
+    assert entry["id"] == "cam-2" and entry["source_id"] == bright.decode()
+    assert float(entry["score"]) == pytest.approx(round(0.9 * 255) / 255, rel=1e-6)
+    assert float(entry["threshold"]) == 0.5
+    assert float(entry["z"]) == pytest.approx((float(entry["score"]) - 0.25) / 0.1)
+    assert entry["model_version"] == "fake-v1"
+    assert normal.decode() not in {e["source_id"] for e in out}
+    assert pending(r) == 0
+
+
+def test_output_id_falls_back_to_the_input_entry_id(r, make_runner) -> None:
+    source = push(r, 0.9)
+    make_runner().drain()
+    assert stream(r, "anomalies")[0]["id"] == source.decode()
+
+
+def test_one_forward_pass_per_batch_not_per_message(r, make_runner) -> None:
+    runner = make_runner(batch_size=50)
+    for i in range(120):
+        push(r, 0.1 + (i % 2) * 0.8)
+    runner.drain()
+    assert runner.model.scorer.calls == [50, 50, 20]  # type: ignore[attr-defined]
+
+
+def test_bad_entries_go_to_dead_letter_with_reason_and_original_fields_and_are_acked(r, make_runner) -> None:
+    runner = make_runner()
+    short = r.xadd("images", {"image": b"\x00" * 3, "id": "p-7", "tenant": "acme"})
+    nan = r.xadd("images", {"image": "[" + ",".join(["NaN"] * D) + "]", "dtype": "json"})
+    clash = r.xadd("images", {"image": b"x", "reason": "mine"})
+    push(r, 0.1)
+    runner.drain()
+    dead = {e["source_id"]: e for e in stream(r, "images:dead-letter")}
+    assert set(dead) == {short.decode(), nan.decode(), clash.decode()}
+    assert dead[short.decode()]["reason"] == f"image has 3 bytes, expected {D} for dtype uint8"
+    assert dead[short.decode()]["reason_code"] == "bad_length"
+    assert (dead[short.decode()]["id"], dead[short.decode()]["tenant"]) == ("p-7", "acme")
+    assert dead[nan.decode()]["reason_code"] == "non_finite"
+    assert dead[clash.decode()]["original:reason"] == "mine"
+    assert stream(r, "anomalies") == []
+    assert pending(r) == 0
+
+
+def test_metrics_count_scored_flagged_and_invalid(r, make_runner) -> None:
+    registry = CollectorRegistry()
+    runner = make_runner(registry=registry)
+    for b in (0.1, 0.1, 0.9):
+        push(r, b)
+    push(r, 0.9, dtype="float32")
+    r.xadd("images", {"image": b"bad"})
+    runner.drain()
+    value = registry.get_sample_value
+    assert value("anomaly_messages_scored_total") == 4
+    assert value("anomaly_messages_flagged_total") == 2
+    assert value("anomaly_messages_invalid_total", {"reason": "bad_length"}) == 1
+    assert value("anomaly_messages_total", {"dtype": "uint8", "outcome": "normal"}) == 2
+    assert value("anomaly_messages_total", {"dtype": "float32", "outcome": "flagged"}) == 1
+    assert value("anomaly_detection_rate") == 0.5
+    assert value("anomaly_threshold") == 0.5
+    assert value("anomaly_expected_detection_rate") == 0.05
+    assert value("anomaly_score_count") == 4
+    assert value("anomaly_end_to_end_latency_seconds_count") == 4
+    assert value("anomaly_batch_size_sum") == 5
+    assert value("anomaly_model_info", {"model_version": "fake-v1", "threshold_policy": "p95",
+                                        "threshold": "0.5"}) == 1
+    assert value("anomaly_consumer_group_pending") is not None
+
+
+def test_scores_stream_gets_every_score_with_flagged_field(r, make_runner) -> None:
+    runner = make_runner(scores_stream="images:scores")
+    low, high = push(r, 0.1), push(r, 0.9)
+    runner.drain()
+    scores = {e["source_id"]: e for e in stream(r, "images:scores")}
+    assert scores[low.decode()]["flagged"] == "0" and scores[high.decode()]["flagged"] == "1"
+    assert len(stream(r, "anomalies")) == 1
+
+
+def test_backlog_pushed_before_the_group_existed_is_scored(r, make_runner) -> None:
+    early = push(r, 0.9)
+    make_runner().drain()
+    assert [e["source_id"] for e in stream(r, "anomalies")] == [early.decode()]
+
+
+def test_start_id_dollar_skips_the_backlog(r, make_runner) -> None:
+    push(r, 0.9)
+    runner = make_runner(start_id="$")
+    runner.drain()
+    later = push(r, 0.9)
+    runner.drain()
+    assert [e["source_id"] for e in stream(r, "anomalies")] == [later.decode()]
+
+
+def test_restarted_consumer_first_handles_its_own_pending_entries(r, make_runner) -> None:
+    first = make_runner()
+    first.start()
+    ids = [push(r, 0.9) for _ in range(3)]
+    first.stream.read_new(10, None)  # delivered, then the worker "crashes" before committing
+    assert pending(r) == 3
+    make_runner().drain()  # same consumer name, as after a restart with a stable name
+    assert sorted(e["source_id"] for e in stream(r, "anomalies")) == sorted(i.decode() for i in ids)
+    assert pending(r) == 0
+
+
+def test_entries_of_a_dead_consumer_are_reclaimed_once(r, make_runner) -> None:
+    dead = make_runner(consumer="dead")
+    dead.start()
+    ids = [push(r, 0.9) for _ in range(4)]
+    dead.stream.read_new(10, None)
+    alive = make_runner(consumer="alive", claim_idle_ms=100)
+    alive.drain()
+    assert stream(r, "anomalies") == []  # not idle long enough yet: the owner may still be working
+    time.sleep(0.15)
+    alive.drain()
+    assert sorted(e["source_id"] for e in stream(r, "anomalies")) == sorted(i.decode() for i in ids)
+    assert alive.metrics.registry.get_sample_value("anomaly_messages_reclaimed_total") == 4
+    alive.drain()
+    assert len(stream(r, "anomalies")) == 4 and pending(r) == 0
+
+
+def test_a_result_is_not_published_when_another_consumer_already_acked_the_entry(r, make_runner) -> None:
+    slow = make_runner(consumer="slow")
+    slow.start()
+    entry = push(r, 0.9)
+    entries = slow.stream.read_new(10, None)
+    r.xack("images", "anomaly-scorer", entry)  # another worker reclaimed and committed it meanwhile
+    slow.handle_batch(entries)
+    assert stream(r, "anomalies") == []
+
+
+def test_poison_entry_delivered_too_often_goes_to_dead_letter_with_count(r, make_runner) -> None:
+    runner = make_runner(max_deliveries=2)
+    runner.start()
+    entry = push(r, 0.9)
+    # Three deliveries that never committed (the worker crashed each time it read the entry).
+    r.xreadgroup("anomaly-scorer", "w1", {"images": ">"})
+    for _ in range(2):
+        r.xreadgroup("anomaly-scorer", "w1", {"images": "0"})
+    runner.start()
+    runner.drain()
+    dead = stream(r, "images:dead-letter")
+    assert [d["source_id"] for d in dead] == [entry.decode()]
+    assert dead[0]["reason_code"] == "max_deliveries"
+    assert "delivered 4 times" in dead[0]["reason"] and "limit of 2" in dead[0]["reason"]
+    assert stream(r, "anomalies") == [] and pending(r) == 0
+
+
+def test_output_stream_is_capped_approximately(r, make_runner) -> None:
+    runner = make_runner(output_maxlen=10)
+    for _ in range(300):
+        push(r, 0.9)
+    runner.drain()
+    assert r.xlen("anomalies") < 300
+
+
+def test_reload_swaps_the_model_between_batches(r, make_runner) -> None:
+    runner = make_runner(loader=lambda: make_model("fake-v2", threshold=0.95))
+    push(r, 0.9)
+    runner.drain()
+    runner.reload_event.set()
+    push(r, 0.9)
+    runner.drain()
+    versions = [e["model_version"] for e in stream(r, "anomalies")]
+    assert versions == ["fake-v1"]  # 0.9 is below v2's threshold of 0.95
+    assert runner.metrics.registry.get_sample_value("anomaly_model_reloads_total", {"result": "success"}) == 1
+    assert runner.metrics.registry.get_sample_value("anomaly_threshold") == 0.95
+
+
+def test_broken_new_artifact_is_refused_and_the_old_model_keeps_serving(r, make_runner) -> None:
+    def broken() -> LoadedModel:
+        raise ArtifactError("checksum mismatch for model.keras")
+
+    runner = make_runner(loader=broken)
+    runner.reload_event.set()
+    push(r, 0.9)
+    runner.drain()
+    assert [e["model_version"] for e in stream(r, "anomalies")] == ["fake-v1"]
+    assert runner.metrics.registry.get_sample_value("anomaly_model_reloads_total", {"result": "failure"}) == 1
+
+
+def test_build_commit_acks_normal_entries_without_publishing() -> None:
+    from worker.codec import DecodedBatch
+    from worker.scoring import Decisions
+
+    decoded = DecodedBatch([b"1-0", b"2-0"], [{}, {b"id": b"x"}], ["uint8", "uint8"], np.zeros((2, D), np.float32))
+    decisions = Decisions(np.array([False, True]), np.zeros(2), np.ones(2))
+    commit = build_commit(decoded, np.array([0.1, 0.9]), decisions, model_version="v", threshold=0.5,
+                          now_ms=1, with_scores_stream=False)
+    assert commit.plain_ids == [b"1-0"]
+    assert [(eid, [t for t, _ in adds]) for eid, adds in commit.records] == [(b"2-0", [OUTPUT])]
+    with_scores = build_commit(decoded, np.array([0.1, 0.9]), decisions, model_version="v", threshold=0.5,
+                               now_ms=1, with_scores_stream=True)
+    assert with_scores.plain_ids == []
+    assert [[t for t, _ in adds] for _, adds in with_scores.records] == [[SCORES], [OUTPUT, SCORES]]
+
+
+def test_json_payloads_are_scored_like_uint8(r, make_runner) -> None:
+    runner = make_runner()
+    r.xadd("images", {"image": json.dumps([0.9] * D), "dtype": "json", "id": "j"})
+    runner.drain()
+    assert stream(r, "anomalies")[0]["id"] == "j"

@@ -1,0 +1,66 @@
+"""Scoring: the compiled forward pass matches Keras, padding changes nothing, decisions are right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import mnist_sample
+from worker.artifact import load_artifact
+from worker.scoring import DecisionRule, Scorer
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_artifact: Path) -> Scorer:
+    return Scorer(load_artifact(tiny_artifact), max_batch=64)
+
+
+def test_compiled_scores_match_keras_predict(scorer: Scorer) -> None:
+    x, _ = mnist_sample(300, seed=9)
+    expected = np.mean(np.square(x - scorer.model.predict(x, verbose=0)), axis=1)
+    np.testing.assert_allclose(scorer.score_batch(x), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_a_row_scores_the_same_alone_padded_or_in_a_large_batch(scorer: Scorer) -> None:
+    x, _ = mnist_sample(200, seed=4)
+    alone = scorer.score_batch(x[:1])[0]
+    np.testing.assert_allclose(scorer.score_batch(x[:3])[0], alone, rtol=1e-5)
+    np.testing.assert_allclose(scorer.score_batch(x)[0], alone, rtol=1e-5)  # 200 > max bucket 64: chunks
+
+
+def test_empty_batch_gives_no_scores(scorer: Scorer) -> None:
+    assert scorer.score_batch(np.empty((0, 784), np.float32)).shape == (0,)
+
+
+def test_wrong_feature_count_is_refused(scorer: Scorer) -> None:
+    with pytest.raises(ValueError, match="batch has 10 features, expected 784"):
+        scorer.score_batch(np.zeros((2, 10), np.float32))
+
+
+def test_rotated_digits_score_higher_than_upright_ones(scorer: Scorer) -> None:
+    from trainer.data import rotate90
+
+    x, _ = mnist_sample(500, seed=2)
+    assert np.median(scorer.score_batch(rotate90(x))) > np.median(scorer.score_batch(x))
+
+
+def test_decision_flags_strictly_above_threshold_with_z_and_p_value(tiny_artifact: Path) -> None:
+    artifact = load_artifact(tiny_artifact)
+    rule = DecisionRule.from_artifact(artifact)
+    stats = artifact.baseline.statistics
+    t = rule.threshold
+    d = rule.decide(np.array([t * 0.5, t, t * 1.5]))
+    assert d.flagged.tolist() == [False, False, True]
+    np.testing.assert_allclose(d.z, (np.array([t * 0.5, t, t * 1.5]) - stats.mean) / stats.std)
+    assert d.p_value[0] > d.p_value[2] and 0 < d.p_value[2] <= 1
+
+
+def test_threshold_policy_can_be_switched_without_retraining(tiny_artifact: Path) -> None:
+    artifact = load_artifact(tiny_artifact)
+    own = DecisionRule.from_artifact(artifact)
+    p99 = DecisionRule.from_artifact(artifact, "p99")
+    assert own.policy == "mean+3std" and p99.policy == "p99"
+    assert p99.threshold == pytest.approx(np.percentile(artifact.calibration_errors, 99))
+    assert p99.expected_flag_rate == pytest.approx(0.01, abs=0.005)

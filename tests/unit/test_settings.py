@@ -1,0 +1,99 @@
+"""Settings: ANOMALY_* environment variables, CLI flags win, bad values fail naming the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from worker.cli import build_parser, explain, load_settings
+from worker.settings import WorkerSettings
+
+
+def test_defaults_match_the_documented_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(__import__("os").environ):
+        if name.startswith("ANOMALY_"):
+            monkeypatch.delenv(name)
+    s = WorkerSettings()
+    assert s.redis_url.get_secret_value() == "redis://localhost:6379/0"
+    assert (s.input_stream, s.output_stream, s.dead_letter_stream) == ("images", "anomalies", "images:dead-letter")
+    assert (s.group, s.batch_size, s.start_id, s.scores_stream) == ("anomaly-scorer", 256, "0", "")
+    assert "-" in s.consumer  # hostname-pid
+
+
+def test_environment_variables_use_the_anomaly_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANOMALY_BATCH_SIZE", "32")
+    monkeypatch.setenv("ANOMALY_INPUT_STREAM", "cams")
+    monkeypatch.setenv("ANOMALY_START_ID", "$")
+    s = WorkerSettings()
+    assert (s.batch_size, s.input_stream, s.start_id) == (32, "cams", "$")
+
+
+def test_cli_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANOMALY_BATCH_SIZE", "32")
+    s = load_settings(build_parser().parse_args(["--batch-size", "64", "--group", "g2"]))
+    assert (s.batch_size, s.group) == (64, "g2")
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "message"),
+    [
+        ("ANOMALY_BATCH_SIZE", "zero", "invalid setting ANOMALY_BATCH_SIZE"),
+        ("ANOMALY_BATCH_SIZE", "0", "invalid setting ANOMALY_BATCH_SIZE: Input should be greater than or equal to 1"),
+        ("ANOMALY_REDIS_URL", "http://x", "invalid setting ANOMALY_REDIS_URL: Value error, scheme 'http'"),
+        ("ANOMALY_START_ID", "latest", "invalid setting ANOMALY_START_ID"),
+        ("ANOMALY_THRESHOLD", "p200", "invalid setting ANOMALY_THRESHOLD"),
+        ("ANOMALY_LOG_LEVEL", "LOUD", "invalid setting ANOMALY_LOG_LEVEL"),
+        ("ANOMALY_METRICS_PORT", "70000", "invalid setting ANOMALY_METRICS_PORT"),
+    ],
+)
+def test_invalid_setting_fails_naming_the_variable(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
+                                                   message: str) -> None:
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings()
+    assert message in explain(info.value)
+
+
+def test_invalid_redis_url_is_not_echoed_because_it_may_hold_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANOMALY_REDIS_URL", "http://user:hunter2@host")
+    with pytest.raises(ValidationError) as info:
+        WorkerSettings()
+    assert "hunter2" not in explain(info.value)
+
+
+def test_streams_must_differ() -> None:
+    with pytest.raises(ValidationError, match="must differ"):
+        WorkerSettings(output_stream="images")
+
+
+def test_unknown_field_in_code_or_config_is_refused() -> None:
+    with pytest.raises(ValidationError, match="batchsize"):
+        WorkerSettings(batchsize=3)  # type: ignore[call-arg]
+
+
+def test_password_never_appears_in_the_log_summary(tmp_path: Path) -> None:
+    s = WorkerSettings(redis_url="rediss://worker:s3cret@redis:6380/0")  # type: ignore[arg-type]
+    assert "s3cret" not in s.summary() and "worker:***@redis:6380" in s.summary()
+    assert "s3cret" not in repr(s)
+
+
+def test_password_file_is_read_without_trailing_newline(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    assert WorkerSettings(redis_password_file=secret).redis_password() == "s3cret"
+
+
+def test_help_lists_a_flag_for_every_setting() -> None:
+    text = build_parser().format_help()
+    for name in WorkerSettings.model_fields:
+        assert "--" + name.replace("_", "-") in text
+        assert f"ANOMALY_{name.upper()}" in text
+
+
+def test_misspelt_variable_is_reported_with_a_suggestion() -> None:
+    from worker.settings import unknown_variables
+
+    found = unknown_variables({"ANOMALY_BATCHSIZE": "8", "ANOMALY_DATA_DIR": "/d", "ANOMALY_GROUP": "g", "HOME": "/"})
+    assert found == ["unknown setting ANOMALY_BATCHSIZE; did you mean ANOMALY_BATCH_SIZE?"]
