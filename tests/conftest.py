@@ -57,9 +57,20 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
-             *self.extra_args],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.directory),
+                "--logfile",
+                str(self.directory / "redis.log"),
+                *self.extra_args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -127,7 +138,8 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x, y = mnist_sample(2500)
     dataset = Dataset("mnist-sample", Split(x[:2000], y[:2000]), Split(x[2000:], y[2000:]), "test")
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
-    config = TrainConfig(out=out, architecture="dense-32", epochs=2, batch_size=128, seed=1,
-                         report=False, progress=False)
+    config = TrainConfig(
+        out=out, architecture="dense-32", epochs=2, batch_size=128, seed=1, report=False, progress=False
+    )
     train(config, dataset)
     return out

@@ -80,7 +80,9 @@ def wait_for(condition: Any, what: str, timeout: float, worker: subprocess.Popen
     deadline = time.monotonic() + timeout
     while not condition():
         if worker.poll() is not None:
-            raise SystemExit(f"demo failed: the worker exited with {worker.returncode} while waiting for {what}")
+            raise SystemExit(
+                f"demo failed: the worker exited with {worker.returncode} while waiting for {what}"
+            )
         if time.monotonic() > deadline:
             raise SystemExit(f"demo failed: timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.2)
@@ -95,9 +97,25 @@ def main() -> int:
     say("training a quick model on the shipped MNIST (dense-64-16, all digits, up to 8 epochs)")
     started = time.monotonic()
     subprocess.run(
-        [sys.executable, "-m", "trainer", "train", "--dataset", "mnist", "--out", str(ARTIFACT),
-         "--epochs", "8", "--threshold", "mean+3std", "--log-level", "WARNING"],
-        check=True, env=env, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "train",
+            "--dataset",
+            "mnist",
+            "--out",
+            str(ARTIFACT),
+            "--epochs",
+            "8",
+            "--threshold",
+            "mean+3std",
+            "--log-level",
+            "WARNING",
+        ],
+        check=True,
+        env=env,
+        cwd=ROOT,
     )
     say(f"trained in {time.monotonic() - started:.0f}s; report: {ARTIFACT / 'report.png'}")
 
@@ -141,7 +159,9 @@ def main() -> int:
 
         def handled() -> bool:
             status, body = http_get(f"http://127.0.0.1:{port}/metrics")
-            done = metric(body, "anomaly_messages_scored_total") + metric(body, "anomaly_messages_invalid_total")
+            done = metric(body, "anomaly_messages_scored_total") + metric(
+                body, "anomaly_messages_invalid_total"
+            )
             return status == 200 and done >= total
 
         wait_for(handled, f"{total} messages to be handled", 120, worker)
@@ -168,20 +188,30 @@ def show_results(client: Any, streams: dict[str, str], port: int) -> None:
     print()
     print("Results")
     print(f"  normal digits flagged:   {kinds['normal']:5d} / {N_NORMAL}  ({kinds['normal'] / N_NORMAL:.1%})")
-    print(f"  rotated digits flagged:  {kinds['rotated']:5d} / {N_ROTATED}  ({kinds['rotated'] / N_ROTATED:.1%})")
+    print(
+        f"  rotated digits flagged:  {kinds['rotated']:5d} / {N_ROTATED}  "
+        f"({kinds['rotated'] / N_ROTATED:.1%})"
+    )
     print("  a few anomaly entries:")
     for _, fields in flagged[:3]:
         f = {k.decode(): v.decode() for k, v in fields.items()}
-        print(f"    id={f['id']:<12} score={float(f['score']):.4f} threshold={float(f['threshold']):.4f} "
-              f"z={float(f['z']):.1f} p_value={float(f['p_value']):.4f} model={f['model_version']}")
+        print(
+            f"    id={f['id']:<12} score={float(f['score']):.4f} threshold={float(f['threshold']):.4f} "
+            f"z={float(f['z']):.1f} p_value={float(f['p_value']):.4f} model={f['model_version']}"
+        )
     print("  dead letters:")
     for _, fields in client.xrange(streams["dead"]):
         print(f"    id={fields[b'id'].decode():<18} reason: {fields[b'reason'].decode()}")
     _, body = http_get(f"http://127.0.0.1:{port}/metrics")
     print("  worker metrics:")
-    for name in ("anomaly_messages_scored_total", "anomaly_messages_flagged_total",
-                 "anomaly_messages_invalid_total", "anomaly_detection_rate",
-                 "anomaly_expected_detection_rate", "anomaly_threshold"):
+    for name in (
+        "anomaly_messages_scored_total",
+        "anomaly_messages_flagged_total",
+        "anomaly_messages_invalid_total",
+        "anomaly_detection_rate",
+        "anomaly_expected_detection_rate",
+        "anomaly_threshold",
+    ):
         print(f"    {name:<36} {metric(body, name):g}")
     count = metric(body, "anomaly_batch_duration_seconds_count")
     if count:

@@ -40,6 +40,7 @@ from worker.stream import (
 log = logging.getLogger(__name__)
 
 # Dead-letter entries carry these; an original field of the same name is kept as original:<name>.
+DELETED_REASON = "entry was trimmed from the input stream before it was scored; its data is lost"
 DEAD_LETTER_FIELDS = ("source_id", "reason", "reason_code", "failed_at_ms", "model_version")
 
 
@@ -237,7 +238,19 @@ class Runner:
         if _is_zero_id(cursor):
             self._next_claim = self.monotonic() + self._claim_interval
         if deleted:
+            # Trimmed while pending: Redis >= 7 already dropped them from the group; dead-letter
+            # their ids (the data is gone) so the loss is visible.
             log.warning("reclaimed entries were trimmed from the stream count=%d", len(deleted))
+            commit = Commit()
+            for entry_id in deleted:
+                rejected = Rejected(entry_id, {}, "deleted", DELETED_REASON)
+                fields = dead_letter_fields(
+                    rejected, int(self.clock() * 1000), self.model.scorer.model_version
+                )
+                commit.records.append((b"", [(DEAD_LETTER, fields)]))
+                self.metrics.invalid.labels("deleted").inc()
+                self.metrics.messages.labels("unknown", "dead_letter").inc()
+            self.stream.commit_batch(commit)
         if entries:
             self.metrics.reclaimed.inc(len(entries))
             log.info("reclaimed stale entries count=%d", len(entries))
@@ -286,15 +299,8 @@ class Runner:
                         f"of {limit} (ANOMALY_MAX_DELIVERIES); a worker may crash on it",
                     )
                 )
-            elif not fields:
-                poison.append(
-                    Rejected(
-                        entry_id,
-                        fields,
-                        "deleted",
-                        "entry was deleted from the stream before it was scored",
-                    )
-                )
+            elif not fields:  # Redis 6.2 reports an entry trimmed while pending as a nil entry
+                poison.append(Rejected(entry_id, fields, "deleted", DELETED_REASON))
             else:
                 keep.append((entry_id, fields))
         return keep, poison

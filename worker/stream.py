@@ -24,8 +24,19 @@ OUTPUT, DEAD_LETTER, SCORES = 2, 3, 4
 # this call is the one that acknowledged its entry. If another worker already acked it (it
 # reclaimed the entry from us while we were slow), we publish nothing: exactly-once output.
 # One script call is atomic, so a crash never acks an unpublished result nor publishes an
-# unacked one. Plain ids (no result to publish) are acked in chunks (unpack has a stack limit).
+# unacked one. Scripts are not rolled back on error, so every key's type is checked before
+# the first write: a command that could fail midway fails here, with nothing done.
+# Plain ids (no result to publish) are acked in chunks (unpack has a stack limit). A record with
+# an empty id is published without an ack: XAUTOCLAIM on Redis >= 7 already removed the trimmed
+# entries it reports from the group, and only the one consumer that claimed them sees their ids.
 COMMIT_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'stream' and t ~= 'none' then
+    return redis.error_reply(
+      'WRONGTYPE key ' .. key .. ' is a ' .. t .. ', expected a stream; nothing was committed')
+  end
+end
 local group = ARGV[1]
 local maxlen = {0, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
 local nplain = tonumber(ARGV[5])
@@ -43,8 +54,11 @@ while i <= #ARGV do
   local id = ARGV[i]
   local nadds = tonumber(ARGV[i + 1])
   i = i + 2
-  local ok = redis.call('XACK', KEYS[1], group, id)
-  if ok == 1 then acked = acked + 1 else stale = stale + 1 end
+  local ok = 1
+  if id ~= '' then
+    ok = redis.call('XACK', KEYS[1], group, id)
+    if ok == 1 then acked = acked + 1 else stale = stale + 1 end
+  end
   for _ = 1, nadds do
     local k = tonumber(ARGV[i])
     local nf = tonumber(ARGV[i + 1])

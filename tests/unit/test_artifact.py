@@ -37,9 +37,20 @@ def make_baseline() -> Baseline:
         statistics=Statistics.of(ERRORS),
         threshold=Threshold(policy="p95", value=float(np.percentile(ERRORS, 95)), expected_flag_rate=0.05),
         training=Training(
-            dataset="synthetic", architecture="dense-32", epochs_requested=1, epochs_run=1, batch_size=8,
-            learning_rate=1e-3, seed=0, train_count=10, validation_count=2, calibration_count=500,
-            duration_seconds=1.0, created_at="2026-01-01T00:00:00+00:00", keras_version="3", tensorflow_version="2",
+            dataset="synthetic",
+            architecture="dense-32",
+            epochs_requested=1,
+            epochs_run=1,
+            batch_size=8,
+            learning_rate=1e-3,
+            seed=0,
+            train_count=10,
+            validation_count=2,
+            calibration_count=500,
+            duration_seconds=1.0,
+            created_at="2026-01-01T00:00:00+00:00",
+            keras_version="3",
+            tensorflow_version="2",
         ),
     )
 
@@ -109,7 +120,7 @@ def test_a_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
 def test_a_missing_manifest_is_refused(tmp_path: Path) -> None:
     path = write_fake(tmp_path / "a")
     (path / MANIFEST_FILE).unlink()
-    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+    with pytest.raises(ArtifactError, match=r"manifest\.json is missing"):
         load_artifact(path)
 
 
@@ -134,7 +145,7 @@ def _rewrite(path: Path, name: str, change) -> None:
 def test_schema_major_version_mismatch_is_refused(tmp_path: Path) -> None:
     path = write_fake(tmp_path / "a")
     _rewrite(path, BASELINE_FILE, lambda d: d.update(schema_version="2.0"))
-    with pytest.raises(ArtifactError, match="schema version '2.0' is not supported, expected '1.0'"):
+    with pytest.raises(ArtifactError, match=r"schema version '2\.0' is not supported, expected '1\.0'"):
         load_artifact(path)
 
 
@@ -156,7 +167,7 @@ def test_unknown_baseline_field_is_refused(tmp_path: Path) -> None:
 def test_model_version_not_matching_the_model_is_refused(tmp_path: Path) -> None:
     path = write_fake(tmp_path / "a")
     _rewrite(path, BASELINE_FILE, lambda d: d.update(model_version="0000000000000000"))
-    with pytest.raises(ArtifactError, match="does not match the hash of model.keras"):
+    with pytest.raises(ArtifactError, match=r"does not match the hash of model\.keras"):
         load_artifact(path)
 
 

@@ -18,7 +18,10 @@ def image(seed: int = 0) -> np.ndarray:
 
 
 def entry(i: int, **fields: bytes | str) -> tuple[bytes, dict[bytes, bytes]]:
-    return (f"{i}-0".encode(), {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()})
+    return (
+        f"{i}-0".encode(),
+        {k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in fields.items()},
+    )
 
 
 def decode_one(**fields: bytes | str):
@@ -73,7 +76,11 @@ def test_mixed_batch_keeps_entry_order_and_separates_rejects() -> None:
         ({"image": json.dumps([0.5] * 10), "dtype": "json"}, "bad_length", "has 10 values, expected 784"),
         ({"image": json.dumps(["x"] * D), "dtype": "json"}, "not_numeric", "value 0 is str"),
         ({"image": json.dumps([True] * D), "dtype": "json"}, "not_numeric", "value 0 is bool"),
-        ({"image": "[" + ",".join(["NaN"] + ["0"] * (D - 1)) + "]", "dtype": "json"}, "non_finite", "pixel 0 is nan"),
+        (
+            {"image": "[" + ",".join(["NaN"] + ["0"] * (D - 1)) + "]", "dtype": "json"},
+            "non_finite",
+            "pixel 0 is nan",
+        ),
         ({"image": json.dumps([2.0] * D), "dtype": "json"}, "out_of_range", "expected values in [0, 1]"),
         ({"image": b"\xff" * (MAX + 1), "dtype": "json"}, "oversize", f"more than the limit of {MAX}"),
         ({"image": image().tobytes(), "id": "x" * 300}, "bad_id", "id has 300 bytes"),

@@ -50,14 +50,25 @@ def r() -> fakeredis.FakeRedis:
 
 @pytest.fixture
 def make_runner(r: fakeredis.FakeRedis) -> Callable[..., Runner]:
-    def factory(model: LoadedModel | None = None, loader: Any = None, registry: CollectorRegistry | None = None,
-                consumer: str = "w1", **overrides: Any) -> Runner:
+    def factory(
+        model: LoadedModel | None = None,
+        loader: Any = None,
+        registry: CollectorRegistry | None = None,
+        consumer: str = "w1",
+        **overrides: Any,
+    ) -> Runner:
         settings = WorkerSettings(consumer=consumer, **{"reload_poll_seconds": 0, **overrides})
         stream = StreamClient(
-            r, input_stream=settings.input_stream, output_stream=settings.output_stream,
-            dead_letter_stream=settings.dead_letter_stream, scores_stream=settings.scores_stream,
-            group=settings.group, consumer=settings.consumer, output_maxlen=settings.output_maxlen,
-            dead_letter_maxlen=settings.dead_letter_maxlen, scores_maxlen=settings.scores_maxlen,
+            r,
+            input_stream=settings.input_stream,
+            output_stream=settings.output_stream,
+            dead_letter_stream=settings.dead_letter_stream,
+            scores_stream=settings.scores_stream,
+            group=settings.group,
+            consumer=settings.consumer,
+            output_maxlen=settings.output_maxlen,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
+            scores_maxlen=settings.scores_maxlen,
         )
         metrics = WorkerMetrics(registry or CollectorRegistry(), with_process=False)
         return Runner(settings, stream, model or make_model(), metrics, Health(), loader=loader)
@@ -65,7 +76,9 @@ def make_runner(r: fakeredis.FakeRedis) -> Callable[..., Runner]:
     return factory
 
 
-def push(r: fakeredis.FakeRedis, brightness: float, pid: str | None = None, dtype: str = "uint8", **extra: Any) -> bytes:
+def push(
+    r: fakeredis.FakeRedis, brightness: float, pid: str | None = None, dtype: str = "uint8", **extra: Any
+) -> bytes:
     fields: dict[str, Any] = dict(encode_image(np.full(D, brightness), dtype))
     if pid:
         fields["id"] = pid
@@ -89,7 +102,16 @@ def test_flagged_images_are_published_with_the_contract_fields(r, make_runner) -
     out = stream(r, "anomalies")
     assert len(out) == 1
     entry = out[0]
-    assert set(entry) == {"id", "source_id", "score", "threshold", "z", "p_value", "model_version", "scored_at_ms"}
+    assert set(entry) == {
+        "id",
+        "source_id",
+        "score",
+        "threshold",
+        "z",
+        "p_value",
+        "model_version",
+        "scored_at_ms",
+    }
     assert entry["id"] == "cam-2" and entry["source_id"] == bright.decode()
     assert float(entry["score"]) == pytest.approx(round(0.9 * 255) / 255, rel=1e-6)
     assert float(entry["threshold"]) == 0.5
@@ -151,8 +173,12 @@ def test_metrics_count_scored_flagged_and_invalid(r, make_runner) -> None:
     assert value("anomaly_score_count") == 4
     assert value("anomaly_end_to_end_latency_seconds_count") == 4
     assert value("anomaly_batch_size_sum") == 5
-    assert value("anomaly_model_info", {"model_version": "fake-v1", "threshold_policy": "p95",
-                                        "threshold": "0.5"}) == 1
+    assert (
+        value(
+            "anomaly_model_info", {"model_version": "fake-v1", "threshold_policy": "p95", "threshold": "0.5"}
+        )
+        == 1
+    )
     assert value("anomaly_consumer_group_pending") is not None
 
 
@@ -271,14 +297,30 @@ def test_build_commit_acks_normal_entries_without_publishing() -> None:
     from worker.codec import DecodedBatch
     from worker.scoring import Decisions
 
-    decoded = DecodedBatch([b"1-0", b"2-0"], [{}, {b"id": b"x"}], ["uint8", "uint8"], np.zeros((2, D), np.float32))
+    decoded = DecodedBatch(
+        [b"1-0", b"2-0"], [{}, {b"id": b"x"}], ["uint8", "uint8"], np.zeros((2, D), np.float32)
+    )
     decisions = Decisions(np.array([False, True]), np.zeros(2), np.ones(2))
-    commit = build_commit(decoded, np.array([0.1, 0.9]), decisions, model_version="v", threshold=0.5,
-                          now_ms=1, with_scores_stream=False)
+    commit = build_commit(
+        decoded,
+        np.array([0.1, 0.9]),
+        decisions,
+        model_version="v",
+        threshold=0.5,
+        now_ms=1,
+        with_scores_stream=False,
+    )
     assert commit.plain_ids == [b"1-0"]
     assert [(eid, [t for t, _ in adds]) for eid, adds in commit.records] == [(b"2-0", [OUTPUT])]
-    with_scores = build_commit(decoded, np.array([0.1, 0.9]), decisions, model_version="v", threshold=0.5,
-                               now_ms=1, with_scores_stream=True)
+    with_scores = build_commit(
+        decoded,
+        np.array([0.1, 0.9]),
+        decisions,
+        model_version="v",
+        threshold=0.5,
+        now_ms=1,
+        with_scores_stream=True,
+    )
     assert with_scores.plain_ids == []
     assert [[t for t, _ in adds] for _, adds in with_scores.records] == [[SCORES], [OUTPUT, SCORES]]
 
@@ -288,3 +330,18 @@ def test_json_payloads_are_scored_like_uint8(r, make_runner) -> None:
     r.xadd("images", {"image": json.dumps([0.9] * D), "dtype": "json", "id": "j"})
     runner.drain()
     assert stream(r, "anomalies")[0]["id"] == "j"
+
+
+def test_entry_trimmed_while_pending_is_dead_lettered_as_deleted(r, make_runner) -> None:
+    dead = make_runner(consumer="dead")
+    dead.start()
+    entry = push(r, 0.9)
+    dead.stream.read_new(10, None)
+    r.xdel("images", entry)
+    alive = make_runner(consumer="alive", claim_idle_ms=100)
+    time.sleep(0.15)
+    alive.drain()
+    assert [(d["source_id"], d["reason_code"]) for d in stream(r, "images:dead-letter")] == [
+        (entry.decode(), "deleted")
+    ]
+    assert pending(r) == 0

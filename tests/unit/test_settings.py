@@ -17,7 +17,11 @@ def test_defaults_match_the_documented_contract(monkeypatch: pytest.MonkeyPatch)
             monkeypatch.delenv(name)
     s = WorkerSettings()
     assert s.redis_url.get_secret_value() == "redis://localhost:6379/0"
-    assert (s.input_stream, s.output_stream, s.dead_letter_stream) == ("images", "anomalies", "images:dead-letter")
+    assert (s.input_stream, s.output_stream, s.dead_letter_stream) == (
+        "images",
+        "anomalies",
+        "images:dead-letter",
+    )
     assert (s.group, s.batch_size, s.start_id, s.scores_stream) == ("anomaly-scorer", 256, "0", "")
     assert "-" in s.consumer  # hostname-pid
 
@@ -40,7 +44,11 @@ def test_cli_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     ("env", "value", "message"),
     [
         ("ANOMALY_BATCH_SIZE", "zero", "invalid setting ANOMALY_BATCH_SIZE"),
-        ("ANOMALY_BATCH_SIZE", "0", "invalid setting ANOMALY_BATCH_SIZE: Input should be greater than or equal to 1"),
+        (
+            "ANOMALY_BATCH_SIZE",
+            "0",
+            "invalid setting ANOMALY_BATCH_SIZE: Input should be greater than or equal to 1",
+        ),
         ("ANOMALY_REDIS_URL", "http://x", "invalid setting ANOMALY_REDIS_URL: Value error, scheme 'http'"),
         ("ANOMALY_START_ID", "latest", "invalid setting ANOMALY_START_ID"),
         ("ANOMALY_THRESHOLD", "p200", "invalid setting ANOMALY_THRESHOLD"),
@@ -48,15 +56,18 @@ def test_cli_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         ("ANOMALY_METRICS_PORT", "70000", "invalid setting ANOMALY_METRICS_PORT"),
     ],
 )
-def test_invalid_setting_fails_naming_the_variable(monkeypatch: pytest.MonkeyPatch, env: str, value: str,
-                                                   message: str) -> None:
+def test_invalid_setting_fails_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, message: str
+) -> None:
     monkeypatch.setenv(env, value)
     with pytest.raises(ValidationError) as info:
         WorkerSettings()
     assert message in explain(info.value)
 
 
-def test_invalid_redis_url_is_not_echoed_because_it_may_hold_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_redis_url_is_not_echoed_because_it_may_hold_a_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("ANOMALY_REDIS_URL", "http://user:hunter2@host")
     with pytest.raises(ValidationError) as info:
         WorkerSettings()
@@ -95,5 +106,7 @@ def test_help_lists_a_flag_for_every_setting() -> None:
 def test_misspelt_variable_is_reported_with_a_suggestion() -> None:
     from worker.settings import unknown_variables
 
-    found = unknown_variables({"ANOMALY_BATCHSIZE": "8", "ANOMALY_DATA_DIR": "/d", "ANOMALY_GROUP": "g", "HOME": "/"})
+    found = unknown_variables(
+        {"ANOMALY_BATCHSIZE": "8", "ANOMALY_DATA_DIR": "/d", "ANOMALY_GROUP": "g", "HOME": "/"}
+    )
     assert found == ["unknown setting ANOMALY_BATCHSIZE; did you mean ANOMALY_BATCH_SIZE?"]

@@ -33,7 +33,7 @@ def test_fpr_policy_flags_about_the_promised_share_of_normal_data(rate: float) -
 
 
 def test_fpr_policy_is_refused_when_held_out_set_is_too_small() -> None:
-    with pytest.raises(ThresholdPolicyError, match="needs at least 1000 held-out errors .* found 500"):
+    with pytest.raises(ThresholdPolicyError, match=r"needs at least 1000 held-out errors .* found 500"):
         parse_policy("fpr=0.01").threshold(ERRORS[:500])
 
 

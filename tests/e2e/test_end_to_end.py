@@ -1,0 +1,241 @@
+"""The CLIs as a user runs them: train, start a worker, push traffic, read the streams and metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, RedisServer, free_port, wait_until
+from worker.client import ImageProducer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+
+
+def metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
+
+
+def status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return int(response.status)
+    except OSError as exc:
+        return int(getattr(exc, "code", 0) or 0)
+
+
+@pytest.fixture(scope="module")
+def cli_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("e2e") / "artifact"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "train",
+            "--dataset",
+            "mnist",
+            "--out",
+            str(out),
+            "--epochs",
+            "4",
+            "--max-samples",
+            "8000",
+            "--seed",
+            "3",
+            "--threshold",
+            "p99",
+        ],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "threshold:       p99 =" in done.stdout and f"artifact:        {out}" in done.stdout
+    assert {p.name for p in out.iterdir()} >= {
+        "model.keras",
+        "baseline.json",
+        "manifest.json",
+        "report.png",
+        "calibration_errors.npy",
+    }
+    return out
+
+
+@pytest.fixture
+def worker(
+    cli_artifact: Path, redis_server: RedisServer, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[str], int, Path]]:
+    redis_server.client().flushdb()
+    port = free_port()
+    env = dict(
+        ENV,
+        ANOMALY_REDIS_URL=redis_server.url,
+        ANOMALY_ARTIFACT=str(cli_artifact),
+        ANOMALY_METRICS_PORT=str(port),
+        ANOMALY_METRICS_HOST="127.0.0.1",
+        ANOMALY_SCORES_STREAM="scores",
+        ANOMALY_BATCH_SIZE="128",
+        ANOMALY_BLOCK_MS="200",
+    )
+    log = tmp_path / "worker.log"
+    with open(log, "w") as log_file:  # a file, not a pipe: a full pipe would block the worker
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker"], env=env, cwd=ROOT, stderr=log_file, text=True
+        )
+    try:
+        wait_until(lambda: status(port, "/readyz") == 200 or process.poll() is not None, 90, what="/readyz")
+        assert process.poll() is None, log.read_text()
+        yield process, port, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_worker_scores_flags_dead_letters_and_stops_cleanly(worker, redis_server: RedisServer) -> None:
+    from trainer.data import load_dataset, rotate90
+
+    process, port, log_path = worker
+    client = redis_server.client()
+    test = load_dataset("mnist").test.x
+    rng = np.random.default_rng(0)
+    normal = test[rng.choice(len(test), 400, replace=False)]
+    rotated = rotate90(test[rng.choice(len(test), 400, replace=False)])
+    producer = ImageProducer(client, "images")
+    producer.push_many(normal, [f"normal-{i}" for i in range(400)])
+    ImageProducer(client, "images", dtype="float32").push_many(
+        rotated[:200], [f"rotated-{i}" for i in range(200)]
+    )
+    ImageProducer(client, "images", dtype="json").push_many(
+        rotated[200:], [f"rotated-{i}" for i in range(200, 400)]
+    )
+    malformed = [
+        {"image": b"\x01" * 10, "id": "bad-length"},
+        {"image": b"[1,2", "dtype": "json", "id": "bad-json"},
+        {"image": b"\x00" * 784, "dtype": "bmp", "id": "bad-dtype"},
+        {"id": "no-image"},
+        {"image": np.full(784, 2.0, "<f4").tobytes(), "dtype": "float32", "id": "out-of-range"},
+    ]
+    for fields in malformed:
+        client.xadd("images", fields)  # type: ignore[arg-type]
+
+    wait_until(
+        lambda: client.xlen("scores") + client.xlen("images:dead-letter") >= 805, 60, what="all handled"
+    )
+
+    scores = {f[b"id"].decode(): f for _, f in client.xrange("scores")}
+    assert len(scores) == 800
+    threshold = float(next(iter(scores.values()))[b"threshold"])
+    expected_flagged = {pid for pid, f in scores.items() if float(f[b"score"]) > threshold}
+    flagged = [f[b"id"].decode() for _, f in client.xrange("anomalies")]
+    assert sorted(flagged) == sorted(expected_flagged)  # exactly the flagged ones, once each
+    assert sum(p.startswith("normal") for p in flagged) / 400 < 0.05  # p99 on held-out normal data
+    normal_scores = [float(f[b"score"]) for pid, f in scores.items() if pid.startswith("normal")]
+    rotated_scores = [float(f[b"score"]) for pid, f in scores.items() if pid.startswith("rotated")]
+    # Share of (rotated, normal) pairs ranked the right way round: the AUROC. A small quick model.
+    auroc = np.mean(np.asarray(rotated_scores)[:, None] > np.asarray(normal_scores)[None, :])
+    assert auroc > 0.75, auroc
+
+    dead = {f[b"id"].decode(): f[b"reason"].decode() for _, f in client.xrange("images:dead-letter")}
+    assert dead.keys() == {"bad-length", "bad-json", "bad-dtype", "no-image", "out-of-range"}
+    assert dead["bad-length"] == "image has 10 bytes, expected 784 for dtype uint8"
+    assert "not supported" in dead["bad-dtype"] and "[0, 1]" in dead["out-of-range"]
+    assert int(client.xpending("images", "anomaly-scorer")["pending"]) == 0
+
+    text = metrics_text(port)
+    assert sample(text, "anomaly_messages_scored_total") == 800
+    assert sample(text, "anomaly_messages_flagged_total") == len(flagged)
+    assert sample(text, "anomaly_messages_invalid_total") == 5
+    assert sample(text, "anomaly_consumer_group_lag") >= 0
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    log = log_path.read_text()
+    assert "stop requested signal=SIGTERM" in log and "stopped" in log
+    assert "model loaded model_version=" in log
+
+
+def test_invalid_setting_stops_the_worker_at_start_naming_it(cli_artifact: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--batch-size", "0", "--artifact", str(cli_artifact)],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "invalid setting ANOMALY_BATCH_SIZE" in done.stderr
+
+
+def test_tampered_artifact_is_refused_at_start(cli_artifact: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(cli_artifact, copy)
+    with open(copy / "model.keras", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02")
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--artifact", str(copy), "--metrics-port", "0"],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "checksum mismatch for" in done.stderr and "model.keras" in done.stderr
+
+
+def test_producer_cli_pushes_normal_and_rotated_digits(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    client.delete("prod-test")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker.producer_cli",
+            "--redis-url",
+            redis_server.url,
+            "--stream",
+            "prod-test",
+            "--count",
+            "50",
+            "--rotated-fraction",
+            "0.5",
+        ],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    ids = [f[b"id"].decode() for _, f in client.xrange("prod-test")]
+    assert (
+        len(ids) == 50
+        and any(i.startswith("rotated") for i in ids)
+        and any(i.startswith("normal") for i in ids)
+    )
+    assert all(len(f[b"image"]) == 784 for _, f in client.xrange("prod-test"))
