@@ -1,0 +1,1 @@
+"""Checks of the files under deploy/ (Dockerfile, compose, Kubernetes, Prometheus, Grafana)."""

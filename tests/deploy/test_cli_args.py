@@ -1,0 +1,81 @@
+"""Command lines written in deploy files are accepted by the CLIs they call, so a renamed flag
+fails here rather than in a crash-looping container."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from typing import Any
+
+import pytest
+
+from .conftest import dockerfile_instructions, instructions_of, k8s_object, pod_spec
+
+
+def _trainer_parse(argv: list[str]) -> Any:
+    from trainer.cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def _producer_parse(argv: list[str]) -> Any:
+    from worker.producer_cli import build_parser
+
+    return build_parser().parse_args(argv)
+
+
+def _after(words: list[str], program: str) -> list[str]:
+    """The arguments that follow `program` in a command line."""
+    assert program in words, f"{program} not in {words}"
+    return words[words.index(program) + 1 :]
+
+
+def test_compose_trainer_command_is_accepted_by_the_trainer(compose: dict[str, Any]) -> None:
+    script = compose["services"]["trainer"]["command"]
+    script = script[-1] if isinstance(script, list) else script
+    args = _trainer_parse(_after(shlex.split(script), "anomaly-trainer"))
+    assert args.dataset == "mnist"
+
+
+def test_compose_producer_command_is_accepted_by_the_producer(compose: dict[str, Any]) -> None:
+    producer = compose["services"]["producer"]
+    assert producer["entrypoint"] == ["anomaly-producer"]
+    args = _producer_parse([str(word) for word in producer["command"]])
+    assert args.count > 0
+
+
+def test_kubernetes_training_job_args_are_accepted_by_the_trainer() -> None:
+    container = pod_spec(k8s_object("Job", "anomaly-trainer"))["containers"][0]
+    assert "command" not in container, "the image's ENTRYPOINT (anomaly-trainer) must run"
+    args = _trainer_parse([str(word) for word in container["args"]])
+    assert str(args.out) == "/artifacts/model"
+
+
+def test_trainer_image_default_command_is_accepted_by_the_trainer() -> None:
+    steps = instructions_of("trainer")
+    entrypoint = json.loads([args for kw, args in steps if kw == "ENTRYPOINT"][-1])
+    assert entrypoint == ["anomaly-trainer"]
+    _trainer_parse(json.loads([args for kw, args in steps if kw == "CMD"][-1]))
+
+
+def test_build_time_training_command_is_accepted_by_the_trainer() -> None:
+    defaults = {}
+    runs = []
+    for stage, keyword, args in dockerfile_instructions():
+        if stage != "trained":
+            continue
+        if keyword == "ARG" and "=" in args:
+            name, value = args.split("=", 1)
+            defaults[name] = value
+        if keyword == "RUN" and "anomaly-trainer" in args:
+            runs.append(args)
+    assert len(runs) == 1, "the `trained` stage runs anomaly-trainer once"
+    command = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], runs[0].split("&&")[-1])
+    args = _trainer_parse(_after(shlex.split(command), "anomaly-trainer"))
+    assert args.dataset == "mnist"
+
+
+def test_trainer_parser_rejects_an_unknown_flag() -> None:
+    with pytest.raises(SystemExit):
+        _trainer_parse(["train", "--dataset", "mnist", "--out", "/tmp/x", "--epocs", "3"])

