@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -174,14 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def install_signal_handlers(runner: Any, grace_seconds: float) -> None:
+def install_signal_handlers(
+    runner: Any, grace_seconds: float, exit_now: Callable[[int], None] = os._exit
+) -> None:
     """SIGTERM/SIGINT: warm stop (finish the batch), forced after grace; again: exit now. SIGHUP: reload."""
     state = {"signals": 0}
 
     def hard_exit(reason: str) -> None:
         log.error("exiting now reason=%s", reason)
         logging.shutdown()
-        os._exit(EXIT_FORCED)
+        exit_now(EXIT_FORCED)
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:
         state["signals"] += 1

@@ -79,6 +79,7 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
 
     if settings.artifact is None:
         raise AnomalyScorerError("ANOMALY_ARTIFACT is not set; expected the artifact directory")
+    settings.check_artifact_path()  # again at every reload: a symlink may have been swapped
     artifact = load_artifact(settings.artifact)
     scorer = Scorer(artifact, max_batch=settings.batch_size, jit=settings.jit)
     scorer.warm_up(settings.batch_size)

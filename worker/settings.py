@@ -34,6 +34,9 @@ class WorkerSettings(BaseSettings):
         None, description="file holding the Redis password (a mounted secret); overrides the URL's"
     )
     artifact: Path | None = Field(None, description="artifact directory written by anomaly-trainer")
+    artifact_root: Path | None = Field(
+        None, description="if set, the artifact must resolve (symlinks followed) inside this directory"
+    )
     input_stream: StreamKey = Field("images", description="stream producers write images to")
     output_stream: StreamKey = Field("anomalies", description="stream of flagged images")
     dead_letter_stream: StreamKey = Field("images:dead-letter", description="rejected entries, with reason")
@@ -97,6 +100,21 @@ class WorkerSettings(BaseSettings):
         if upper not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"expected DEBUG, INFO, WARNING or ERROR, found {value!r}")
         return upper
+
+    @model_validator(mode="after")
+    def _artifact_inside_root(self) -> WorkerSettings:
+        self.check_artifact_path()
+        return self
+
+    def check_artifact_path(self) -> None:
+        """Refuse an artifact that resolves outside artifact_root (a swapped symlink, a typo)."""
+        if self.artifact_root is None or self.artifact is None:
+            return
+        resolved, root = self.artifact.resolve(), self.artifact_root.resolve()
+        if not resolved.is_relative_to(root):
+            raise ValueError(
+                f"artifact {self.artifact} resolves to {resolved}, outside ANOMALY_ARTIFACT_ROOT {root}"
+            )
 
     @model_validator(mode="after")
     def _distinct_streams(self) -> WorkerSettings:

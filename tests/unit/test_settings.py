@@ -110,3 +110,60 @@ def test_misspelt_variable_is_reported_with_a_suggestion() -> None:
         {"ANOMALY_BATCHSIZE": "8", "ANOMALY_DATA_DIR": "/d", "ANOMALY_GROUP": "g", "HOME": "/"}
     )
     assert found == ["unknown setting ANOMALY_BATCHSIZE; did you mean ANOMALY_BATCH_SIZE?"]
+
+
+def test_artifact_outside_the_configured_root_is_refused(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "artifacts", tmp_path / "elsewhere"
+    (root / "model").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "link").symlink_to(elsewhere)
+    assert WorkerSettings(artifact=root / "model", artifact_root=root).artifact == root / "model"
+    for bad in (root / "link", root / ".." / "elsewhere"):
+        with pytest.raises(ValidationError, match="outside ANOMALY_ARTIFACT_ROOT"):
+            WorkerSettings(artifact=bad, artifact_root=root)
+
+
+def test_first_signal_asks_for_a_warm_stop_and_the_second_exits_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import signal as signal_module
+
+    from worker import cli
+
+    class FakeRunner:
+        stopped = 0
+
+        def request_stop(self) -> None:
+            self.stopped += 1
+
+    handlers: dict[int, object] = {}
+    exits: list[int] = []
+    monkeypatch.setattr(
+        signal_module, "signal", lambda signum, handler: handlers.__setitem__(signum, handler)
+    )
+    runner = FakeRunner()
+    cli.install_signal_handlers(runner, grace_seconds=60, exit_now=exits.append)
+    handlers[signal_module.SIGTERM](signal_module.SIGTERM, None)  # type: ignore[operator]
+    assert runner.stopped == 1 and exits == []
+    handlers[signal_module.SIGINT](signal_module.SIGINT, None)  # type: ignore[operator]
+    assert exits == [cli.EXIT_FORCED]
+
+
+def test_warm_stop_is_forced_after_the_grace_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal as signal_module
+    import threading
+
+    from worker import cli
+
+    handlers: dict[int, object] = {}
+    exited = threading.Event()
+    monkeypatch.setattr(
+        signal_module, "signal", lambda signum, handler: handlers.__setitem__(signum, handler)
+    )
+    cli.install_signal_handlers(
+        type("R", (), {"request_stop": lambda self: None})(),
+        grace_seconds=0.2,
+        exit_now=lambda code: exited.set(),
+    )
+    handlers[signal_module.SIGTERM](signal_module.SIGTERM, None)  # type: ignore[operator]
+    assert exited.wait(5)

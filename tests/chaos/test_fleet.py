@@ -1,0 +1,291 @@
+"""Worker processes under damage: kill -9 in a fleet, SIGTERM mid-load, hot reload under load."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from tests.conftest import ROOT, RedisServer, free_port, mnist_sample, wait_until
+from worker.codec import encode_image
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+
+@dataclass
+class Fleet:
+    """Worker subprocesses sharing one group; each start gets a new consumer name."""
+
+    redis_url: str
+    artifact: Path
+    log_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    workers: dict[str, tuple[subprocess.Popen[bytes], int]] = field(default_factory=dict)
+    started: int = 0
+
+    def start(self, name: str | None = None, wait_ready: bool = True) -> str:
+        self.started += 1
+        name = name or f"w{self.started}"
+        port = free_port()
+        env = dict(
+            os.environ,
+            TF_CPP_MIN_LOG_LEVEL="3",
+            ANOMALY_REDIS_URL=self.redis_url,
+            ANOMALY_ARTIFACT=str(self.artifact),
+            ANOMALY_METRICS_HOST="127.0.0.1",
+            ANOMALY_METRICS_PORT=str(port),
+            ANOMALY_CONSUMER=name,
+            ANOMALY_SCORES_STREAM="scores",
+            ANOMALY_BLOCK_MS="100",
+            **self.extra_env,
+        )
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=ROOT, stderr=log)
+        self.workers[name] = (process, port)
+        if wait_ready:
+            self.wait_ready(name)
+        return name
+
+    def wait_ready(self, name: str) -> None:
+        process, port = self.workers[name]
+        wait_until(
+            lambda: http_status(port, "/readyz") == 200 or process.poll() is not None,
+            120,
+            what=f"{name} ready",
+        )
+        assert process.poll() is None, (self.log_dir / f"{name}.log").read_text()
+
+    def kill(self, name: str) -> None:
+        process, _ = self.workers.pop(name)
+        process.kill()
+        process.wait(10)
+
+    def stop_all(self) -> None:
+        for process, _ in self.workers.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        self.workers.clear()
+
+
+def http_status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return int(response.status)
+    except OSError as exc:
+        return int(getattr(exc, "code", 0) or 0)
+
+
+def metric(port: int, name: str, labels: str = "") -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(f"{name}{labels} "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.fixture
+def fleet(redis_server: RedisServer, tiny_artifact: Path, tmp_path: Path) -> Iterator[Fleet]:
+    redis_server.client().flushdb()
+    f = Fleet(redis_server.url, tiny_artifact, tmp_path)
+    yield f
+    f.stop_all()
+
+
+def mixed_entries(n: int, seed: int = 0) -> list[dict[str, bytes | str]]:
+    """uint8, float32 and json images (some rotated) plus about 5% malformed entries."""
+    from trainer.data import rotate90
+
+    x, _ = mnist_sample(1000, seed=seed)
+    rng = np.random.default_rng(seed)
+    entries: list[dict[str, bytes | str]] = []
+    for i in range(n):
+        img = x[i % len(x)]
+        if rng.random() < 0.3:
+            img = rotate90(img[None])[0]
+        kind = rng.random()
+        if kind < 0.05:
+            fields: dict[str, bytes | str] = random.Random(i).choice(
+                [
+                    {"image": b"\x00" * 5},
+                    {"image": "[1, 2", "dtype": "json"},
+                    {"dtype": "uint8"},
+                    {"image": b"\x00" * 784, "dtype": "png"},
+                ]
+            )
+        else:
+            dtype = "uint8" if kind < 0.85 else "float32" if kind < 0.95 else "json"
+            fields = dict(encode_image(img, dtype))
+        fields["id"] = f"p-{i}"
+        entries.append(dict(fields))
+    return entries
+
+
+def push_all(client: redis.Redis, entries: list[dict[str, bytes | str]], per_second: float) -> list[bytes]:
+    ids: list[bytes] = []
+    chunk = max(1, int(per_second / 10))
+    started = time.monotonic()
+    for start in range(0, len(entries), chunk):
+        pipe = client.pipeline(transaction=False)
+        for fields in entries[start : start + chunk]:
+            pipe.xadd("images", fields)  # type: ignore[arg-type]
+        ids.extend(pipe.execute())
+        time.sleep(max(0.0, started + (start + chunk) / per_second - time.monotonic()))
+    return ids
+
+
+def assert_each_entry_accounted_once(client: redis.Redis, ids: list[bytes]) -> None:
+    scored = Counter(f[b"source_id"] for _, f in client.xrange("scores"))
+    dead = Counter(f[b"source_id"] for _, f in client.xrange("images:dead-letter"))
+    assert [k for k, v in scored.items() if v > 1] == [], "scored twice"
+    assert [k for k, v in dead.items() if v > 1] == [], "dead-lettered twice"
+    assert set(scored) & set(dead) == set(), "both scored and dead-lettered"
+    assert set(scored) | set(dead) == set(ids), "lost entries"
+    flagged = {f[b"source_id"] for _, f in client.xrange("scores") if f[b"flagged"] == b"1"}
+    output = Counter(f[b"source_id"] for _, f in client.xrange("anomalies"))
+    assert set(output) == flagged and all(v == 1 for v in output.values())
+    assert int(client.xpending("images", "anomaly-scorer")["pending"]) == 0
+
+
+def test_kill_9_of_workers_loses_and_doubles_nothing(fleet: Fleet, redis_server: RedisServer) -> None:
+    fleet.extra_env.update(
+        ANOMALY_CLAIM_IDLE_MS="1500",
+        ANOMALY_BATCH_SIZE="64",
+        ANOMALY_MAX_DELIVERIES="50",
+        ANOMALY_LOG_LEVEL="WARNING",
+    )
+    client = redis_server.client()
+    names = [fleet.start(wait_ready=False) for _ in range(3)]
+    for name in names:
+        fleet.wait_ready(name)
+    entries = mixed_entries(20_000)
+    ids: list[bytes] = []
+    producer = threading.Thread(target=lambda: ids.extend(push_all(client, entries, per_second=1000)))
+    producer.start()
+    rng = random.Random(1)
+    kills = 0
+    while producer.is_alive() or kills < 4:
+        time.sleep(2.5)
+        victims = rng.sample(sorted(fleet.workers), k=rng.choice([1, 1, 2]))
+        for victim in victims:
+            fleet.kill(victim)
+            kills += 1
+        for _ in victims:
+            fleet.start(wait_ready=False)
+    producer.join()
+    for name in list(fleet.workers):
+        fleet.wait_ready(name)
+    total = len(entries)
+    wait_until(
+        lambda: (
+            client.xlen("scores") + client.xlen("images:dead-letter") >= total
+            and int(client.xpending("images", "anomaly-scorer")["pending"]) == 0
+        ),
+        240,
+        interval=0.5,
+        what="every entry scored or dead-lettered",
+    )
+    assert kills >= 4
+    assert_each_entry_accounted_once(client, ids)
+
+
+def test_sigterm_mid_load_finishes_the_batch_and_exits_zero(fleet: Fleet, redis_server: RedisServer) -> None:
+    fleet.extra_env.update(ANOMALY_BATCH_SIZE="256", ANOMALY_GRACE_SECONDS="10")
+    client = redis_server.client()
+    name = fleet.start()
+    process, port = fleet.workers[name]
+    ids = push_all(client, mixed_entries(6000, seed=2), per_second=1e9)
+    wait_until(lambda: metric(port, "anomaly_messages_scored_total") > 0, 30, what="scoring started")
+    stopped_at = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0
+    assert time.monotonic() - stopped_at < 10
+    own = client.xpending_range("images", "anomaly-scorer", "-", "+", 10, consumername=name)
+    assert own == []  # the batch in hand was committed before exit
+    log = (fleet.log_dir / f"{name}.log").read_text()
+    assert "stop requested signal=SIGTERM" in log and "level=INFO logger=worker stopped" in log
+    # Another worker takes over the rest: still exactly once.
+    fleet.start()
+    wait_until(
+        lambda: client.xlen("scores") + client.xlen("images:dead-letter") >= len(ids),
+        60,
+        what="rest handled by a second worker",
+    )
+    assert_each_entry_accounted_once(client, ids)
+
+
+def _retrain(path: Path, seed: int) -> str:
+    from trainer.data import Dataset, Split
+    from trainer.train import TrainConfig, train
+
+    x, y = mnist_sample(1500, seed=seed)
+    ds = Dataset("mnist-sample", Split(x, y), Split(x[:100], y[:100]), "test")
+    result = train(
+        TrainConfig(out=path, architecture="dense-32", epochs=1, seed=seed, report=False, progress=False), ds
+    )
+    return result.baseline.model_version
+
+
+def test_hot_reload_under_load_swaps_models_and_refuses_a_broken_one(
+    fleet: Fleet, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    artifact = tmp_path / "served"
+    shutil.copytree(fleet.artifact, artifact)
+    first_version = json.loads((artifact / "baseline.json").read_text())["model_version"]
+    fleet.artifact = artifact
+    fleet.extra_env.update(ANOMALY_RELOAD_POLL_SECONDS="1", ANOMALY_BATCH_SIZE="32")
+    client = redis_server.client()
+    name = fleet.start()
+    _, port = fleet.workers[name]
+    entries = mixed_entries(9000, seed=3)
+    ids: list[bytes] = []
+    producer = threading.Thread(target=lambda: ids.extend(push_all(client, entries, per_second=600)))
+    producer.start()
+    time.sleep(3)
+    second_version = _retrain(artifact, seed=11)  # written beside, then moved into place
+    wait_until(
+        lambda: metric(port, "anomaly_model_reloads_total", '{result="success"}') == 1,
+        30,
+        what="reload picked up by polling",
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    (broken / "calibration_errors.npy").write_bytes(b"garbage")
+    staging = tmp_path / "staging"
+    os.replace(artifact, staging)
+    os.replace(broken, artifact)
+    process, _ = fleet.workers[name]
+    process.send_signal(signal.SIGHUP)
+    wait_until(
+        lambda: metric(port, "anomaly_model_reloads_total", '{result="failure"}') >= 1,
+        30,
+        what="broken artifact refused",
+    )
+    producer.join()
+    wait_until(
+        lambda: client.xlen("scores") + client.xlen("images:dead-letter") >= len(entries),
+        60,
+        what="all handled",
+    )
+    assert_each_entry_accounted_once(client, ids)
+    versions = [f[b"model_version"].decode() for _, f in client.xrange("scores")]
+    switch = versions.index(second_version)
+    assert versions[:switch] == [first_version] * switch and set(versions[switch:]) == {second_version}
+    assert process.poll() is None  # still serving with the second model
+    log = (fleet.log_dir / f"{name}.log").read_text()
+    assert "reload refused, keeping model_version=" + second_version in log

@@ -1,0 +1,211 @@
+"""Faults done for real: network cuts, Redis down at start, a least-privilege ACL user."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from tests.conftest import ROOT, RedisServer, free_port, wait_until
+from tests.integration.tcp_proxy import TcpProxy
+from tests.unit.test_runner import make_model, push, stream
+from worker.cli import make_redis
+from worker.http import Health
+from worker.metrics import WorkerMetrics
+from worker.runner import Runner
+from worker.settings import WorkerSettings
+from worker.stream import StreamClient
+
+pytestmark = pytest.mark.integration
+
+
+def build_runner(settings: WorkerSettings) -> Runner:
+    client = make_redis(settings)
+    stream_client = StreamClient(
+        client,
+        input_stream=settings.input_stream,
+        output_stream=settings.output_stream,
+        dead_letter_stream=settings.dead_letter_stream,
+        scores_stream=settings.scores_stream,
+        group=settings.group,
+        consumer=settings.consumer,
+        output_maxlen=settings.output_maxlen,
+        dead_letter_maxlen=settings.dead_letter_maxlen,
+        scores_maxlen=settings.scores_maxlen,
+    )
+    return Runner(
+        settings,
+        stream_client,
+        make_model(),
+        WorkerMetrics(CollectorRegistry(), with_process=False),
+        Health(),
+    )
+
+
+@pytest.fixture
+def running() -> Iterator[Any]:
+    threads: list[tuple[Runner, threading.Thread]] = []
+
+    def start(runner: Runner) -> Runner:
+        thread = threading.Thread(target=runner.run, daemon=True)
+        thread.start()
+        threads.append((runner, thread))
+        return runner
+
+    yield start
+    for runner, thread in threads:
+        runner.request_stop()
+        thread.join(15)
+        assert not thread.is_alive(), "worker loop did not stop"
+
+
+def test_network_cut_is_survived_without_loss_or_duplicates(
+    redis_client, redis_server: RedisServer, running, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = TcpProxy(redis_server.port)
+    try:
+        settings = WorkerSettings(
+            redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+            consumer="w1",
+            block_ms=100,
+            scores_stream="scores",
+            reload_poll_seconds=0,
+        )  # type: ignore[arg-type]
+        runner = running(build_runner(settings))
+        ids = [push(redis_client, 0.9 if i % 4 == 0 else 0.1) for i in range(200)]
+        wait_until(lambda: redis_client.xlen("scores") == 200, 10, what="first 200 scored")
+        with caplog.at_level(logging.INFO, logger="worker.runner"):
+            for _ in range(2):
+                proxy.cut()
+                ids += [push(redis_client, 0.9 if i % 4 == 0 else 0.1) for i in range(100)]
+                wait_until(lambda: not runner.health.redis_ok, 10, what="worker to notice the cut")
+                assert runner.metrics.registry.get_sample_value("anomaly_redis_up") == 0
+                threading.Event().wait(1.0)  # stay cut through several retries
+                proxy.restore()
+                wait_until(lambda: runner.health.redis_ok, 20, what="worker to reconnect")
+        wait_until(lambda: redis_client.xlen("scores") == 400, 20, what="all 400 scored")
+        scored = [e["source_id"] for e in stream(redis_client, "scores")]
+        assert sorted(scored) == sorted(i.decode() for i in ids)  # each exactly once
+        assert len(stream(redis_client, "anomalies")) == 100
+        assert int(redis_client.xpending("images", "anomaly-scorer")["pending"]) == 0
+        lost = [r for r in caplog.records if r.getMessage().startswith("redis lost")]
+        back = [r for r in caplog.records if r.getMessage().startswith("redis back")]
+        assert len(lost) == 2 and len(back) == 2  # once per state change, not once per retry
+        assert runner.metrics.registry.get_sample_value("anomaly_redis_errors_total") >= 2
+    finally:
+        proxy.close()
+
+
+def test_redis_down_at_start_the_worker_waits_then_works(tmp_path, running) -> None:
+    port = free_port()
+    settings = WorkerSettings(
+        redis_url=f"redis://127.0.0.1:{port}/0", consumer="w1", block_ms=100, reload_poll_seconds=0
+    )  # type: ignore[arg-type]
+    runner = running(build_runner(settings))
+    threading.Event().wait(1.0)
+    assert not runner.health.ready() and runner.health.alive()
+    assert runner.metrics.registry.get_sample_value("anomaly_redis_errors_total") >= 1
+    server = RedisServer(port, tmp_path).start()
+    try:
+        client = server.client()
+        wait_until(lambda: runner.health.ready(), 20, what="ready after Redis started")
+        push(client, 0.9)
+        wait_until(lambda: client.xlen("anomalies") == 1, 10, what="scored")
+    finally:
+        runner.request_stop()
+        server.stop()
+
+
+def documented_acl(password: str) -> str:
+    text = (ROOT / "deploy" / "README.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("ACL SETUSER anomaly-worker "))
+    return line.replace("WORKER-PASSWORD", password)
+
+
+def test_worker_runs_with_the_documented_least_privilege_acl(
+    redis_client, redis_server: RedisServer, running, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = redis_client
+    admin.execute_command(*documented_acl("s3cret-pw").split())
+    try:
+        with caplog.at_level(logging.DEBUG):
+            settings = WorkerSettings(
+                redis_url=f"redis://anomaly-worker:s3cret-pw@127.0.0.1:{redis_server.port}/0",
+                consumer="acl",
+                block_ms=100,
+                reload_poll_seconds=0,
+            )  # type: ignore[arg-type]
+            runner = running(build_runner(settings))
+            push(admin, 0.9)
+            admin.xadd("images", {"image": b"bad"})
+            wait_until(
+                lambda: admin.xlen("anomalies") == 1 and admin.xlen("images:dead-letter") == 1,
+                15,
+                what="scored with the ACL user",
+            )
+            assert runner.metrics.registry.get_sample_value("anomaly_redis_errors_total") == 0
+            runner.request_stop()
+        assert "s3cret-pw" not in caplog.text
+        limited = redis.Redis(port=redis_server.port, username="anomaly-worker", password="s3cret-pw")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            limited.get("some-other-key")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            limited.flushall()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            limited.xadd("other-stream", {"a": 1})
+    finally:
+        admin.acl_deluser("anomaly-worker")
+
+
+def test_password_file_is_used_and_wrong_password_is_reported_not_logged(
+    redis_client, redis_server: RedisServer, running, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis_client.acl_setuser("filed", enabled=True, passwords=["+right-pw"], keys=["*"], commands=["+@all"])
+    try:
+        secret = tmp_path / "password"
+        secret.write_text("wrong-pw\n")
+        url = f"redis://filed@127.0.0.1:{redis_server.port}/0"
+        with caplog.at_level(logging.INFO):
+            runner = running(
+                build_runner(
+                    WorkerSettings(
+                        redis_url=url,
+                        redis_password_file=secret,  # type: ignore[arg-type]
+                        consumer="pf",
+                        block_ms=100,
+                        reload_poll_seconds=0,
+                    )
+                )
+            )
+            wait_until(
+                lambda: runner.metrics.registry.get_sample_value("anomaly_redis_errors_total"),
+                10,
+                what="authentication error counted",
+            )
+            assert not runner.health.ready()
+            runner.request_stop()
+        assert "wrong-pw" not in caplog.text
+        assert re.search(r"redis (lost|refused)", caplog.text)
+        secret.write_text("right-pw\n")
+        ok = running(
+            build_runner(
+                WorkerSettings(
+                    redis_url=url,
+                    redis_password_file=secret,  # type: ignore[arg-type]
+                    consumer="pf2",
+                    block_ms=100,
+                    reload_poll_seconds=0,
+                )
+            )
+        )
+        push(redis_client, 0.9)
+        wait_until(lambda: redis_client.xlen("anomalies") == 1, 10, what="scored with the filed password")
+        assert ok.health.ready()
+    finally:
+        redis_client.acl_deluser("filed")

@@ -1,0 +1,69 @@
+"""Whatever producers send, the worker never crashes and every entry is accounted for exactly once."""
+
+from __future__ import annotations
+
+import json
+
+import fakeredis
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from tests.unit.test_runner import D, make_model
+from worker.http import Health
+from worker.metrics import WorkerMetrics
+from worker.runner import Runner
+from worker.settings import WorkerSettings
+from worker.stream import StreamClient
+
+field_names = st.sampled_from([b"image", b"dtype", b"id", b"extra", b"reason", b"\xff\x00"])
+valid_images = st.one_of(
+    st.binary(min_size=D, max_size=D).map(lambda b: {b"image": b}),
+    st.lists(st.floats(0, 1, width=32), min_size=D, max_size=D).map(
+        lambda v: {b"image": np.asarray(v, "<f4").tobytes(), b"dtype": b"float32"}
+    ),
+    st.lists(st.floats(0, 1), min_size=D, max_size=D).map(
+        lambda v: {b"image": json.dumps(v).encode(), b"dtype": b"json"}
+    ),
+)
+garbage = st.dictionaries(
+    field_names,
+    st.one_of(
+        st.binary(max_size=4 * D + 8),
+        st.sampled_from([b"uint8", b"float32", b"json", b"JSON", b"", b"NaN", b"[", b"[1e999]"]),
+        st.lists(st.one_of(st.floats(allow_nan=True), st.text(max_size=3), st.none()), max_size=D + 2).map(
+            lambda v: json.dumps(v).encode()
+        ),
+    ),
+    min_size=1,
+    max_size=5,
+)
+entries = st.lists(st.one_of(valid_images, garbage), min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=entries)
+def test_random_entries_never_crash_and_each_ends_scored_or_dead_lettered(batch) -> None:
+    r = fakeredis.FakeRedis()
+    s = WorkerSettings(consumer="p", scores_stream="scores", batch_size=16, reload_poll_seconds=0)
+    client = StreamClient(
+        r,
+        input_stream=s.input_stream,
+        output_stream=s.output_stream,
+        dead_letter_stream=s.dead_letter_stream,
+        scores_stream=s.scores_stream,
+        group=s.group,
+        consumer=s.consumer,
+        output_maxlen=0,
+        dead_letter_maxlen=0,
+        scores_maxlen=0,
+    )
+    runner = Runner(s, client, make_model(), WorkerMetrics(CollectorRegistry(), with_process=False), Health())
+    ids = [r.xadd("images", fields) for fields in batch]
+    runner.drain()
+    scored = [f[b"source_id"] for _, f in r.xrange("scores")]
+    dead = [f[b"source_id"] for _, f in r.xrange("images:dead-letter")]
+    assert sorted(scored + dead) == sorted(ids)
+    assert all(f[b"reason"] for _, f in r.xrange("images:dead-letter"))
+    assert int(r.xpending("images", "anomaly-scorer")["pending"]) == 0
