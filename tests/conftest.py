@@ -47,6 +47,7 @@ class RedisServer:
     directory: Path
     extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
+    tls_ca: Path | None = None  # set: the server listens on `port` with TLS only (cert files in directory)
 
     @property
     def url(self) -> str:
@@ -56,11 +57,17 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+        listen = ["--port", str(self.port)]
+        if self.tls_ca is not None:
+            d = self.directory
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(d / "server.crt"),
+                      "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(self.tls_ca),
+                      "--tls-auth-clients", "no"]  # fmt: skip
+        log = str(self.directory / "redis.log")
         self.process = subprocess.Popen(
             [
                 binary,
-                "--port",
-                str(self.port),
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -68,13 +75,13 @@ class RedisServer:
                 "--dir",
                 str(self.directory),
                 "--logfile",
-                str(self.directory / "redis.log"),
+                log,
                 *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = self.client(socket_connect_timeout=0.2)
 
         def answers() -> bool:
             try:
@@ -91,8 +98,10 @@ class RedisServer:
             self.process.kill() if kill else self.process.terminate()
             self.process.wait(10)
 
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+    def client(self, **options: object) -> redis.Redis:
+        if self.tls_ca is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls_ca))
+        return redis.Redis(port=self.port, **options)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

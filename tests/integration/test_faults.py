@@ -209,3 +209,86 @@ def test_password_file_is_used_and_wrong_password_is_reported_not_logged(
         assert ok.health.ready()
     finally:
         redis_client.acl_deluser("filed")
+
+
+@pytest.fixture
+def tls_redis(tmp_path) -> Iterator[RedisServer]:
+    """A redis-server that speaks only TLS, with a throwaway CA made by openssl."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed, so no test certificates can be made")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    (tmp_path / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "1",
+        "-extfile",
+        "ext",
+    )
+    server = RedisServer(free_port(), tmp_path, tls_ca=tmp_path / "ca.crt").start()
+    yield server
+    server.stop(kill=True)
+
+
+def test_worker_connects_over_tls_with_a_rediss_url(tls_redis: RedisServer, running) -> None:
+    admin = tls_redis.client()
+    url = f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.tls_ca}"
+    runner = running(
+        build_runner(
+            WorkerSettings(
+                redis_url=url,
+                consumer="tls",
+                block_ms=100,  # type: ignore[arg-type]
+                reload_poll_seconds=0,
+            )
+        )
+    )
+    push(admin, 0.9)
+    wait_until(lambda: admin.xlen("anomalies") == 1, 15, what="scored over TLS")
+    assert runner.health.ready()
+    plain = redis.Redis(port=tls_redis.port, socket_timeout=2)
+    with pytest.raises(redis.ConnectionError):
+        plain.ping()  # the server refuses plaintext: the worker really used TLS
