@@ -22,6 +22,7 @@ from worker.artifact import (
     Statistics,
     Threshold,
     Training,
+    model_version_of,
     save_errors,
     write_artifact,
 )
@@ -215,11 +216,15 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     def stage(tmp: Path) -> Baseline:
         model.save(tmp / MODEL_FILE)
         save_errors(tmp / ERRORS_FILE, cal_errors)
+        # The report names the model, so the version is known before it is drawn.
+        versioned = baseline.model_copy(
+            update={"model_version": model_version_of((tmp / MODEL_FILE).read_bytes())}
+        )
         if config.report:
             from trainer.report import write_report
 
-            write_report(tmp, model, baseline, dataset, splits, transform)
-        return baseline
+            write_report(tmp, model, versioned, dataset, splits, transform)
+        return versioned
 
     path = write_artifact(config.out, stage)
     from worker.artifact import load_artifact

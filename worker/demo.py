@@ -192,8 +192,8 @@ def show_results(client: Any, streams: dict[str, str], port: int) -> None:
         f"  rotated digits flagged:  {kinds['rotated']:5d} / {N_ROTATED}  "
         f"({kinds['rotated'] / N_ROTATED:.1%})"
     )
-    print("  a few anomaly entries:")
-    for _, fields in flagged[:3]:
+    print("  the most anomalous entries:")
+    for _, fields in sorted(flagged, key=lambda e: -float(e[1][b"score"]))[:3]:
         f = {k.decode(): v.decode() for k, v in fields.items()}
         print(
             f"    id={f['id']:<12} score={float(f['score']):.4f} threshold={float(f['threshold']):.4f} "
