@@ -40,6 +40,7 @@ from worker.stream import (
 log = logging.getLogger(__name__)
 
 # Dead-letter entries carry these; an original field of the same name is kept as original:<name>.
+PRUNE_INTERVAL_SECONDS = 60.0
 DELETED_REASON = "entry was trimmed from the input stream before it was scored; its data is lost"
 DEAD_LETTER_FIELDS = ("source_id", "reason", "reason_code", "failed_at_ms", "model_version")
 
@@ -180,6 +181,7 @@ class Runner:
         self._claim_interval = max(0.05, settings.claim_idle_ms / 2000.0)
         self._next_claim = monotonic() + self._claim_interval
         self._next_sample = 0.0
+        self._next_prune = 0.0
         self._next_reload_check = monotonic() + settings.reload_poll_seconds
         self._publish_model()
         self.health.model_loaded = True
@@ -350,6 +352,14 @@ class Runner:
         state = self.stream.group_state()
         self.metrics.group_pending.set(state.pending)
         self.metrics.group_lag.set(math.nan if state.lag is None else state.lag)
+        if self.settings.dead_consumer_idle_ms and now >= self._next_prune:
+            self._next_prune = now + PRUNE_INTERVAL_SECONDS
+            if removed := self.stream.prune_consumers(self.settings.dead_consumer_idle_ms):
+                log.info(
+                    "removed idle consumers with nothing pending count=%d names=%s",
+                    len(removed),
+                    ",".join(removed[:10]),
+                )
 
     def _maybe_reload(self) -> None:
         if self.loader is None:

@@ -52,6 +52,11 @@ class WorkerSettings(BaseSettings):
     start_id: str = Field("0", description="where a new group starts: 0 (whole backlog) or $ (new only)")
     claim_idle_ms: int = Field(60_000, ge=100, description="reclaim entries pending longer than this")
     max_deliveries: int = Field(5, ge=1, description="an entry delivered more often is dead-lettered")
+    dead_consumer_idle_ms: int = Field(
+        3_600_000,
+        ge=0,
+        description="remove group consumers idle this long with no pending entries (0: never)",
+    )
     output_maxlen: int = Field(100_000, ge=0, description="approximate cap of the output stream (0: none)")
     dead_letter_maxlen: int = Field(100_000, ge=0, description="approximate cap of the dead-letter stream")
     scores_maxlen: int = Field(1_000_000, ge=0, description="approximate cap of the scores stream")

@@ -82,6 +82,23 @@ return {acked, published, stale}
 """
 
 
+# Removes consumers of the group that hold nothing and have not tried to read for ARGV[2] ms
+# (workers that died or were scaled away; every restart adds a name). Atomic, so a consumer that
+# reads entries between the check and the delete cannot lose them.
+PRUNE_SCRIPT = """
+local removed = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    removed[#removed + 1] = f['name']
+  end
+end
+return removed
+"""
+
+
 @dataclass
 class Commit:
     """What one batch writes: ids to ack only, and ids whose ack publishes entries."""
@@ -137,6 +154,7 @@ class StreamClient:
             self.keys.append(scores_stream)
         self.maxlens = [output_maxlen, dead_letter_maxlen, scores_maxlen]
         self._commit = client.register_script(COMMIT_SCRIPT)
+        self._prune = client.register_script(PRUNE_SCRIPT)
 
     def ensure_group(self, start_id: str) -> bool:
         """Create the group (and the stream) if missing; True when this call created it."""
@@ -217,6 +235,11 @@ class StreamClient:
                 args.extend(flat)
         acked, published, stale = self._commit(keys=self.keys, args=args)
         return CommitResult(int(acked), int(published), int(stale))
+
+    def prune_consumers(self, min_idle_ms: int) -> list[str]:
+        """Delete idle consumers with no pending entries (never this one); returns their names."""
+        removed = self._prune(keys=[self.input_stream], args=[self.group, min_idle_ms, self.consumer])
+        return [name.decode() if isinstance(name, bytes) else str(name) for name in removed]
 
     def group_state(self) -> GroupState:
         """Pending count and (Redis >= 7) lag of our group."""

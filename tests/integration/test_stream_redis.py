@@ -212,3 +212,19 @@ def test_worker_runs_on_redis_6_2_without_group_lag(redis62: Any) -> None:
     runner.drain()
     assert late.decode() in {e["source_id"] for e in stream(client, "anomalies")}
     assert ids
+
+
+@pytest.mark.parametrize("server", ["redis7", "redis62"])
+def test_pruning_idle_consumers_works_on_real_servers(
+    server: str, redis_client: redis.Redis, request
+) -> None:
+    client = (
+        redis_client
+        if server == "redis7"
+        else redis.Redis(unix_socket_path=request.getfixturevalue("redis62").socket_file)
+    )
+    client.delete("images")
+    make_runner(client, consumer="old").drain()
+    time.sleep(0.15)
+    assert make_runner(client, consumer="new").stream.prune_consumers(100) == ["old"]
+    assert [c["name"] for c in client.xinfo_consumers("images", "anomaly-scorer")] == []

@@ -345,3 +345,16 @@ def test_entry_trimmed_while_pending_is_dead_lettered_as_deleted(r, make_runner)
         (entry.decode(), "deleted")
     ]
     assert pending(r) == 0
+
+
+def test_idle_consumers_with_nothing_pending_are_removed_but_busy_ones_kept(r, make_runner) -> None:
+    gone, busy = make_runner(consumer="gone"), make_runner(consumer="busy")
+    gone.drain()
+    busy.start()
+    push(r, 0.9)
+    busy.stream.read_new(10, None)  # holds one pending entry
+    time.sleep(0.15)
+    me = make_runner(consumer="me", dead_consumer_idle_ms=100)
+    me.drain()
+    names = {c["name"] for c in r.xinfo_consumers("images", "anomaly-scorer")}
+    assert b"gone" not in names and b"busy" in names and b"me" in names
