@@ -148,18 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     client = make_redis(settings)
-    stream = StreamClient(
-        client,
-        input_stream=settings.input_stream,
-        output_stream=settings.output_stream,
-        dead_letter_stream=settings.dead_letter_stream,
-        scores_stream=settings.scores_stream,
-        group=settings.group,
-        consumer=settings.consumer,
-        output_maxlen=settings.output_maxlen,
-        dead_letter_maxlen=settings.dead_letter_maxlen,
-        scores_maxlen=settings.scores_maxlen,
-    )
+    stream = StreamClient.from_settings(client, settings)
     runner = Runner(settings, stream, model, metrics, health, loader=lambda: load_model(settings))
     install_signal_handlers(runner, settings.grace_seconds)
     try:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from worker.codec import Entry
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,22 @@ class StreamClient:
         self.maxlens = [output_maxlen, dead_letter_maxlen, scores_maxlen]
         self._commit = client.register_script(COMMIT_SCRIPT)
         self._prune = client.register_script(PRUNE_SCRIPT)
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: WorkerSettings) -> StreamClient:
+        """The stream client a worker with these settings uses."""
+        return cls(
+            client,
+            input_stream=settings.input_stream,
+            output_stream=settings.output_stream,
+            dead_letter_stream=settings.dead_letter_stream,
+            scores_stream=settings.scores_stream,
+            group=settings.group,
+            consumer=settings.consumer,
+            output_maxlen=settings.output_maxlen,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
+            scores_maxlen=settings.scores_maxlen,
+        )
 
     def ensure_group(self, start_id: str) -> bool:
         """Create the group (and the stream) if missing; True when this call created it."""

@@ -10,42 +10,20 @@ from typing import Any
 
 import pytest
 import redis
-from prometheus_client import CollectorRegistry
 
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
 from tests.integration.tcp_proxy import TcpProxy
-from tests.unit.test_runner import make_model, push, stream
+from tests.support import build_runner, push, stream
 from worker.cli import make_redis
-from worker.http import Health
-from worker.metrics import WorkerMetrics
 from worker.runner import Runner
 from worker.settings import WorkerSettings
-from worker.stream import StreamClient
 
 pytestmark = pytest.mark.integration
 
 
-def build_runner(settings: WorkerSettings) -> Runner:
-    client = make_redis(settings)
-    stream_client = StreamClient(
-        client,
-        input_stream=settings.input_stream,
-        output_stream=settings.output_stream,
-        dead_letter_stream=settings.dead_letter_stream,
-        scores_stream=settings.scores_stream,
-        group=settings.group,
-        consumer=settings.consumer,
-        output_maxlen=settings.output_maxlen,
-        dead_letter_maxlen=settings.dead_letter_maxlen,
-        scores_maxlen=settings.scores_maxlen,
-    )
-    return Runner(
-        settings,
-        stream_client,
-        make_model(),
-        WorkerMetrics(CollectorRegistry(), with_process=False),
-        Health(),
-    )
+def real_runner(settings: WorkerSettings) -> Runner:
+    """A runner with the worker's real Redis client (retries, timeouts) and the fake model."""
+    return build_runner(make_redis(settings), settings)
 
 
 @pytest.fixture
@@ -77,7 +55,7 @@ def test_network_cut_is_survived_without_loss_or_duplicates(
             scores_stream="scores",
             reload_poll_seconds=0,
         )  # type: ignore[arg-type]
-        runner = running(build_runner(settings))
+        runner = running(real_runner(settings))
         ids = [push(redis_client, 0.9 if i % 4 == 0 else 0.1) for i in range(200)]
         wait_until(lambda: redis_client.xlen("scores") == 200, 10, what="first 200 scored")
         with caplog.at_level(logging.INFO, logger="worker.runner"):
@@ -107,7 +85,7 @@ def test_redis_down_at_start_the_worker_waits_then_works(tmp_path, running) -> N
     settings = WorkerSettings(
         redis_url=f"redis://127.0.0.1:{port}/0", consumer="w1", block_ms=100, reload_poll_seconds=0
     )  # type: ignore[arg-type]
-    runner = running(build_runner(settings))
+    runner = running(real_runner(settings))
     threading.Event().wait(1.0)
     assert not runner.health.ready() and runner.health.alive()
     assert runner.metrics.registry.get_sample_value("anomaly_redis_errors_total") >= 1
@@ -141,7 +119,7 @@ def test_worker_runs_with_the_documented_least_privilege_acl(
                 block_ms=100,
                 reload_poll_seconds=0,
             )  # type: ignore[arg-type]
-            runner = running(build_runner(settings))
+            runner = running(real_runner(settings))
             push(admin, 0.9)
             admin.xadd("images", {"image": b"bad"})
             wait_until(
@@ -173,7 +151,7 @@ def test_password_file_is_used_and_wrong_password_is_reported_not_logged(
         url = f"redis://filed@127.0.0.1:{redis_server.port}/0"
         with caplog.at_level(logging.INFO):
             runner = running(
-                build_runner(
+                real_runner(
                     WorkerSettings(
                         redis_url=url,
                         redis_password_file=secret,  # type: ignore[arg-type]
@@ -194,7 +172,7 @@ def test_password_file_is_used_and_wrong_password_is_reported_not_logged(
         assert re.search(r"redis (lost|refused)", caplog.text)
         secret.write_text("right-pw\n")
         ok = running(
-            build_runner(
+            real_runner(
                 WorkerSettings(
                     redis_url=url,
                     redis_password_file=secret,  # type: ignore[arg-type]
@@ -277,7 +255,7 @@ def test_worker_connects_over_tls_with_a_rediss_url(tls_redis: RedisServer, runn
     admin = tls_redis.client()
     url = f"rediss://127.0.0.1:{tls_redis.port}/0?ssl_ca_certs={tls_redis.tls_ca}"
     runner = running(
-        build_runner(
+        real_runner(
             WorkerSettings(
                 redis_url=url,
                 consumer="tls",

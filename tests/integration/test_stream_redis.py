@@ -10,44 +10,22 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from prometheus_client import CollectorRegistry
 
-from tests.unit.test_runner import make_model, push, stream
-from worker.http import Health
-from worker.metrics import WorkerMetrics
+from tests.support import build_runner, push, stream
 from worker.runner import Runner
-from worker.settings import WorkerSettings
 from worker.stream import DEAD_LETTER, OUTPUT, Commit, StreamClient
 
 pytestmark = pytest.mark.integration
 
 
 def make_runner(client: Any, **overrides: Any) -> Runner:
-    settings = WorkerSettings(**{"consumer": "w1", "reload_poll_seconds": 0, **overrides})
-    stream_client = StreamClient(
+    return build_runner(client, **overrides)
+
+
+def plain_stream(client: redis.Redis) -> StreamClient:
+    """A stream client on keys in/out/dl, group g, consumer c, no caps."""
+    return StreamClient(
         client,
-        input_stream=settings.input_stream,
-        output_stream=settings.output_stream,
-        dead_letter_stream=settings.dead_letter_stream,
-        scores_stream=settings.scores_stream,
-        group=settings.group,
-        consumer=settings.consumer,
-        output_maxlen=settings.output_maxlen,
-        dead_letter_maxlen=settings.dead_letter_maxlen,
-        scores_maxlen=settings.scores_maxlen,
-    )
-    return Runner(
-        settings,
-        stream_client,
-        make_model(),
-        WorkerMetrics(CollectorRegistry(), with_process=False),
-        Health(),
-    )
-
-
-def test_commit_is_atomic_and_publishes_only_what_it_acked(redis_client: redis.Redis) -> None:
-    s = StreamClient(
-        redis_client,
         input_stream="in",
         output_stream="out",
         dead_letter_stream="dl",
@@ -58,6 +36,10 @@ def test_commit_is_atomic_and_publishes_only_what_it_acked(redis_client: redis.R
         dead_letter_maxlen=0,
         scores_maxlen=0,
     )
+
+
+def test_commit_is_atomic_and_publishes_only_what_it_acked(redis_client: redis.Redis) -> None:
+    s = plain_stream(redis_client)
     s.ensure_group("0")
     ids = [redis_client.xadd("in", {"image": b"x"}) for _ in range(2000)]
     s.read_new(2000, None)
@@ -76,18 +58,7 @@ def test_commit_is_atomic_and_publishes_only_what_it_acked(redis_client: redis.R
 
 
 def test_a_failing_script_leaves_nothing_half_done(redis_client: redis.Redis) -> None:
-    s = StreamClient(
-        redis_client,
-        input_stream="in",
-        output_stream="out",
-        dead_letter_stream="dl",
-        scores_stream="",
-        group="g",
-        consumer="c",
-        output_maxlen=0,
-        dead_letter_maxlen=0,
-        scores_maxlen=0,
-    )
+    s = plain_stream(redis_client)
     s.ensure_group("0")
     first, second = redis_client.xadd("in", {"a": 1}), redis_client.xadd("in", {"a": 2})
     s.read_new(10, None)

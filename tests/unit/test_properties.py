@@ -8,14 +8,8 @@ import fakeredis
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
-from tests.unit.test_runner import D, make_model
-from worker.http import Health
-from worker.metrics import WorkerMetrics
-from worker.runner import Runner
-from worker.settings import WorkerSettings
-from worker.stream import StreamClient
+from tests.support import D, build_runner
 
 field_names = st.sampled_from([b"image", b"dtype", b"id", b"extra", b"reason", b"\xff\x00"])
 valid_images = st.one_of(
@@ -46,20 +40,7 @@ entries = st.lists(st.one_of(valid_images, garbage), min_size=1, max_size=40)
 @given(batch=entries)
 def test_random_entries_never_crash_and_each_ends_scored_or_dead_lettered(batch) -> None:
     r = fakeredis.FakeRedis()
-    s = WorkerSettings(consumer="p", scores_stream="scores", batch_size=16, reload_poll_seconds=0)
-    client = StreamClient(
-        r,
-        input_stream=s.input_stream,
-        output_stream=s.output_stream,
-        dead_letter_stream=s.dead_letter_stream,
-        scores_stream=s.scores_stream,
-        group=s.group,
-        consumer=s.consumer,
-        output_maxlen=0,
-        dead_letter_maxlen=0,
-        scores_maxlen=0,
-    )
-    runner = Runner(s, client, make_model(), WorkerMetrics(CollectorRegistry(), with_process=False), Health())
+    runner = build_runner(r, consumer="p", scores_stream="scores", batch_size=16, output_maxlen=0)
     ids = [r.xadd("images", fields) for fields in batch]
     runner.drain()
     scored = [f[b"source_id"] for _, f in r.xrange("scores")]

@@ -12,35 +12,10 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from worker.codec import encode_image
+from tests.support import D, build_runner, make_model, pending, push, stream
 from worker.errors import ArtifactError
-from worker.http import Health
-from worker.metrics import WorkerMetrics
 from worker.runner import LoadedModel, Runner, build_commit
-from worker.scoring import DecisionRule
-from worker.settings import WorkerSettings
-from worker.stream import OUTPUT, SCORES, StreamClient
-
-D = 16
-
-
-class MeanPixelScorer:
-    """Score = mean pixel value: bright images are anomalies. Counts forward passes."""
-
-    input_dim = D
-
-    def __init__(self, version: str = "fake-v1") -> None:
-        self.model_version = version
-        self.calls: list[int] = []
-
-    def score_batch(self, images: np.ndarray) -> np.ndarray:
-        self.calls.append(images.shape[0])
-        return images.mean(axis=1).astype(np.float64)
-
-
-def make_model(version: str = "fake-v1", threshold: float = 0.5) -> LoadedModel:
-    rule = DecisionRule(threshold, "p95", 0.25, 0.1, 0.05, np.linspace(0, 0.6, 101))
-    return LoadedModel(MeanPixelScorer(version), rule, 1 / 255, version)
+from worker.stream import OUTPUT, SCORES
 
 
 @pytest.fixture
@@ -50,48 +25,10 @@ def r() -> fakeredis.FakeRedis:
 
 @pytest.fixture
 def make_runner(r: fakeredis.FakeRedis) -> Callable[..., Runner]:
-    def factory(
-        model: LoadedModel | None = None,
-        loader: Any = None,
-        registry: CollectorRegistry | None = None,
-        consumer: str = "w1",
-        **overrides: Any,
-    ) -> Runner:
-        settings = WorkerSettings(consumer=consumer, **{"reload_poll_seconds": 0, **overrides})
-        stream = StreamClient(
-            r,
-            input_stream=settings.input_stream,
-            output_stream=settings.output_stream,
-            dead_letter_stream=settings.dead_letter_stream,
-            scores_stream=settings.scores_stream,
-            group=settings.group,
-            consumer=settings.consumer,
-            output_maxlen=settings.output_maxlen,
-            dead_letter_maxlen=settings.dead_letter_maxlen,
-            scores_maxlen=settings.scores_maxlen,
-        )
-        metrics = WorkerMetrics(registry or CollectorRegistry(), with_process=False)
-        return Runner(settings, stream, model or make_model(), metrics, Health(), loader=loader)
+    def factory(consumer: str = "w1", **kwargs: Any) -> Runner:
+        return build_runner(r, consumer=consumer, **kwargs)
 
     return factory
-
-
-def push(
-    r: fakeredis.FakeRedis, brightness: float, pid: str | None = None, dtype: str = "uint8", **extra: Any
-) -> bytes:
-    fields: dict[str, Any] = dict(encode_image(np.full(D, brightness), dtype))
-    if pid:
-        fields["id"] = pid
-    fields.update(extra)
-    return r.xadd("images", fields)
-
-
-def stream(r: fakeredis.FakeRedis, name: str) -> list[dict[str, str]]:
-    return [{k.decode(): v.decode("utf-8", "replace") for k, v in f.items()} for _, f in r.xrange(name)]
-
-
-def pending(r: fakeredis.FakeRedis) -> int:
-    return int(r.xpending("images", "anomaly-scorer")["pending"])
 
 
 def test_flagged_images_are_published_with_the_contract_fields(r, make_runner) -> None:
@@ -167,6 +104,7 @@ def test_metrics_count_scored_flagged_and_invalid(r, make_runner) -> None:
     assert value("anomaly_messages_invalid_total", {"reason": "bad_length"}) == 1
     assert value("anomaly_messages_total", {"dtype": "uint8", "outcome": "normal"}) == 2
     assert value("anomaly_messages_total", {"dtype": "float32", "outcome": "flagged"}) == 1
+    assert value("anomaly_messages_total", {"dtype": "uint8", "outcome": "dead_letter"}) == 1
     assert value("anomaly_detection_rate") == 0.5
     assert value("anomaly_threshold") == 0.5
     assert value("anomaly_expected_detection_rate") == 0.05

@@ -1,0 +1,73 @@
+"""Helpers shared by the runner tests: a fake scorer, a runner factory, stream readers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from worker.codec import encode_image
+from worker.http import Health
+from worker.metrics import WorkerMetrics
+from worker.runner import LoadedModel, Runner
+from worker.scoring import DecisionRule
+from worker.settings import WorkerSettings
+from worker.stream import StreamClient
+
+D = 16  # tiny images: the fake scorer does not care about 28x28
+
+
+class MeanPixelScorer:
+    """Score = mean pixel value: bright images are anomalies. Counts forward passes."""
+
+    input_dim = D
+
+    def __init__(self, version: str = "fake-v1") -> None:
+        self.model_version = version
+        self.calls: list[int] = []
+
+    def score_batch(self, images: np.ndarray) -> np.ndarray:
+        self.calls.append(images.shape[0])
+        return images.mean(axis=1).astype(np.float64)
+
+
+def make_model(version: str = "fake-v1", threshold: float = 0.5) -> LoadedModel:
+    """A fake model: threshold 0.5 on the mean pixel; baseline mean 0.25, std 0.1."""
+    rule = DecisionRule(threshold, "p95", 0.25, 0.1, 0.05, np.linspace(0, 0.6, 101))
+    return LoadedModel(MeanPixelScorer(version), rule, 1 / 255, version)
+
+
+def build_runner(
+    client: Any,
+    settings: WorkerSettings | None = None,
+    *,
+    model: LoadedModel | None = None,
+    loader: Any = None,
+    registry: CollectorRegistry | None = None,
+    **overrides: Any,
+) -> Runner:
+    """A runner on `client` with the fake model; settings default to consumer w1, no reload polling."""
+    settings = settings or WorkerSettings(**{"consumer": "w1", "reload_poll_seconds": 0, **overrides})
+    metrics = WorkerMetrics(registry or CollectorRegistry(), with_process=False)
+    stream = StreamClient.from_settings(client, settings)
+    return Runner(settings, stream, model or make_model(), metrics, Health(), loader=loader)
+
+
+def push(r: Any, brightness: float, pid: str | None = None, dtype: str = "uint8", **extra: Any) -> bytes:
+    """XADD one flat image of the given brightness to `images`."""
+    fields: dict[str, Any] = dict(encode_image(np.full(D, brightness), dtype))
+    if pid:
+        fields["id"] = pid
+    fields.update(extra)
+    return r.xadd("images", fields)  # type: ignore[no-any-return]
+
+
+def stream(r: Any, name: str) -> list[dict[str, str]]:
+    """A stream's entries as str dicts."""
+    return [{k.decode(): v.decode("utf-8", "replace") for k, v in f.items()} for _, f in r.xrange(name)]
+
+
+def pending(r: Any) -> int:
+    """Entries pending in the default group."""
+    return int(r.xpending("images", "anomaly-scorer")["pending"])
