@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from trainer.data import Dataset
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
 
 
@@ -113,7 +114,87 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-report", action="store_true", help="do not draw report.png")
     t.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "INFO"))
+
+    e = sub.add_parser(
+        "evaluate",
+        help="AUROC, average precision and flag rates of an artifact on a test set",
+        description="Score the test split: normal-class images against unseen classes (when the "
+        "artifact was trained with --classes) and against the normal images rotated 90 degrees, "
+        "with the mse, nmse, top-k and latent Mahalanobis scores. Prints a table and writes JSON.",
+    )
+    e.add_argument("artifact", type=Path, help="artifact directory written by `anomaly-trainer train`")
+    _add_dataset_args(e, default=None)
+    e.add_argument(
+        "--json",
+        type=Path,
+        help="where to write the evaluation (default: ./evaluation-<model_version>.json; "
+        "not inside the artifact, whose files are checksummed)",
+    )
+    e.add_argument("--top-k", type=_percent, default=5.0, help="top-k%% pixel error score's k (default: 5)")
+    e.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "WARNING"))
+
+    r = sub.add_parser(
+        "report",
+        help="draw report.png and report.html for an artifact",
+        description="Re-draw an artifact's report (loss curves, reconstructions, error histograms, "
+        "most and least anomalous test images, the evaluation table) into a folder beside it.",
+    )
+    r.add_argument("artifact", type=Path, help="artifact directory written by `anomaly-trainer train`")
+    _add_dataset_args(r, default=None)
+    r.add_argument("--out", type=Path, help="output folder (default: ARTIFACT-report next to the artifact)")
+    r.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "WARNING"))
+
+    b = sub.add_parser(
+        "benchmark",
+        help="the one-class benchmark: per-class AUROC table",
+        description="Train on one class's training images, score the whole test set (the other "
+        "classes are anomalies), for each class; print the AUROC table and write JSON and markdown.",
+    )
+    _add_dataset_args(b, default="mnist")
+    b.add_argument(
+        "--one-class",
+        action="store_true",
+        required=True,
+        help="the one-class protocol (the only protocol so far; required to be explicit)",
+    )
+    b.add_argument(
+        "--architecture",
+        default="dense-512-128-32",
+        choices=sorted(ARCHITECTURES),
+        help="(default: dense-512-128-32)",
+    )
+    b.add_argument("--epochs", type=_positive, default=30, help="maximum epochs per class (default: 30)")
+    b.add_argument("--classes", type=_classes, help="normal classes to run (default: 0,...,9)")
+    b.add_argument("--max-samples", type=_positive, help="at most this many training images per class")
+    b.add_argument("--batch-size", type=_positive, default=128, help="(default: 128)")
+    b.add_argument("--learning-rate", type=float, default=1e-3, help="(default: 0.001)")
+    b.add_argument("--patience", type=_positive, default=3, help="early-stopping patience (default: 3)")
+    b.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    b.add_argument("--top-k", type=_percent, default=5.0, help="top-k%% pixel error score's k (default: 5)")
+    b.add_argument(
+        "--out-dir",
+        type=Path,
+        help="folder for the JSON and markdown results (default: benchmarks/results/ of the project)",
+    )
+    b.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "WARNING"))
     return parser
+
+
+def _percent(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 100], found {text}")
+    return value
+
+
+def _add_dataset_args(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--dataset",
+        default=default,
+        help="mnist or fashion-mnist"
+        + (f" (default: {default})" if default else " (default: the dataset the artifact was trained on)"),
+    )
+    parser.add_argument("--data-dir", help="folder with the IDX .gz files (see `train --help`)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,4 +254,90 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  model version:   {b.model_version}")
         print(f"  artifact:        {result.artifact}")
         return 0
+    try:
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "benchmark":
+            return _benchmark(args)
+    except (DatasetError, ThresholdPolicyError, ArtifactError, ValueError) as exc:
+        print(f"anomaly-trainer: error: {exc}", file=sys.stderr)
+        return 2
     return 2  # pragma: no cover - argparse enforces the subcommand
+
+
+def _artifact_dataset(args: argparse.Namespace) -> Dataset:
+    """The dataset named on the command line, else the one in the artifact's baseline.json."""
+    from trainer.data import load_dataset
+    from worker.artifact import load_artifact
+
+    name = args.dataset or load_artifact(args.artifact).baseline.training.dataset
+    return load_dataset(name, args.data_dir)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_artifact
+
+    dataset = _artifact_dataset(args)
+    evaluation, *_ = evaluate_artifact(args.artifact, dataset, args.top_k)
+    out = args.json or Path(f"evaluation-{evaluation.model_version}.json")
+    evaluation.write_json(out)
+    print(
+        f"evaluation of {evaluation.architecture} model {evaluation.model_version} on {dataset.name} "
+        f"test (normal classes: {evaluation.classes or 'all'}); threshold {evaluation.threshold_policy}"
+    )
+    print(evaluation.table())
+    print(
+        f"top-k = mean of the {evaluation.top_k_percent:g}% largest squared pixel errors; "
+        f"mahalanobis fitted on the {evaluation.latent_fit}; their thresholds apply "
+        f"{evaluation.threshold_policy} to the calibration split"
+    )
+    print(f"written: {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from trainer.report import report_from_artifact
+
+    dataset = _artifact_dataset(args)
+    out = args.out or args.artifact.resolve().with_name(args.artifact.resolve().name + "-report")
+    paths = report_from_artifact(args.artifact, dataset, out)
+    for path in paths:
+        print(f"written: {path}")
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from trainer.benchmark import RESULTS_DIR, BenchmarkConfig, ClassResult, run_benchmark, write_results
+    from trainer.data import load_dataset
+
+    config = BenchmarkConfig(
+        dataset=args.dataset,
+        architecture=args.architecture,
+        classes=args.classes or list(range(10)),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
+        seed=args.seed,
+        max_samples=args.max_samples,
+        top_k_percent=args.top_k,
+    )
+    dataset = load_dataset(args.dataset, args.data_dir)
+
+    def progress(r: ClassResult) -> None:
+        cells = "  ".join(f"{k} {v:.4f}" for k, v in r.auroc.items())
+        print(f"class {r.normal_class}: AUROC {cells}  ({r.epochs_run} epochs, {r.seconds:.0f}s)", flush=True)
+
+    print(
+        f"one-class benchmark: {config.dataset}, {config.architecture}, up to {config.epochs} epochs, "
+        f"classes {','.join(map(str, config.classes))}",
+        flush=True,
+    )
+    result = run_benchmark(config, dataset, on_class=progress)
+    print()
+    print(result.table())
+    json_path, md_path = write_results(result, args.out_dir or RESULTS_DIR)
+    print(f"wall time {result.wall_seconds:.0f}s; written: {json_path}, {md_path}")
+    return 0

@@ -39,6 +39,11 @@ def build_dense_64_16(input_dim: int, linear_output: bool = False) -> Any:
     return _dense(input_dim, [64], 16, "dense-64-16", linear_output)
 
 
+def build_dense_512_128_32(input_dim: int, linear_output: bool = False) -> Any:
+    """784-512-128-32-128-512-784: the best of the one-class comparison (docs/detection.md)."""
+    return _dense(input_dim, [512, 128], 32, "dense-512-128-32", linear_output)
+
+
 def build_conv(input_dim: int, linear_output: bool = False) -> Any:
     """A small convolutional autoencoder for square single-channel images (28x28)."""
     import keras
@@ -72,6 +77,7 @@ def build_conv(input_dim: int, linear_output: bool = False) -> Any:
 ARCHITECTURES: dict[str, Callable[..., Any]] = {
     "dense-32": build_dense_32,
     "dense-64-16": build_dense_64_16,
+    "dense-512-128-32": build_dense_512_128_32,
     "conv": build_conv,
 }
 DEFAULT_ARCHITECTURE = "dense-64-16"

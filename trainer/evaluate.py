@@ -1,0 +1,387 @@
+"""How well a model separates normal from anomalous images: AUROC, average precision, flag rates.
+
+Four per-image scores are compared:
+  mse          mean squared reconstruction error (what the worker uses)
+  nmse         mse divided by the image's mean squared intensity (plus 1e-3): a thin digit such as
+               a 1 has little ink and so a small absolute error even when it is badly reconstructed
+  top-k        mean of the k% largest squared pixel errors (localised defects)
+  mahalanobis  distance of the encoder's code to a Gaussian fitted on held-out normal codes
+The Gaussian is fitted on the validation split of the normal training images and the alternative
+scores' thresholds come from the calibration split, so no statistic ever sees the test set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.data import Dataset, rotate90
+from trainer.train import Splits, select_normal, split_normal
+from worker.artifact import Baseline, LoadedArtifact
+from worker.errors import ThresholdPolicyError
+from worker.thresholds import flag_rate, parse_policy
+
+log = logging.getLogger(__name__)
+
+SCORES = ("mse", "nmse", "top-k", "mahalanobis")
+NMSE_EPSILON = 1e-3
+DEFAULT_TOP_K_PERCENT = 5.0
+UNSEEN_CLASSES = "unseen classes"
+ROTATED_90 = "rotated 90°"
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def mse_scores(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """Per-row mean squared error (the worker's score)."""
+    return np.asarray(np.mean(np.square(x - recon), axis=1, dtype=np.float64))
+
+
+def nmse_scores(x: np.ndarray, recon: np.ndarray, epsilon: float = NMSE_EPSILON) -> np.ndarray:
+    """Per-row MSE relative to the row's mean squared value (epsilon keeps blank images finite)."""
+    x64 = np.asarray(x, np.float64)
+    energy = np.mean(np.square(x64), axis=1)
+    return np.asarray(mse_scores(x64, np.asarray(recon, np.float64)) / (energy + epsilon))
+
+
+def top_k_scores(x: np.ndarray, recon: np.ndarray, k_percent: float = DEFAULT_TOP_K_PERCENT) -> np.ndarray:
+    """Per-row mean of the k% largest squared pixel errors (at least one pixel)."""
+    if not 0 < k_percent <= 100:
+        raise ValueError(f"top-k percentage must be in (0, 100], found {k_percent}")
+    squared = np.square(np.asarray(x, np.float64) - np.asarray(recon, np.float64))
+    d = squared.shape[1]
+    n = max(1, math.ceil(d * k_percent / 100.0))
+    largest = np.partition(squared, d - n, axis=1)[:, d - n :]
+    return np.asarray(largest.mean(axis=1))
+
+
+@dataclass(frozen=True)
+class LatentGaussian:
+    """Mean and (shrunk) inverse covariance of normal codes; scores are Mahalanobis distances."""
+
+    mean: np.ndarray
+    precision: np.ndarray
+
+    @classmethod
+    def fit(cls, codes: np.ndarray) -> LatentGaussian:
+        """Ledoit-Wolf shrinkage: a few hundred codes are enough for a stable inverse."""
+        from sklearn.covariance import LedoitWolf
+
+        codes = np.asarray(codes, np.float64)
+        if codes.ndim != 2 or codes.shape[0] < 2:
+            raise ValueError(f"need at least 2 codes of shape N x L to fit, found {codes.shape}")
+        estimator = LedoitWolf().fit(codes)
+        return cls(np.asarray(estimator.location_), np.asarray(estimator.precision_))
+
+    def distance(self, codes: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance of each code to the mean."""
+        centred = np.asarray(codes, np.float64) - self.mean
+        squared = np.einsum("ij,jk,ik->i", centred, self.precision, centred)
+        return np.asarray(np.sqrt(np.maximum(squared, 0.0)))
+
+
+def auroc(normal_scores: np.ndarray, anomaly_scores: np.ndarray) -> float:
+    """Area under the ROC curve, anomalies as positives (0.5 = chance, 1 = perfect)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, scores = _labelled(normal_scores, anomaly_scores)
+    return float(roc_auc_score(labels, scores))
+
+
+def average_precision(normal_scores: np.ndarray, anomaly_scores: np.ndarray) -> float:
+    """Average precision, anomalies as positives (chance = share of anomalies)."""
+    from sklearn.metrics import average_precision_score
+
+    labels, scores = _labelled(normal_scores, anomaly_scores)
+    return float(average_precision_score(labels, scores))
+
+
+def _labelled(normal_scores: np.ndarray, anomaly_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    normal = np.asarray(normal_scores, np.float64).ravel()
+    anomaly = np.asarray(anomaly_scores, np.float64).ravel()
+    if normal.size == 0 or anomaly.size == 0:
+        raise ValueError(f"need normal and anomalous scores, found {normal.size} and {anomaly.size}")
+    labels = np.concatenate([np.zeros(normal.size, np.int64), np.ones(anomaly.size, np.int64)])
+    return labels, np.concatenate([normal, anomaly])
+
+
+class ScoreModel:
+    """An autoencoder plus what the alternative scores need: the encoder and the normal Gaussian."""
+
+    def __init__(
+        self,
+        model: Any,
+        transform: Transform,
+        latent: LatentGaussian | None = None,
+        top_k_percent: float = DEFAULT_TOP_K_PERCENT,
+    ) -> None:
+        self.model = model
+        self.encoder = model.get_layer("encoder")
+        self.transform = transform
+        self.latent = latent
+        self.top_k_percent = top_k_percent
+
+    def codes(self, x: np.ndarray) -> np.ndarray:
+        """Encoder output for raw images in [0, 1]."""
+        return np.asarray(self.encoder.predict(self.transform(x), batch_size=1024, verbose=0))
+
+    def fit_latent(self, normal: np.ndarray) -> None:
+        """Fit the code-space Gaussian on normal (held-out) images."""
+        self.latent = LatentGaussian.fit(self.codes(normal))
+
+    def scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every score of every row of raw images `x`; errors in model space, as the worker does."""
+        z = self.transform(x)
+        recon = np.asarray(self.model.predict(z, batch_size=1024, verbose=0))
+        out = {
+            "mse": mse_scores(z, recon),
+            "nmse": nmse_scores(z, recon),
+            "top-k": top_k_scores(z, recon, self.top_k_percent),
+        }
+        if self.latent is not None:
+            codes = np.asarray(self.encoder.predict(z, batch_size=1024, verbose=0))
+            out["mahalanobis"] = self.latent.distance(codes)
+        return out
+
+
+@dataclass(frozen=True)
+class Row:
+    """One anomaly set scored one way."""
+
+    anomaly_set: str
+    score: str
+    auroc: float
+    average_precision: float
+    threshold: float | None
+    flagged_normal: float | None
+    flagged_anomaly: float | None
+    normal_count: int
+    anomaly_count: int
+
+
+@dataclass
+class Evaluation:
+    """Everything `anomaly-trainer evaluate` prints and writes."""
+
+    model_version: str
+    dataset: str
+    classes: list[int] | None
+    architecture: str
+    threshold_policy: str
+    top_k_percent: float
+    latent_fit: str
+    rows: list[Row] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    def write_json(self, path: Path) -> None:
+        """Write the evaluation as indented JSON."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def table(self) -> str:
+        """A fixed-width table, one row per anomaly set and score."""
+        head = (
+            f"{'anomaly set':<16} {'score':<12} {'AUROC':>6} {'AP':>6} {'threshold':>10} "
+            f"{'flag normal':>12} {'flag anomaly':>13} {'n normal':>9} {'n anomaly':>10}"
+        )
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.anomaly_set:<16} {r.score:<12} {r.auroc:>6.4f} {r.average_precision:>6.4f} "
+                f"{_fmt(r.threshold, '.5g'):>10} {_fmt(r.flagged_normal, '.2%'):>12} "
+                f"{_fmt(r.flagged_anomaly, '.2%'):>13} {r.normal_count:>9} {r.anomaly_count:>10}"
+            )
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class Standardize:
+    """Per-feature z-scores with the artifact's mean and std; keeps both to undo it for display."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self._inv_std = (1.0 / np.maximum(self.std, 1e-6)).astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, np.float32) - self.mean) * self._inv_std).astype(np.float32)
+
+
+def preprocessing_of(baseline: Baseline) -> Transform:
+    """The artifact's preprocessing as a function of raw [0, 1] images (as the worker applies it)."""
+    pre = baseline.preprocessing
+    if pre.kind == "unit":
+        return lambda x: np.asarray(x, np.float32)
+    if pre.feature_mean is None or pre.feature_std is None:
+        raise ValueError("preprocessing 'standardize' needs feature_mean and feature_std")
+    return Standardize(np.asarray(pre.feature_mean), np.asarray(pre.feature_std))
+
+
+def recover_splits(baseline: Baseline, dataset: Dataset) -> Splits | None:
+    """Redo the trainer's normal-data split from the seed and counts in baseline.training.
+
+    Returns None when the artifact was trained on other data (counts do not fit).
+    """
+    t = baseline.training
+    if t.dataset != dataset.name:
+        return None
+    try:
+        normal = select_normal(dataset, t.classes)
+    except ValueError:
+        return None
+    total = t.train_count + t.validation_count + t.calibration_count
+    if total > normal.shape[0]:
+        return None
+    if total < normal.shape[0]:  # --max-samples: the same draw as trainer.train.train
+        pick = np.random.default_rng(t.seed).choice(normal.shape[0], total, replace=False)
+        normal = normal[np.sort(pick)]
+    splits = split_normal(normal, (t.validation_count + t.calibration_count) / total, t.seed)
+    counts = (splits.fit.shape[0], splits.validation.shape[0], splits.calibration.shape[0])
+    if counts != (t.train_count, t.validation_count, t.calibration_count):
+        return None
+    return splits
+
+
+def anomaly_sets(dataset: Dataset, classes: list[int] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Normal test images and the anomaly sets: unseen classes (if any) and normal images rotated 90°."""
+    x, y = dataset.test.x, dataset.test.y
+    sets: dict[str, np.ndarray] = {}
+    if classes is not None and y is not None:
+        normal_mask = np.isin(y, classes)
+        normal = x[normal_mask]
+        if (~normal_mask).any():
+            sets[UNSEEN_CLASSES] = x[~normal_mask]
+    else:
+        normal = x
+    side = math.isqrt(x.shape[1])
+    if side * side == x.shape[1]:
+        sets[ROTATED_90] = rotate90(normal, side)
+    return normal, sets
+
+
+def thresholds_for(
+    policy_text: str, calibration_scores: dict[str, np.ndarray], mse_threshold: float
+) -> dict[str, float | None]:
+    """The artifact's threshold for mse; the same policy applied to calibration scores for the others."""
+    policy = parse_policy(policy_text)
+    out: dict[str, float | None] = {"mse": mse_threshold}
+    for name, values in calibration_scores.items():
+        if name == "mse":
+            continue
+        try:
+            out[name] = policy.threshold(values)
+        except ThresholdPolicyError as exc:
+            log.warning("no threshold for score=%s reason=%s", name, exc)
+            out[name] = None
+    return out
+
+
+def score_sets(
+    normal: dict[str, np.ndarray],
+    anomalies: dict[str, dict[str, np.ndarray]],
+    thresholds: dict[str, float | None],
+) -> list[Row]:
+    """AUROC, AP and flag rates of every anomaly set under every score."""
+    rows = []
+    for set_name, anomaly in anomalies.items():
+        for score in SCORES:
+            if score not in normal or score not in anomaly:
+                continue
+            t = thresholds.get(score)
+            rows.append(
+                Row(
+                    anomaly_set=set_name,
+                    score=score,
+                    auroc=auroc(normal[score], anomaly[score]),
+                    average_precision=average_precision(normal[score], anomaly[score]),
+                    threshold=t,
+                    flagged_normal=None if t is None else flag_rate(normal[score], t),
+                    flagged_anomaly=None if t is None else flag_rate(anomaly[score], t),
+                    normal_count=int(normal[score].size),
+                    anomaly_count=int(anomaly[score].size),
+                )
+            )
+    return rows
+
+
+def evaluate_model(
+    model: Any,
+    baseline: Baseline,
+    dataset: Dataset,
+    splits: Splits,
+    transform: Transform,
+    top_k_percent: float = DEFAULT_TOP_K_PERCENT,
+    latent_fit: str = "validation split of the normal training images",
+) -> tuple[Evaluation, ScoreModel, dict[str, dict[str, np.ndarray]]]:
+    """Evaluate a trained model on `dataset`'s test split; also returns the scores for the report."""
+    scorer = ScoreModel(model, transform, top_k_percent=top_k_percent)
+    scorer.fit_latent(splits.validation)
+    calibration = scorer.scores(splits.calibration)
+    thresholds = thresholds_for(baseline.threshold.policy, calibration, baseline.threshold.value)
+    normal_x, sets_x = anomaly_sets(dataset, baseline.training.classes)
+    scores = {"normal": scorer.scores(normal_x)} | {name: scorer.scores(x) for name, x in sets_x.items()}
+    evaluation = Evaluation(
+        model_version=baseline.model_version,
+        dataset=dataset.name,
+        classes=baseline.training.classes,
+        architecture=baseline.training.architecture,
+        threshold_policy=baseline.threshold.policy,
+        top_k_percent=top_k_percent,
+        latent_fit=latent_fit,
+        rows=score_sets(scores["normal"], {k: v for k, v in scores.items() if k != "normal"}, thresholds),
+    )
+    return evaluation, scorer, scores
+
+
+def held_out_splits(artifact: LoadedArtifact, dataset: Dataset, model: Any, transform: Transform) -> Splits:
+    """The artifact's own validation/calibration split, checked against its stored calibration errors.
+
+    Raises ValueError when the split cannot be reproduced (other data, other preprocessing).
+    """
+    from trainer.train import reconstruction_errors
+
+    splits = recover_splits(artifact.baseline, dataset)
+    if splits is None:
+        raise ValueError(
+            f"cannot reproduce the held-out split of {artifact.path}: it was trained on "
+            f"{artifact.baseline.training.dataset!r} classes {artifact.baseline.training.classes}, "
+            f"and the counts do not fit dataset {dataset.name!r}"
+        )
+    recomputed = np.sort(reconstruction_errors(model, transform(splits.calibration)))
+    if not np.allclose(recomputed, artifact.calibration_errors, rtol=1e-3, atol=1e-7):
+        worst = float(np.max(np.abs(recomputed - artifact.calibration_errors)))
+        raise ValueError(
+            f"recomputed calibration errors differ from {artifact.path}'s stored ones "
+            f"(largest difference {worst:.3g}); the dataset is not the one the model was trained on"
+        )
+    return splits
+
+
+def evaluate_artifact(
+    path: Path, dataset: Dataset, top_k_percent: float = DEFAULT_TOP_K_PERCENT
+) -> tuple[Evaluation, ScoreModel, dict[str, dict[str, np.ndarray]], Splits]:
+    """Load and verify an artifact, then evaluate it on `dataset`'s test split."""
+    from worker.artifact import load_artifact
+    from worker.scoring import load_model_bytes
+
+    artifact = load_artifact(path)
+    model = load_model_bytes(artifact.model_bytes, artifact)
+    transform = preprocessing_of(artifact.baseline)
+    splits = held_out_splits(artifact, dataset, model, transform)
+    evaluation, scorer, scores = evaluate_model(
+        model, artifact.baseline, dataset, splits, transform, top_k_percent
+    )
+    return evaluation, scorer, scores, splits
