@@ -107,13 +107,22 @@ def reconstruction_errors(model: Any, x: np.ndarray, batch_size: int = 1024) -> 
     return np.asarray(np.mean(np.square(x - recon), axis=1, dtype=np.float64))
 
 
+# A feature that barely varies in training (an image border) would turn any later deviation
+# into a huge z-score; its std is floored at this share of the mean feature std.
+STD_FLOOR_SHARE = 0.1
+
+
 class _Standardizer:
+    """Per-feature z-scores; the floored std is what the artifact stores and the worker applies."""
+
     def __init__(self, x: np.ndarray) -> None:
         self.mean = x.mean(axis=0).astype(np.float32)
-        self.std = x.std(axis=0).astype(np.float32)
+        std = x.std(axis=0)
+        floor = max(1e-3, STD_FLOOR_SHARE * float(std.mean()))
+        self.std = np.maximum(std, floor).astype(np.float32)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / np.maximum(self.std, 1e-6)).astype(np.float32)
+        return ((x - self.mean) / self.std).astype(np.float32)
 
 
 def train(config: TrainConfig, dataset: Dataset) -> TrainResult:

@@ -64,3 +64,29 @@ def test_threshold_policy_can_be_switched_without_retraining(tiny_artifact: Path
     assert own.policy == "mean+3std" and p99.policy == "p99"
     assert p99.threshold == pytest.approx(np.percentile(artifact.calibration_errors, 99))
     assert p99.expected_flag_rate == pytest.approx(0.01, abs=0.005)
+
+
+def test_standardized_model_stays_finite_on_pixels_constant_in_training(tmp_path: Path) -> None:
+    from trainer.data import Dataset, Split
+    from trainer.train import TrainConfig, train
+
+    x, y = mnist_sample(1500, seed=5)
+    ones = x[y == 1]
+    result = train(
+        TrainConfig(
+            out=tmp_path / "std",
+            architecture="dense-32",
+            epochs=2,
+            seed=0,
+            report=False,
+            progress=False,
+            preprocessing="standardize",
+        ),
+        Dataset("ones", Split(ones, y[y == 1]), Split(x[:10], y[:10]), "test"),
+    )
+    assert result.baseline.preprocessing.kind == "standardize"
+    assert result.history["val_loss"][-1] < 10  # borders constant in training do not explode
+    artifact = load_artifact(result.artifact)
+    scores = Scorer(artifact, max_batch=64).score_batch(x[:200])
+    assert np.isfinite(scores).all() and scores.max() < 1e4
+    assert np.median(scores[y[:200] != 1]) > np.median(scores[y[:200] == 1])
