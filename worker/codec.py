@@ -50,8 +50,14 @@ class DecodedBatch:
     rejected: list[Rejected] = field(default_factory=list)
 
 
+_EXACT_DTYPES = {name.encode(): name for name in DTYPES}
+
+
 def _dtype_of(fields: Mapping[bytes, bytes]) -> str:
     raw = fields.get(b"dtype", b"uint8")
+    exact = _EXACT_DTYPES.get(raw)  # what producers send; the rest is the lenient path
+    if exact is not None:
+        return exact
     try:
         name = raw.decode("ascii").strip().lower()
     except UnicodeDecodeError:
@@ -153,7 +159,10 @@ def decode_batch(
     if rows := rows_by_dtype["uint8"]:
         joined = b"".join(entries[accepted[r]][1][b"image"] for r in rows)
         pixels = np.frombuffer(joined, dtype=np.uint8).reshape(len(rows), dim)
-        images[rows] = pixels * np.float32(uint8_scale)
+        if len(rows) == len(kinds):  # the usual all-uint8 batch: scale in place, no temporary
+            np.multiply(pixels, np.float32(uint8_scale), out=images)
+        else:
+            images[rows] = pixels * np.float32(uint8_scale)
 
     bad_rows: dict[int, InvalidMessage] = {}
     if rows := rows_by_dtype["float32"]:
@@ -167,7 +176,10 @@ def decode_batch(
                 _check_floats(block[i], "float32")
             except InvalidMessage as float_error:
                 bad_rows[rows[i]] = float_error
-        images[rows] = block
+        if len(rows) == len(kinds):
+            np.copyto(images, block)
+        else:
+            images[rows] = block
 
     for r in rows_by_dtype["json"]:
         try:

@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,7 +21,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
 from worker.artifact import MANIFEST_FILE, load_artifact
-from worker.codec import DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
+from worker.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
 from worker.errors import AnomalyScorerError
 from worker.http import Health
 from worker.metrics import DetectionWindow, WorkerMetrics
@@ -39,9 +39,10 @@ from worker.stream import (
 
 log = logging.getLogger(__name__)
 
-# Dead-letter entries carry these; an original field of the same name is kept as original:<name>.
 PRUNE_INTERVAL_SECONDS = 60.0
+KNOWN_DTYPES = frozenset(d.encode() for d in DTYPES)
 DELETED_REASON = "entry was trimmed from the input stream before it was scored; its data is lost"
+# Dead-letter entries carry these; an original field of the same name is kept as original:<name>.
 DEAD_LETTER_FIELDS = ("source_id", "reason", "reason_code", "failed_at_ms", "model_version")
 
 
@@ -87,6 +88,12 @@ def load_model(settings: WorkerSettings) -> LoadedModel:
     rule = DecisionRule.from_artifact(artifact, settings.threshold or None)
     digest = manifest_digest(settings.artifact)
     return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest)
+
+
+def declared_dtype(fields: Mapping[bytes, bytes]) -> str:
+    """The entry's dtype for metric labels: a known name, else 'unknown' (keeps the label set bounded)."""
+    raw = fields.get(b"dtype", b"uint8")
+    return raw.decode() if raw in KNOWN_DTYPES else "unknown"
 
 
 def dead_letter_fields(rejected: Rejected, now_ms: int, model_version: str) -> list[bytes | str]:
@@ -323,7 +330,7 @@ class Runner:
         m.flagged.inc(flagged)
         for rejected in decoded.rejected:
             m.invalid.labels(rejected.code).inc()
-            m.messages.labels("unknown", "dead_letter").inc()
+            m.messages.labels(declared_dtype(rejected.fields), "dead_letter").inc()
         if scored:
             dtypes = np.asarray(decoded.dtypes)
             for dtype in set(decoded.dtypes):
@@ -331,7 +338,7 @@ class Runner:
                 n_flag = int(np.count_nonzero(decisions.flagged[mask]))
                 m.messages.labels(dtype, "flagged").inc(n_flag)
                 m.messages.labels(dtype, "normal").inc(int(mask.sum()) - n_flag)
-            m.observe_scores(scores.tolist())
+            m.observe_scores(scores)
         rate = self.window.add(scored, flagged)
         if not math.isnan(rate):
             m.detection_rate.set(rate)
@@ -339,9 +346,9 @@ class Runner:
         now = self.clock()
         m.batch_duration.observe(self.monotonic() - started)
         m.last_batch.set(now)
-        now_ms = now * 1000.0
-        for entry_id in decoded.ids:
-            m.latency.observe(max(0.0, (now_ms - entry_timestamp_ms(entry_id)) / 1000.0))
+        if scored:
+            sent_ms = np.fromiter((entry_timestamp_ms(i) for i in decoded.ids), np.float64, scored)
+            m.observe_latencies(np.maximum(0.0, (now * 1000.0 - sent_ms) / 1000.0))
 
     # -- periodic work ---------------------------------------------------------------------
     def _maybe_sample_group(self) -> None:
