@@ -205,6 +205,9 @@ class Runner:
             )
         self._pending_cursor = b"0"
         self._started = True
+        # Redis answered: ready now, not after the first blocking read (up to block_ms later).
+        self.health.redis_ok = True
+        self.metrics.redis_up.set(1)
 
     def run_once(self, block_ms: int | None = None) -> int:
         """One iteration: own pending first, then stale entries of others, then new ones."""

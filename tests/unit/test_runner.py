@@ -296,3 +296,11 @@ def test_idle_consumers_with_nothing_pending_are_removed_but_busy_ones_kept(r, m
     me.drain()
     names = {c["name"] for c in r.xinfo_consumers("images", "anomaly-scorer")}
     assert b"gone" not in names and b"busy" in names and b"me" in names
+
+
+def test_ready_as_soon_as_the_group_exists_before_any_read(r, make_runner) -> None:
+    runner = make_runner()
+    assert not runner.health.ready()
+    runner.start()
+    assert runner.health.ready()
+    assert runner.metrics.registry.get_sample_value("anomaly_redis_up") == 1
