@@ -158,7 +158,7 @@ def test_worker_is_given_longer_to_stop_than_its_grace_time(compose: dict[str, A
 def test_worker_memory_limit_matches_the_sizing(compose: dict[str, Any]) -> None:
     resources_ = _service(compose, "worker")["deploy"]["resources"]
     assert str(resources_["limits"]["memory"]).lower() in {"1g", "1gb", "1024m"}
-    assert str(resources_["reservations"]["memory"]).lower() in {"500m", "500mb"}
+    assert str(resources_["reservations"]["memory"]).lower() in {"768m", "768mb"}
 
 
 def test_named_volumes_are_declared_and_bind_mounted_files_exist(compose: dict[str, Any]) -> None:
