@@ -83,6 +83,10 @@ def make_redis(settings: WorkerSettings) -> Any:
     }
     if (password := settings.redis_password()) is not None:
         kwargs["password"] = password
+    if settings.redis_cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.redis_url.get_secret_value(), **kwargs)
     return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
 
 

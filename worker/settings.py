@@ -30,6 +30,11 @@ class WorkerSettings(BaseSettings):
         SecretStr("redis://localhost:6379/0"),
         description="redis://[user:password@]host:port/db, rediss:// for TLS, or unix:///path",
     )
+    redis_cluster: bool = Field(
+        False,
+        description="speak the Redis Cluster protocol; every stream name must hash to one slot, "
+        "e.g. {cams}:images, {cams}:anomalies, {cams}:dead-letter",
+    )
     redis_password_file: Path | None = Field(
         None, description="file holding the Redis password (a mounted secret); overrides the URL's"
     )
@@ -120,6 +125,23 @@ class WorkerSettings(BaseSettings):
             raise ValueError(
                 f"artifact {self.artifact} resolves to {resolved}, outside ANOMALY_ARTIFACT_ROOT {root}"
             )
+
+    @model_validator(mode="after")
+    def _one_slot_in_cluster_mode(self) -> WorkerSettings:
+        # The commit script touches every stream at once: on a cluster they must share a slot.
+        if self.redis_cluster:
+            from redis.crc import key_slot
+
+            names = [self.input_stream, self.output_stream, self.dead_letter_stream]
+            names += [self.scores_stream] if self.scores_stream else []
+            slots = {name: key_slot(name.encode()) for name in names}
+            if len(set(slots.values())) > 1:
+                found = ", ".join(f"{name} (slot {slot})" for name, slot in slots.items())
+                raise ValueError(
+                    f"with ANOMALY_REDIS_CLUSTER the streams must share one hash slot, found {found}; "
+                    "give them one hash tag, e.g. {cams}:images, {cams}:anomalies, {cams}:dead-letter"
+                )
+        return self
 
     @model_validator(mode="after")
     def _distinct_streams(self) -> WorkerSettings:

@@ -1,0 +1,83 @@
+"""The worker on a real three-node Redis Cluster: one hash slot per pipeline, scripts included."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from tests.conftest import RedisServer, free_port, wait_until
+from tests.support import build_runner, stream
+from worker.cli import make_redis
+from worker.settings import WorkerSettings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli (Debian's redis-tools) is needed to create a cluster and is not installed")
+    nodes = []
+    for _ in range(3):
+        directory: Path = tmp_path_factory.mktemp("cluster-node")
+        nodes.append(RedisServer(free_port(), directory, ("--cluster-enabled", "yes")).start())
+    try:
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+        def ready() -> bool:
+            info = subprocess.run(
+                ["redis-cli", "-p", str(nodes[0].port), "cluster", "info"], capture_output=True, text=True
+            ).stdout
+            return "cluster_state:ok" in info
+
+        wait_until(ready, 20, what="cluster_state:ok")
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop(kill=True)
+
+
+def test_worker_scores_on_a_cluster_with_hash_tagged_streams(cluster: list[RedisServer]) -> None:
+    settings = WorkerSettings(
+        redis_url=f"redis://127.0.0.1:{cluster[0].port}/0",
+        redis_cluster=True,  # type: ignore[arg-type]
+        input_stream="{cams}:images",
+        output_stream="{cams}:anomalies",
+        dead_letter_stream="{cams}:dead-letter",
+        scores_stream="{cams}:scores",
+        consumer="c1",
+        reload_poll_seconds=0,
+        dead_consumer_idle_ms=1,
+    )
+    client = make_redis(settings)
+    runner = build_runner(client, settings)
+    for brightness in (0.9, 0.1, 0.9):
+        client.xadd("{cams}:images", {"image": bytes([round(brightness * 255)]) * 16})
+    client.xadd("{cams}:images", {"image": b"bad"})
+    assert runner.drain() == 4
+    assert len(stream(client, "{cams}:anomalies")) == 2 and len(stream(client, "{cams}:scores")) == 3
+    assert [d["reason_code"] for d in stream(client, "{cams}:dead-letter")] == ["bad_length"]
+    assert runner.stream.group_state().pending == 0
+
+
+def test_cluster_mode_refuses_streams_in_different_slots() -> None:
+    with pytest.raises(ValidationError, match=r"must share one hash slot, found images \(slot 9450\)"):
+        WorkerSettings(redis_cluster=True)
