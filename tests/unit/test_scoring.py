@@ -90,3 +90,29 @@ def test_standardized_model_stays_finite_on_pixels_constant_in_training(tmp_path
     scores = Scorer(artifact, max_batch=64).score_batch(x[:200])
     assert np.isfinite(scores).all() and scores.max() < 1e4
     assert np.median(scores[y[:200] != 1]) > np.median(scores[y[:200] == 1])
+
+
+def test_the_same_seed_trains_the_same_model(tmp_path: Path) -> None:
+    from trainer.data import Dataset, Split
+    from trainer.train import TrainConfig, train
+
+    x, y = mnist_sample(800, seed=6)
+    dataset = Dataset("sample", Split(x, y), Split(x[:10], y[:10]), "test")
+    runs = [
+        train(
+            TrainConfig(
+                out=tmp_path / name,
+                architecture="dense-32",
+                epochs=1,
+                seed=seed,
+                report=False,
+                progress=False,
+            ),
+            dataset,
+        )
+        for name, seed in (("a", 4), ("b", 4), ("c", 5))
+    ]
+    errors = [load_artifact(r.artifact).calibration_errors for r in runs]
+    np.testing.assert_array_equal(errors[0], errors[1])
+    assert runs[0].baseline.threshold.value == runs[1].baseline.threshold.value
+    assert not np.array_equal(errors[0], errors[2])
