@@ -27,6 +27,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 45000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
 def wait_until(condition, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
     """Poll `condition` until it returns a truthy value; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -89,7 +106,15 @@ class RedisServer:
             except redis.RedisError:
                 return False
 
-        wait_until(answers, 10, what=f"redis-server on port {self.port}")
+        try:
+            wait_until(answers, 10, what=f"redis-server on port {self.port}")
+        except AssertionError:
+            self.stop(kill=True)  # never leave a half-started server behind
+            log = self.directory / "redis.log"
+            raise AssertionError(
+                f"redis-server on port {self.port} did not answer; its log:\n"
+                f"{log.read_text()[-2000:] if log.exists() else '(none)'}"
+            ) from None
         client.close()
         return self
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tests.conftest import RedisServer, free_port, wait_until
+from tests.conftest import RedisServer, free_cluster_port, wait_until
 from tests.support import build_runner, stream
 from worker.cli import make_redis
 from worker.settings import WorkerSettings
@@ -22,11 +22,12 @@ pytestmark = pytest.mark.integration
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
     if shutil.which("redis-cli") is None:
         pytest.skip("redis-cli (Debian's redis-tools) is needed to create a cluster and is not installed")
-    nodes = []
-    for _ in range(3):
-        directory: Path = tmp_path_factory.mktemp("cluster-node")
-        nodes.append(RedisServer(free_port(), directory, ("--cluster-enabled", "yes")).start())
+    nodes: list[RedisServer] = []
     try:
+        for _ in range(3):
+            directory: Path = tmp_path_factory.mktemp("cluster-node")
+            # The cluster bus listens on port + 10000: an ephemeral port above 55535 would not start.
+            nodes.append(RedisServer(free_cluster_port(), directory, ("--cluster-enabled", "yes")).start())
         subprocess.run(
             [
                 "redis-cli",
