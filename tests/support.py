@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.request
 from typing import Any
 
 import numpy as np
@@ -71,3 +72,24 @@ def stream(r: Any, name: str) -> list[dict[str, str]]:
 def pending(r: Any) -> int:
     """Entries pending in the default group."""
     return int(r.xpending("images", "anomaly-scorer")["pending"])
+
+
+def http_status(port: int, path: str) -> int:
+    """The HTTP status of GET http://127.0.0.1:<port><path>; 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
+            return int(response.status)
+    except OSError as exc:
+        return int(getattr(exc, "code", 0) or 0)
+
+
+def metrics_text(port: int) -> str:
+    """A worker's /metrics exposition."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def metric_sum(text: str, name: str, labels: str | None = None) -> float:
+    """Sum of the samples of `name` in an exposition; only the label set `labels` ('{a="b"}') if given."""
+    prefixes = (f"{name}{labels} ",) if labels is not None else (name + " ", name + "{")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes))

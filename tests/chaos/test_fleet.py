@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import pytest
 import redis
 
 from tests.conftest import ROOT, RedisServer, free_port, mnist_sample, wait_until
+from tests.support import http_status, metric_sum, metrics_text
 from worker.codec import encode_image
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
@@ -81,22 +81,6 @@ class Fleet:
                 process.kill()
                 process.wait(10)
         self.workers.clear()
-
-
-def http_status(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return int(response.status)
-    except OSError as exc:
-        return int(getattr(exc, "code", 0) or 0)
-
-
-def metric(port: int, name: str, labels: str = "") -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(f"{name}{labels} "):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 @pytest.fixture
@@ -210,7 +194,11 @@ def test_sigterm_mid_load_finishes_the_batch_and_exits_zero(fleet: Fleet, redis_
     name = fleet.start()
     process, port = fleet.workers[name]
     ids = push_all(client, mixed_entries(6000, seed=2), per_second=1e9)
-    wait_until(lambda: metric(port, "anomaly_messages_scored_total") > 0, 30, what="scoring started")
+    wait_until(
+        lambda: metric_sum(metrics_text(port), "anomaly_messages_scored_total") > 0,
+        30,
+        what="scoring started",
+    )
     stopped_at = time.monotonic()
     process.send_signal(signal.SIGTERM)
     assert process.wait(15) == 0
@@ -259,7 +247,7 @@ def test_hot_reload_under_load_swaps_models_and_refuses_a_broken_one(
     time.sleep(3)
     second_version = _retrain(artifact, seed=11)  # written beside, then moved into place
     wait_until(
-        lambda: metric(port, "anomaly_model_reloads_total", '{result="success"}') == 1,
+        lambda: metric_sum(metrics_text(port), "anomaly_model_reloads_total", '{result="success"}') == 1,
         30,
         what="reload picked up by polling",
     )
@@ -272,7 +260,7 @@ def test_hot_reload_under_load_swaps_models_and_refuses_a_broken_one(
     process, _ = fleet.workers[name]
     process.send_signal(signal.SIGHUP)
     wait_until(
-        lambda: metric(port, "anomaly_model_reloads_total", '{result="failure"}') >= 1,
+        lambda: metric_sum(metrics_text(port), "anomaly_model_reloads_total", '{result="failure"}') >= 1,
         30,
         what="broken artifact refused",
     )

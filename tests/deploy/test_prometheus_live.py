@@ -26,6 +26,7 @@ import redis
 import yaml
 
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
+from tests.support import metric_sum, metrics_text
 from worker.client import ImageProducer
 
 from .conftest import PROMETHEUS, WORKER_JOB, alerting_rules, load_yaml, require_tool
@@ -49,21 +50,6 @@ MALFORMED = [
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def scrape_worker(port: int) -> str:
-    """The worker's own /metrics text."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-def worker_sample(text: str, name: str) -> float:
-    """Sum of every sample of `name` (all label sets) in an exposition text."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
 
 
 def http_status(url: str) -> int:
@@ -301,10 +287,10 @@ def test_prometheus_sees_the_worker_counts_and_fires_the_drift_alert_only_on_rot
         what=f"Prometheus to see {NORMAL_COUNT} scored and {len(MALFORMED)} invalid",
     )
     seen_at = time.time()
-    text = scrape_worker(worker_port)
-    assert worker_sample(text, "anomaly_messages_scored_total") == NORMAL_COUNT
-    assert worker_sample(text, "anomaly_messages_invalid_total") == len(MALFORMED)
-    flagged = worker_sample(text, "anomaly_messages_flagged_total")
+    text = metrics_text(worker_port)
+    assert metric_sum(text, "anomaly_messages_scored_total") == NORMAL_COUNT
+    assert metric_sum(text, "anomaly_messages_invalid_total") == len(MALFORMED)
+    flagged = metric_sum(text, "anomaly_messages_flagged_total")
     assert flagged == client.xlen(OUTPUT)  # the counter counts exactly what was published
     assert client.xlen(DEAD_LETTER) == len(MALFORMED)
     assert flagged / NORMAL_COUNT < 0.05, f"{flagged} of {NORMAL_COUNT} normal digits flagged"

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,31 +13,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
+from tests.support import http_status, metric_sum, metrics_text
 from worker.client import ImageProducer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-
-
-def metrics_text(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-def sample(text: str, name: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
-
-
-def status(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return int(response.status)
-    except OSError as exc:
-        return int(getattr(exc, "code", 0) or 0)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +82,9 @@ def worker(
             [sys.executable, "-m", "worker"], env=env, cwd=ROOT, stderr=log_file, text=True
         )
     try:
-        wait_until(lambda: status(port, "/readyz") == 200 or process.poll() is not None, 90, what="/readyz")
+        wait_until(
+            lambda: http_status(port, "/readyz") == 200 or process.poll() is not None, 90, what="/readyz"
+        )
         assert process.poll() is None, log.read_text()
         yield process, port, log
     finally:
@@ -163,10 +144,10 @@ def test_worker_scores_flags_dead_letters_and_stops_cleanly(worker, redis_server
     assert int(client.xpending("images", "anomaly-scorer")["pending"]) == 0
 
     text = metrics_text(port)
-    assert sample(text, "anomaly_messages_scored_total") == 800
-    assert sample(text, "anomaly_messages_flagged_total") == len(flagged)
-    assert sample(text, "anomaly_messages_invalid_total") == 5
-    assert sample(text, "anomaly_consumer_group_lag") >= 0
+    assert metric_sum(text, "anomaly_messages_scored_total") == 800
+    assert metric_sum(text, "anomaly_messages_flagged_total") == len(flagged)
+    assert metric_sum(text, "anomaly_messages_invalid_total") == 5
+    assert metric_sum(text, "anomaly_consumer_group_lag") >= 0
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0

@@ -304,3 +304,21 @@ def test_ready_as_soon_as_the_group_exists_before_any_read(r, make_runner) -> No
     runner.start()
     assert runner.health.ready()
     assert runner.metrics.registry.get_sample_value("anomaly_redis_up") == 1
+
+
+def test_slow_output_never_makes_the_worker_read_ahead(r, make_runner) -> None:
+    runner = make_runner(batch_size=20)
+    for i in range(200):
+        push(r, 0.9 if i % 2 else 0.1)
+    seen_pending: list[int] = []
+    commit = runner.stream.commit_batch
+
+    def slow_commit(batch):  # the output side is slow: look at what is in flight meanwhile
+        seen_pending.append(pending(r))
+        time.sleep(0.005)
+        return commit(batch)
+
+    runner.stream.commit_batch = slow_commit  # type: ignore[method-assign]
+    runner.drain()
+    assert len(seen_pending) == 10 and max(seen_pending) <= 20  # one batch in flight, never more
+    assert pending(r) == 0
