@@ -441,7 +441,8 @@ class Runner:
                 failures += 1
                 self._redis_failed()
                 if redis_state is not False:
-                    log.warning("redis lost error=%s; retrying with backoff", exc)
+                    what = "lost" if redis_state else "unreachable"
+                    log.warning("redis %s error=%s; retrying with backoff", what, exc)
                 redis_state = False
                 self.stop_event.wait(backoff.compute(failures))
                 continue

@@ -80,14 +80,20 @@ def test_network_cut_is_survived_without_loss_or_duplicates(
         proxy.close()
 
 
-def test_redis_down_at_start_the_worker_waits_then_works(tmp_path, running) -> None:
+def test_redis_down_at_start_the_worker_waits_then_works(
+    tmp_path, running, caplog: pytest.LogCaptureFixture
+) -> None:
     port = free_port()
     settings = WorkerSettings(
         redis_url=f"redis://127.0.0.1:{port}/0", consumer="w1", block_ms=100, reload_poll_seconds=0
     )  # type: ignore[arg-type]
-    runner = running(real_runner(settings))
-    threading.Event().wait(1.0)
+    with caplog.at_level(logging.INFO, logger="worker.runner"):
+        runner = running(real_runner(settings))
+        threading.Event().wait(1.0)
     assert not runner.health.ready() and runner.health.alive()
+    assert [r.getMessage().split(" error=")[0] for r in caplog.records if "redis" in r.getMessage()] == [
+        "redis unreachable"
+    ]  # one line for the state change, not one per retry
     assert runner.metrics.registry.get_sample_value("anomaly_redis_errors_total") >= 1
     server = RedisServer(port, tmp_path).start()
     try:
