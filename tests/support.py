@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,3 +97,28 @@ def metric_sum(text: str, name: str, labels: str | None = None) -> float:
     """Sum of the samples of `name` in an exposition; only the label set `labels` ('{a="b"}') if given."""
     prefixes = (f"{name}{labels} ",) if labels is not None else (name + " ", name + "{")
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes))
+
+
+def start_worker(env: dict[str, str], log: Path, ready_timeout: float = 120.0) -> subprocess.Popen[bytes]:
+    """Start `python -m worker` with `env` (its metrics port in ANOMALY_METRICS_PORT), logging to a
+    file, and wait for /readyz; fail with the log if it dies first."""
+    from tests.conftest import ROOT, wait_until
+
+    port = int(env["ANOMALY_METRICS_PORT"])
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", **env)
+    with log.open("w") as log_file:  # a file, not a pipe: a full pipe would block the worker
+        process = subprocess.Popen([sys.executable, "-m", "worker"], env=full_env, cwd=ROOT, stderr=log_file)
+    try:
+        wait_until(
+            lambda: http_status(port, "/readyz") == 200 or process.poll() is not None,
+            ready_timeout,
+            0.2,
+            what=f"worker /readyz on port {port}",
+        )
+    except AssertionError:
+        process.kill()
+        process.wait(10)
+        raise
+    if process.poll() is not None:
+        raise AssertionError(f"the worker exited with {process.returncode}:\n{log.read_text()}")
+    return process

@@ -26,7 +26,7 @@ import redis
 import yaml
 
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
-from tests.support import metric_sum, metrics_text
+from tests.support import metric_sum, metrics_text, start_worker
 from worker.client import ImageProducer
 
 from .conftest import PROMETHEUS, WORKER_JOB, alerting_rules, load_yaml, require_tool
@@ -174,7 +174,6 @@ def worker_port(trained_artifact: Path, redis_server: RedisServer, tmp_path: Pat
     client.delete(INPUT, OUTPUT, DEAD_LETTER)  # also drops the group: the worker creates it anew
     port = free_port()
     env = dict(
-        ENV,
         ANOMALY_REDIS_URL=redis_server.url,
         ANOMALY_ARTIFACT=str(trained_artifact),
         ANOMALY_INPUT_STREAM=INPUT,
@@ -189,16 +188,8 @@ def worker_port(trained_artifact: Path, redis_server: RedisServer, tmp_path: Pat
         ANOMALY_LAG_SAMPLE_SECONDS="1",
     )
     log = tmp_path / "worker.log"
-    with log.open("w") as log_file:  # a file, not a pipe: a full pipe would block the worker
-        process = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=ROOT, stderr=log_file)
+    process = start_worker(env, log)
     try:
-        wait_until(
-            lambda: http_status(f"http://127.0.0.1:{port}/readyz") == 200 or process.poll() is not None,
-            120,
-            0.2,
-            what="worker /readyz",
-        )
-        assert process.poll() is None, log.read_text()
         yield port
         assert process.poll() is None, f"the worker died during the test:\n{log.read_text()}"
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
-from tests.support import http_status, metric_sum, metrics_text
+from tests.support import metric_sum, metrics_text, start_worker
 from worker.client import ImageProducer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -67,7 +67,6 @@ def worker(
     redis_server.client().flushdb()
     port = free_port()
     env = dict(
-        ENV,
         ANOMALY_REDIS_URL=redis_server.url,
         ANOMALY_ARTIFACT=str(cli_artifact),
         ANOMALY_METRICS_PORT=str(port),
@@ -77,15 +76,8 @@ def worker(
         ANOMALY_BLOCK_MS="200",
     )
     log = tmp_path / "worker.log"
-    with open(log, "w") as log_file:  # a file, not a pipe: a full pipe would block the worker
-        process = subprocess.Popen(
-            [sys.executable, "-m", "worker"], env=env, cwd=ROOT, stderr=log_file, text=True
-        )
+    process = start_worker(env, log, ready_timeout=90)
     try:
-        wait_until(
-            lambda: http_status(port, "/readyz") == 200 or process.poll() is not None, 90, what="/readyz"
-        )
-        assert process.poll() is None, log.read_text()
         yield process, port, log
     finally:
         if process.poll() is None:
