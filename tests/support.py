@@ -27,6 +27,7 @@ class MeanPixelScorer:
     """Score = mean pixel value: bright images are anomalies. Counts forward passes."""
 
     input_dim = D
+    engine = "fake"
 
     def __init__(self, version: str = "fake-v1") -> None:
         self.model_version = version

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from trainer.data import Dataset
+from trainer.export import verified_dense_stack
 from trainer.models import DEFAULT_ARCHITECTURE, build_model
 from worker.artifact import (
     ERRORS_FILE,
@@ -26,6 +27,7 @@ from worker.artifact import (
     save_errors,
     write_artifact,
 )
+from worker.dense_stack import DENSE_STACK_FILE
 from worker.thresholds import flag_rate, parse_policy
 
 log = logging.getLogger(__name__)
@@ -222,8 +224,12 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         training=training,
     )
 
+    dense_stack = verified_dense_stack(model, cal_x[:2048])
+
     def stage(tmp: Path) -> Baseline:
         model.save(tmp / MODEL_FILE)
+        if dense_stack is not None:
+            (tmp / DENSE_STACK_FILE).write_bytes(dense_stack.to_bytes())
         save_errors(tmp / ERRORS_FILE, cal_errors)
         # The report names the model, so the version is known before it is drawn.
         versioned = baseline.model_copy(

@@ -2,6 +2,8 @@
 
 An artifact is a directory:
   model.keras              the Keras autoencoder (input D floats -> D floats)
+  dense_stack.npz          optional, since 1.1: the same model as numpy arrays when it is a chain of
+                           Dense layers (worker.dense_stack); the worker then runs without TensorFlow
   baseline.json            `Baseline` below: statistics, threshold policy, preprocessing, training
   calibration_errors.npy   sorted held-out normal errors (float64): p-values, policy switching
   manifest.json            sha256 of every other file; the worker refuses a mismatch
@@ -27,11 +29,12 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker.dense_stack import DENSE_STACK_FILE, DenseStack
 from worker.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: optional dense_stack.npz
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
@@ -140,6 +143,7 @@ class LoadedArtifact:
     manifest: Manifest
     model_bytes: bytes
     calibration_errors: np.ndarray  # sorted ascending, float64
+    dense_stack: DenseStack | None = None  # the model as numpy arrays, when the trainer wrote them
 
 
 def sha256_hex(data: bytes) -> str:
@@ -160,13 +164,19 @@ def _check_schema_version(found: str, what: str) -> None:
             f"{what}: schema version {found!r} is not supported, expected {SCHEMA_VERSION!r} "
             f"(major {expected_major}); retrain or upgrade the worker"
         )
-    if found != SCHEMA_VERSION:
+    if _minor(found) > _minor(SCHEMA_VERSION):  # older minors are read as they are
         log.warning(
-            "artifact schema minor version differs what=%s found=%s expected=%s",
+            "artifact schema is newer than this worker; files it does not know are ignored "
+            "what=%s found=%s expected=%s",
             what,
             found,
             SCHEMA_VERSION,
         )
+
+
+def _minor(version: str) -> int:
+    minor = version.partition(".")[2].partition(".")[0]
+    return int(minor) if minor.isdigit() else 0
 
 
 def _read_json(path: Path) -> object:
@@ -242,7 +252,16 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
             f"{baseline.calibration_errors_file} has {errors.size} errors, "
             f"baseline statistics say {baseline.statistics.count}"
         )
-    return LoadedArtifact(root, baseline, manifest, model_bytes, errors)
+    dense_stack = None
+    if DENSE_STACK_FILE in contents:
+        where = str(root / DENSE_STACK_FILE)
+        dense_stack = DenseStack.from_bytes(contents[DENSE_STACK_FILE], where)
+        if dense_stack.input_dim != baseline.input_dim:
+            raise ArtifactError(
+                f"{where} takes {dense_stack.input_dim} features, baseline.json says input_dim "
+                f"{baseline.input_dim}"
+            )
+    return LoadedArtifact(root, baseline, manifest, model_bytes, errors, dense_stack)
 
 
 def write_artifact(out: str | os.PathLike[str], stage: Callable[[Path], Baseline]) -> Path:

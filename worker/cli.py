@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     rule = model.rule
     log.info(
-        "model loaded model_version=%s threshold=%.6g policy=%s expected_flag_rate=%.4f",
+        "model loaded model_version=%s engine=%s threshold=%.6g policy=%s expected_flag_rate=%.4f",
         model.scorer.model_version,
+        model.scorer.engine,
         rule.threshold,
         rule.policy,
         rule.expected_flag_rate,

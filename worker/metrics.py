@@ -130,13 +130,16 @@ class WorkerMetrics:
         self.model = Info("anomaly_model", "Model version and threshold in use.", registry=r)
         self.window: DetectionWindow | None = None
 
-    def set_model(self, model_version: str, policy: str, threshold: float, expected_rate: float) -> None:
+    def set_model(
+        self, model_version: str, policy: str, threshold: float, expected_rate: float, engine: str = ""
+    ) -> None:
         """Publish the model in use."""
         self.model.info(
             {
                 "model_version": model_version,
                 "threshold_policy": policy,
                 "threshold": f"{threshold:.6g}",
+                "engine": engine,
             }
         )
         self.threshold.set(threshold)

@@ -51,6 +51,7 @@ class BatchScorer(Protocol):
 
     model_version: str
     input_dim: int
+    engine: str
 
     def score_batch(self, images: np.ndarray) -> np.ndarray:
         """Per-row score of a (n, D) float32 batch."""
@@ -77,13 +78,13 @@ def manifest_digest(artifact_dir: Path) -> str:
 
 def load_model(settings: WorkerSettings) -> LoadedModel:
     """Verify the artifact, load and warm up the compiled scorer, build the decision rule."""
-    from worker.scoring import Scorer
+    from worker.scoring import make_scorer
 
     if settings.artifact is None:
         raise AnomalyScorerError("ANOMALY_ARTIFACT is not set; expected the artifact directory")
     settings.check_artifact_path()  # again at every reload: a symlink may have been swapped
     artifact = load_artifact(settings.artifact)
-    scorer = Scorer(artifact, max_batch=settings.batch_size, jit=settings.jit)
+    scorer = make_scorer(artifact, settings.engine, max_batch=settings.batch_size, jit=settings.jit)
     scorer.warm_up(settings.batch_size)
     rule = DecisionRule.from_artifact(artifact, settings.threshold or None)
     digest = manifest_digest(settings.artifact)
@@ -420,7 +421,11 @@ class Runner:
     def _publish_model(self) -> None:
         rule = self.model.rule
         self.metrics.set_model(
-            self.model.scorer.model_version, rule.policy, rule.threshold, rule.expected_flag_rate
+            self.model.scorer.model_version,
+            rule.policy,
+            rule.threshold,
+            rule.expected_flag_rate,
+            engine=self.model.scorer.engine,
         )
 
     # -- the loop --------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -76,7 +76,12 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="how often the artifact is checked for a new version (0: SIGHUP only)",
     )
-    jit: bool = Field(True, description="compile the forward pass with XLA")
+    engine: Literal["auto", "numpy", "tensorflow"] = Field(
+        "auto",
+        description="scoring engine: numpy (dense models, no TensorFlow loaded), tensorflow (any "
+        "model), auto (numpy when the artifact has dense_stack.npz)",
+    )
+    jit: bool = Field(True, description="compile the forward pass with XLA (tensorflow engine)")
 
     @field_validator("redis_url")
     @classmethod
@@ -183,6 +188,7 @@ class WorkerSettings(BaseSettings):
             "block_ms": self.block_ms,
             "metrics": f"{self.metrics_host}:{self.metrics_port}",
             "threshold": self.threshold or "artifact",
+            "engine": self.engine,
         }
         return " ".join(f"{k}={v}" for k, v in fields.items())
 

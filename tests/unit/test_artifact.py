@@ -145,16 +145,24 @@ def _rewrite(path: Path, name: str, change) -> None:
 def test_schema_major_version_mismatch_is_refused(tmp_path: Path) -> None:
     path = write_fake(tmp_path / "a")
     _rewrite(path, BASELINE_FILE, lambda d: d.update(schema_version="2.0"))
-    with pytest.raises(ArtifactError, match=r"schema version '2\.0' is not supported, expected '1\.0'"):
+    with pytest.raises(ArtifactError, match=r"schema version '2\.0' is not supported, expected '1\.1'"):
         load_artifact(path)
 
 
-def test_schema_minor_version_mismatch_only_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_newer_schema_minor_version_only_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write_fake(tmp_path / "a")
     _rewrite(path, BASELINE_FILE, lambda d: d.update(schema_version="1.7"))
     with caplog.at_level(logging.WARNING):
         load_artifact(path)
-    assert "minor version differs" in caplog.text
+    assert "artifact schema is newer than this worker" in caplog.text
+
+
+def test_older_schema_minor_version_loads_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write_fake(tmp_path / "a")
+    _rewrite(path, BASELINE_FILE, lambda d: d.update(schema_version="1.0"))
+    with caplog.at_level(logging.WARNING):
+        assert load_artifact(path).dense_stack is None
+    assert "schema" not in caplog.text
 
 
 def test_unknown_baseline_field_is_refused(tmp_path: Path) -> None:

@@ -113,7 +113,8 @@ def test_metrics_count_scored_flagged_and_invalid(r, make_runner) -> None:
     assert value("anomaly_batch_size_sum") == 5
     assert (
         value(
-            "anomaly_model_info", {"model_version": "fake-v1", "threshold_policy": "p95", "threshold": "0.5"}
+            "anomaly_model_info",
+            {"model_version": "fake-v1", "threshold_policy": "p95", "threshold": "0.5", "engine": "fake"},
         )
         == 1
     )

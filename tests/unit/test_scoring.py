@@ -1,26 +1,83 @@
-"""Scoring: the compiled forward pass matches Keras, padding changes nothing, decisions are right."""
+"""Scoring: both engines match Keras, padding changes nothing, decisions are right."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import mnist_sample
-from worker.artifact import load_artifact
-from worker.scoring import DecisionRule, Scorer
+from worker.artifact import MANIFEST_FILE, load_artifact
+from worker.dense_stack import DENSE_STACK_FILE
+from worker.errors import ArtifactError
+from worker.scoring import DecisionRule, KerasScorer, NumpyScorer, Scorer, make_scorer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def scorer(tiny_artifact: Path) -> Scorer:
-    return Scorer(load_artifact(tiny_artifact), max_batch=64)
+def keras_scorer(tiny_artifact: Path) -> KerasScorer:
+    return KerasScorer(load_artifact(tiny_artifact), max_batch=64)
 
 
-def test_compiled_scores_match_keras_predict(scorer: Scorer) -> None:
+@pytest.fixture(scope="module", params=["numpy", "tensorflow"])
+def scorer(request: pytest.FixtureRequest, tiny_artifact: Path, keras_scorer: KerasScorer) -> Scorer:
+    if request.param == "tensorflow":
+        return keras_scorer
+    return NumpyScorer(load_artifact(tiny_artifact))
+
+
+def without_dense_stack(artifact: Path, out: Path) -> Path:
+    """A copy of the artifact as a trainer before schema 1.1 (or a conv model) would write it."""
+    shutil.copytree(artifact, out)
+    (out / DENSE_STACK_FILE).unlink()
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    del manifest["files"][DENSE_STACK_FILE]
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return out
+
+
+def test_scores_match_keras_predict(scorer: Scorer, keras_scorer: KerasScorer) -> None:
     x, _ = mnist_sample(300, seed=9)
-    expected = np.mean(np.square(x - scorer.model.predict(x, verbose=0)), axis=1)
+    expected = np.mean(np.square(x - keras_scorer.model.predict(x, verbose=0)), axis=1)
     np.testing.assert_allclose(scorer.score_batch(x), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_trained_dense_models_ship_a_dense_stack_and_auto_uses_numpy(tiny_artifact: Path) -> None:
+    artifact = load_artifact(tiny_artifact)
+    assert artifact.dense_stack is not None
+    assert artifact.dense_stack.input_dim == 784 and artifact.dense_stack.latent_dim == 32
+    assert make_scorer(artifact).engine == "numpy"
+    assert make_scorer(artifact, "tensorflow", max_batch=8).engine == "tensorflow"
+
+
+def test_an_artifact_without_dense_stack_is_scored_by_tensorflow(tiny_artifact: Path, tmp_path: Path) -> None:
+    artifact = load_artifact(without_dense_stack(tiny_artifact, tmp_path / "old"))
+    assert artifact.dense_stack is None
+    assert make_scorer(artifact, "auto", max_batch=8).engine == "tensorflow"
+    with pytest.raises(ArtifactError, match=r"has no dense_stack\.npz.*ANOMALY_ENGINE=tensorflow"):
+        make_scorer(artifact, "numpy")
+
+
+def test_the_numpy_engine_never_imports_tensorflow(tiny_artifact: Path) -> None:
+    code = (
+        "import sys\n"
+        "from worker.runner import load_model\n"
+        "from worker.settings import WorkerSettings\n"
+        f"model = load_model(WorkerSettings(artifact={str(tiny_artifact)!r}, engine='numpy'))\n"
+        "import numpy as np\n"
+        "print(model.scorer.engine, model.scorer.score_batch(np.zeros((3, 784), np.float32)).shape)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'jax')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.splitlines() == ["numpy (3,)", "[]"]
 
 
 def test_a_row_scores_the_same_alone_padded_or_in_a_large_batch(scorer: Scorer) -> None:
@@ -87,9 +144,10 @@ def test_standardized_model_stays_finite_on_pixels_constant_in_training(tmp_path
     assert result.baseline.preprocessing.kind == "standardize"
     assert result.history["val_loss"][-1] < 10  # borders constant in training do not explode
     artifact = load_artifact(result.artifact)
-    scores = Scorer(artifact, max_batch=64).score_batch(x[:200])
+    scores = KerasScorer(artifact, max_batch=64).score_batch(x[:200])
     assert np.isfinite(scores).all() and scores.max() < 1e4
     assert np.median(scores[y[:200] != 1]) > np.median(scores[y[:200] == 1])
+    np.testing.assert_allclose(NumpyScorer(artifact).score_batch(x[:200]), scores, rtol=1e-4, atol=1e-6)
 
 
 def test_the_same_seed_trains_the_same_model(tmp_path: Path) -> None:

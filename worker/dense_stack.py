@@ -1,0 +1,142 @@
+"""A dense autoencoder as plain numpy arrays: the worker's TensorFlow-free forward pass.
+
+Every dense architecture (dense-32, dense-64-16, dense-512-128-32) is a chain of Dense layers.
+The trainer writes that chain to `dense_stack.npz` next to `model.keras`, so a worker scores it
+with a few matrix products: no `import tensorflow` (about 600 MB of memory and seconds of start
+time), and no per-call framework overhead, which dominates at the small batches a live stream has.
+
+File format (`numpy.savez`, loaded with allow_pickle=False):
+  kernel_0 .. kernel_{n-1}   float32 (in, out) matrices, in order from input to reconstruction
+  bias_0 .. bias_{n-1}       float32 (out,) vectors
+  activations                str (n,): each of linear, relu, sigmoid, tanh
+  code_layer                 int (): index of the layer whose output is the latent code
+The trainer writes it only after checking that it reproduces the Keras model's output.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import numpy as np
+
+from worker.errors import ArtifactError
+
+DENSE_STACK_FILE = "dense_stack.npz"
+Activation = Literal["linear", "relu", "sigmoid", "tanh"]
+ACTIVATIONS: tuple[Activation, ...] = ("linear", "relu", "sigmoid", "tanh")
+
+
+def _activate(h: np.ndarray, name: str) -> None:
+    """Apply an activation in place (no temporaries at batch size x layer width)."""
+    if name == "relu":
+        np.maximum(h, 0.0, out=h)
+    elif name == "sigmoid":
+        # 1 / (1 + exp(-h)), in place; exp overflows to inf for h < -88, which gives exactly 0.
+        np.negative(h, out=h)
+        with np.errstate(over="ignore"):
+            np.exp(h, out=h)
+        h += 1.0
+        np.reciprocal(h, out=h)
+    elif name == "tanh":
+        np.tanh(h, out=h)
+
+
+@dataclass(frozen=True)
+class DenseStack:
+    """Kernels, biases and activations of a chain of Dense layers (input -> reconstruction)."""
+
+    kernels: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+    activations: tuple[Activation, ...]
+    code_layer: int
+
+    def __post_init__(self) -> None:
+        n = len(self.kernels)
+        if n == 0 or len(self.biases) != n or len(self.activations) != n:
+            raise ValueError(
+                f"a dense stack needs as many kernels, biases and activations, found "
+                f"{len(self.kernels)}, {len(self.biases)} and {len(self.activations)}"
+            )
+        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases, strict=True)):
+            if kernel.ndim != 2 or bias.shape != (kernel.shape[1],):
+                raise ValueError(f"layer {i}: kernel {kernel.shape} and bias {bias.shape} do not fit")
+            if i and kernel.shape[0] != self.kernels[i - 1].shape[1]:
+                raise ValueError(
+                    f"layer {i} takes {kernel.shape[0]} inputs, layer {i - 1} gives "
+                    f"{self.kernels[i - 1].shape[1]}"
+                )
+        if self.kernels[-1].shape[1] != self.kernels[0].shape[0]:
+            raise ValueError(
+                f"an autoencoder ends where it starts: input {self.kernels[0].shape[0]} features, "
+                f"output {self.kernels[-1].shape[1]}"
+            )
+        unknown = [a for a in self.activations if a not in ACTIVATIONS]
+        if unknown:
+            raise ValueError(f"activations {unknown} are not supported; expected {', '.join(ACTIVATIONS)}")
+        if not 0 <= self.code_layer < n:
+            raise ValueError(f"code_layer {self.code_layer} is not a layer index (0..{n - 1})")
+
+    @property
+    def input_dim(self) -> int:
+        """Features in (and out)."""
+        return int(self.kernels[0].shape[0])
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of the code layer."""
+        return int(self.kernels[self.code_layer].shape[1])
+
+    def _through(self, x: np.ndarray, layers: range) -> np.ndarray:
+        h = x
+        for i in layers:
+            h = h @ self.kernels[i]  # a new array: the caller's x is never written
+            h += self.biases[i]
+            _activate(h, self.activations[i])
+        return h
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """The autoencoder's output for a (n, D) float32 batch."""
+        return self._through(x, range(len(self.kernels)))
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """The latent code of a (n, D) float32 batch."""
+        return self._through(x, range(self.code_layer + 1))
+
+    def to_bytes(self) -> bytes:
+        """The `dense_stack.npz` file's content."""
+        arrays: dict[str, np.ndarray] = {}
+        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases, strict=True)):
+            arrays[f"kernel_{i}"] = np.asarray(kernel, np.float32)
+            arrays[f"bias_{i}"] = np.asarray(bias, np.float32)
+        arrays["activations"] = np.asarray(self.activations, dtype=str)
+        arrays["code_layer"] = np.asarray(self.code_layer, dtype=np.int64)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> DenseStack:
+        """Parse a `dense_stack.npz`; ArtifactError names the file and what is wrong."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {name: npz[name] for name in npz.files}
+        except (ValueError, OSError, EOFError) as exc:
+            raise ArtifactError(f"{where} is not a readable .npz file: {exc}") from exc
+        try:
+            activations = tuple(str(a) for a in arrays.pop("activations").ravel())
+            code_layer = int(arrays.pop("code_layer"))
+            n = len(activations)
+            kernels = tuple(np.ascontiguousarray(arrays.pop(f"kernel_{i}"), np.float32) for i in range(n))
+            biases = tuple(np.ascontiguousarray(arrays.pop(f"bias_{i}"), np.float32) for i in range(n))
+        except KeyError as exc:
+            raise ArtifactError(f"{where} lacks the array {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"{where} has an array of the wrong kind: {exc}") from exc
+        if arrays:
+            raise ArtifactError(f"{where} has unexpected arrays {sorted(arrays)}")
+        try:
+            return cls(kernels, biases, cast(tuple[Activation, ...], activations), code_layer)
+        except ValueError as exc:
+            raise ArtifactError(f"{where}: {exc}") from exc
