@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any
 
 from pydantic import ValidationError
+from threadpoolctl import threadpool_limits
 
 from worker.settings import WorkerSettings, unknown_variables
 
@@ -135,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         settings.metrics_host,
         server.port,
     )
+    # numpy's BLAS starts one spinning thread per core; the worker scores on one of its own
+    # threads and needs the other core for reading and for Redis (see ANOMALY_SCORING_THREADS).
+    threadpool_limits(settings.scoring_threads, user_api="blas")
     try:
         model = load_model(settings)
     except (AnomalyScorerError, OSError, ValueError) as exc:
@@ -163,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runner.run()
     finally:
+        runner.close()
         server.stop()
         client.close()
     log.info("stopped")

@@ -33,12 +33,12 @@ def _activate(h: np.ndarray, name: str) -> None:
     if name == "relu":
         np.maximum(h, 0.0, out=h)
     elif name == "sigmoid":
-        # 1 / (1 + exp(-h)), in place; exp overflows to inf for h < -88, which gives exactly 0.
-        np.negative(h, out=h)
-        with np.errstate(over="ignore"):
-            np.exp(h, out=h)
-        h += 1.0
-        np.reciprocal(h, out=h)
+        # 1 / (1 + exp(-h)) as 0.5 * tanh(h / 2) + 0.5: the same values, no overflow, and tanh
+        # is the cheaper of the two transcendental loops.
+        h *= 0.5
+        np.tanh(h, out=h)
+        h *= 0.5
+        h += 0.5
     elif name == "tanh":
         np.tanh(h, out=h)
 

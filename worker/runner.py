@@ -2,6 +2,11 @@
 
 `Runner.run_once()` is one iteration and `Runner.drain()` a burst (handle what is there, then
 return), so the real loop is tested synchronously. `run()` adds the fault handling around it.
+
+With a backlog (a full batch just read), the next batch is read and decoded while this one is
+scored and committed on a second thread: the forward pass (numpy and TensorFlow release the GIL)
+and the two Redis round trips overlap (ANOMALY_PREFETCH). The prefetched batch is only held in
+memory; until it is committed it stays pending in Redis like any other.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -69,6 +75,15 @@ class LoadedModel:
 
 
 ModelLoader = Callable[[], LoadedModel]
+
+
+@dataclass(frozen=True)
+class Prefetched:
+    """New entries read (and decoded with `model`) while the previous batch was being scored."""
+
+    entries: list[Entry]
+    decoded: DecodedBatch
+    model: LoadedModel
 
 
 def manifest_digest(artifact_dir: Path) -> str:
@@ -191,6 +206,8 @@ class Runner:
         self._next_sample = 0.0
         self._next_prune = 0.0
         self._next_reload_check = monotonic() + settings.reload_poll_seconds
+        self._prefetched: Prefetched | None = None
+        self._scoring_thread: ThreadPoolExecutor | None = None
         self._publish_model()
         self.health.model_loaded = True
 
@@ -223,13 +240,18 @@ class Runner:
             entries = self.stream.read_own_pending(self._pending_cursor, self.settings.batch_size)
             self._pending_cursor = entries[-1][0] if entries else None
             suspects = bool(entries)
+        decoded: DecodedBatch | None = None
+        if not entries and self._prefetched is not None:
+            entries, prefetched, self._prefetched = self._prefetched.entries, self._prefetched, None
+            if prefetched.model is self.model:  # else reloaded since: decode again for the new model
+                decoded = prefetched.decoded
         if not entries and self.monotonic() >= self._next_claim:
             entries = self._reclaim()
             suspects = bool(entries)
         if not entries:
             entries = self.stream.read_new(self.settings.batch_size, block_ms)
         if entries:
-            self.handle_batch(entries, check_deliveries=suspects)
+            self.handle_batch(entries, check_deliveries=suspects, decoded=decoded)
         self.health.redis_ok = True
         self.metrics.redis_up.set(1)
         return len(entries)
@@ -240,9 +262,21 @@ class Runner:
         self._next_claim = self.monotonic()
         while True:
             handled = self.run_once(block_ms=None)
-            if handled == 0 and self._pending_cursor is None:
+            if handled == 0 and self._pending_cursor is None and self._prefetched is None:
                 return total
             total += handled
+
+    def finish_in_hand(self) -> int:
+        """Handle a prefetched batch, if any (at stop: it was delivered to us, so finish it)."""
+        if self._prefetched is None:
+            return 0
+        return self.run_once(block_ms=None)
+
+    def close(self) -> None:
+        """Stop the scoring thread."""
+        if self._scoring_thread is not None:
+            self._scoring_thread.shutdown(wait=True)
+            self._scoring_thread = None
 
     def _reclaim(self) -> list[Entry]:
         cursor, entries, deleted = self.stream.reclaim_stale(
@@ -270,16 +304,43 @@ class Runner:
             log.info("reclaimed stale entries count=%d", len(entries))
         return entries
 
-    def handle_batch(self, entries: Sequence[Entry], check_deliveries: bool = False) -> None:
-        """Decode, score, decide and commit one batch atomically."""
+    def handle_batch(
+        self,
+        entries: Sequence[Entry],
+        check_deliveries: bool = False,
+        decoded: DecodedBatch | None = None,
+    ) -> None:
+        """Decode, score, decide and commit one batch atomically (prefetching the next on a backlog)."""
         started = self.monotonic()
         now_ms = int(self.clock() * 1000)
         model = self.model
         poison: list[Rejected] = []
         if check_deliveries:
             entries, poison = self._split_poison(entries)
-        decoded = decode_batch(entries, model.scorer.input_dim, self.max_payload, model.uint8_scale)
+        if decoded is None:
+            decoded = decode_batch(entries, model.scorer.input_dim, self.max_payload, model.uint8_scale)
         decoded.rejected.extend(poison)
+        handled = len(entries) + len(poison)
+        backlog = len(entries) >= self.settings.batch_size and not check_deliveries
+        if not (backlog and self.settings.prefetch and not self.stop_event.is_set()):
+            self._score_and_commit(model, decoded, handled, started, now_ms)
+            return
+        # A backlog: this batch is scored, committed and recorded on the second thread while this
+        # one reads and decodes the next. Both finish before returning, so a batch is still
+        # committed (or has failed) when handle_batch returns.
+        if self._scoring_thread is None:
+            self._scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="scoring")
+        finishing = self._scoring_thread.submit(
+            self._score_and_commit, model, decoded, handled, started, now_ms
+        )
+        try:
+            self._prefetch(model)
+        finally:
+            finishing.result()  # its error, if any, is this batch's; never leave it running
+
+    def _score_and_commit(
+        self, model: LoadedModel, decoded: DecodedBatch, handled: int, started: float, now_ms: int
+    ) -> None:
         scores = model.scorer.score_batch(decoded.images)
         decisions = model.rule.decide(scores)
         commit = build_commit(
@@ -294,7 +355,13 @@ class Runner:
         result = self.stream.commit_batch(commit)
         if result.stale:
             log.info("entries already acknowledged by another consumer count=%d", result.stale)
-        self._record(decoded, scores, decisions, len(entries) + len(poison), started)
+        self._record(decoded, scores, decisions, handled, started)
+
+    def _prefetch(self, model: LoadedModel) -> None:
+        entries = self.stream.read_new(self.settings.batch_size, None)
+        if entries:
+            decoded = decode_batch(entries, model.scorer.input_dim, self.max_payload, model.uint8_scale)
+            self._prefetched = Prefetched(entries, decoded, model)
 
     def _split_poison(self, entries: Sequence[Entry]) -> tuple[list[Entry], list[Rejected]]:
         counts = self.stream.delivery_counts([e[0] for e in entries])
@@ -336,12 +403,18 @@ class Runner:
             m.invalid.labels(rejected.code).inc()
             m.messages.labels(declared_dtype(rejected.fields), "dead_letter").inc()
         if scored:
-            dtypes = np.asarray(decoded.dtypes)
-            for dtype in set(decoded.dtypes):
-                mask = dtypes == dtype
-                n_flag = int(np.count_nonzero(decisions.flagged[mask]))
-                m.messages.labels(dtype, "flagged").inc(n_flag)
-                m.messages.labels(dtype, "normal").inc(int(mask.sum()) - n_flag)
+            kinds = set(decoded.dtypes)
+            if len(kinds) == 1:  # the usual batch: one dtype, no masks
+                (dtype,) = kinds
+                m.messages.labels(dtype, "flagged").inc(flagged)
+                m.messages.labels(dtype, "normal").inc(scored - flagged)
+            else:
+                dtypes = np.asarray(decoded.dtypes)
+                for dtype in kinds:
+                    mask = dtypes == dtype
+                    n_flag = int(np.count_nonzero(decisions.flagged[mask]))
+                    m.messages.labels(dtype, "flagged").inc(n_flag)
+                    m.messages.labels(dtype, "normal").inc(int(mask.sum()) - n_flag)
             m.observe_scores(scores)
         rate = self.window.add(scored, flagged)
         if not math.isnan(rate):
@@ -470,6 +543,11 @@ class Runner:
                 )
             redis_state = True
             failures = 0
+        try:
+            if handled := self.finish_in_hand():
+                log.info("finished the prefetched batch before stopping count=%d", handled)
+        except redis.RedisError as exc:
+            log.warning("prefetched batch left pending (another worker will reclaim it) error=%s", exc)
         log.info("stopping consumer=%s", self.settings.consumer)
 
     def _redis_failed(self) -> None:
@@ -477,6 +555,7 @@ class Runner:
         self.metrics.redis_up.set(0)
         self.health.redis_ok = False
         self._started = False  # re-read own pending after reconnecting: outcomes are unknown
+        self._prefetched = None  # still pending in Redis: the own-pending read brings it back
 
 
 def _is_zero_id(value: bytes | str) -> bool:

@@ -76,6 +76,17 @@ class WorkerSettings(BaseSettings):
         ge=0,
         description="how often the artifact is checked for a new version (0: SIGHUP only)",
     )
+    prefetch: bool = Field(
+        True,
+        description="with a backlog, read and decode the next batch while this one is scored",
+    )
+    scoring_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="BLAS threads of the numpy engine; 1 leaves the other cores to Redis and to "
+        "the reading thread (scale out with more workers)",
+    )
     engine: Literal["auto", "numpy", "tensorflow"] = Field(
         "auto",
         description="scoring engine: numpy (dense models, no TensorFlow loaded), tensorflow (any "

@@ -307,19 +307,94 @@ def test_ready_as_soon_as_the_group_exists_before_any_read(r, make_runner) -> No
     assert runner.metrics.registry.get_sample_value("anomaly_redis_up") == 1
 
 
-def test_slow_output_never_makes_the_worker_read_ahead(r, make_runner) -> None:
-    runner = make_runner(batch_size=20)
+@pytest.mark.parametrize(("prefetch", "in_hand"), [(True, 2), (False, 1)])
+def test_slow_output_never_makes_the_worker_read_further_ahead(r, make_runner, prefetch, in_hand) -> None:
+    runner = make_runner(batch_size=20, prefetch=prefetch)
     for i in range(200):
         push(r, 0.9 if i % 2 else 0.1)
     seen_pending: list[int] = []
     commit = runner.stream.commit_batch
 
     def slow_commit(batch):  # the output side is slow: look at what is in flight meanwhile
-        seen_pending.append(pending(r))
         time.sleep(0.005)
+        seen_pending.append(pending(r))
         return commit(batch)
 
     runner.stream.commit_batch = slow_commit  # type: ignore[method-assign]
     runner.drain()
-    assert len(seen_pending) == 10 and max(seen_pending) <= 20  # one batch in flight, never more
+    # The batch being committed, plus (with prefetch) the next one read meanwhile; never more.
+    assert len(seen_pending) == 10 and max(seen_pending) == 20 * in_hand
     assert pending(r) == 0
+
+
+def test_with_a_backlog_the_next_batch_is_read_while_this_one_is_committed(r, make_runner) -> None:
+    runner = make_runner(batch_size=50)
+    for i in range(120):
+        push(r, 0.9 if i % 3 == 0 else 0.1)
+    assert runner.run_once() == 50
+    assert r.xlen("anomalies") == 17  # the first batch is committed when run_once returns...
+    assert pending(r) == 50  # ...and the second is read (pending in Redis) but not yet handled
+    assert runner.run_once() == 50  # handled from memory: the stream's next 20 are read meanwhile
+    assert runner.run_once() == 20  # not a full batch: no read ahead
+    assert pending(r) == 0 and r.xlen("anomalies") == 40
+    assert runner.model.scorer.calls == [50, 50, 20]  # type: ignore[attr-defined]
+    sources = [e["source_id"] for e in stream(r, "anomalies")]
+    assert len(set(sources)) == 40  # each flagged entry published once
+
+
+def test_without_prefetch_a_full_batch_reads_nothing_ahead(r, make_runner) -> None:
+    runner = make_runner(batch_size=50, prefetch=False)
+    for _ in range(120):
+        push(r, 0.1)
+    assert runner.run_once() == 50
+    assert pending(r) == 0
+
+
+def test_a_prefetched_batch_is_finished_when_the_worker_stops(r, make_runner) -> None:
+    runner = make_runner(batch_size=10)
+    for _ in range(25):
+        push(r, 0.9)
+    runner.run_once()
+    assert pending(r) == 10
+    runner.request_stop()
+    runner.run()  # stop already requested: no new reads, only the batch in hand
+    assert pending(r) == 0 and r.xlen("anomalies") == 20
+    assert runner.model.scorer.calls == [10, 10]  # type: ignore[attr-defined]
+
+
+def test_after_a_redis_failure_the_prefetched_batch_comes_back_from_own_pending(r, make_runner) -> None:
+    runner = make_runner(batch_size=10)
+    for _ in range(20):
+        push(r, 0.9)
+    runner.run_once()
+    runner._redis_failed()  # what run() does on a connection error: outcomes are unknown
+    runner.drain()
+    assert pending(r) == 0
+    sources = [e["source_id"] for e in stream(r, "anomalies")]
+    assert len(sources) == len(set(sources)) == 20
+
+
+def test_a_prefetched_batch_is_scored_by_the_model_loaded_since(r, make_runner) -> None:
+    runner = make_runner(batch_size=5, loader=lambda: make_model("fake-v2"))
+    for _ in range(10):
+        push(r, 0.9)
+    runner.run_once()  # scores 5 with v1 and reads the next 5 meanwhile
+    runner.reload_event.set()
+    runner.run_once()
+    versions = [e["model_version"] for e in stream(r, "anomalies")]
+    assert versions == ["fake-v1"] * 5 + ["fake-v2"] * 5
+
+
+def test_a_scoring_error_on_the_second_thread_reaches_the_caller_and_commits_nothing(r, make_runner) -> None:
+    runner = make_runner(batch_size=5)
+    for _ in range(10):
+        push(r, 0.9)
+
+    def broken(images: np.ndarray) -> np.ndarray:
+        raise RuntimeError("scorer exploded")
+
+    runner.model.scorer.score_batch = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="scorer exploded"):
+        runner.run_once()
+    assert r.xlen("anomalies") == 0 and pending(r) == 10  # nothing acked: redelivered later
+    runner.close()
