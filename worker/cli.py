@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     stream = StreamClient.from_settings(client, settings)
     runner = Runner(settings, stream, model, metrics, health, loader=lambda: load_model(settings))
     install_signal_handlers(runner, settings.grace_seconds)
+    # Everything loaded so far lives as long as the process: keep it out of the garbage
+    # collector's full passes, which otherwise stop the loop for about 20 ms every few seconds.
+    gc.freeze()
     try:
         if args.burst:
             handled = runner.drain()

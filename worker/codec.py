@@ -141,34 +141,50 @@ def decode_batch(
     entries: Sequence[Entry], dim: int, max_payload_bytes: int, uint8_scale: float = 1.0 / 255.0
 ) -> DecodedBatch:
     """Decode a batch into one (n, D) float32 matrix; uint8 and float32 in one numpy call each."""
-    fast = _decode_plain_uint8(entries, dim, max_payload_bytes, uint8_scale)
+    fast = _decode_uniform(entries, dim, max_payload_bytes, uint8_scale)
     return fast if fast is not None else _decode_any(entries, dim, max_payload_bytes, uint8_scale)
 
 
-def _decode_plain_uint8(
+def _decode_uniform(
     entries: Sequence[Entry], dim: int, max_payload_bytes: int, uint8_scale: float
 ) -> DecodedBatch | None:
-    """The usual batch, every entry a valid uint8 image: whole-batch checks, no per-entry calls.
+    """The usual batch, every entry a valid image of one binary dtype: whole-batch checks only.
 
-    None when any entry needs a closer look; `_decode_any` then gives the same result the long way.
+    None when any entry needs a closer look; `_decode_any` then gives the same result the long way
+    (tests/unit/test_codec.py checks that both agree).
     """
-    if not entries or dim > max_payload_bytes:
+    if not entries:
         return None
     fields = [f for _, f in entries]
-    payloads = [f.get(b"image", b"") for f in fields]
-    if set(map(len, payloads)) != {dim}:
+    declared = {f.get(b"dtype", b"uint8") for f in fields}
+    if declared == {b"uint8"}:
+        dtype, size = "uint8", dim
+    elif declared == {b"float32"}:
+        dtype, size = "float32", 4 * dim
+    else:
         return None
-    if {f.get(b"dtype", b"uint8") for f in fields} != {b"uint8"}:
+    payloads = [f.get(b"image", b"") for f in fields]
+    if size > max_payload_bytes or set(map(len, payloads)) != {size}:
         return None
     if max(len(f.get(b"id", b"")) for f in fields) > MAX_ID_BYTES:
         return None
-    images = np.empty((len(entries), dim), dtype=np.float32)
-    pixels = np.frombuffer(b"".join(payloads), dtype=np.uint8).reshape(len(entries), dim)
-    np.multiply(pixels, np.float32(uint8_scale), out=images)
+    joined = b"".join(payloads)
+    n = len(entries)
+    if dtype == "uint8":
+        images = np.empty((n, dim), dtype=np.float32)
+        np.multiply(
+            np.frombuffer(joined, dtype=np.uint8).reshape(n, dim), np.float32(uint8_scale), out=images
+        )
+    else:
+        block = np.frombuffer(joined, dtype="<f4").reshape(n, dim)
+        with np.errstate(invalid="ignore"):  # NaN and inf fail a comparison: the long way names them
+            if not ((block >= 0.0) & (block <= 1.0)).all():
+                return None
+        images = block.astype(np.float32)  # a writable copy in native byte order
     return DecodedBatch(
         ids=[entry_id for entry_id, _ in entries],
         fields=fields,
-        dtypes=["uint8"] * len(entries),
+        dtypes=[dtype] * n,
         images=images,
     )
 

@@ -139,3 +139,70 @@ def test_encode_uint8_from_floats_rounds_to_nearest_level() -> None:
 def test_default_payload_cap_fits_a_json_image_with_full_precision_floats() -> None:
     payload = json.dumps([0.12345678901234567] * D).encode()
     assert len(payload) <= MAX
+
+
+def _uniform_batch(dtype: str, n: int = 6) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    rng = np.random.default_rng(len(dtype))
+    return [
+        (
+            f"{i + 1}-0".encode(),
+            {k.encode(): v for k, v in encode_image(rng.random(D).astype(np.float32), dtype).items()},
+        )
+        for i in range(n)
+    ]
+
+
+def _spoil(batch: list, index: int, **fields: bytes) -> list:
+    spoiled = [(entry_id, dict(f)) for entry_id, f in batch]
+    spoiled[index][1].update({k.encode(): v for k, v in fields.items()})
+    return spoiled
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        _uniform_batch("uint8"),
+        _uniform_batch("float32"),
+        [(entry_id, {b"image": f[b"image"]}) for entry_id, f in _uniform_batch("uint8")],  # no dtype
+        _spoil(_uniform_batch("uint8"), 2, id=b"x" * 300),
+        _spoil(_uniform_batch("uint8"), 0, image=b"\x00" * (D - 1)),
+        _spoil(_uniform_batch("uint8"), 5, dtype=b"UINT8"),
+        _spoil(_uniform_batch("uint8"), 3, dtype=b"float32"),
+        _spoil(_uniform_batch("float32"), 1, image=np.full(D, np.nan, "<f4").tobytes()),
+        _spoil(_uniform_batch("float32"), 4, image=np.full(D, 1.5, "<f4").tobytes()),
+        _spoil(_uniform_batch("float32"), 4, image=np.full(D, -np.inf, "<f4").tobytes()),
+    ],
+    ids=[
+        "uint8",
+        "float32",
+        "uint8-without-dtype",
+        "long-id",
+        "short-image",
+        "dtype-spelled-differently",
+        "mixed",
+        "float32-nan",
+        "float32-out-of-range",
+        "float32-inf",
+    ],
+)
+def test_whole_batch_fast_path_gives_what_entry_by_entry_decoding_gives(batch: list) -> None:
+    from worker.codec import _decode_any
+
+    fast, slow = decode_batch(batch, D, MAX), _decode_any(batch, D, MAX, 1 / 255)
+    assert fast.ids == slow.ids and fast.dtypes == slow.dtypes
+    np.testing.assert_array_equal(fast.images, slow.images)
+    assert fast.images.dtype == np.float32 and fast.images.flags.writeable
+    assert [(r.entry_id, r.code, r.reason) for r in fast.rejected] == [
+        (r.entry_id, r.code, r.reason) for r in slow.rejected
+    ]
+
+
+def test_the_fast_path_takes_clean_uniform_batches_and_leaves_the_rest() -> None:
+    from worker.codec import _decode_uniform
+
+    for dtype in ("uint8", "float32"):
+        assert _decode_uniform(_uniform_batch(dtype), D, MAX, 1 / 255) is not None
+    assert _decode_uniform(_spoil(_uniform_batch("uint8"), 3, dtype=b"float32"), D, MAX, 1 / 255) is None
+    bad = _spoil(_uniform_batch("float32"), 1, image=np.full(D, np.nan, "<f4").tobytes())
+    assert _decode_uniform(bad, D, MAX, 1 / 255) is None
+    assert _decode_uniform(_uniform_batch("json"), D, MAX, 1 / 255) is None
