@@ -10,6 +10,7 @@ from pathlib import Path
 
 from trainer.data import Dataset
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from worker.scores import SCORES
 
 
 def _classes(text: str) -> list[int]:
@@ -81,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="mean+3std",
         help="threshold policy: mean+Kstd, Kmean, pNN or fpr=F, "
         "e.g. mean+3std (default), 2mean, p95, fpr=0.01",
+    )
+    t.add_argument(
+        "--score",
+        choices=list(SCORES),
+        default="mse",
+        help="what the threshold applies to and the worker computes: mse (default), nmse (mse "
+        "relative to the image's ink), top-k (mean of the 5%% largest pixel errors), mahalanobis "
+        "(distance of the latent code to normal codes); `evaluate` compares them",
     )
     t.add_argument(
         "--seed",
@@ -221,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             threshold=args.threshold,
+            score=args.score,
             seed=args.seed,
             holdout_fraction=args.holdout_fraction,
             max_samples=args.max_samples,
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  epochs run:      {b.training.epochs_run} of {b.training.epochs_requested}")
         print(f"  final loss:      train {h['loss'][-1]:.5f}, held-out {h['val_loss'][-1]:.5f}")
         print(
-            f"  held-out errors: mean {b.statistics.mean:.5f}, std {b.statistics.std:.5f}, "
+            f"  {'held-out ' + b.score + ':':<17}mean {b.statistics.mean:.5f}, std {b.statistics.std:.5f}, "
             f"n {b.statistics.count}"
         )
         print(

@@ -1,13 +1,9 @@
 """How well a model separates normal from anomalous images: AUROC, average precision, flag rates.
 
-Four per-image scores are compared:
-  mse          mean squared reconstruction error (what the worker uses)
-  nmse         mse divided by the image's mean squared intensity (plus 1e-3): a thin digit such as
-               a 1 has little ink and so a small absolute error even when it is badly reconstructed
-  top-k        mean of the k% largest squared pixel errors (localised defects)
-  mahalanobis  distance of the encoder's code to a Gaussian fitted on held-out normal codes
-The Gaussian is fitted on the validation split of the normal training images and the alternative
-scores' thresholds come from the calibration split, so no statistic ever sees the test set.
+The four per-image scores of worker.scores are compared: mse, nmse, top-k and mahalanobis (the
+artifact's own one, `baseline.score`, is what the worker computes). The Gaussian of normal codes
+is fitted on the validation split of the normal training images, and the other scores'
+thresholds come from the calibration split, so no statistic ever sees the test set.
 """
 
 from __future__ import annotations
@@ -26,40 +22,22 @@ from trainer.data import Dataset, rotate90
 from trainer.train import Splits, select_normal, split_normal
 from worker.artifact import Baseline, LoadedArtifact
 from worker.errors import ThresholdPolicyError
+from worker.scores import (
+    DEFAULT_TOP_K_PERCENT,
+    SCORES,
+    mahalanobis_distances,
+    mse_scores,
+    nmse_scores,
+    top_k_scores,
+)
 from worker.thresholds import flag_rate, parse_policy
 
 log = logging.getLogger(__name__)
 
-SCORES = ("mse", "nmse", "top-k", "mahalanobis")
-NMSE_EPSILON = 1e-3
-DEFAULT_TOP_K_PERCENT = 5.0
 UNSEEN_CLASSES = "unseen classes"
 ROTATED_90 = "rotated 90°"
 
 Transform = Callable[[np.ndarray], np.ndarray]
-
-
-def mse_scores(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
-    """Per-row mean squared error (the worker's score)."""
-    return np.asarray(np.mean(np.square(x - recon), axis=1, dtype=np.float64))
-
-
-def nmse_scores(x: np.ndarray, recon: np.ndarray, epsilon: float = NMSE_EPSILON) -> np.ndarray:
-    """Per-row MSE relative to the row's mean squared value (epsilon keeps blank images finite)."""
-    x64 = np.asarray(x, np.float64)
-    energy = np.mean(np.square(x64), axis=1)
-    return np.asarray(mse_scores(x64, np.asarray(recon, np.float64)) / (energy + epsilon))
-
-
-def top_k_scores(x: np.ndarray, recon: np.ndarray, k_percent: float = DEFAULT_TOP_K_PERCENT) -> np.ndarray:
-    """Per-row mean of the k% largest squared pixel errors (at least one pixel)."""
-    if not 0 < k_percent <= 100:
-        raise ValueError(f"top-k percentage must be in (0, 100], found {k_percent}")
-    squared = np.square(np.asarray(x, np.float64) - np.asarray(recon, np.float64))
-    d = squared.shape[1]
-    n = max(1, math.ceil(d * k_percent / 100.0))
-    largest = np.partition(squared, d - n, axis=1)[:, d - n :]
-    return np.asarray(largest.mean(axis=1))
 
 
 @dataclass(frozen=True)
@@ -82,9 +60,7 @@ class LatentGaussian:
 
     def distance(self, codes: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of each code to the mean."""
-        centred = np.asarray(codes, np.float64) - self.mean
-        squared = np.einsum("ij,jk,ik->i", centred, self.precision, centred)
-        return np.asarray(np.sqrt(np.maximum(squared, 0.0)))
+        return mahalanobis_distances(codes, self.mean, self.precision)
 
 
 def auroc(normal_scores: np.ndarray, anomaly_scores: np.ndarray) -> float:
@@ -273,13 +249,16 @@ def anomaly_sets(dataset: Dataset, classes: list[int] | None) -> tuple[np.ndarra
 
 
 def thresholds_for(
-    policy_text: str, calibration_scores: dict[str, np.ndarray], mse_threshold: float
+    policy_text: str,
+    calibration_scores: dict[str, np.ndarray],
+    own_threshold: float,
+    own_score: str = "mse",
 ) -> dict[str, float | None]:
-    """The artifact's threshold for mse; the same policy applied to calibration scores for the others."""
+    """The artifact's threshold for its own score; the same policy on calibration scores for the others."""
     policy = parse_policy(policy_text)
-    out: dict[str, float | None] = {"mse": mse_threshold}
+    out: dict[str, float | None] = {own_score: own_threshold}
     for name, values in calibration_scores.items():
-        if name == "mse":
+        if name == own_score:
             continue
         try:
             out[name] = policy.threshold(values)
@@ -330,7 +309,9 @@ def evaluate_model(
     scorer = ScoreModel(model, transform, top_k_percent=top_k_percent)
     scorer.fit_latent(splits.validation)
     calibration = scorer.scores(splits.calibration)
-    thresholds = thresholds_for(baseline.threshold.policy, calibration, baseline.threshold.value)
+    thresholds = thresholds_for(
+        baseline.threshold.policy, calibration, baseline.threshold.value, baseline.score
+    )
     normal_x, sets_x = anomaly_sets(dataset, baseline.training.classes)
     scores = {"normal": scorer.scores(normal_x)} | {name: scorer.scores(x) for name, x in sets_x.items()}
     evaluation = Evaluation(
@@ -360,7 +341,8 @@ def held_out_splits(artifact: LoadedArtifact, dataset: Dataset, model: Any, tran
             f"{artifact.baseline.training.dataset!r} classes {artifact.baseline.training.classes}, "
             f"and the counts do not fit dataset {dataset.name!r}"
         )
-    recomputed = np.sort(reconstruction_errors(model, transform(splits.calibration)))
+    score = artifact.baseline.score_function()
+    recomputed = np.sort(reconstruction_errors(model, transform(splits.calibration), score))
     if not np.allclose(recomputed, artifact.calibration_errors, rtol=1e-3, atol=1e-7):
         worst = float(np.max(np.abs(recomputed - artifact.calibration_errors)))
         raise ValueError(

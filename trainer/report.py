@@ -27,6 +27,14 @@ REPORT_HTML = "report.html"
 SET_COLOURS = {"held-out normal": "tab:blue", "unseen classes": "tab:orange", "rotated 90°": "tab:green"}
 
 
+SCORE_TITLES = {
+    "mse": "reconstruction MSE",
+    "nmse": "reconstruction MSE relative to the image's ink",
+    "top-k": "mean of the largest pixel errors",
+    "mahalanobis": "Mahalanobis distance of the latent code",
+}
+
+
 def write_report(
     out_dir: Path,
     model: Any,
@@ -97,8 +105,9 @@ def _draw_png(
     t = baseline.threshold
     tr = baseline.training
     normal_x, sets_x = anomaly_sets(dataset, tr.classes)
-    errors = {"held-out normal": scorer.scores(splits.calibration)["mse"]}
-    errors |= {name: scorer.scores(x[:3000])["mse"] for name, x in sets_x.items()}
+    score = baseline.score
+    errors = {"held-out normal": scorer.scores(splits.calibration)[score]}
+    errors |= {name: scorer.scores(x[:3000])[score] for name, x in sets_x.items()}
 
     n_rows = len(evaluation.rows) if evaluation is not None else 0
     summary_height = 1.2 + 0.3 * n_rows
@@ -145,12 +154,16 @@ def _draw_png(
         t.value, color="red", linestyle="--", linewidth=2, label=f"threshold {t.policy} = {t.value:.4g}"
     )
     ax.set_xscale("log")
-    ax.set(title="Per-image reconstruction error (MSE)", xlabel="MSE (log scale)", ylabel="share of set")
+    ax.set(
+        title=f"Per-image anomaly score ({SCORE_TITLES.get(score, score)})",
+        xlabel=f"{score} (log scale)",
+        ylabel="share of set",
+    )
     ax.legend(loc="upper left", fontsize=9)
 
     if square:
-        _draw_reconstructions(fig, grid[1, :], scorer, normal_x, sets_x, side, n_examples, t.value)
-        _draw_extremes(fig, grid[2, :], scorer, dataset, side, n_examples, t.value)
+        _draw_reconstructions(fig, grid[1, :], scorer, normal_x, sets_x, side, n_examples, t.value, score)
+        _draw_extremes(fig, grid[2, :], scorer, dataset, side, n_examples, t.value, score)
 
     ax = fig.add_subplot(grid[-1, :])
     ax.axis("off")
@@ -199,17 +212,18 @@ def _draw_reconstructions(
     side: int,
     n: int,
     threshold: float,
+    score: str = "mse",
 ) -> None:
     """Strips of originals above their reconstructions: normal test images, then each anomaly set."""
     groups = [("normal test", normal_x[:n])] + [(name, x[:n]) for name, x in sets_x.items()]
     sub = cell.subgridspec(2 * len(groups), 1, hspace=0.0)
     for g, (name, images) in enumerate(groups):
-        mse = scorer.scores(images)["mse"]
+        values = scorer.scores(images)[score]
         top = fig.add_subplot(sub[2 * g, 0])
         _strip(top, images, side, name)
         if g == 0:
             top.set_title(
-                "Originals above their reconstructions (MSE below each, red: above the threshold)",
+                f"Originals above their reconstructions ({score} below each, red: above the threshold)",
                 loc="left",
                 fontsize=11,
             )
@@ -218,8 +232,8 @@ def _draw_reconstructions(
             _reconstruct(scorer, images),
             side,
             "reconstructed",
-            [f"{v:.4g}" for v in mse],
-            ["red" if v > threshold else "black" for v in mse],
+            [f"{v:.4g}" for v in values],
+            ["red" if v > threshold else "black" for v in values],
         )
 
 
@@ -234,22 +248,29 @@ def _reconstruct(scorer: Any, images: np.ndarray) -> np.ndarray:
 
 
 def _draw_extremes(
-    fig: Any, cell: Any, scorer: Any, dataset: Dataset, side: int, n: int, threshold: float
+    fig: Any,
+    cell: Any,
+    scorer: Any,
+    dataset: Dataset,
+    side: int,
+    n: int,
+    threshold: float,
+    score: str = "mse",
 ) -> None:
-    """The most and least anomalous images of the whole (unrotated) test split, by MSE."""
+    """The most and least anomalous images of the whole (unrotated) test split, by the artifact's score."""
     x, y = dataset.test.x, dataset.test.y
-    mse = scorer.scores(x)["mse"]
-    order = np.argsort(mse)
+    values = scorer.scores(x)[score]
+    order = np.argsort(values)
     picks = (("most anomalous", order[::-1][:n]), ("least anomalous", order[:n]))
     sub = cell.subgridspec(2, 1, hspace=0.0)
     for row, (label, idx) in enumerate(picks):
         ax = fig.add_subplot(sub[row, 0])
-        captions = [(f"class {y[k]}\n" if y is not None else "") + f"{mse[k]:.4g}" for k in idx]
-        colours = ["red" if mse[k] > threshold else "black" for k in idx]
+        captions = [(f"class {y[k]}\n" if y is not None else "") + f"{values[k]:.4g}" for k in idx]
+        colours = ["red" if values[k] > threshold else "black" for k in idx]
         _strip(ax, x[idx], side, f"test:\n{label}", captions, colours)
         if row == 0:
             ax.set_title(
-                f"Most and least anomalous of all {x.shape[0]} test images (class and MSE below each)",
+                f"Most and least anomalous of all {x.shape[0]} test images (class and {score} below each)",
                 loc="left",
                 fontsize=11,
             )
@@ -260,7 +281,7 @@ def _draw_summary(ax: Any, baseline: Baseline, evaluation: Any, height_inches: f
     t = baseline.threshold
     tr = baseline.training
     lines = [
-        f"held-out normal MSE: n={s.count}  mean={s.mean:.5f}  std={s.std:.5f}  "
+        f"held-out normal {baseline.score}: n={s.count}  mean={s.mean:.5f}  std={s.std:.5f}  "
         f"p95={s.percentiles['95']:.5f}  p99={s.percentiles['99']:.5f}",
         f"threshold {t.policy} = {t.value:.5f}: flags {t.expected_flag_rate:.2%} of held-out normal images",
         f"training: {tr.epochs_run} epochs, {tr.train_count} images, batch {tr.batch_size}, "

@@ -20,14 +20,17 @@ from worker.artifact import (
     MODEL_FILE,
     Baseline,
     Preprocessing,
+    ScoreParameters,
     Statistics,
     Threshold,
     Training,
     model_version_of,
     save_errors,
+    score_function_of,
     write_artifact,
 )
 from worker.dense_stack import DENSE_STACK_FILE
+from worker.scores import ScoreFunction, ScoreName
 from worker.thresholds import flag_rate, parse_policy
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class TrainConfig:
     batch_size: int = 256
     learning_rate: float = 1e-3
     threshold: str = "mean+3std"
+    score: ScoreName = "mse"
     seed: int = 0
     holdout_fraction: float = 0.2
     max_samples: int | None = None
@@ -103,10 +107,31 @@ def select_normal(dataset: Dataset, classes: list[int] | None) -> np.ndarray:
     return x[mask]
 
 
-def reconstruction_errors(model: Any, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Per-row MSE between `x` and the model's reconstruction (in model space)."""
+def reconstruction_errors(
+    model: Any, x: np.ndarray, score: ScoreFunction | None = None, batch_size: int = 1024
+) -> np.ndarray:
+    """Per-row score (MSE unless `score` says otherwise) of `x`, already in model space."""
+    score = score or ScoreFunction()
     recon = model.predict(x, batch_size=batch_size, verbose=0)
-    return np.asarray(np.mean(np.square(x - recon), axis=1, dtype=np.float64))
+    codes = None
+    if score.needs_codes:
+        codes = model.get_layer("encoder").predict(x, batch_size=batch_size, verbose=0)
+    return score(x, recon, codes)
+
+
+def score_parameters_for(name: ScoreName, model: Any, validation: np.ndarray) -> ScoreParameters | None:
+    """What the score needs besides the model; mahalanobis fits normal codes of the validation split."""
+    if name == "mse":
+        return None
+    if name != "mahalanobis":
+        return ScoreParameters()
+    from sklearn.covariance import LedoitWolf
+
+    codes = np.asarray(model.get_layer("encoder").predict(validation, batch_size=1024, verbose=0), np.float64)
+    if codes.shape[0] < 2:
+        raise ValueError(f"the mahalanobis score needs at least 2 validation images, found {codes.shape[0]}")
+    fitted = LedoitWolf().fit(codes)
+    return ScoreParameters(latent_mean=fitted.location_.tolist(), latent_precision=fitted.precision_.tolist())
 
 
 # A feature that barely varies in training (an image border) would turn any later deviation
@@ -189,9 +214,11 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     )
     losses = {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
-    cal_errors = reconstruction_errors(model, cal_x)
-    threshold_value = policy.threshold(cal_errors)
     latent_dim = int(model.get_layer("encoder").output.shape[-1])
+    score_parameters = score_parameters_for(config.score, model, val_x)
+    score = score_function_of(config.score, score_parameters)
+    cal_errors = reconstruction_errors(model, cal_x, score)
+    threshold_value = policy.threshold(cal_errors)
     training = Training(
         dataset=dataset.name,
         classes=config.classes,
@@ -214,6 +241,8 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         model_version="pending",
         input_dim=input_dim,
         latent_dim=latent_dim,
+        score=config.score,
+        score_parameters=score_parameters,
         preprocessing=preprocessing,
         statistics=Statistics.of(cal_errors),
         threshold=Threshold(

@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from worker.dense_stack import DENSE_STACK_FILE, DenseStack
 from worker.errors import ArtifactError
+from worker.scores import DEFAULT_TOP_K_PERCENT, NMSE_EPSILON, ScoreFunction, ScoreName
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.1"  # 1.1: optional dense_stack.npz
+SCHEMA_VERSION = "1.1"  # 1.1: optional dense_stack.npz; score nmse, top-k, mahalanobis
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
@@ -90,6 +91,17 @@ class Preprocessing(_Strict):
     feature_std: list[float] | None = None
 
 
+class ScoreParameters(_Strict):
+    """What the non-default scores need (worker.scores); written only for them."""
+
+    top_k_percent: float = Field(DEFAULT_TOP_K_PERCENT, gt=0, le=100)
+    nmse_epsilon: float = Field(NMSE_EPSILON, gt=0)
+    latent_mean: list[float] | None = Field(None, description="mahalanobis: mean of normal codes")
+    latent_precision: list[list[float]] | None = Field(
+        None, description="mahalanobis: inverse covariance of normal codes (Ledoit-Wolf)"
+    )
+
+
 class Training(_Strict):
     """What produced the model, enough to reproduce it."""
 
@@ -118,12 +130,41 @@ class Baseline(_Strict):
     model_version: str = Field(description="sha256 of model.keras, first 16 hex digits")
     input_dim: int = Field(gt=0)
     latent_dim: int | None = None
-    score: Literal["mse"] = "mse"
+    score: ScoreName = Field(
+        "mse", description="what the threshold applies to: mse, nmse, top-k, mahalanobis"
+    )
+    score_parameters: ScoreParameters | None = None
     preprocessing: Preprocessing = Preprocessing()
     statistics: Statistics
     threshold: Threshold
     calibration_errors_file: str = ERRORS_FILE
     training: Training
+
+    @model_validator(mode="after")
+    def _score_has_its_parameters(self) -> Baseline:
+        if self.score != "mahalanobis":
+            return self
+        params = self.score_parameters
+        if params is None or params.latent_mean is None or params.latent_precision is None:
+            raise ValueError("score 'mahalanobis' needs score_parameters.latent_mean and latent_precision")
+        size = len(params.latent_mean)
+        if self.latent_dim is not None and size != self.latent_dim:
+            raise ValueError(f"latent_mean has {size} values, expected latent_dim {self.latent_dim}")
+        if len(params.latent_precision) != size or any(len(row) != size for row in params.latent_precision):
+            raise ValueError(f"latent_precision must be {size} x {size}")
+        return self
+
+    def score_function(self) -> ScoreFunction:
+        """The score the threshold was calibrated on, ready to apply."""
+        return score_function_of(self.score, self.score_parameters)
+
+
+def score_function_of(name: ScoreName, parameters: ScoreParameters | None) -> ScoreFunction:
+    """A score and its stored parameters as the function both trainer and worker apply."""
+    p = parameters or ScoreParameters()
+    mean = None if p.latent_mean is None else np.asarray(p.latent_mean, np.float64)
+    precision = None if p.latent_precision is None else np.asarray(p.latent_precision, np.float64)
+    return ScoreFunction(name, p.top_k_percent, p.nmse_epsilon, mean, precision)
 
 
 class Manifest(_Strict):
@@ -280,7 +321,9 @@ def write_artifact(out: str | os.PathLike[str], stage: Callable[[Path], Baseline
         version = model_version_of(model_bytes)
         baseline = baseline.model_copy(update={"model_version": version})
         Baseline.model_validate(baseline.model_dump())  # re-check after the update
-        (tmp / BASELINE_FILE).write_text(baseline.model_dump_json(indent=2) + "\n")
+        # Left out when unused, so a 1.0 worker still reads an mse artifact of 1.1.
+        unused = {"score_parameters"} if baseline.score_parameters is None else None
+        (tmp / BASELINE_FILE).write_text(baseline.model_dump_json(indent=2, exclude=unused) + "\n")
         files = {
             p.name: sha256_hex(p.read_bytes())
             for p in sorted(tmp.iterdir())

@@ -22,7 +22,8 @@ from prometheus_client import (
 )
 
 # Reconstruction MSE of 28x28 images spans about 1e-3 (clean digits) to 0.3 (noise).
-SCORE_BUCKETS = tuple(round(0.001 * 1.5**i, 6) for i in range(18))
+# 0.001 to about 128: MSE lives at the low end, nmse and mahalanobis distances higher up.
+SCORE_BUCKETS = tuple(round(0.001 * 1.5**i, 6) for i in range(30))
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)

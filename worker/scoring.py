@@ -1,6 +1,7 @@
 """Batch -> scores -> decisions. No Redis, no globals.
 
-Two engines compute the same per-image reconstruction MSE:
+Two engines compute the same per-image score (the artifact's: reconstruction MSE by default,
+or nmse, top-k or mahalanobis as worker.scores defines them):
 - `NumpyScorer` runs a dense autoencoder from the artifact's dense_stack.npz with a few matrix
   products. It never imports TensorFlow, which saves about 600 MB and most of the start time,
   and it has no per-call framework overhead.
@@ -98,7 +99,7 @@ def _check_width(images: np.ndarray, input_dim: int) -> None:
 
 
 class NumpyScorer:
-    """Per-image reconstruction MSE from the artifact's dense stack, in numpy (no TensorFlow)."""
+    """Per-image scores from the artifact's dense stack, in numpy (no TensorFlow)."""
 
     engine = "numpy"
 
@@ -112,6 +113,7 @@ class NumpyScorer:
         self.stack = artifact.dense_stack
         self.model_version = artifact.baseline.model_version
         self.input_dim = artifact.baseline.input_dim
+        self.score = artifact.baseline.score_function()
         self._standardization = _standardization(artifact)
 
     def warm_up(self, up_to: int) -> None:
@@ -119,20 +121,23 @@ class NumpyScorer:
         self.score_batch(np.zeros((min(up_to, 8), self.input_dim), np.float32))
 
     def score_batch(self, images: np.ndarray) -> np.ndarray:
-        """Per-row MSE of a (n, D) float32 batch."""
+        """Per-row score of a (n, D) float32 batch."""
         _check_width(images, self.input_dim)
         x = np.asarray(images, np.float32)
         if self._standardization is not None:
             mean, inv_std = self._standardization
             x = (x - mean) * inv_std
-        residual = self.stack.reconstruct(x)
+        if self.score.name != "mse":
+            codes = self.stack.encode(x) if self.score.needs_codes else None
+            return self.score(x, self.stack.reconstruct(x), codes)
+        residual = self.stack.reconstruct(x)  # mse in place: no temporaries of batch x D
         np.subtract(x, residual, out=residual)
         per_row = np.einsum("ij,ij->i", residual, residual)
         return per_row.astype(np.float64) / self.input_dim
 
 
 class KerasScorer:
-    """Per-image reconstruction MSE from the artifact's Keras model, XLA-compiled per batch size."""
+    """Per-image scores from the artifact's Keras model, XLA-compiled per batch size."""
 
     engine = "tensorflow"
 
@@ -157,14 +162,20 @@ class KerasScorer:
         model = self.model
         mean_t = tf.constant(mean)
         inv_std_t = tf.constant(inv_std)
+        self.score = score = artifact.baseline.score_function()
+        encoder = model.get_layer("encoder") if score.needs_codes else None
 
-        def mse(x: Any) -> Any:
+        def forward(x: Any) -> tuple[Any, ...]:
             z = (x - mean_t) * inv_std_t
             recon = model(z, training=False)
-            return tf.reduce_mean(tf.square(z - recon), axis=1)
+            if score.name == "mse":  # reduced in the graph: only n numbers leave it
+                return (tf.reduce_mean(tf.square(z - recon), axis=1),)
+            if encoder is None:
+                return (z, recon)
+            return (z, recon, encoder(z, training=False))
 
         # One concrete function per padded size: no retracing, and each compiled once by XLA.
-        self._function = tf.function(mse, jit_compile=jit)
+        self._function = tf.function(forward, jit_compile=jit)
         self._by_size: dict[int, Any] = {}
         self._tf = tf
 
@@ -177,16 +188,16 @@ class KerasScorer:
                 break
             size *= 2
 
-    def _run(self, padded: np.ndarray) -> np.ndarray:
+    def _run(self, padded: np.ndarray) -> list[np.ndarray]:
         size = padded.shape[0]
         fn = self._by_size.get(size)
         if fn is None:
             spec = self._tf.TensorSpec((size, self.input_dim), self._tf.float32)
             fn = self._by_size[size] = self._function.get_concrete_function(spec)
-        return np.asarray(fn(self._tf.constant(padded)))
+        return [np.asarray(t) for t in fn(self._tf.constant(padded))]
 
     def score_batch(self, images: np.ndarray) -> np.ndarray:
-        """Per-row MSE of a (n, D) float32 batch; one forward pass per <= max_batch rows."""
+        """Per-row score of a (n, D) float32 batch; one forward pass per <= max_batch rows."""
         n = images.shape[0]
         _check_width(images, self.input_dim)
         if n == 0:
@@ -197,7 +208,9 @@ class KerasScorer:
             size = _bucket(chunk.shape[0])
             padded = np.zeros((size, self.input_dim), np.float32)
             padded[: chunk.shape[0]] = chunk
-            out[start : start + chunk.shape[0]] = self._run(padded)[: chunk.shape[0]]
+            rows = chunk.shape[0]
+            outputs = [t[:rows] for t in self._run(padded)]
+            out[start : start + rows] = outputs[0] if self.score.name == "mse" else self.score(*outputs)
         return out
 
 

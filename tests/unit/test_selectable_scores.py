@@ -1,0 +1,99 @@
+"""A score chosen at training (--score) is calibrated, stored and computed by the worker alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import mnist_sample
+from worker.artifact import BASELINE_FILE, load_artifact
+from worker.scoring import KerasScorer, NumpyScorer
+
+ALTERNATIVES = ["nmse", "top-k", "mahalanobis"]
+
+
+def _sample_dataset():  # type: ignore[no-untyped-def]
+    from trainer.data import Dataset, Split
+
+    x, y = mnist_sample(2500, seed=11)
+    return Dataset("mnist-sample", Split(x[:2000], y[:2000]), Split(x[2000:], y[2000:]), "test")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny artifact per alternative score, same data and seed."""
+    from trainer.train import TrainConfig, train
+
+    dataset = _sample_dataset()
+    out: dict[str, Path] = {}
+    for score in ALTERNATIVES:
+        path = tmp_path_factory.mktemp("scores") / score
+        config = TrainConfig(
+            out=path,
+            architecture="dense-32",
+            epochs=2,
+            batch_size=128,
+            seed=3,
+            score=score,  # type: ignore[arg-type]
+            report=False,
+            progress=False,
+        )
+        out[score] = train(config, dataset).artifact
+    return out
+
+
+@pytest.mark.parametrize("score", ALTERNATIVES)
+def test_both_engines_compute_the_score_the_threshold_was_calibrated_on(
+    trained: dict[str, Path], score: str
+) -> None:
+    from trainer.evaluate import recover_splits
+
+    artifact = load_artifact(trained[score])
+    assert artifact.baseline.score == score
+    splits = recover_splits(artifact.baseline, _sample_dataset())
+    assert splits is not None
+    for scorer in (NumpyScorer(artifact), KerasScorer(artifact, max_batch=64)):
+        recomputed = np.sort(scorer.score_batch(splits.calibration))
+        np.testing.assert_allclose(recomputed, artifact.calibration_errors, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("score", ALTERNATIVES)
+def test_alternative_scores_rank_rotated_digits_above_upright_ones(
+    trained: dict[str, Path], score: str
+) -> None:
+    from trainer.data import rotate90
+
+    x, _ = mnist_sample(400, seed=12)
+    scorer = NumpyScorer(load_artifact(trained[score]))
+    assert np.median(scorer.score_batch(rotate90(x))) > np.median(scorer.score_batch(x))
+
+
+def test_mahalanobis_stores_the_normal_code_gaussian(trained: dict[str, Path]) -> None:
+    baseline = load_artifact(trained["mahalanobis"]).baseline
+    params = baseline.score_parameters
+    assert params is not None and params.latent_mean is not None and params.latent_precision is not None
+    assert len(params.latent_mean) == baseline.latent_dim == 32
+    precision = np.asarray(params.latent_precision)
+    np.testing.assert_allclose(precision, precision.T, atol=1e-8)  # a valid inverse covariance
+    assert np.linalg.eigvalsh(precision).min() > 0
+
+
+def test_an_mse_artifact_stays_readable_by_a_1_0_worker(tiny_artifact: Path) -> None:
+    raw = json.loads((tiny_artifact / BASELINE_FILE).read_text())
+    assert raw["score"] == "mse" and "score_parameters" not in raw
+
+
+def test_mahalanobis_without_its_gaussian_is_refused(trained: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from tests.unit.test_artifact import _rewrite
+    from worker.errors import ArtifactError
+
+    path = tmp_path / "broken"
+    shutil.copytree(trained["mahalanobis"], path)
+    _rewrite(path, BASELINE_FILE, lambda d: d.pop("score_parameters"))
+    with pytest.raises(ArtifactError, match=r"needs score_parameters\.latent_mean and latent_precision"):
+        load_artifact(path)
