@@ -176,11 +176,10 @@ def _decode_uniform(
             np.frombuffer(joined, dtype=np.uint8).reshape(n, dim), np.float32(uint8_scale), out=images
         )
     else:
-        block = np.frombuffer(joined, dtype="<f4").reshape(n, dim)
-        with np.errstate(invalid="ignore"):  # NaN and inf fail a comparison: the long way names them
-            if not ((block >= 0.0) & (block <= 1.0)).all():
-                return None
-        images = block.astype(np.float32)  # a writable copy in native byte order
+        images = np.frombuffer(joined, dtype="<f4").astype(np.float32).reshape(n, dim)  # writable copy
+        # min and max are NaN if any value is, and NaN fails both tests: the long way names it.
+        if not (images.min() >= 0.0 and images.max() <= 1.0):
+            return None
     return DecodedBatch(
         ids=[entry_id for entry_id, _ in entries],
         fields=fields,

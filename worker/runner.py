@@ -3,10 +3,11 @@
 `Runner.run_once()` is one iteration and `Runner.drain()` a burst (handle what is there, then
 return), so the real loop is tested synchronously. `run()` adds the fault handling around it.
 
-With a backlog (a full batch just read), the next batch is read and decoded while this one is
-scored and committed on a second thread: the forward pass (numpy and TensorFlow release the GIL)
-and the two Redis round trips overlap (ANOMALY_PREFETCH). The prefetched batch is only held in
-memory; until it is committed it stays pending in Redis like any other.
+With a backlog (a read that filled a quarter of the batch or more), the next batch is read and
+decoded while this one is scored and committed on a second thread: the forward pass (numpy and
+TensorFlow release the GIL) and the two Redis round trips overlap (ANOMALY_PREFETCH). The
+prefetched batch is only held in memory; until it is committed it stays pending in Redis like
+any other.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ from worker.stream import (
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_SECONDS = 60.0
+# A read that filled this share of the batch means entries arrive faster than single batches
+# are handled: read the next one while this one is scored. Below it, the read ahead would
+# mostly come back empty (one wasted round trip per small batch at low rates).
+PREFETCH_FROM_SHARE = 0.25
 KNOWN_DTYPES = frozenset(d.encode() for d in DTYPES)
 DELETED_REASON = "entry was trimmed from the input stream before it was scored; its data is lost"
 # Dead-letter entries carry these; an original field of the same name is kept as original:<name>.
@@ -207,6 +212,7 @@ class Runner:
         self._next_prune = 0.0
         self._next_reload_check = monotonic() + settings.reload_poll_seconds
         self._prefetched: Prefetched | None = None
+        self._prefetch_from = max(1, math.ceil(settings.batch_size * PREFETCH_FROM_SHARE))
         self._scoring_thread: ThreadPoolExecutor | None = None
         self._publish_model()
         self.health.model_loaded = True
@@ -321,7 +327,7 @@ class Runner:
             decoded = decode_batch(entries, model.scorer.input_dim, self.max_payload, model.uint8_scale)
         decoded.rejected.extend(poison)
         handled = len(entries) + len(poison)
-        backlog = len(entries) >= self.settings.batch_size and not check_deliveries
+        backlog = len(entries) >= self._prefetch_from and not check_deliveries
         if not (backlog and self.settings.prefetch and not self.stop_event.is_set()):
             self._score_and_commit(model, decoded, handled, started, now_ms)
             return

@@ -78,7 +78,8 @@ class WorkerSettings(BaseSettings):
     )
     prefetch: bool = Field(
         True,
-        description="with a backlog, read and decode the next batch while this one is scored",
+        description="with a backlog (a read that filled a quarter of the batch or more), read and "
+        "decode the next batch while this one is scored and committed",
     )
     scoring_threads: int = Field(
         1,

@@ -67,6 +67,7 @@ def test_worker_scores_on_a_cluster_with_hash_tagged_streams(cluster: list[Redis
         consumer="c1",
         reload_poll_seconds=0,
         dead_consumer_idle_ms=1,
+        batch_size=2,  # full batches: the commit runs on the scoring thread while the next is read
     )
     client = make_redis(settings)
     runner = build_runner(client, settings)

@@ -335,11 +335,31 @@ def test_with_a_backlog_the_next_batch_is_read_while_this_one_is_committed(r, ma
     assert r.xlen("anomalies") == 17  # the first batch is committed when run_once returns...
     assert pending(r) == 50  # ...and the second is read (pending in Redis) but not yet handled
     assert runner.run_once() == 50  # handled from memory: the stream's next 20 are read meanwhile
-    assert runner.run_once() == 20  # not a full batch: no read ahead
+    assert runner.run_once() == 20  # still a backlog (a quarter of 50 or more): its read ahead is empty
     assert pending(r) == 0 and r.xlen("anomalies") == 40
     assert runner.model.scorer.calls == [50, 50, 20]  # type: ignore[attr-defined]
     sources = [e["source_id"] for e in stream(r, "anomalies")]
     assert len(set(sources)) == 40  # each flagged entry published once
+
+
+def test_a_small_batch_does_not_read_ahead(r, make_runner) -> None:
+    runner = make_runner(batch_size=50)
+    reads: list[int | None] = []
+    read_new = runner.stream.read_new
+
+    def counted(count: int, block_ms: int | None) -> list:
+        reads.append(block_ms)
+        return read_new(count, block_ms)
+
+    runner.stream.read_new = counted  # type: ignore[method-assign]
+    for _ in range(12):  # under a quarter of the batch: entries trickle in, nothing to overlap
+        push(r, 0.1)
+    assert runner.run_once(block_ms=5) == 12
+    assert reads == [5]  # the one blocking read, no read ahead
+    for _ in range(13):
+        push(r, 0.1)
+    assert runner.run_once(block_ms=5) == 13
+    assert reads == [5, 5, None]  # a quarter of the batch: the next is read ahead, without blocking
 
 
 def test_without_prefetch_a_full_batch_reads_nothing_ahead(r, make_runner) -> None:
