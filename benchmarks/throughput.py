@@ -19,10 +19,12 @@ kills at the end. The steps:
    acknowledged. Each drain is paired with a bare-loop pass over the same entries just before it,
    so the ratio compares two numbers taken under the same machine load;
 5. paced runs: a producer at half the worker's maximum rate, and at 5,000 msg/s, with the worker
-   as deployed (no scores stream). Latency of each flagged message (a few percent of MNIST digits
-   are flagged, a sample of every batch) is (id of its output entry, stamped by Redis at commit) -
-   (id of its input entry, stamped by Redis at XADD), both in Redis' milliseconds; the worker's own
-   anomaly_end_to_end_latency_seconds histogram covers every message;
+   as deployed (no scores stream); the producer writes pre-encoded XADDs on a raw socket, so it
+   takes little of the cores the worker and Redis share with it. Latency of each flagged message
+   (a few percent of MNIST digits are flagged, a sample of every batch) is (id of its output
+   entry, stamped by Redis at commit) - (id of its input entry, stamped by Redis at XADD), both in
+   Redis' milliseconds; the worker's own anomaly_end_to_end_latency_seconds histogram covers every
+   message;
 6. two workers on one group; the TensorFlow engine on the same drain for reference; start-to-ready
    time; resident memory, and in the full run its trend over a 10-minute paced run.
 
