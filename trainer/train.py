@@ -125,13 +125,11 @@ def score_parameters_for(name: ScoreName, model: Any, validation: np.ndarray) ->
         return None
     if name != "mahalanobis":
         return ScoreParameters()
-    from sklearn.covariance import LedoitWolf
+    from trainer.evaluate import LatentGaussian  # evaluate imports this module: import when needed
 
-    codes = np.asarray(model.get_layer("encoder").predict(validation, batch_size=1024, verbose=0), np.float64)
-    if codes.shape[0] < 2:
-        raise ValueError(f"the mahalanobis score needs at least 2 validation images, found {codes.shape[0]}")
-    fitted = LedoitWolf().fit(codes)
-    return ScoreParameters(latent_mean=fitted.location_.tolist(), latent_precision=fitted.precision_.tolist())
+    codes = model.get_layer("encoder").predict(validation, batch_size=1024, verbose=0)
+    gaussian = LatentGaussian.fit(codes)  # the same fit the evaluation makes on the same split
+    return ScoreParameters(latent_mean=gaussian.mean.tolist(), latent_precision=gaussian.precision.tolist())
 
 
 # A feature that barely varies in training (an image border) would turn any later deviation
