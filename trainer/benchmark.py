@@ -24,6 +24,8 @@ from trainer.data import Dataset
 from trainer.evaluate import DEFAULT_TOP_K_PERCENT, SCORES, ScoreModel, auroc
 from trainer.models import build_model
 from trainer.train import Splits, split_normal
+from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
+from worker.transforms import TransformScorer, TransformSet
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class BenchmarkConfig:
     holdout_fraction: float = 0.2
     max_samples: int | None = None
     top_k_percent: float = DEFAULT_TOP_K_PERCENT
+    transforms: str | None = "geometric"  # the transformation classifier's set; None: no classifier
+    transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,8 @@ class BenchmarkResult:
         """benchmarks/results/ name: dataset, architecture, epochs, and any subset used."""
         c = self.config
         stem = f"one-class-{c.dataset}-{c.architecture}-e{c.epochs}"
+        if c.transforms is not None:
+            stem += f"-{c.transforms}"
         if sorted(c.classes) != list(range(10)):
             stem += "-c" + "".join(str(k) for k in c.classes)
         if c.max_samples is not None:
@@ -117,7 +123,12 @@ class BenchmarkResult:
             f"Train on one class's training images, score the whole test set, the other classes are "
             f"anomalies. Up to {c.epochs} epochs (early stopping on held-out loss, patience {c.patience}), "
             f"batch {c.batch_size}, Adam {c.learning_rate:g}, seed {c.seed}, "
-            f"max samples {c.max_samples or 'all'}, top-k {c.top_k_percent:g}%.",
+            f"max samples {c.max_samples or 'all'}, top-k {c.top_k_percent:g}%. "
+            + (
+                f"Transformation classifier: {c.transforms} set, up to {c.transform_epochs} epochs."
+                if c.transforms
+                else "No transformation classifier."
+            ),
             f"Wall time {self.wall_seconds:.0f} s on {self.machine.get('cpu_count')} CPU cores "
             f"(TensorFlow {self.machine.get('tensorflow')}), {self.created_at}.",
             "",
@@ -168,8 +179,17 @@ def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) 
     if normal.shape[0] == 0:
         raise ValueError(f"no training images of class {normal_class} in {dataset.name}")
     model, splits, history = fit_autoencoder(normal, config)
-    scorer = ScoreModel(model, lambda x: x, top_k_percent=config.top_k_percent)
+    transform_scorer = None
+    if config.transforms is not None:
+        classifier, _ = train_transform_classifier(
+            splits.fit, splits.validation, config.transforms, config.transform_epochs, seed=config.seed
+        )
+        transform_scorer = TransformScorer(TransformSet.named(config.transforms, normal.shape[1]), classifier)
+    scorer = ScoreModel(
+        model, lambda x: x, top_k_percent=config.top_k_percent, transform_scorer=transform_scorer
+    )
     scorer.fit_latent(splits.validation)
+    scorer.fit_combination(splits.validation)
     scores = scorer.scores(dataset.test.x)
     is_normal = y_test == normal_class
     result = ClassResult(

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from trainer.data import Dataset
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
 from worker.scores import SCORES
+from worker.transforms import TRANSFORM_SETS
 
 
 def _classes(text: str) -> list[int]:
@@ -89,7 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="mse",
         help="what the threshold applies to and the worker computes: mse (default), nmse (mse "
         "relative to the image's ink), top-k (mean of the 5%% largest pixel errors), mahalanobis "
-        "(distance of the latent code to normal codes); `evaluate` compares them",
+        "(distance of the latent code to normal codes), transforms (a self-supervised classifier's "
+        "doubt about which rotation/flip/shift was applied; square images), mse+transforms and "
+        "nmse+transforms (both parts, standardised and summed: the best on the benchmarks, "
+        "docs/detection.md); `evaluate` compares them",
+    )
+    t.add_argument(
+        "--transforms",
+        choices=list(TRANSFORM_SETS),
+        default="geometric",
+        help="the transformation scores' set: rotations (4) or geometric (72: flips x shifts x "
+        "rotations, the stronger and 18 times costlier to score) (default: geometric)",
+    )
+    t.add_argument(
+        "--transform-epochs",
+        type=_positive,
+        default=DEFAULT_TRANSFORM_EPOCHS,
+        help=f"maximum epochs of the transformation classifier (default: {DEFAULT_TRANSFORM_EPOCHS})",
     )
     t.add_argument(
         "--seed",
@@ -181,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="(default: 0)")
     b.add_argument("--top-k", type=_percent, default=5.0, help="top-k%% pixel error score's k (default: 5)")
     b.add_argument(
+        "--transforms",
+        choices=[*TRANSFORM_SETS, "none"],
+        default="geometric",
+        help="also train the self-supervised transformation classifier on this set and compare the "
+        "transforms, mse+transforms and nmse+transforms scores (default: geometric; none skips it "
+        "and halves the time)",
+    )
+    b.add_argument(
+        "--transform-epochs",
+        type=_positive,
+        default=DEFAULT_TRANSFORM_EPOCHS,
+        help=f"maximum epochs of the transformation classifier (default: {DEFAULT_TRANSFORM_EPOCHS})",
+    )
+    b.add_argument(
         "--out-dir",
         type=Path,
         help="folder for the JSON and markdown results (default: benchmarks/results/ of the project)",
@@ -231,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             learning_rate=args.learning_rate,
             threshold=args.threshold,
             score=args.score,
+            transforms=args.transforms,
+            transform_epochs=args.transform_epochs,
             seed=args.seed,
             holdout_fraction=args.holdout_fraction,
             max_samples=args.max_samples,
@@ -333,6 +367,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_samples=args.max_samples,
         top_k_percent=args.top_k,
+        transforms=None if args.transforms == "none" else args.transforms,
+        transform_epochs=args.transform_epochs,
     )
     dataset = load_dataset(args.dataset, args.data_dir)
 

@@ -1,9 +1,11 @@
 """How well a model separates normal from anomalous images: AUROC, average precision, flag rates.
 
-The four per-image scores of worker.scores are compared: mse, nmse, top-k and mahalanobis (the
+The per-image scores of worker.scores are compared: mse, nmse, top-k and mahalanobis, and with a
+transformation classifier (worker.transforms) transforms, mse+transforms and nmse+transforms (the
 artifact's own one, `baseline.score`, is what the worker computes). The Gaussian of normal codes
-is fitted on the validation split of the normal training images, and the other scores'
-thresholds come from the calibration split, so no statistic ever sees the test set.
+and the standardisation of the combined scores are fitted on the validation split of the normal
+training images, and the other scores' thresholds come from the calibration split, so no
+statistic ever sees the test set.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from worker.errors import ThresholdPolicyError
 from worker.scores import (
     DEFAULT_TOP_K_PERCENT,
     SCORES,
+    combine,
     mahalanobis_distances,
     mse_scores,
     nmse_scores,
     top_k_scores,
 )
 from worker.thresholds import flag_rate, parse_policy
+from worker.transforms import TransformScorer
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +101,16 @@ class ScoreModel:
         transform: Transform,
         latent: LatentGaussian | None = None,
         top_k_percent: float = DEFAULT_TOP_K_PERCENT,
+        transform_scorer: TransformScorer | None = None,
     ) -> None:
         self.model = model
         self.encoder = model.get_layer("encoder")
         self.transform = transform
         self.latent = latent
         self.top_k_percent = top_k_percent
+        self.transform_scorer = transform_scorer
+        # (mean, std) of (reconstruction score, transforms) on normal images, per combined score.
+        self.combination: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
 
     def codes(self, x: np.ndarray) -> np.ndarray:
         """Encoder output for raw images in [0, 1]."""
@@ -111,6 +119,14 @@ class ScoreModel:
     def fit_latent(self, normal: np.ndarray) -> None:
         """Fit the code-space Gaussian on normal (held-out) images."""
         self.latent = LatentGaussian.fit(self.codes(normal))
+
+    def fit_combination(self, normal: np.ndarray) -> None:
+        """Standardise the combined scores' parts with their mean and std on normal (held-out) images."""
+        scores = self.scores(normal)
+        if "transforms" not in scores:
+            return
+        for name in ("mse", "nmse"):
+            self.combination[f"{name}+transforms"] = combination_of(scores[name], scores["transforms"])
 
     def scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every score of every row of raw images `x`; errors in model space, as the worker does."""
@@ -124,7 +140,20 @@ class ScoreModel:
         if self.latent is not None:
             codes = np.asarray(self.encoder.predict(z, batch_size=1024, verbose=0))
             out["mahalanobis"] = self.latent.distance(codes)
+        if self.transform_scorer is not None:
+            out["transforms"] = self.transform_scorer(z)
+            for name, (mean, std) in self.combination.items():
+                out[name] = combine(out[name.partition("+")[0]], out["transforms"], mean, std)
         return out
+
+
+def combination_of(
+    reconstruction: np.ndarray, transforms: np.ndarray
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(mean, std) of both parts of a combined score, measured on normal images."""
+    mean = (float(np.mean(reconstruction)), float(np.mean(transforms)))
+    std = (max(float(np.std(reconstruction)), 1e-12), max(float(np.std(transforms)), 1e-12))
+    return mean, std
 
 
 @dataclass(frozen=True)
@@ -304,10 +333,12 @@ def evaluate_model(
     transform: Transform,
     top_k_percent: float = DEFAULT_TOP_K_PERCENT,
     latent_fit: str = "validation split of the normal training images",
+    transform_scorer: TransformScorer | None = None,
 ) -> tuple[Evaluation, ScoreModel, dict[str, dict[str, np.ndarray]]]:
     """Evaluate a trained model on `dataset`'s test split; also returns the scores for the report."""
-    scorer = ScoreModel(model, transform, top_k_percent=top_k_percent)
+    scorer = ScoreModel(model, transform, top_k_percent=top_k_percent, transform_scorer=transform_scorer)
     scorer.fit_latent(splits.validation)
+    scorer.fit_combination(splits.validation)
     calibration = scorer.scores(splits.calibration)
     thresholds = thresholds_for(
         baseline.threshold.policy, calibration, baseline.threshold.value, baseline.score
@@ -341,7 +372,7 @@ def held_out_splits(artifact: LoadedArtifact, dataset: Dataset, model: Any, tran
             f"{artifact.baseline.training.dataset!r} classes {artifact.baseline.training.classes}, "
             f"and the counts do not fit dataset {dataset.name!r}"
         )
-    score = artifact.baseline.score_function()
+    score = artifact.score_function()
     recomputed = np.sort(reconstruction_errors(model, transform(splits.calibration), score))
     if not np.allclose(recomputed, artifact.calibration_errors, rtol=1e-3, atol=1e-7):
         worst = float(np.max(np.abs(recomputed - artifact.calibration_errors)))
@@ -364,6 +395,12 @@ def evaluate_artifact(
     transform = preprocessing_of(artifact.baseline)
     splits = held_out_splits(artifact, dataset, model, transform)
     evaluation, scorer, scores = evaluate_model(
-        model, artifact.baseline, dataset, splits, transform, top_k_percent
+        model,
+        artifact.baseline,
+        dataset,
+        splits,
+        transform,
+        top_k_percent,
+        transform_scorer=artifact.score_function().transform_scorer,
     )
     return evaluation, scorer, scores, splits

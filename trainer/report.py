@@ -20,6 +20,7 @@ import numpy as np
 from trainer.data import Dataset
 from trainer.train import Splits
 from worker.artifact import MODEL_FILE, Baseline, model_version_of
+from worker.transforms import TransformScorer
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.png"
@@ -32,6 +33,9 @@ SCORE_TITLES = {
     "nmse": "reconstruction MSE relative to the image's ink",
     "top-k": "mean of the largest pixel errors",
     "mahalanobis": "Mahalanobis distance of the latent code",
+    "transforms": "doubt of the transformation classifier",
+    "mse+transforms": "standardised MSE + transformation doubt",
+    "nmse+transforms": "standardised relative MSE + transformation doubt",
 }
 
 
@@ -43,6 +47,7 @@ def write_report(
     splits: Splits,
     transform: Callable[[np.ndarray], np.ndarray],
     n_examples: int = 12,
+    transform_scorer: TransformScorer | None = None,
 ) -> Path | None:
     """Draw out_dir/report.png and report.html; skip with a log line when matplotlib is absent."""
     try:
@@ -60,12 +65,16 @@ def write_report(
         baseline = baseline.model_copy(update={"model_version": version})
     evaluation = None
     try:
-        evaluation, scorer, _ = evaluate_model(model, baseline, dataset, splits, transform)
+        evaluation, scorer, _ = evaluate_model(
+            model, baseline, dataset, splits, transform, transform_scorer=transform_scorer
+        )
     except ValueError as exc:  # e.g. an unlabelled, non-square .npy dataset has no anomaly sets
         log.warning("report without evaluation reason=%s", exc)
         from trainer.evaluate import ScoreModel
 
-        scorer = ScoreModel(model, transform)
+        scorer = ScoreModel(model, transform, transform_scorer=transform_scorer)
+        scorer.fit_latent(splits.validation)
+        scorer.fit_combination(splits.validation)
     png = _draw_png(out_dir / REPORT_FILE, baseline, dataset, splits, scorer, evaluation, n_examples)
     _write_html(out_dir / REPORT_HTML, baseline, evaluation)
     return png
@@ -82,7 +91,15 @@ def report_from_artifact(artifact_path: Path, dataset: Dataset, out_dir: Path) -
     transform = preprocessing_of(artifact.baseline)
     splits = held_out_splits(artifact, dataset, model, transform)
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = write_report(out_dir, model, artifact.baseline, dataset, splits, transform)
+    png = write_report(
+        out_dir,
+        model,
+        artifact.baseline,
+        dataset,
+        splits,
+        transform,
+        transform_scorer=artifact.score_function().transform_scorer,
+    )
     return [p for p in (png, out_dir / REPORT_HTML) if p is not None and p.exists()]
 
 
@@ -138,8 +155,14 @@ def _draw_png(
     ax.grid(alpha=0.3, which="both")
 
     ax = fig.add_subplot(grid[0, 1])
-    positive = np.concatenate([e[e > 0] for e in errors.values()] + [np.array([t.value])])
-    bins = np.geomspace(positive.min(), positive.max(), 70)
+    # Combined scores are sums of z-scores, so they can be negative: a linear axis then.
+    log_scale = t.value > 0 and all(bool(np.all(e > 0)) for e in errors.values())
+    if log_scale:
+        positive = np.concatenate([e[e > 0] for e in errors.values()] + [np.array([t.value])])
+        bins = np.geomspace(positive.min(), positive.max(), 70)
+    else:
+        every = np.concatenate([*errors.values(), np.array([t.value])])
+        bins = np.linspace(every.min(), max(float(np.percentile(every, 99.5)), t.value), 70)
     for name, values in errors.items():
         ax.hist(
             np.clip(values, bins[0], bins[-1]),
@@ -153,10 +176,11 @@ def _draw_png(
     ax.axvline(
         t.value, color="red", linestyle="--", linewidth=2, label=f"threshold {t.policy} = {t.value:.4g}"
     )
-    ax.set_xscale("log")
+    if log_scale:
+        ax.set_xscale("log")
     ax.set(
         title=f"Per-image anomaly score ({SCORE_TITLES.get(score, score)})",
-        xlabel=f"{score} (log scale)",
+        xlabel=f"{score} (log scale)" if log_scale else f"{score} (values above the axis counted at its end)",
         ylabel="share of set",
     )
     ax.legend(loc="upper left", fontsize=9)

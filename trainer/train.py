@@ -15,6 +15,7 @@ import numpy as np
 from trainer.data import Dataset
 from trainer.export import verified_dense_stack
 from trainer.models import DEFAULT_ARCHITECTURE, build_model
+from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
 from worker.artifact import (
     ERRORS_FILE,
     MODEL_FILE,
@@ -30,8 +31,15 @@ from worker.artifact import (
     write_artifact,
 )
 from worker.dense_stack import DENSE_STACK_FILE
-from worker.scores import ScoreFunction, ScoreName
+from worker.scores import TRANSFORM_SCORES, ScoreFunction, ScoreName
 from worker.thresholds import flag_rate, parse_policy
+from worker.transforms import (
+    TRANSFORM_CLASSIFIER_FILE,
+    TransformClassifier,
+    TransformScorer,
+    TransformSet,
+    TransformSetName,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,8 @@ class TrainConfig:
     learning_rate: float = 1e-3
     threshold: str = "mean+3std"
     score: ScoreName = "mse"
+    transforms: TransformSetName = "geometric"  # the classifier's set, for the transformation scores
+    transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
     seed: int = 0
     holdout_fraction: float = 0.2
     max_samples: int | None = None
@@ -119,10 +129,29 @@ def reconstruction_errors(
     return score(x, recon, codes)
 
 
-def score_parameters_for(name: ScoreName, model: Any, validation: np.ndarray) -> ScoreParameters | None:
-    """What the score needs besides the model; mahalanobis fits normal codes of the validation split."""
+def score_parameters_for(
+    name: ScoreName,
+    model: Any,
+    validation: np.ndarray,
+    classifier: TransformClassifier | None = None,
+    transforms: TransformSetName | None = None,
+) -> ScoreParameters | None:
+    """What the score needs besides the model, fitted on the validation split: the Gaussian of
+    normal codes (mahalanobis), the standardisation of both parts (mse/nmse+transforms)."""
     if name == "mse":
         return None
+    if name in TRANSFORM_SCORES:
+        if classifier is None or transforms is None:
+            raise ValueError(f"score {name!r} needs the transformation classifier")
+        if name == "transforms":
+            return ScoreParameters(transforms=transforms)
+        from trainer.evaluate import combination_of  # evaluate imports this module: import when needed
+
+        transform_scorer = TransformScorer(TransformSet.named(transforms, validation.shape[1]), classifier)
+        recon = model.predict(validation, batch_size=1024, verbose=0)
+        own = ScoreFunction("mse") if name == "mse+transforms" else ScoreFunction("nmse")
+        mean, std = combination_of(own(validation, recon), transform_scorer(validation))
+        return ScoreParameters(transforms=transforms, combine_mean=mean, combine_std=std)
     if name != "mahalanobis":
         return ScoreParameters()
     from trainer.evaluate import LatentGaussian  # evaluate imports this module: import when needed
@@ -212,9 +241,23 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     )
     losses = {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
+    classifier = None
+    if config.score in TRANSFORM_SCORES:
+        TransformSet.named(config.transforms, input_dim)  # square images only: say so before training
+        from trainer.transforms import train_transform_classifier
+
+        classifier, classifier_losses = train_transform_classifier(
+            fit_x,
+            val_x,
+            config.transforms,
+            config.transform_epochs,
+            seed=config.seed,
+            verbose=1 if show_progress else 0,
+        )
+        losses |= {f"transforms_{k}": v for k, v in classifier_losses.items()}
     latent_dim = int(model.get_layer("encoder").output.shape[-1])
-    score_parameters = score_parameters_for(config.score, model, val_x)
-    score = score_function_of(config.score, score_parameters)
+    score_parameters = score_parameters_for(config.score, model, val_x, classifier, config.transforms)
+    score = score_function_of(config.score, score_parameters, classifier, input_dim)
     cal_errors = reconstruction_errors(model, cal_x, score)
     threshold_value = policy.threshold(cal_errors)
     training = Training(
@@ -257,6 +300,8 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         model.save(tmp / MODEL_FILE)
         if dense_stack is not None:
             (tmp / DENSE_STACK_FILE).write_bytes(dense_stack.to_bytes())
+        if classifier is not None:
+            (tmp / TRANSFORM_CLASSIFIER_FILE).write_bytes(classifier.to_bytes())
         save_errors(tmp / ERRORS_FILE, cal_errors)
         # The report names the model, so the version is known before it is drawn.
         versioned = baseline.model_copy(
@@ -265,7 +310,9 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         if config.report:
             from trainer.report import write_report
 
-            write_report(tmp, model, versioned, dataset, splits, transform)
+            write_report(
+                tmp, model, versioned, dataset, splits, transform, transform_scorer=score.transform_scorer
+            )
         return versioned
 
     path = write_artifact(config.out, stage)

@@ -4,6 +4,8 @@ An artifact is a directory:
   model.keras              the Keras autoencoder (input D floats -> D floats)
   dense_stack.npz          optional, since 1.1: the same model as numpy arrays when it is a chain of
                            Dense layers (worker.dense_stack); the worker then runs without TensorFlow
+  transform_classifier.npz since 1.2, only for the transformation scores (worker.transforms): the
+                           self-supervised classifier of rotations/flips/shifts, as numpy arrays
   baseline.json            `Baseline` below: statistics, threshold policy, preprocessing, training
   calibration_errors.npy   sorted held-out normal errors (float64): p-values, policy switching
   manifest.json            sha256 of every other file; the worker refuses a mismatch
@@ -24,18 +26,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from worker.dense_stack import DENSE_STACK_FILE, DenseStack
 from worker.errors import ArtifactError
-from worker.scores import DEFAULT_TOP_K_PERCENT, NMSE_EPSILON, ScoreFunction, ScoreName
+from worker.scores import DEFAULT_TOP_K_PERCENT, NMSE_EPSILON, TRANSFORM_SCORES, ScoreFunction, ScoreName
+from worker.transforms import (
+    TRANSFORM_CLASSIFIER_FILE,
+    TransformClassifier,
+    TransformScorer,
+    TransformSet,
+    TransformSetName,
+)
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.1"  # 1.1: optional dense_stack.npz; score nmse, top-k, mahalanobis
+# 1.1: optional dense_stack.npz; scores nmse, top-k, mahalanobis.
+# 1.2: scores transforms, mse+transforms, nmse+transforms with transform_classifier.npz.
+SCHEMA_VERSION = "1.2"
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
@@ -100,6 +111,15 @@ class ScoreParameters(_Strict):
     latent_precision: list[list[float]] | None = Field(
         None, description="mahalanobis: inverse covariance of normal codes (Ledoit-Wolf)"
     )
+    transforms: TransformSetName | None = Field(
+        None, description="transformation scores: the set the classifier tells apart (rotations, geometric)"
+    )
+    combine_mean: tuple[float, float] | None = Field(
+        None, description="mse/nmse+transforms: held-out normal mean of (reconstruction, transforms)"
+    )
+    combine_std: tuple[float, float] | None = Field(
+        None, description="mse/nmse+transforms: held-out normal std of (reconstruction, transforms)"
+    )
 
 
 class Training(_Strict):
@@ -142,9 +162,17 @@ class Baseline(_Strict):
 
     @model_validator(mode="after")
     def _score_has_its_parameters(self) -> Baseline:
+        params = self.score_parameters
+        if self.score in TRANSFORM_SCORES:
+            if params is None or params.transforms is None:
+                raise ValueError(f"score {self.score!r} needs score_parameters.transforms")
+            if self.score != "transforms" and (params.combine_mean is None or params.combine_std is None):
+                raise ValueError(f"score {self.score!r} needs score_parameters.combine_mean and combine_std")
+            if params.combine_std is not None and min(params.combine_std) <= 0:
+                raise ValueError(f"combine_std must be positive, found {list(params.combine_std)}")
+            return self
         if self.score != "mahalanobis":
             return self
-        params = self.score_parameters
         if params is None or params.latent_mean is None or params.latent_precision is None:
             raise ValueError("score 'mahalanobis' needs score_parameters.latent_mean and latent_precision")
         size = len(params.latent_mean)
@@ -154,17 +182,32 @@ class Baseline(_Strict):
             raise ValueError(f"latent_precision must be {size} x {size}")
         return self
 
-    def score_function(self) -> ScoreFunction:
-        """The score the threshold was calibrated on, ready to apply."""
-        return score_function_of(self.score, self.score_parameters)
 
+def score_function_of(
+    name: ScoreName,
+    parameters: ScoreParameters | None,
+    classifier: TransformClassifier | None = None,
+    input_dim: int | None = None,
+) -> ScoreFunction:
+    """A score and its stored parameters as the function both trainer and worker apply.
 
-def score_function_of(name: ScoreName, parameters: ScoreParameters | None) -> ScoreFunction:
-    """A score and its stored parameters as the function both trainer and worker apply."""
+    The transformation scores also need the classifier and the image size (`input_dim`)."""
     p = parameters or ScoreParameters()
     mean = None if p.latent_mean is None else np.asarray(p.latent_mean, np.float64)
     precision = None if p.latent_precision is None else np.asarray(p.latent_precision, np.float64)
-    return ScoreFunction(name, p.top_k_percent, p.nmse_epsilon, mean, precision)
+    transform_scorer = None
+    if p.transforms is not None and classifier is not None and input_dim is not None:
+        transform_scorer = TransformScorer(TransformSet.named(p.transforms, input_dim), classifier)
+    return ScoreFunction(
+        name,
+        p.top_k_percent,
+        p.nmse_epsilon,
+        mean,
+        precision,
+        transform_scorer,
+        p.combine_mean or (0.0, 0.0),
+        p.combine_std or (1.0, 1.0),
+    )
 
 
 class Manifest(_Strict):
@@ -185,6 +228,12 @@ class LoadedArtifact:
     model_bytes: bytes
     calibration_errors: np.ndarray  # sorted ascending, float64
     dense_stack: DenseStack | None = None  # the model as numpy arrays, when the trainer wrote them
+    transform_classifier: TransformClassifier | None = None  # transformation scores only
+
+    def score_function(self) -> ScoreFunction:
+        """The score the threshold was calibrated on, ready to apply."""
+        b = self.baseline
+        return score_function_of(b.score, b.score_parameters, self.transform_classifier, b.input_dim)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -302,7 +351,29 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
                 f"{where} takes {dense_stack.input_dim} features, baseline.json says input_dim "
                 f"{baseline.input_dim}"
             )
-    return LoadedArtifact(root, baseline, manifest, model_bytes, errors, dense_stack)
+    classifier = _transform_classifier(root, baseline, contents)
+    return LoadedArtifact(root, baseline, manifest, model_bytes, errors, dense_stack, classifier)
+
+
+def _transform_classifier(
+    root: Path, baseline: Baseline, contents: dict[str, bytes]
+) -> TransformClassifier | None:
+    """The classifier a transformation score needs, checked against the set it must tell apart."""
+    if baseline.score not in TRANSFORM_SCORES:
+        return None
+    where = str(root / TRANSFORM_CLASSIFIER_FILE)
+    if TRANSFORM_CLASSIFIER_FILE not in contents:
+        raise ArtifactError(
+            f"score {baseline.score!r} needs {TRANSFORM_CLASSIFIER_FILE}, "
+            f"which the manifest of {root} does not list"
+        )
+    classifier = TransformClassifier.from_bytes(contents[TRANSFORM_CLASSIFIER_FILE], where)
+    name = baseline.score_parameters.transforms if baseline.score_parameters else None
+    try:
+        TransformScorer(TransformSet.named(str(name), baseline.input_dim), classifier)
+    except ValueError as exc:
+        raise ArtifactError(f"{where}: {exc}") from exc
+    return classifier
 
 
 def write_artifact(out: str | os.PathLike[str], stage: Callable[[Path], Baseline]) -> Path:
@@ -321,9 +392,7 @@ def write_artifact(out: str | os.PathLike[str], stage: Callable[[Path], Baseline
         version = model_version_of(model_bytes)
         baseline = baseline.model_copy(update={"model_version": version})
         Baseline.model_validate(baseline.model_dump())  # re-check after the update
-        # Left out when unused, so a 1.0 worker still reads an mse artifact of 1.1.
-        unused = {"score_parameters"} if baseline.score_parameters is None else None
-        (tmp / BASELINE_FILE).write_text(baseline.model_dump_json(indent=2, exclude=unused) + "\n")
+        (tmp / BASELINE_FILE).write_text(baseline.model_dump_json(indent=2, exclude=_unused(baseline)) + "\n")
         files = {
             p.name: sha256_hex(p.read_bytes())
             for p in sorted(tmp.iterdir())
@@ -344,6 +413,16 @@ def write_artifact(out: str | os.PathLike[str], stage: Callable[[Path], Baseline
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _unused(baseline: Baseline) -> dict[str, Any] | None:
+    """Score fields left out when unset, so older workers still read what they can score: a 1.0
+    worker an mse artifact, a 1.1 worker an nmse, top-k or mahalanobis one."""
+    params = baseline.score_parameters
+    if params is None:
+        return {"score_parameters": True}
+    unset = {name for name, value in params if value is None}
+    return {"score_parameters": unset} if unset else None
 
 
 def save_errors(path: Path, errors: np.ndarray) -> None:

@@ -28,7 +28,7 @@ Activation = Literal["linear", "relu", "sigmoid", "tanh"]
 ACTIVATIONS: tuple[Activation, ...] = ("linear", "relu", "sigmoid", "tanh")
 
 
-def _activate(h: np.ndarray, name: str) -> None:
+def activate(h: np.ndarray, name: str) -> None:
     """Apply an activation in place (no temporaries at batch size x layer width)."""
     if name == "relu":
         np.maximum(h, 0.0, out=h)
@@ -53,28 +53,13 @@ class DenseStack:
     code_layer: int
 
     def __post_init__(self) -> None:
-        n = len(self.kernels)
-        if n == 0 or len(self.biases) != n or len(self.activations) != n:
-            raise ValueError(
-                f"a dense stack needs as many kernels, biases and activations, found "
-                f"{len(self.kernels)}, {len(self.biases)} and {len(self.activations)}"
-            )
-        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases, strict=True)):
-            if kernel.ndim != 2 or bias.shape != (kernel.shape[1],):
-                raise ValueError(f"layer {i}: kernel {kernel.shape} and bias {bias.shape} do not fit")
-            if i and kernel.shape[0] != self.kernels[i - 1].shape[1]:
-                raise ValueError(
-                    f"layer {i} takes {kernel.shape[0]} inputs, layer {i - 1} gives "
-                    f"{self.kernels[i - 1].shape[1]}"
-                )
+        check_chain(self.kernels, self.biases, self.activations)
         if self.kernels[-1].shape[1] != self.kernels[0].shape[0]:
             raise ValueError(
                 f"an autoencoder ends where it starts: input {self.kernels[0].shape[0]} features, "
                 f"output {self.kernels[-1].shape[1]}"
             )
-        unknown = [a for a in self.activations if a not in ACTIVATIONS]
-        if unknown:
-            raise ValueError(f"activations {unknown} are not supported; expected {', '.join(ACTIVATIONS)}")
+        n = len(self.kernels)
         if not 0 <= self.code_layer < n:
             raise ValueError(f"code_layer {self.code_layer} is not a layer index (0..{n - 1})")
 
@@ -89,12 +74,7 @@ class DenseStack:
         return int(self.kernels[self.code_layer].shape[1])
 
     def _through(self, x: np.ndarray, layers: range) -> np.ndarray:
-        h = x
-        for i in layers:
-            h = h @ self.kernels[i]  # a new array: the caller's x is never written
-            h += self.biases[i]
-            _activate(h, self.activations[i])
-        return h
+        return forward(x, self.kernels, self.biases, self.activations, layers)
 
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
         """The autoencoder's output for a (n, D) float32 batch."""
@@ -106,37 +86,107 @@ class DenseStack:
 
     def to_bytes(self) -> bytes:
         """The `dense_stack.npz` file's content."""
-        arrays: dict[str, np.ndarray] = {}
-        for i, (kernel, bias) in enumerate(zip(self.kernels, self.biases, strict=True)):
-            arrays[f"kernel_{i}"] = np.asarray(kernel, np.float32)
-            arrays[f"bias_{i}"] = np.asarray(bias, np.float32)
-        arrays["activations"] = np.asarray(self.activations, dtype=str)
-        arrays["code_layer"] = np.asarray(self.code_layer, dtype=np.int64)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)  # type: ignore[arg-type]
-        return buffer.getvalue()
+        extra = {"code_layer": np.asarray(self.code_layer, dtype=np.int64)}
+        return chain_to_bytes(self.kernels, self.biases, self.activations, extra)
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> DenseStack:
         """Parse a `dense_stack.npz`; ArtifactError names the file and what is wrong."""
+        arrays = read_npz(data, where)
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
-        except (ValueError, OSError, EOFError) as exc:
-            raise ArtifactError(f"{where} is not a readable .npz file: {exc}") from exc
-        try:
-            activations = tuple(str(a) for a in arrays.pop("activations").ravel())
             code_layer = int(arrays.pop("code_layer"))
-            n = len(activations)
-            kernels = tuple(np.ascontiguousarray(arrays.pop(f"kernel_{i}"), np.float32) for i in range(n))
-            biases = tuple(np.ascontiguousarray(arrays.pop(f"bias_{i}"), np.float32) for i in range(n))
         except KeyError as exc:
             raise ArtifactError(f"{where} lacks the array {exc.args[0]!r}") from exc
         except (TypeError, ValueError) as exc:
             raise ArtifactError(f"{where} has an array of the wrong kind: {exc}") from exc
-        if arrays:
-            raise ArtifactError(f"{where} has unexpected arrays {sorted(arrays)}")
+        kernels, biases, activations = chain_from_arrays(arrays, where)
         try:
-            return cls(kernels, biases, cast(tuple[Activation, ...], activations), code_layer)
+            return cls(kernels, biases, activations, code_layer)
         except ValueError as exc:
             raise ArtifactError(f"{where}: {exc}") from exc
+
+
+# A chain of Dense layers, shared by the autoencoder (DenseStack) and the transformation
+# classifier (worker.transforms): its checks, its forward pass and its .npz format.
+
+
+def check_chain(
+    kernels: tuple[np.ndarray, ...], biases: tuple[np.ndarray, ...], activations: tuple[str, ...]
+) -> None:
+    """ValueError unless the layers fit together and every activation is supported."""
+    n = len(kernels)
+    if n == 0 or len(biases) != n or len(activations) != n:
+        raise ValueError(
+            f"a chain of Dense layers needs as many kernels, biases and activations, found "
+            f"{len(kernels)}, {len(biases)} and {len(activations)}"
+        )
+    for i, (kernel, bias) in enumerate(zip(kernels, biases, strict=True)):
+        if kernel.ndim != 2 or bias.shape != (kernel.shape[1],):
+            raise ValueError(f"layer {i}: kernel {kernel.shape} and bias {bias.shape} do not fit")
+        if i and kernel.shape[0] != kernels[i - 1].shape[1]:
+            raise ValueError(
+                f"layer {i} takes {kernel.shape[0]} inputs, layer {i - 1} gives {kernels[i - 1].shape[1]}"
+            )
+    unknown = [a for a in activations if a not in ACTIVATIONS]
+    if unknown:
+        raise ValueError(f"activations {unknown} are not supported; expected {', '.join(ACTIVATIONS)}")
+
+
+def forward(
+    x: np.ndarray,
+    kernels: tuple[np.ndarray, ...],
+    biases: tuple[np.ndarray, ...],
+    activations: tuple[Activation, ...],
+    layers: range | None = None,
+) -> np.ndarray:
+    """Run `x` through `layers` of the chain (all by default)."""
+    h = x
+    for i in range(len(kernels)) if layers is None else layers:
+        h = h @ kernels[i]  # a new array: the caller's x is never written
+        h += biases[i]
+        activate(h, activations[i])
+    return h
+
+
+def chain_to_bytes(
+    kernels: tuple[np.ndarray, ...],
+    biases: tuple[np.ndarray, ...],
+    activations: tuple[Activation, ...],
+    extra: dict[str, np.ndarray] | None = None,
+) -> bytes:
+    """An .npz of `kernel_i`, `bias_i`, `activations` and any `extra` arrays."""
+    arrays: dict[str, np.ndarray] = dict(extra or {})
+    for i, (kernel, bias) in enumerate(zip(kernels, biases, strict=True)):
+        arrays[f"kernel_{i}"] = np.asarray(kernel, np.float32)
+        arrays[f"bias_{i}"] = np.asarray(bias, np.float32)
+    arrays["activations"] = np.asarray(activations, dtype=str)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def read_npz(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (no pickles); ArtifactError names the file when unreadable."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{where} is not a readable .npz file: {exc}") from exc
+
+
+def chain_from_arrays(
+    arrays: dict[str, np.ndarray], where: str
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], tuple[Activation, ...]]:
+    """Take the chain's arrays out of `arrays`; ArtifactError on a missing, odd or extra array."""
+    try:
+        activations = tuple(str(a) for a in arrays.pop("activations").ravel())
+        n = len(activations)
+        kernels = tuple(np.ascontiguousarray(arrays.pop(f"kernel_{i}"), np.float32) for i in range(n))
+        biases = tuple(np.ascontiguousarray(arrays.pop(f"bias_{i}"), np.float32) for i in range(n))
+    except KeyError as exc:
+        raise ArtifactError(f"{where} lacks the array {exc.args[0]!r}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"{where} has an array of the wrong kind: {exc}") from exc
+    if arrays:
+        raise ArtifactError(f"{where} has unexpected arrays {sorted(arrays)}")
+    return kernels, biases, cast(tuple[Activation, ...], activations)

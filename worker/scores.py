@@ -5,6 +5,11 @@
                as a 1 has little ink and so a small absolute error even when badly reconstructed
   top-k        mean of the k% largest squared pixel errors (localised defects)
   mahalanobis  distance of the encoder's code to a Gaussian fitted on held-out normal codes
+  transforms   how unsure a self-supervised classifier is of which rotation/flip/shift was
+               applied (worker.transforms): catches rotated digits that reconstruct well
+  mse+transforms, nmse+transforms
+               the sum of the two scores, each standardised by its mean and std on held-out
+               normal images: two views of "not normal" that fail on different images
 The trainer calibrates the threshold with the score it was asked for (`--score`) and the worker
 computes the same one (`baseline.json` names it); the evaluation compares all four.
 """
@@ -17,8 +22,19 @@ from typing import Literal, cast
 
 import numpy as np
 
-ScoreName = Literal["mse", "nmse", "top-k", "mahalanobis"]
-SCORES: tuple[ScoreName, ...] = ("mse", "nmse", "top-k", "mahalanobis")
+from worker.transforms import TransformScorer
+
+ScoreName = Literal["mse", "nmse", "top-k", "mahalanobis", "transforms", "mse+transforms", "nmse+transforms"]
+SCORES: tuple[ScoreName, ...] = (
+    "mse",
+    "nmse",
+    "top-k",
+    "mahalanobis",
+    "transforms",
+    "mse+transforms",
+    "nmse+transforms",
+)
+TRANSFORM_SCORES: tuple[ScoreName, ...] = ("transforms", "mse+transforms", "nmse+transforms")
 NMSE_EPSILON = 1e-3
 DEFAULT_TOP_K_PERCENT = 5.0
 
@@ -62,12 +78,20 @@ class ScoreFunction:
     nmse_epsilon: float = NMSE_EPSILON
     latent_mean: np.ndarray | None = None
     latent_precision: np.ndarray | None = None
+    transform_scorer: TransformScorer | None = None
+    # Combined scores: (reconstruction, transforms) mean and std on held-out normal images.
+    combine_mean: tuple[float, float] = (0.0, 0.0)
+    combine_std: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.name not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}, found {self.name!r}")
         if self.name == "mahalanobis" and (self.latent_mean is None or self.latent_precision is None):
             raise ValueError("the mahalanobis score needs the latent mean and precision of normal codes")
+        if self.name in TRANSFORM_SCORES and self.transform_scorer is None:
+            raise ValueError(f"the {self.name} score needs the transformation classifier")
+        if min(self.combine_std) <= 0:
+            raise ValueError(f"combine_std must be positive, found {self.combine_std}")
 
     @property
     def needs_codes(self) -> bool:
@@ -82,8 +106,28 @@ class ScoreFunction:
             return nmse_scores(x, recon, self.nmse_epsilon)
         if self.name == "top-k":
             return top_k_scores(x, recon, self.top_k_percent)
+        if self.name in TRANSFORM_SCORES:
+            transforms = cast(TransformScorer, self.transform_scorer)(x)
+            if self.name == "transforms":
+                return transforms
+            reconstruction = (
+                mse_scores(x, recon)
+                if self.name == "mse+transforms"
+                else nmse_scores(x, recon, self.nmse_epsilon)
+            )
+            return combine(reconstruction, transforms, self.combine_mean, self.combine_std)
         if codes is None:
             raise ValueError("the mahalanobis score needs the latent codes")
         return mahalanobis_distances(
             codes, cast(np.ndarray, self.latent_mean), cast(np.ndarray, self.latent_precision)
         )
+
+
+def combine(
+    reconstruction: np.ndarray,
+    transforms: np.ndarray,
+    mean: tuple[float, float],
+    std: tuple[float, float],
+) -> np.ndarray:
+    """The sum of two scores, each standardised by its held-out normal mean and std."""
+    return np.asarray((reconstruction - mean[0]) / std[0] + (transforms - mean[1]) / std[1])

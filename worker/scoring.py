@@ -113,7 +113,7 @@ class NumpyScorer:
         self.stack = artifact.dense_stack
         self.model_version = artifact.baseline.model_version
         self.input_dim = artifact.baseline.input_dim
-        self.score = artifact.baseline.score_function()
+        self.score = artifact.score_function()
         self._standardization = _standardization(artifact)
 
     def warm_up(self, up_to: int) -> None:
@@ -162,7 +162,7 @@ class KerasScorer:
         model = self.model
         mean_t = tf.constant(mean)
         inv_std_t = tf.constant(inv_std)
-        self.score = score = artifact.baseline.score_function()
+        self.score = score = artifact.score_function()
         encoder = model.get_layer("encoder") if score.needs_codes else None
 
         def forward(x: Any) -> tuple[Any, ...]:

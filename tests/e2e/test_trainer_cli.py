@@ -113,17 +113,56 @@ def test_benchmark_one_class_prints_the_auroc_table_and_writes_results(tmp_path:
         "0.003",
         "--architecture",
         "dense-32",
+        "--transforms",
+        "rotations",
+        "--transform-epochs",
+        "1",
         "--out-dir",
         str(tmp_path),
         cwd=tmp_path,
     )
-    assert "| normal class | AUROC mse | AUROC nmse | AUROC top-k | AUROC mahalanobis |" in result.stdout
+    assert (
+        "| normal class | AUROC mse | AUROC nmse | AUROC top-k | AUROC mahalanobis | AUROC transforms "
+        "| AUROC mse+transforms | AUROC nmse+transforms |" in result.stdout
+    )
     assert "| **mean** |" in result.stdout
-    written = json.loads((tmp_path / "one-class-mnist-dense-32-e1-c1-n500.json").read_text())
+    written = json.loads((tmp_path / "one-class-mnist-dense-32-e1-rotations-c1-n500.json").read_text())
     assert [r["normal_class"] for r in written["results"]] == [1]
     assert written["mean_auroc"]["mse"] > 0.8
+    assert written["config"]["transforms"] == "rotations"
     assert written["wall_seconds"] > 0
-    assert (tmp_path / "one-class-mnist-dense-32-e1-c1-n500.md").is_file()
+    assert (tmp_path / "one-class-mnist-dense-32-e1-rotations-c1-n500.md").is_file()
+
+
+def test_a_transformation_score_is_trained_evaluated_and_drawn(tmp_path: Path) -> None:
+    out = tmp_path / "all-digits"
+    result = run_trainer(
+        "train",
+        "--architecture",
+        "dense-32",
+        "--epochs",
+        "2",
+        "--max-samples",
+        "3000",
+        "--score",
+        "nmse+transforms",
+        "--transforms",
+        "rotations",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
+    assert "held-out nmse+transforms:" in result.stdout
+    artifact = load_artifact(out)
+    assert "transform_classifier.npz" in artifact.manifest.files
+    assert "transforms_loss" in artifact.baseline.training.history
+    evaluation = run_trainer("evaluate", str(out), "--json", str(tmp_path / "e.json"), cwd=tmp_path)
+    assert "rotated 90°      nmse+transforms" in evaluation.stdout
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    own = next(r for r in rows if r["score"] == "nmse+transforms")
+    assert own["auroc"] > 0.9  # the classifier knows which way up a digit is
+    assert own["threshold"] == artifact.baseline.threshold.value
+    assert "nmse+transforms" in (out / "report.html").read_text()
 
 
 def test_evaluate_of_a_missing_artifact_fails_with_a_message(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from tests.conftest import mnist_sample
 from worker.artifact import BASELINE_FILE, load_artifact
 from worker.scoring import KerasScorer, NumpyScorer
 
-ALTERNATIVES = ["nmse", "top-k", "mahalanobis"]
+ALTERNATIVES = ["nmse", "top-k", "mahalanobis", "transforms", "mse+transforms", "nmse+transforms"]
 
 
 def _sample_dataset():  # type: ignore[no-untyped-def]
@@ -38,6 +38,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             batch_size=128,
             seed=3,
             score=score,  # type: ignore[arg-type]
+            transforms="rotations",  # the 4-transformation set: quick to train and to score
+            transform_epochs=2,
             report=False,
             progress=False,
         )
@@ -96,4 +98,64 @@ def test_mahalanobis_without_its_gaussian_is_refused(trained: dict[str, Path], t
     shutil.copytree(trained["mahalanobis"], path)
     _rewrite(path, BASELINE_FILE, lambda d: d.pop("score_parameters"))
     with pytest.raises(ArtifactError, match=r"needs score_parameters\.latent_mean and latent_precision"):
+        load_artifact(path)
+
+
+def test_an_nmse_artifact_stays_readable_by_a_1_1_worker(trained: dict[str, Path]) -> None:
+    raw = json.loads((trained["nmse"] / BASELINE_FILE).read_text())
+    assert set(raw["score_parameters"]) == {"top_k_percent", "nmse_epsilon"}
+
+
+def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[str, Path]) -> None:
+    from trainer.evaluate import recover_splits
+    from worker.scores import mse_scores
+
+    artifact = load_artifact(trained["mse+transforms"])
+    params = artifact.baseline.score_parameters
+    assert params is not None and params.transforms == "rotations"
+    assert params.combine_mean is not None and params.combine_std is not None
+    splits = recover_splits(artifact.baseline, _sample_dataset())
+    assert splits is not None
+    transforms = artifact.score_function().transform_scorer
+    assert transforms is not None
+    from worker.dense_stack import DenseStack
+
+    stack = artifact.dense_stack
+    assert isinstance(stack, DenseStack)
+    parts = (
+        mse_scores(splits.validation, stack.reconstruct(splits.validation)),
+        transforms(splits.validation),
+    )
+    np.testing.assert_allclose(params.combine_mean, [p.mean() for p in parts], rtol=1e-3)
+    np.testing.assert_allclose(params.combine_std, [p.std() for p in parts], rtol=1e-3)
+
+
+def test_a_transformation_score_without_its_classifier_is_refused(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from tests.unit.test_artifact import _rewrite
+    from worker.errors import ArtifactError
+    from worker.transforms import TRANSFORM_CLASSIFIER_FILE
+
+    path = tmp_path / "no-classifier"
+    shutil.copytree(trained["transforms"], path)
+    _rewrite(path, "manifest.json", lambda d: d["files"].pop(TRANSFORM_CLASSIFIER_FILE))
+    with pytest.raises(ArtifactError, match=r"score 'transforms' needs transform_classifier\.npz"):
+        load_artifact(path)
+
+
+def test_a_classifier_of_another_transformation_set_is_refused(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from tests.unit.test_artifact import _rewrite
+    from worker.errors import ArtifactError
+
+    path = tmp_path / "other-set"
+    shutil.copytree(trained["transforms"], path)
+    _rewrite(path, BASELINE_FILE, lambda d: d["score_parameters"].update(transforms="geometric"))
+    with pytest.raises(ArtifactError, match=r"to 4 transformations, expected 784 to 72 \(geometric\)"):
         load_artifact(path)

@@ -1,0 +1,161 @@
+"""Self-supervised transformation scores: how sure a classifier is of which geometric
+transformation was applied to an image (Golan and El-Yaniv 2018, "GEOM"). Pure numpy.
+
+A classifier trained on normal images learns which way up they are, where their ink sits and
+which way they face. A rotated digit, or one class seen through a model of another, leaves it
+unsure, so the score is the summed negative log-likelihood of the right transformation over the
+whole set: `score(x) = -sum_t log p(t | T_t(x))`. It catches what reconstruction misses: an
+autoencoder of all digits reconstructs a rotated 1 (a horizontal stroke) well, a classifier that
+has seen 1s standing up does not mistake it for upright.
+
+Every transformation is a permutation of the pixels of a square image (rotations by multiples of
+90 degrees, a horizontal flip, cyclic shifts), so the set is stored by name and rebuilt exactly.
+
+  rotations   4: rotations by 0, 90, 180, 270 degrees
+  geometric   72: GEOM's set, {no flip, flip} x {cyclic shift by -s, 0, +s pixels}^2 (rows and
+              columns) x the 4 rotations, s a seventh of the side (4 pixels on 28 x 28)
+
+The classifier is stored as `transform_classifier.npz`: a chain of Dense layers (the same format
+as worker.dense_stack) whose last layer gives one logit per transformation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from worker.dense_stack import Activation, chain_from_arrays, chain_to_bytes, check_chain, forward, read_npz
+from worker.errors import ArtifactError
+
+TRANSFORM_CLASSIFIER_FILE = "transform_classifier.npz"
+TransformSetName = Literal["rotations", "geometric"]
+TRANSFORM_SETS: tuple[TransformSetName, ...] = ("rotations", "geometric")
+
+
+def _side_of(input_dim: int) -> int:
+    side = math.isqrt(input_dim)
+    if side * side != input_dim or side < 4:
+        raise ValueError(
+            f"transformation scores need square images (D = side x side, side >= 4), found D={input_dim}"
+        )
+    return side
+
+
+def _shift(side: int) -> int:
+    """A seventh of the side: 4 pixels on 28 x 28, the shift measured in docs/detection.md."""
+    return max(1, side // 7)
+
+
+@dataclass(frozen=True)
+class TransformSet:
+    """A named set of pixel permutations of a side x side image; index 0 is the identity."""
+
+    name: TransformSetName
+    side: int
+    permutations: np.ndarray  # (T, side*side) int: T_t(x) = x[..., permutations[t]]
+
+    @classmethod
+    def named(cls, name: str, input_dim: int) -> TransformSet:
+        """The set `name` for flattened square images of `input_dim` pixels."""
+        if name not in TRANSFORM_SETS:
+            raise ValueError(f"transformation set must be one of {', '.join(TRANSFORM_SETS)}, found {name!r}")
+        side = _side_of(input_dim)
+        grid = np.arange(side * side).reshape(side, side)
+        flips = (False, True) if name == "geometric" else (False,)
+        d = _shift(side)
+        shifts = [(dy, dx) for dy in (0, -d, d) for dx in (0, -d, d)] if name == "geometric" else [(0, 0)]
+        permutations = []
+        for flip in flips:
+            flipped = grid[:, ::-1] if flip else grid
+            for dy, dx in shifts:
+                moved = np.roll(flipped, (dy, dx), axis=(0, 1))
+                for k in range(4):
+                    permutations.append(np.rot90(moved, k).ravel())
+        return cls(name, side, np.stack(permutations).astype(np.intp))
+
+    def __len__(self) -> int:
+        return int(self.permutations.shape[0])
+
+    def apply(self, x: np.ndarray, t: int) -> np.ndarray:
+        """Transformation `t` of every row of a (n, side*side) batch."""
+        return np.ascontiguousarray(x[:, self.permutations[t]])
+
+    def training_set(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every transformation of every row, and its label (the transformation's index)."""
+        images = np.concatenate([self.apply(x, t) for t in range(len(self))])
+        labels = np.repeat(np.arange(len(self)), x.shape[0])
+        return images, labels
+
+
+@dataclass(frozen=True)
+class TransformClassifier:
+    """A chain of Dense layers from image to one logit per transformation, in numpy."""
+
+    kernels: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+    activations: tuple[Activation, ...]
+
+    def __post_init__(self) -> None:
+        check_chain(self.kernels, self.biases, self.activations)
+
+    @property
+    def input_dim(self) -> int:
+        """Pixels in."""
+        return int(self.kernels[0].shape[0])
+
+    @property
+    def classes(self) -> int:
+        """Logits out: the number of transformations it tells apart."""
+        return int(self.kernels[-1].shape[1])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(n, classes) logits of a (n, D) float32 batch."""
+        return forward(np.asarray(x, np.float32), self.kernels, self.biases, self.activations)
+
+    def to_bytes(self) -> bytes:
+        """The `transform_classifier.npz` file's content."""
+        return chain_to_bytes(self.kernels, self.biases, self.activations)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> TransformClassifier:
+        """Parse a `transform_classifier.npz`; ArtifactError names the file and what is wrong."""
+        kernels, biases, activations = chain_from_arrays(read_npz(data, where), where)
+        try:
+            return cls(kernels, biases, activations)
+        except ValueError as exc:
+            raise ArtifactError(f"{where}: {exc}") from exc
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax, stable for large logits."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return np.asarray(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
+
+
+@dataclass(frozen=True)
+class TransformScorer:
+    """The transformation score of a batch: -sum_t log p(t | T_t(x)), one value per row."""
+
+    transforms: TransformSet
+    classifier: TransformClassifier
+
+    def __post_init__(self) -> None:
+        side = self.transforms.side
+        if self.classifier.input_dim != side * side or self.classifier.classes != len(self.transforms):
+            raise ValueError(
+                f"the classifier maps {self.classifier.input_dim} pixels to {self.classifier.classes} "
+                f"transformations, expected {side * side} to {len(self.transforms)} "
+                f"({self.transforms.name})"
+            )
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Per-row scores (float64); higher is more anomalous."""
+        x = np.asarray(x, np.float32)
+        out = np.zeros(x.shape[0], np.float64)
+        for t in range(len(self.transforms)):
+            out -= log_softmax(self.classifier.logits(self.transforms.apply(x, t)))[:, t]
+        return out
