@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from trainer.data import Dataset
-from trainer.evaluate import DEFAULT_TOP_K_PERCENT, SCORES, ScoreModel, auroc
+from trainer.evaluate import DEFAULT_TOP_K_PERCENT, ScoreModel, auroc
 from trainer.models import build_model
-from trainer.train import Splits, split_normal
+from trainer.train import DEFAULT_KNN_REFERENCE_ROWS, Splits, knn_reference_of, split_normal
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
+from worker.scores import COMPARED
 from worker.transforms import TransformScorer, TransformSet
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,12 @@ class BenchmarkResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the means."""
         out = asdict(self)
-        out["mean_auroc"] = {s: self.mean(s) for s in SCORES if self.results and s in self.results[0].auroc}
+        out["mean_auroc"] = {s: self.mean(s) for s in COMPARED if self.results and s in self.results[0].auroc}
         return out
 
     def table(self) -> str:
         """Markdown table: one row per normal class, one column per score, the mean last."""
-        scores = [s for s in SCORES if self.results and s in self.results[0].auroc]
+        scores = [s for s in COMPARED if self.results and s in self.results[0].auroc]
         lines = [
             "| normal class | " + " | ".join(f"AUROC {s}" for s in scores) + " | epochs | seconds |",
             "|---:|" + "---:|" * len(scores) + "---:|---:|",
@@ -186,7 +187,11 @@ def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) 
         )
         transform_scorer = TransformScorer(TransformSet.named(config.transforms, normal.shape[1]), classifier)
     scorer = ScoreModel(
-        model, lambda x: x, top_k_percent=config.top_k_percent, transform_scorer=transform_scorer
+        model,
+        lambda x: x,
+        top_k_percent=config.top_k_percent,
+        transform_scorer=transform_scorer,
+        knn_reference=knn_reference_of(splits.fit, DEFAULT_KNN_REFERENCE_ROWS, config.seed),
     )
     scorer.fit_latent(splits.validation)
     scorer.fit_combination(splits.validation)

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from trainer.data import Dataset
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from trainer.train import DEFAULT_KNN_REFERENCE_ROWS
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
-from worker.scores import SCORES
+from worker.scores import DEFAULT_KNN_K, components_of
 from worker.transforms import TRANSFORM_SETS
 
 
@@ -87,13 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--score",
-        choices=list(SCORES),
+        type=_score,
         default="mse",
         help="what the threshold applies to and the worker computes: mse (default), nmse (mse "
         "relative to the image's ink), top-k (mean of the 5%% largest pixel errors), mahalanobis "
         "(distance of the latent code to normal codes), transforms (a self-supervised classifier's "
-        "doubt about which rotation/flip/shift was applied; square images), mse+transforms and "
-        "nmse+transforms (both parts, standardised and summed: the best on the benchmarks, "
+        "doubt about which rotation/flip/shift was applied; square images), knn (cosine distance "
+        "to the nearest normal training images), or several joined by '+', each standardised on "
+        "held-out normal images and summed, e.g. mse+transforms+knn (the best on the benchmarks, "
         "docs/detection.md); `evaluate` compares them",
     )
     t.add_argument(
@@ -102,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="geometric",
         help="the transformation scores' set: rotations (4) or geometric (72: flips x shifts x "
         "rotations, the stronger and 18 times costlier to score) (default: geometric)",
+    )
+    t.add_argument(
+        "--knn-k",
+        type=_positive,
+        default=DEFAULT_KNN_K,
+        help=f"knn: how many nearest normal images are averaged (default: {DEFAULT_KNN_K})",
+    )
+    t.add_argument(
+        "--knn-reference",
+        type=_positive,
+        default=DEFAULT_KNN_REFERENCE_ROWS,
+        help="knn: at most this many normal training images are kept in the artifact; each costs "
+        f"the worker 784 multiply-adds per scored image (default: {DEFAULT_KNN_REFERENCE_ROWS})",
     )
     t.add_argument(
         "--transform-epochs",
@@ -221,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _score(text: str) -> str:
+    try:
+        components_of(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _percent(text: str) -> float:
     value = float(text)
     if not 0 < value <= 100:
@@ -265,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             score=args.score,
             transforms=args.transforms,
             transform_epochs=args.transform_epochs,
+            knn_k=args.knn_k,
+            knn_reference_rows=args.knn_reference,
             seed=args.seed,
             holdout_fraction=args.holdout_fraction,
             max_samples=args.max_samples,

@@ -25,13 +25,18 @@ from trainer.train import Splits, select_normal, split_normal
 from worker.artifact import Baseline, LoadedArtifact
 from worker.errors import ThresholdPolicyError
 from worker.scores import (
+    COMPARED,
+    DEFAULT_KNN_K,
     DEFAULT_TOP_K_PERCENT,
-    SCORES,
     combine,
+    components_of,
+    knn_distances,
     mahalanobis_distances,
     mse_scores,
     nmse_scores,
+    standardisation,
     top_k_scores,
+    unit_rows,
 )
 from worker.thresholds import flag_rate, parse_policy
 from worker.transforms import TransformScorer
@@ -93,7 +98,9 @@ def _labelled(normal_scores: np.ndarray, anomaly_scores: np.ndarray) -> tuple[np
 
 
 class ScoreModel:
-    """An autoencoder plus what the alternative scores need: the encoder and the normal Gaussian."""
+    """An autoencoder plus what the other scores need: the normal code Gaussian (mahalanobis), the
+    transformation classifier (transforms), normal reference images (knn), and each component's
+    mean and std on normal images (combined scores)."""
 
     def __init__(
         self,
@@ -102,6 +109,9 @@ class ScoreModel:
         latent: LatentGaussian | None = None,
         top_k_percent: float = DEFAULT_TOP_K_PERCENT,
         transform_scorer: TransformScorer | None = None,
+        knn_reference: np.ndarray | None = None,
+        knn_k: int = DEFAULT_KNN_K,
+        also: tuple[str, ...] = (),
     ) -> None:
         self.model = model
         self.encoder = model.get_layer("encoder")
@@ -109,8 +119,11 @@ class ScoreModel:
         self.latent = latent
         self.top_k_percent = top_k_percent
         self.transform_scorer = transform_scorer
-        # (mean, std) of (reconstruction score, transforms) on normal images, per combined score.
-        self.combination: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {}
+        self.knn_reference = None if knn_reference is None else unit_rows(knn_reference)
+        self.knn_k = knn_k
+        self.names = COMPARED + tuple(n for n in also if n not in COMPARED)
+        # Per combined score: each component's (means, stds) on normal images.
+        self.combination: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
 
     def codes(self, x: np.ndarray) -> np.ndarray:
         """Encoder output for raw images in [0, 1]."""
@@ -121,12 +134,12 @@ class ScoreModel:
         self.latent = LatentGaussian.fit(self.codes(normal))
 
     def fit_combination(self, normal: np.ndarray) -> None:
-        """Standardise the combined scores' parts with their mean and std on normal (held-out) images."""
+        """Measure each component's mean and std on normal (held-out) images, for the combined scores."""
         scores = self.scores(normal)
-        if "transforms" not in scores:
-            return
-        for name in ("mse", "nmse"):
-            self.combination[f"{name}+transforms"] = combination_of(scores[name], scores["transforms"])
+        for name in self.names:
+            components = components_of(name)
+            if len(components) > 1 and all(c in scores for c in components):
+                self.combination[name] = standardisation([scores[c] for c in components])
 
     def scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every score of every row of raw images `x`; errors in model space, as the worker does."""
@@ -142,18 +155,11 @@ class ScoreModel:
             out["mahalanobis"] = self.latent.distance(codes)
         if self.transform_scorer is not None:
             out["transforms"] = self.transform_scorer(z)
-            for name, (mean, std) in self.combination.items():
-                out[name] = combine(out[name.partition("+")[0]], out["transforms"], mean, std)
+        if self.knn_reference is not None:
+            out["knn"] = knn_distances(z, self.knn_reference, self.knn_k)
+        for name, (mean, std) in self.combination.items():
+            out[name] = combine([out[c] for c in components_of(name)], mean, std)
         return out
-
-
-def combination_of(
-    reconstruction: np.ndarray, transforms: np.ndarray
-) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(mean, std) of both parts of a combined score, measured on normal images."""
-    mean = (float(np.mean(reconstruction)), float(np.mean(transforms)))
-    std = (max(float(np.std(reconstruction)), 1e-12), max(float(np.std(transforms)), 1e-12))
-    return mean, std
 
 
 @dataclass(frozen=True)
@@ -305,7 +311,7 @@ def score_sets(
     """AUROC, AP and flag rates of every anomaly set under every score."""
     rows = []
     for set_name, anomaly in anomalies.items():
-        for score in SCORES:
+        for score in dict.fromkeys([*COMPARED, *normal]):
             if score not in normal or score not in anomaly:
                 continue
             t = thresholds.get(score)
@@ -334,9 +340,27 @@ def evaluate_model(
     top_k_percent: float = DEFAULT_TOP_K_PERCENT,
     latent_fit: str = "validation split of the normal training images",
     transform_scorer: TransformScorer | None = None,
+    knn_reference: np.ndarray | None = None,
 ) -> tuple[Evaluation, ScoreModel, dict[str, dict[str, np.ndarray]]]:
-    """Evaluate a trained model on `dataset`'s test split; also returns the scores for the report."""
-    scorer = ScoreModel(model, transform, top_k_percent=top_k_percent, transform_scorer=transform_scorer)
+    """Evaluate a trained model on `dataset`'s test split; also returns the scores for the report.
+
+    `knn_reference` (model space) defaults to the trainer's draw from the fit split."""
+    from trainer.train import DEFAULT_KNN_REFERENCE_ROWS, knn_reference_of
+
+    if knn_reference is None:
+        knn_reference = knn_reference_of(
+            transform(splits.fit), DEFAULT_KNN_REFERENCE_ROWS, baseline.training.seed
+        )
+    params = baseline.score_parameters
+    scorer = ScoreModel(
+        model,
+        transform,
+        top_k_percent=top_k_percent,
+        transform_scorer=transform_scorer,
+        knn_reference=knn_reference,
+        knn_k=params.knn_k if params is not None and params.knn_k else DEFAULT_KNN_K,
+        also=(baseline.score,),
+    )
     scorer.fit_latent(splits.validation)
     scorer.fit_combination(splits.validation)
     calibration = scorer.scores(splits.calibration)
@@ -402,5 +426,6 @@ def evaluate_artifact(
         transform,
         top_k_percent,
         transform_scorer=artifact.score_function().transform_scorer,
+        knn_reference=artifact.knn_reference,
     )
     return evaluation, scorer, scores, splits

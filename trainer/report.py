@@ -34,9 +34,15 @@ SCORE_TITLES = {
     "top-k": "mean of the largest pixel errors",
     "mahalanobis": "Mahalanobis distance of the latent code",
     "transforms": "doubt of the transformation classifier",
-    "mse+transforms": "standardised MSE + transformation doubt",
-    "nmse+transforms": "standardised relative MSE + transformation doubt",
+    "knn": "cosine distance to the nearest normal images",
 }
+
+
+def _score_title(score: str) -> str:
+    parts = score.split("+")
+    if len(parts) == 1:
+        return SCORE_TITLES.get(score, score)
+    return "standardised sum of " + " + ".join(parts)
 
 
 def write_report(
@@ -48,6 +54,7 @@ def write_report(
     transform: Callable[[np.ndarray], np.ndarray],
     n_examples: int = 12,
     transform_scorer: TransformScorer | None = None,
+    knn_reference: np.ndarray | None = None,
 ) -> Path | None:
     """Draw out_dir/report.png and report.html; skip with a log line when matplotlib is absent."""
     try:
@@ -66,13 +73,25 @@ def write_report(
     evaluation = None
     try:
         evaluation, scorer, _ = evaluate_model(
-            model, baseline, dataset, splits, transform, transform_scorer=transform_scorer
+            model,
+            baseline,
+            dataset,
+            splits,
+            transform,
+            transform_scorer=transform_scorer,
+            knn_reference=knn_reference,
         )
     except ValueError as exc:  # e.g. an unlabelled, non-square .npy dataset has no anomaly sets
         log.warning("report without evaluation reason=%s", exc)
         from trainer.evaluate import ScoreModel
 
-        scorer = ScoreModel(model, transform, transform_scorer=transform_scorer)
+        scorer = ScoreModel(
+            model,
+            transform,
+            transform_scorer=transform_scorer,
+            knn_reference=transform(splits.fit) if knn_reference is None else knn_reference,
+            also=(baseline.score,),
+        )
         scorer.fit_latent(splits.validation)
         scorer.fit_combination(splits.validation)
     png = _draw_png(out_dir / REPORT_FILE, baseline, dataset, splits, scorer, evaluation, n_examples)
@@ -99,6 +118,7 @@ def report_from_artifact(artifact_path: Path, dataset: Dataset, out_dir: Path) -
         splits,
         transform,
         transform_scorer=artifact.score_function().transform_scorer,
+        knn_reference=artifact.knn_reference,
     )
     return [p for p in (png, out_dir / REPORT_HTML) if p is not None and p.exists()]
 
@@ -179,7 +199,7 @@ def _draw_png(
     if log_scale:
         ax.set_xscale("log")
     ax.set(
-        title=f"Per-image anomaly score ({SCORE_TITLES.get(score, score)})",
+        title=f"Per-image anomaly score ({_score_title(score)})",
         xlabel=f"{score} (log scale)" if log_scale else f"{score} (values above the axis counted at its end)",
         ylabel="share of set",
     )

@@ -18,6 +18,7 @@ from trainer.models import DEFAULT_ARCHITECTURE, build_model
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
 from worker.artifact import (
     ERRORS_FILE,
+    KNN_REFERENCE_FILE,
     MODEL_FILE,
     Baseline,
     Preprocessing,
@@ -31,17 +32,20 @@ from worker.artifact import (
     write_artifact,
 )
 from worker.dense_stack import DENSE_STACK_FILE
-from worker.scores import TRANSFORM_SCORES, ScoreFunction, ScoreName
+from worker.scores import DEFAULT_KNN_K, ScoreFunction, ScoreName, components_of, standardisation
 from worker.thresholds import flag_rate, parse_policy
 from worker.transforms import (
     TRANSFORM_CLASSIFIER_FILE,
     TransformClassifier,
-    TransformScorer,
     TransformSet,
     TransformSetName,
 )
 
 log = logging.getLogger(__name__)
+
+# Normal images a knn score keeps: 10,000 x 784 float32 is 31 MB in the artifact and in memory,
+# and about 8M multiply-adds per scored image.
+DEFAULT_KNN_REFERENCE_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class TrainConfig:
     score: ScoreName = "mse"
     transforms: TransformSetName = "geometric"  # the classifier's set, for the transformation scores
     transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
+    knn_k: int = DEFAULT_KNN_K
+    knn_reference_rows: int = DEFAULT_KNN_REFERENCE_ROWS
     seed: int = 0
     holdout_fraction: float = 0.2
     max_samples: int | None = None
@@ -135,30 +141,48 @@ def score_parameters_for(
     validation: np.ndarray,
     classifier: TransformClassifier | None = None,
     transforms: TransformSetName | None = None,
+    knn_reference: np.ndarray | None = None,
+    knn_k: int = DEFAULT_KNN_K,
 ) -> ScoreParameters | None:
     """What the score needs besides the model, fitted on the validation split: the Gaussian of
-    normal codes (mahalanobis), the standardisation of both parts (mse/nmse+transforms)."""
+    normal codes (mahalanobis), each component's mean and std (combined scores such as mse+knn)."""
+    components = components_of(name)
     if name == "mse":
         return None
-    if name in TRANSFORM_SCORES:
-        if classifier is None or transforms is None:
-            raise ValueError(f"score {name!r} needs the transformation classifier")
-        if name == "transforms":
-            return ScoreParameters(transforms=transforms)
-        from trainer.evaluate import combination_of  # evaluate imports this module: import when needed
+    if "transforms" in components and (classifier is None or transforms is None):
+        raise ValueError(f"score {name!r} needs the transformation classifier")
+    if "knn" in components and knn_reference is None:
+        raise ValueError(f"score {name!r} needs the normal reference images")
+    params = ScoreParameters(
+        transforms=transforms if "transforms" in components else None,
+        knn_k=knn_k if "knn" in components else None,
+    )
+    codes = None
+    if "mahalanobis" in components:
+        from trainer.evaluate import LatentGaussian  # evaluate imports this module: import when needed
 
-        transform_scorer = TransformScorer(TransformSet.named(transforms, validation.shape[1]), classifier)
-        recon = model.predict(validation, batch_size=1024, verbose=0)
-        own = ScoreFunction("mse") if name == "mse+transforms" else ScoreFunction("nmse")
-        mean, std = combination_of(own(validation, recon), transform_scorer(validation))
-        return ScoreParameters(transforms=transforms, combine_mean=mean, combine_std=std)
-    if name != "mahalanobis":
-        return ScoreParameters()
-    from trainer.evaluate import LatentGaussian  # evaluate imports this module: import when needed
+        codes = model.get_layer("encoder").predict(validation, batch_size=1024, verbose=0)
+        gaussian = LatentGaussian.fit(codes)  # the same fit the evaluation makes on the same split
+        params = params.model_copy(
+            update={"latent_mean": gaussian.mean.tolist(), "latent_precision": gaussian.precision.tolist()}
+        )
+    if len(components) == 1:
+        return params
+    recon = model.predict(validation, batch_size=1024, verbose=0)
+    parts = [
+        score_function_of(c, params, classifier, validation.shape[1], knn_reference)(validation, recon, codes)
+        for c in components
+    ]
+    mean, std = standardisation(parts)
+    return params.model_copy(update={"combine_mean": list(mean), "combine_std": list(std)})
 
-    codes = model.get_layer("encoder").predict(validation, batch_size=1024, verbose=0)
-    gaussian = LatentGaussian.fit(codes)  # the same fit the evaluation makes on the same split
-    return ScoreParameters(latent_mean=gaussian.mean.tolist(), latent_precision=gaussian.precision.tolist())
+
+def knn_reference_of(fit: np.ndarray, rows: int, seed: int) -> np.ndarray:
+    """At most `rows` of the fit split (a seeded draw, in order): the knn score's normal images."""
+    if fit.shape[0] <= rows:
+        return np.asarray(fit, np.float32)
+    pick = np.sort(np.random.default_rng(seed).choice(fit.shape[0], rows, replace=False))
+    return np.asarray(fit[pick], np.float32)
 
 
 # A feature that barely varies in training (an image border) would turn any later deviation
@@ -193,7 +217,8 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         pick = np.random.default_rng(config.seed).choice(normal.shape[0], config.max_samples, replace=False)
         normal = normal[np.sort(pick)]
     splits = split_normal(normal, config.holdout_fraction, config.seed)
-    policy = parse_policy(config.threshold)  # fail before training on a bad policy
+    policy = parse_policy(config.threshold)  # fail before training on a bad policy or score
+    components = components_of(config.score)
 
     preprocessing = Preprocessing()
     transform: Any = lambda a: a  # noqa: E731
@@ -242,7 +267,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     losses = {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
     classifier = None
-    if config.score in TRANSFORM_SCORES:
+    if "transforms" in components:
         TransformSet.named(config.transforms, input_dim)  # square images only: say so before training
         from trainer.transforms import train_transform_classifier
 
@@ -256,8 +281,13 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         )
         losses |= {f"transforms_{k}": v for k, v in classifier_losses.items()}
     latent_dim = int(model.get_layer("encoder").output.shape[-1])
-    score_parameters = score_parameters_for(config.score, model, val_x, classifier, config.transforms)
-    score = score_function_of(config.score, score_parameters, classifier, input_dim)
+    knn_reference = None
+    if "knn" in components:
+        knn_reference = knn_reference_of(fit_x, config.knn_reference_rows, config.seed)
+    score_parameters = score_parameters_for(
+        config.score, model, val_x, classifier, config.transforms, knn_reference, config.knn_k
+    )
+    score = score_function_of(config.score, score_parameters, classifier, input_dim, knn_reference)
     cal_errors = reconstruction_errors(model, cal_x, score)
     threshold_value = policy.threshold(cal_errors)
     training = Training(
@@ -302,6 +332,8 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
             (tmp / DENSE_STACK_FILE).write_bytes(dense_stack.to_bytes())
         if classifier is not None:
             (tmp / TRANSFORM_CLASSIFIER_FILE).write_bytes(classifier.to_bytes())
+        if knn_reference is not None:
+            np.save(tmp / KNN_REFERENCE_FILE, knn_reference, allow_pickle=False)
         save_errors(tmp / ERRORS_FILE, cal_errors)
         # The report names the model, so the version is known before it is drawn.
         versioned = baseline.model_copy(
@@ -311,7 +343,14 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
             from trainer.report import write_report
 
             write_report(
-                tmp, model, versioned, dataset, splits, transform, transform_scorer=score.transform_scorer
+                tmp,
+                model,
+                versioned,
+                dataset,
+                splits,
+                transform,
+                transform_scorer=score.transform_scorer,
+                knn_reference=knn_reference,
             )
         return versioned
 

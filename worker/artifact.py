@@ -4,8 +4,10 @@ An artifact is a directory:
   model.keras              the Keras autoencoder (input D floats -> D floats)
   dense_stack.npz          optional, since 1.1: the same model as numpy arrays when it is a chain of
                            Dense layers (worker.dense_stack); the worker then runs without TensorFlow
-  transform_classifier.npz since 1.2, only for the transformation scores (worker.transforms): the
+  transform_classifier.npz since 1.2, only for scores with `transforms` (worker.transforms): the
                            self-supervised classifier of rotations/flips/shifts, as numpy arrays
+  knn_reference.npy        since 1.2, only for scores with `knn`: normal training images (model
+                           space, float32, at most --knn-reference rows) the neighbours come from
   baseline.json            `Baseline` below: statistics, threshold policy, preprocessing, training
   calibration_errors.npy   sorted held-out normal errors (float64): p-values, policy switching
   manifest.json            sha256 of every other file; the worker refuses a mismatch
@@ -33,7 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from worker.dense_stack import DENSE_STACK_FILE, DenseStack
 from worker.errors import ArtifactError
-from worker.scores import DEFAULT_TOP_K_PERCENT, NMSE_EPSILON, TRANSFORM_SCORES, ScoreFunction, ScoreName
+from worker.scores import (
+    DEFAULT_KNN_K,
+    DEFAULT_TOP_K_PERCENT,
+    NMSE_EPSILON,
+    ScoreFunction,
+    ScoreName,
+    components_of,
+    unit_rows,
+)
 from worker.transforms import (
     TRANSFORM_CLASSIFIER_FILE,
     TransformClassifier,
@@ -45,12 +55,14 @@ from worker.transforms import (
 log = logging.getLogger(__name__)
 
 # 1.1: optional dense_stack.npz; scores nmse, top-k, mahalanobis.
-# 1.2: scores transforms, mse+transforms, nmse+transforms with transform_classifier.npz.
+# 1.2: components transforms (transform_classifier.npz) and knn (knn_reference.npy), and
+#      combined scores such as mse+transforms+knn.
 SCHEMA_VERSION = "1.2"
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
 ERRORS_FILE = "calibration_errors.npy"
+KNN_REFERENCE_FILE = "knn_reference.npy"
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
 
@@ -114,11 +126,12 @@ class ScoreParameters(_Strict):
     transforms: TransformSetName | None = Field(
         None, description="transformation scores: the set the classifier tells apart (rotations, geometric)"
     )
-    combine_mean: tuple[float, float] | None = Field(
-        None, description="mse/nmse+transforms: held-out normal mean of (reconstruction, transforms)"
+    knn_k: int | None = Field(None, ge=1, description="knn: how many nearest normal images are averaged")
+    combine_mean: list[float] | None = Field(
+        None, description="combined scores (a+b): each component's mean on held-out normal images"
     )
-    combine_std: tuple[float, float] | None = Field(
-        None, description="mse/nmse+transforms: held-out normal std of (reconstruction, transforms)"
+    combine_std: list[float] | None = Field(
+        None, description="combined scores (a+b): each component's std on held-out normal images"
     )
 
 
@@ -151,7 +164,9 @@ class Baseline(_Strict):
     input_dim: int = Field(gt=0)
     latent_dim: int | None = None
     score: ScoreName = Field(
-        "mse", description="what the threshold applies to: mse, nmse, top-k, mahalanobis"
+        "mse",
+        description="what the threshold applies to: mse, nmse, top-k, mahalanobis, transforms, knn, "
+        "or several joined by '+' (standardised and summed)",
     )
     score_parameters: ScoreParameters | None = None
     preprocessing: Preprocessing = Preprocessing()
@@ -162,24 +177,42 @@ class Baseline(_Strict):
 
     @model_validator(mode="after")
     def _score_has_its_parameters(self) -> Baseline:
+        components = components_of(self.score)
         params = self.score_parameters
-        if self.score in TRANSFORM_SCORES:
-            if params is None or params.transforms is None:
-                raise ValueError(f"score {self.score!r} needs score_parameters.transforms")
-            if self.score != "transforms" and (params.combine_mean is None or params.combine_std is None):
-                raise ValueError(f"score {self.score!r} needs score_parameters.combine_mean and combine_std")
-            if params.combine_std is not None and min(params.combine_std) <= 0:
-                raise ValueError(f"combine_std must be positive, found {list(params.combine_std)}")
+        needs = []
+        if "transforms" in components and (params is None or params.transforms is None):
+            needs.append("transforms")
+        if "knn" in components and (params is None or params.knn_k is None):
+            needs.append("knn_k")
+        if len(components) > 1 and (
+            params is None or params.combine_mean is None or params.combine_std is None
+        ):
+            needs.append("combine_mean and combine_std")
+        if "mahalanobis" in components and (
+            params is None or params.latent_mean is None or params.latent_precision is None
+        ):
+            needs.append("latent_mean and latent_precision")
+        if needs:
+            raise ValueError(f"score {self.score!r} needs score_parameters." + ", ".join(needs))
+        if params is None:
             return self
-        if self.score != "mahalanobis":
-            return self
-        if params is None or params.latent_mean is None or params.latent_precision is None:
-            raise ValueError("score 'mahalanobis' needs score_parameters.latent_mean and latent_precision")
-        size = len(params.latent_mean)
-        if self.latent_dim is not None and size != self.latent_dim:
-            raise ValueError(f"latent_mean has {size} values, expected latent_dim {self.latent_dim}")
-        if len(params.latent_precision) != size or any(len(row) != size for row in params.latent_precision):
-            raise ValueError(f"latent_precision must be {size} x {size}")
+        if len(components) > 1:
+            means, stds = params.combine_mean or [], params.combine_std or []
+            if not len(means) == len(stds) == len(components):
+                raise ValueError(
+                    f"score {self.score!r} has {len(components)} components, found {len(means)} "
+                    f"combine_mean and {len(stds)} combine_std values"
+                )
+            if min(stds) <= 0:
+                raise ValueError(f"combine_std must be positive, found {stds}")
+        if "mahalanobis" in components and params.latent_mean and params.latent_precision:
+            size = len(params.latent_mean)
+            if self.latent_dim is not None and size != self.latent_dim:
+                raise ValueError(f"latent_mean has {size} values, expected latent_dim {self.latent_dim}")
+            if len(params.latent_precision) != size or any(
+                len(row) != size for row in params.latent_precision
+            ):
+                raise ValueError(f"latent_precision must be {size} x {size}")
         return self
 
 
@@ -188,10 +221,12 @@ def score_function_of(
     parameters: ScoreParameters | None,
     classifier: TransformClassifier | None = None,
     input_dim: int | None = None,
+    knn_reference: np.ndarray | None = None,
 ) -> ScoreFunction:
     """A score and its stored parameters as the function both trainer and worker apply.
 
-    The transformation scores also need the classifier and the image size (`input_dim`)."""
+    `transforms` also needs the classifier and the image size (`input_dim`), `knn` the normal
+    reference images (model space)."""
     p = parameters or ScoreParameters()
     mean = None if p.latent_mean is None else np.asarray(p.latent_mean, np.float64)
     precision = None if p.latent_precision is None else np.asarray(p.latent_precision, np.float64)
@@ -205,8 +240,10 @@ def score_function_of(
         mean,
         precision,
         transform_scorer,
-        p.combine_mean or (0.0, 0.0),
-        p.combine_std or (1.0, 1.0),
+        None if knn_reference is None else unit_rows(knn_reference),
+        p.knn_k or DEFAULT_KNN_K,
+        tuple(p.combine_mean or ()),
+        tuple(p.combine_std or ()),
     )
 
 
@@ -228,12 +265,15 @@ class LoadedArtifact:
     model_bytes: bytes
     calibration_errors: np.ndarray  # sorted ascending, float64
     dense_stack: DenseStack | None = None  # the model as numpy arrays, when the trainer wrote them
-    transform_classifier: TransformClassifier | None = None  # transformation scores only
+    transform_classifier: TransformClassifier | None = None  # scores with transforms only
+    knn_reference: np.ndarray | None = None  # scores with knn only
 
     def score_function(self) -> ScoreFunction:
         """The score the threshold was calibrated on, ready to apply."""
         b = self.baseline
-        return score_function_of(b.score, b.score_parameters, self.transform_classifier, b.input_dim)
+        return score_function_of(
+            b.score, b.score_parameters, self.transform_classifier, b.input_dim, self.knn_reference
+        )
 
 
 def sha256_hex(data: bytes) -> str:
@@ -352,22 +392,46 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
                 f"{baseline.input_dim}"
             )
     classifier = _transform_classifier(root, baseline, contents)
-    return LoadedArtifact(root, baseline, manifest, model_bytes, errors, dense_stack, classifier)
+    reference = _knn_reference(root, baseline, contents)
+    return LoadedArtifact(root, baseline, manifest, model_bytes, errors, dense_stack, classifier, reference)
+
+
+def _required_file(root: Path, baseline: Baseline, contents: dict[str, bytes], name: str) -> bytes:
+    if name not in contents:
+        raise ArtifactError(
+            f"score {baseline.score!r} needs {name}, which the manifest of {root} does not list"
+        )
+    return contents[name]
+
+
+def _knn_reference(root: Path, baseline: Baseline, contents: dict[str, bytes]) -> np.ndarray | None:
+    """The normal images a knn score measures against: (n, input_dim) float32, n >= k."""
+    if "knn" not in components_of(baseline.score):
+        return None
+    where = root / KNN_REFERENCE_FILE
+    data = _required_file(root, baseline, contents, KNN_REFERENCE_FILE)
+    try:
+        reference = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{where} is unreadable: {exc}") from exc
+    k = baseline.score_parameters.knn_k if baseline.score_parameters else None
+    if reference.ndim != 2 or reference.shape[1] != baseline.input_dim or reference.shape[0] < (k or 1):
+        raise ArtifactError(
+            f"{where} holds an array of shape {reference.shape}, expected (n, {baseline.input_dim}) "
+            f"with n >= knn_k {k}"
+        )
+    return np.asarray(reference, np.float32)
 
 
 def _transform_classifier(
     root: Path, baseline: Baseline, contents: dict[str, bytes]
 ) -> TransformClassifier | None:
     """The classifier a transformation score needs, checked against the set it must tell apart."""
-    if baseline.score not in TRANSFORM_SCORES:
+    if "transforms" not in components_of(baseline.score):
         return None
     where = str(root / TRANSFORM_CLASSIFIER_FILE)
-    if TRANSFORM_CLASSIFIER_FILE not in contents:
-        raise ArtifactError(
-            f"score {baseline.score!r} needs {TRANSFORM_CLASSIFIER_FILE}, "
-            f"which the manifest of {root} does not list"
-        )
-    classifier = TransformClassifier.from_bytes(contents[TRANSFORM_CLASSIFIER_FILE], where)
+    data = _required_file(root, baseline, contents, TRANSFORM_CLASSIFIER_FILE)
+    classifier = TransformClassifier.from_bytes(data, where)
     name = baseline.score_parameters.transforms if baseline.score_parameters else None
     try:
         TransformScorer(TransformSet.named(str(name), baseline.input_dim), classifier)

@@ -1,5 +1,6 @@
 """Per-image anomaly scores from an image, its reconstruction and its latent code. Pure numpy.
 
+A score is one component or several joined by "+":
   mse          mean squared reconstruction error (the default)
   nmse         mse divided by the image's mean squared intensity (plus epsilon): a thin digit such
                as a 1 has little ink and so a small absolute error even when badly reconstructed
@@ -7,36 +8,57 @@
   mahalanobis  distance of the encoder's code to a Gaussian fitted on held-out normal codes
   transforms   how unsure a self-supervised classifier is of which rotation/flip/shift was
                applied (worker.transforms): catches rotated digits that reconstruct well
-  mse+transforms, nmse+transforms
-               the sum of the two scores, each standardised by its mean and std on held-out
-               normal images: two views of "not normal" that fail on different images
+  knn          cosine distance to the k nearest normal training images: what the autoencoder
+               blurs away (an 8 from a 3), a nearest neighbour still sees
+  a+b[+c]      e.g. mse+transforms+knn: each component standardised by its mean and std on
+               held-out normal images, then summed: views of "not normal" that fail on
+               different images
 The trainer calibrates the threshold with the score it was asked for (`--score`) and the worker
-computes the same one (`baseline.json` names it); the evaluation compares all four.
+computes the same one (`baseline.json` names it); the evaluation compares them (`COMPARED`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal, cast
 
 import numpy as np
 
 from worker.transforms import TransformScorer
 
-ScoreName = Literal["mse", "nmse", "top-k", "mahalanobis", "transforms", "mse+transforms", "nmse+transforms"]
-SCORES: tuple[ScoreName, ...] = (
-    "mse",
-    "nmse",
-    "top-k",
-    "mahalanobis",
-    "transforms",
+Component = Literal["mse", "nmse", "top-k", "mahalanobis", "transforms", "knn"]
+COMPONENTS: tuple[Component, ...] = ("mse", "nmse", "top-k", "mahalanobis", "transforms", "knn")
+ScoreName = str  # a component, or components joined by "+" (components_of checks it)
+# What `evaluate` and `benchmark` compare: every component, then the combinations that help.
+COMPARED: tuple[str, ...] = (
+    *COMPONENTS,
     "mse+transforms",
     "nmse+transforms",
+    "mse+knn",
+    "mse+transforms+knn",
+    "nmse+transforms+knn",
 )
-TRANSFORM_SCORES: tuple[ScoreName, ...] = ("transforms", "mse+transforms", "nmse+transforms")
+SCORES = COMPARED  # kept for callers that list the scores
+MAX_COMPONENTS = 4
 NMSE_EPSILON = 1e-3
 DEFAULT_TOP_K_PERCENT = 5.0
+DEFAULT_KNN_K = 5
+
+
+def components_of(name: str) -> tuple[Component, ...]:
+    """The components of a score name; ValueError naming what is wrong."""
+    parts = tuple(name.split("+"))
+    unknown = [p for p in parts if p not in COMPONENTS]
+    if unknown:
+        raise ValueError(
+            f"score {name!r}: unknown component(s) {', '.join(map(repr, unknown))}; expected one of "
+            f"{', '.join(COMPONENTS)}, or several joined by '+'"
+        )
+    if len(set(parts)) != len(parts) or len(parts) > MAX_COMPONENTS:
+        raise ValueError(f"score {name!r}: at most {MAX_COMPONENTS} components, each at most once")
+    return cast(tuple[Component, ...], parts)
 
 
 def mse_scores(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
@@ -69,6 +91,46 @@ def mahalanobis_distances(codes: np.ndarray, mean: np.ndarray, precision: np.nda
     return np.asarray(np.sqrt(np.maximum(squared, 0.0)))
 
 
+def knn_distances(x: np.ndarray, reference: np.ndarray, k: int = DEFAULT_KNN_K) -> np.ndarray:
+    """1 - mean cosine similarity of each row to its k most similar rows of `reference`.
+
+    `reference` rows must already have unit length (`unit_rows`)."""
+    if not 1 <= k <= reference.shape[0]:
+        raise ValueError(f"k must be in 1..{reference.shape[0]} (reference rows), found {k}")
+    rows = unit_rows(x)
+    out = np.empty(rows.shape[0], np.float64)
+    step = max(1, 2**22 // max(1, reference.shape[0]))  # similarity blocks of at most 4M floats
+    for start in range(0, rows.shape[0], step):
+        similarity = rows[start : start + step] @ reference.T
+        nearest = np.partition(similarity, similarity.shape[1] - k, axis=1)[:, -k:]
+        out[start : start + step] = 1.0 - nearest.mean(axis=1, dtype=np.float64)
+    return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32); an all-zero row stays zero."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.asarray(x / np.maximum(norms, 1e-12), np.float32)
+
+
+def combine(parts: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """The sum of scores, each standardised by its held-out normal mean and std."""
+    if not len(parts) == len(mean) == len(std):
+        raise ValueError(f"{len(parts)} scores to combine, but {len(mean)} means and {len(std)} stds")
+    total = np.zeros(np.shape(parts[0]), np.float64)
+    for values, m, s in zip(parts, mean, std, strict=True):
+        total += (np.asarray(values, np.float64) - m) / s
+    return total
+
+
+def standardisation(parts: Sequence[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(means, stds) of each score on normal images: what `combine` needs."""
+    means = tuple(float(np.mean(p)) for p in parts)
+    stds = tuple(max(float(np.std(p)), 1e-12) for p in parts)
+    return means, stds
+
+
 @dataclass(frozen=True)
 class ScoreFunction:
     """One score with its parameters: what a scorer applies to (images, reconstructions, codes)."""
@@ -79,55 +141,63 @@ class ScoreFunction:
     latent_mean: np.ndarray | None = None
     latent_precision: np.ndarray | None = None
     transform_scorer: TransformScorer | None = None
-    # Combined scores: (reconstruction, transforms) mean and std on held-out normal images.
-    combine_mean: tuple[float, float] = (0.0, 0.0)
-    combine_std: tuple[float, float] = (1.0, 1.0)
+    knn_reference: np.ndarray | None = None  # unit-length rows of normal training images
+    knn_k: int = DEFAULT_KNN_K
+    # Combined scores: each component's mean and std on held-out normal images, in order.
+    combine_mean: tuple[float, ...] = ()
+    combine_std: tuple[float, ...] = ()
+    components: tuple[Component, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.name not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(SCORES)}, found {self.name!r}")
-        if self.name == "mahalanobis" and (self.latent_mean is None or self.latent_precision is None):
+        components = components_of(self.name)
+        object.__setattr__(self, "components", components)
+        if "mahalanobis" in components and (self.latent_mean is None or self.latent_precision is None):
             raise ValueError("the mahalanobis score needs the latent mean and precision of normal codes")
-        if self.name in TRANSFORM_SCORES and self.transform_scorer is None:
+        if "transforms" in components and self.transform_scorer is None:
             raise ValueError(f"the {self.name} score needs the transformation classifier")
-        if min(self.combine_std) <= 0:
-            raise ValueError(f"combine_std must be positive, found {self.combine_std}")
+        if "knn" in components and self.knn_reference is None:
+            raise ValueError(f"the {self.name} score needs the normal reference images")
+        if len(components) > 1:
+            if not len(self.combine_mean) == len(self.combine_std) == len(components):
+                raise ValueError(
+                    f"the {self.name} score needs a mean and a std per component ({len(components)}), "
+                    f"found {len(self.combine_mean)} and {len(self.combine_std)}"
+                )
+            if min(self.combine_std) <= 0:
+                raise ValueError(f"combine_std must be positive, found {self.combine_std}")
 
     @property
     def needs_codes(self) -> bool:
         """Whether the latent code is an input (only mahalanobis)."""
-        return self.name == "mahalanobis"
+        return "mahalanobis" in self.components
 
-    def __call__(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
-        """Per-row scores (float64)."""
-        if self.name == "mse":
+    def component(
+        self, name: Component, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None = None
+    ) -> np.ndarray:
+        """One component's per-row scores (float64)."""
+        if name == "mse":
             return mse_scores(x, recon)
-        if self.name == "nmse":
+        if name == "nmse":
             return nmse_scores(x, recon, self.nmse_epsilon)
-        if self.name == "top-k":
+        if name == "top-k":
             return top_k_scores(x, recon, self.top_k_percent)
-        if self.name in TRANSFORM_SCORES:
-            transforms = cast(TransformScorer, self.transform_scorer)(x)
-            if self.name == "transforms":
-                return transforms
-            reconstruction = (
-                mse_scores(x, recon)
-                if self.name == "mse+transforms"
-                else nmse_scores(x, recon, self.nmse_epsilon)
-            )
-            return combine(reconstruction, transforms, self.combine_mean, self.combine_std)
+        if name == "transforms":
+            return cast(TransformScorer, self.transform_scorer)(x)
+        if name == "knn":
+            return knn_distances(x, cast(np.ndarray, self.knn_reference), self.knn_k)
         if codes is None:
             raise ValueError("the mahalanobis score needs the latent codes")
         return mahalanobis_distances(
             codes, cast(np.ndarray, self.latent_mean), cast(np.ndarray, self.latent_precision)
         )
 
+    def parts(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None = None) -> list[np.ndarray]:
+        """Every component's per-row scores, in order (what the standardisation is fitted on)."""
+        return [self.component(c, x, recon, codes) for c in self.components]
 
-def combine(
-    reconstruction: np.ndarray,
-    transforms: np.ndarray,
-    mean: tuple[float, float],
-    std: tuple[float, float],
-) -> np.ndarray:
-    """The sum of two scores, each standardised by its held-out normal mean and std."""
-    return np.asarray((reconstruction - mean[0]) / std[0] + (transforms - mean[1]) / std[1])
+    def __call__(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+        """Per-row scores (float64)."""
+        parts = self.parts(x, recon, codes)
+        if len(parts) == 1:
+            return parts[0]
+        return combine(parts, self.combine_mean, self.combine_std)

@@ -12,7 +12,7 @@ from tests.conftest import mnist_sample
 from worker.artifact import BASELINE_FILE, load_artifact
 from worker.scoring import KerasScorer, NumpyScorer
 
-ALTERNATIVES = ["nmse", "top-k", "mahalanobis", "transforms", "mse+transforms", "nmse+transforms"]
+ALTERNATIVES = ["nmse", "top-k", "mahalanobis", "transforms", "knn", "nmse+transforms", "mse+transforms+knn"]
 
 
 def _sample_dataset():  # type: ignore[no-untyped-def]
@@ -108,26 +108,56 @@ def test_an_nmse_artifact_stays_readable_by_a_1_1_worker(trained: dict[str, Path
 
 def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[str, Path]) -> None:
     from trainer.evaluate import recover_splits
-    from worker.scores import mse_scores
+    from worker.scores import knn_distances, mse_scores, unit_rows
 
-    artifact = load_artifact(trained["mse+transforms"])
+    artifact = load_artifact(trained["mse+transforms+knn"])
     params = artifact.baseline.score_parameters
-    assert params is not None and params.transforms == "rotations"
+    assert params is not None and params.transforms == "rotations" and params.knn_k == 5
     assert params.combine_mean is not None and params.combine_std is not None
     splits = recover_splits(artifact.baseline, _sample_dataset())
     assert splits is not None
     transforms = artifact.score_function().transform_scorer
-    assert transforms is not None
-    from worker.dense_stack import DenseStack
-
-    stack = artifact.dense_stack
-    assert isinstance(stack, DenseStack)
+    assert transforms is not None and artifact.knn_reference is not None and artifact.dense_stack is not None
+    np.testing.assert_array_equal(artifact.knn_reference, splits.fit)  # fewer than 10,000: all of them
+    v = splits.validation
     parts = (
-        mse_scores(splits.validation, stack.reconstruct(splits.validation)),
-        transforms(splits.validation),
+        mse_scores(v, artifact.dense_stack.reconstruct(v)),
+        transforms(v),
+        knn_distances(v, unit_rows(artifact.knn_reference), 5),
     )
     np.testing.assert_allclose(params.combine_mean, [p.mean() for p in parts], rtol=1e-3)
     np.testing.assert_allclose(params.combine_std, [p.std() for p in parts], rtol=1e-3)
+
+
+def test_a_knn_score_without_its_reference_images_is_refused(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from tests.unit.test_artifact import _rewrite
+    from worker.artifact import KNN_REFERENCE_FILE
+    from worker.errors import ArtifactError
+
+    path = tmp_path / "no-reference"
+    shutil.copytree(trained["knn"], path)
+    _rewrite(path, "manifest.json", lambda d: d["files"].pop(KNN_REFERENCE_FILE))
+    with pytest.raises(ArtifactError, match=r"score 'knn' needs knn_reference\.npy"):
+        load_artifact(path)
+
+
+def test_a_combined_score_without_a_std_per_component_is_refused(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from tests.unit.test_artifact import _rewrite
+    from worker.errors import ArtifactError
+
+    path = tmp_path / "short"
+    shutil.copytree(trained["mse+transforms+knn"], path)
+    _rewrite(path, BASELINE_FILE, lambda d: d["score_parameters"]["combine_std"].pop())
+    with pytest.raises(ArtifactError, match=r"has 3 components, found 3 combine_mean and 2 combine_std"):
+        load_artifact(path)
 
 
 def test_a_transformation_score_without_its_classifier_is_refused(

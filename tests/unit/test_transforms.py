@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from worker.errors import ArtifactError
-from worker.scores import ScoreFunction, combine
+from worker.scores import ScoreFunction
 from worker.transforms import TransformClassifier, TransformScorer, TransformSet, log_softmax
 
 
@@ -106,11 +106,39 @@ def test_a_trained_classifier_scores_rotated_images_as_more_anomalous() -> None:
     assert auroc(scorer(upright), scorer(rotated)) > 0.95
 
 
-def test_a_combined_score_adds_the_standardised_parts() -> None:
-    out = combine(np.array([1.0, 3.0]), np.array([10.0, 30.0]), (1.0, 10.0), (2.0, 10.0))
-    np.testing.assert_allclose(out, [0.0, 3.0])
-
-
 def test_a_transformation_score_without_a_classifier_is_refused() -> None:
     with pytest.raises(ValueError, match=r"the mse\+transforms score needs the transformation classifier"):
-        ScoreFunction("mse+transforms")
+        ScoreFunction("mse+transforms", combine_mean=(0, 0), combine_std=(1, 1))
+
+
+def test_a_score_name_is_components_joined_by_plus() -> None:
+    from worker.scores import components_of
+
+    assert components_of("mse") == ("mse",)
+    assert components_of("nmse+transforms+knn") == ("nmse", "transforms", "knn")
+    with pytest.raises(ValueError, match=r"unknown component\(s\) 'msq'; expected one of mse, nmse"):
+        components_of("msq+knn")
+    with pytest.raises(ValueError, match=r"each at most once"):
+        components_of("mse+mse")
+
+
+def test_combined_scores_add_the_standardised_components() -> None:
+    from worker.scores import combine, standardisation
+
+    a, b = np.array([1.0, 3.0]), np.array([10.0, 30.0])
+    np.testing.assert_allclose(combine([a, b], (1.0, 10.0), (2.0, 10.0)), [0.0, 3.0])
+    mean, std = standardisation([a, b])
+    np.testing.assert_allclose(combine([a, b], mean, std), [-2.0, 2.0])
+
+
+def test_knn_distance_is_zero_for_a_reference_image_and_grows_away_from_it() -> None:
+    from worker.scores import knn_distances, unit_rows
+
+    reference = _images(50, seed=3)
+    other = _images(1, seed=4)
+    near = knn_distances(reference[:1] * 2.0, unit_rows(reference), k=1)  # cosine: scale-free
+    far = knn_distances(other, unit_rows(reference), k=1)
+    assert near[0] == pytest.approx(0.0, abs=1e-6)
+    assert far[0] > 0.1
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.50"):
+        knn_distances(other, unit_rows(reference), k=51)
