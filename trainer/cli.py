@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         b = result.baseline
         h = b.training.history
+        held_out = f"held-out {b.score}:"
         print(
             f"trained {b.training.architecture} on {b.training.dataset} "
             f"(classes: {b.training.classes or 'all'}) "
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  epochs run:      {b.training.epochs_run} of {b.training.epochs_requested}")
         print(f"  final loss:      train {h['loss'][-1]:.5f}, held-out {h['val_loss'][-1]:.5f}")
         print(
-            f"  {'held-out ' + b.score + ':':<17}mean {b.statistics.mean:.5f}, std {b.statistics.std:.5f}, "
+            f"  {held_out:<{max(17, len(held_out) + 1)}}mean {b.statistics.mean:.5f}, std {b.statistics.std:.5f}, "
             f"n {b.statistics.count}"
         )
         print(

@@ -201,14 +201,15 @@ class Evaluation:
 
     def table(self) -> str:
         """A fixed-width table, one row per anomaly set and score."""
+        w = max([12, *(len(r.score) for r in self.rows)])
         head = (
-            f"{'anomaly set':<16} {'score':<12} {'AUROC':>6} {'AP':>6} {'threshold':>10} "
+            f"{'anomaly set':<16} {'score':<{w}} {'AUROC':>6} {'AP':>6} {'threshold':>10} "
             f"{'flag normal':>12} {'flag anomaly':>13} {'n normal':>9} {'n anomaly':>10}"
         )
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
-                f"{r.anomaly_set:<16} {r.score:<12} {r.auroc:>6.4f} {r.average_precision:>6.4f} "
+                f"{r.anomaly_set:<16} {r.score:<{w}} {r.auroc:>6.4f} {r.average_precision:>6.4f} "
                 f"{_fmt(r.threshold, '.5g'):>10} {_fmt(r.flagged_normal, '.2%'):>12} "
                 f"{_fmt(r.flagged_anomaly, '.2%'):>13} {r.normal_count:>9} {r.anomaly_count:>10}"
             )

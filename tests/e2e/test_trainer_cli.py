@@ -123,7 +123,8 @@ def test_benchmark_one_class_prints_the_auroc_table_and_writes_results(tmp_path:
     )
     assert (
         "| normal class | AUROC mse | AUROC nmse | AUROC top-k | AUROC mahalanobis | AUROC transforms "
-        "| AUROC mse+transforms | AUROC nmse+transforms |" in result.stdout
+        "| AUROC knn | AUROC mse+transforms | AUROC nmse+transforms | AUROC mse+knn "
+        "| AUROC mse+transforms+knn | AUROC nmse+transforms+knn |" in result.stdout
     )
     assert "| **mean** |" in result.stdout
     written = json.loads((tmp_path / "one-class-mnist-dense-32-e1-rotations-c1-n500.json").read_text())
@@ -145,24 +146,24 @@ def test_a_transformation_score_is_trained_evaluated_and_drawn(tmp_path: Path) -
         "--max-samples",
         "3000",
         "--score",
-        "nmse+transforms",
+        "mse+transforms+knn",
         "--transforms",
         "rotations",
         "--out",
         str(out),
         cwd=tmp_path,
     )
-    assert "held-out nmse+transforms:" in result.stdout
+    assert "held-out mse+transforms+knn:" in result.stdout
     artifact = load_artifact(out)
-    assert "transform_classifier.npz" in artifact.manifest.files
+    assert {"transform_classifier.npz", "knn_reference.npy"} <= set(artifact.manifest.files)
     assert "transforms_loss" in artifact.baseline.training.history
     evaluation = run_trainer("evaluate", str(out), "--json", str(tmp_path / "e.json"), cwd=tmp_path)
-    assert "rotated 90°      nmse+transforms" in evaluation.stdout
+    assert "rotated 90°      mse+transforms+knn " in evaluation.stdout
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
-    own = next(r for r in rows if r["score"] == "nmse+transforms")
+    own = next(r for r in rows if r["score"] == "mse+transforms+knn" and r["anomaly_set"] == "rotated 90°")
     assert own["auroc"] > 0.9  # the classifier knows which way up a digit is
     assert own["threshold"] == artifact.baseline.threshold.value
-    assert "nmse+transforms" in (out / "report.html").read_text()
+    assert "mse+transforms+knn" in (out / "report.html").read_text()
 
 
 def test_evaluate_of_a_missing_artifact_fails_with_a_message(tmp_path: Path) -> None:
