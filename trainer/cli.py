@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  epochs run:      {b.training.epochs_run} of {b.training.epochs_requested}")
         print(f"  final loss:      train {h['loss'][-1]:.5f}, held-out {h['val_loss'][-1]:.5f}")
         print(
-            f"  {held_out:<{max(17, len(held_out) + 1)}}mean {b.statistics.mean:.5f}, std {b.statistics.std:.5f}, "
-            f"n {b.statistics.count}"
+            f"  {held_out:<{max(17, len(held_out) + 1)}}mean {b.statistics.mean:.5f}, "
+            f"std {b.statistics.std:.5f}, n {b.statistics.count}"
         )
         print(
             f"  threshold:       {b.threshold.policy} = {b.threshold.value:.5f} "
