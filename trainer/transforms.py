@@ -29,16 +29,16 @@ class _RandomTransforms:
     """Keras batches of (T_t(x_i), t) for random i and t; `len` batches make one pass over N x T."""
 
     def __init__(self, x: np.ndarray, transforms: TransformSet, batch_size: int, seed: int) -> None:
-        self.x = x
+        self.padded = transforms.pad(x)
         self.transforms = transforms
         self.batch_size = batch_size
         self.rng = np.random.default_rng(seed)
         self.batches = math.ceil(x.shape[0] * len(transforms) / batch_size)
 
     def batch(self) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.rng.integers(0, self.x.shape[0], self.batch_size)
+        rows = self.rng.integers(0, self.padded.shape[0], self.batch_size)
         labels = self.rng.integers(0, len(self.transforms), self.batch_size)
-        images = self.x[rows[:, None], self.transforms.permutations[labels]]
+        images = self.padded[rows[:, None], self.transforms.sources[labels]]
         return images, labels
 
 
@@ -49,7 +49,7 @@ def _pairs(x: np.ndarray, transforms: TransformSet, count: int, seed: int) -> tu
         return transforms.training_set(x)
     pick = np.random.default_rng(seed).choice(total, count, replace=False)
     labels, rows = np.divmod(pick, x.shape[0])
-    return x[rows[:, None], transforms.permutations[labels]], labels
+    return transforms.pad(x)[rows[:, None], transforms.sources[labels]], labels
 
 
 def build_classifier(input_dim: int, classes: int) -> Any:

@@ -23,13 +23,22 @@ def test_the_rotation_set_is_the_four_quarter_turns_identity_first() -> None:
         np.testing.assert_array_equal(rotations.apply(x, k), expected)
 
 
-def test_the_geometric_set_has_72_distinct_permutations() -> None:
+def test_the_geometric_set_has_72_distinct_transformations_identity_first() -> None:
     geometric = TransformSet.named("geometric", 784)
     assert len(geometric) == 72
-    np.testing.assert_array_equal(geometric.permutations[0], np.arange(784))
-    assert len({p.tobytes() for p in geometric.permutations}) == 72
-    for p in geometric.permutations:  # each one moves pixels, never drops or repeats one
+    np.testing.assert_array_equal(geometric.sources[0], np.arange(784))
+    assert len({p.tobytes() for p in geometric.sources}) == 72
+    flips_and_turns = [geometric.sources[t] for t in (0, 1, 2, 3, 36, 37, 38, 39)]  # unshifted
+    for p in flips_and_turns:  # these move pixels, never drop or repeat one
         np.testing.assert_array_equal(np.sort(p), np.arange(784))
+
+
+def test_a_shift_fills_the_uncovered_rows_with_zeros_instead_of_wrapping() -> None:
+    x = _images(2)
+    geometric = TransformSet.named("geometric", 784)
+    down = geometric.apply(x, 6 * 4).reshape(2, 28, 28)  # shifts in order (0,0),(0,-4),(0,4),(-4,0),.. (4,0)
+    np.testing.assert_array_equal(down[:, :4], 0.0)
+    np.testing.assert_array_equal(down[:, 4:], x.reshape(2, 28, 28)[:, :24])
 
 
 def test_the_training_set_labels_every_image_with_its_transformation() -> None:
