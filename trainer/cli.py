@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=DEFAULT_KNN_REFERENCE_ROWS,
         help="knn: at most this many normal training images are kept in the artifact; each costs "
-        f"the worker 784 multiply-adds per scored image (default: {DEFAULT_KNN_REFERENCE_ROWS})",
+        f"the worker D multiply-adds per scored image of D pixels (default: {DEFAULT_KNN_REFERENCE_ROWS})",
     )
     t.add_argument(
         "--transform-epochs",
