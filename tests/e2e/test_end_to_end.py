@@ -212,3 +212,62 @@ def test_producer_cli_pushes_normal_and_rotated_digits(redis_server: RedisServer
         and any(i.startswith("normal") for i in ids)
     )
     assert all(len(f[b"image"]) == 784 for _, f in client.xrange("prod-test"))
+
+
+def test_a_worker_serves_a_combined_score_with_its_classifier_and_neighbours(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """mse+transforms+knn: trained by the CLI, loaded by the worker, scored as calibrated."""
+    from trainer.data import load_dataset, rotate90
+    from worker.artifact import load_artifact
+
+    artifact = tmp_path / "combined"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer",
+            "train",
+            *("--out", str(artifact), "--epochs", "3", "--max-samples", "4000", "--no-report"),
+            *("--score", "mse+transforms+knn", "--transforms", "rotations", "--transform-epochs", "2"),
+        ],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    threshold = load_artifact(artifact).baseline.threshold.value
+    redis_server.client().flushdb()
+    port = free_port()
+    env = dict(
+        ANOMALY_REDIS_URL=redis_server.url,
+        ANOMALY_ARTIFACT=str(artifact),
+        ANOMALY_METRICS_PORT=str(port),
+        ANOMALY_METRICS_HOST="127.0.0.1",
+        ANOMALY_SCORES_STREAM="scores",
+    )
+    process = start_worker(env, tmp_path / "worker.log", ready_timeout=90)
+    try:
+        client = redis_server.client()
+        test = load_dataset("mnist").test.x[:200]
+        producer = ImageProducer(client, "images")
+        producer.push_many(test, [f"normal-{i}" for i in range(200)])
+        producer.push_many(rotate90(test), [f"rotated-{i}" for i in range(200)])
+        wait_until(lambda: client.xlen("scores") >= 400, 60, what="all scored")
+        scores = {f[b"id"].decode(): float(f[b"score"]) for _, f in client.xrange("scores")}
+        flagged = {f[b"id"].decode() for _, f in client.xrange("anomalies")}
+        assert flagged == {pid for pid, s in scores.items() if s > threshold}
+        assert sum(pid.startswith("rotated") for pid in flagged) > 150  # mse alone flags about half
+        assert sum(pid.startswith("normal") for pid in flagged) < 20
+        normal = np.array([s for pid, s in scores.items() if pid.startswith("normal")])
+        rotated = np.array([s for pid, s in scores.items() if pid.startswith("rotated")])
+        assert np.mean(rotated[:, None] > normal[None, :]) > 0.95  # the AUROC: turned digits stand out
+        assert metric_sum(metrics_text(port), "anomaly_messages_scored_total") == 400
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
