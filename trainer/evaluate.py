@@ -38,7 +38,7 @@ from worker.scores import (
     top_k_scores,
     unit_rows,
 )
-from worker.thresholds import flag_rate, parse_policy
+from worker.thresholds import check_policy_fits_score, flag_rate, parse_policy
 from worker.transforms import TransformScorer
 
 log = logging.getLogger(__name__)
@@ -297,6 +297,7 @@ def thresholds_for(
         if name == own_score:
             continue
         try:
+            check_policy_fits_score(policy, name)
             out[name] = policy.threshold(values)
         except ThresholdPolicyError as exc:
             log.warning("no threshold for score=%s reason=%s", name, exc)

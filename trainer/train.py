@@ -33,7 +33,7 @@ from worker.artifact import (
 )
 from worker.dense_stack import DENSE_STACK_FILE
 from worker.scores import DEFAULT_KNN_K, ScoreFunction, ScoreName, components_of, standardisation
-from worker.thresholds import flag_rate, parse_policy
+from worker.thresholds import check_policy_fits_score, flag_rate, parse_policy
 from worker.transforms import (
     TRANSFORM_CLASSIFIER_FILE,
     TransformClassifier,
@@ -219,6 +219,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     splits = split_normal(normal, config.holdout_fraction, config.seed)
     policy = parse_policy(config.threshold)  # fail before training on a bad policy or score
     components = components_of(config.score)
+    check_policy_fits_score(policy, config.score)
 
     preprocessing = Preprocessing()
     transform: Any = lambda a: a  # noqa: E731

@@ -23,7 +23,7 @@ import numpy as np
 
 from worker.artifact import LoadedArtifact
 from worker.errors import ArtifactError
-from worker.thresholds import flag_rate, p_values, parse_policy
+from worker.thresholds import check_policy_fits_score, flag_rate, p_values, parse_policy
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class DecisionRule:
         errors = artifact.calibration_errors
         if policy:
             parsed = parse_policy(policy)
+            check_policy_fits_score(parsed, artifact.baseline.score)
             value = parsed.threshold(errors)
             return cls(value, parsed.text, stats.mean, stats.std, flag_rate(errors, value), errors)
         t = artifact.baseline.threshold

@@ -83,6 +83,16 @@ def parse_policy(text: str) -> ThresholdPolicy:
     )
 
 
+def check_policy_fits_score(policy: ThresholdPolicy, score: str) -> None:
+    """Refuse Kmean for a combined score (a+b): a sum of z-scores is centred on 0, so K times its
+    mean is a threshold near 0 that flags about half of normal images."""
+    if policy.kind == "k_mean" and "+" in score:
+        raise ThresholdPolicyError(
+            f"policy {policy.text!r} scales the mean held-out score, but score {score!r} is a sum "
+            "of standardised scores with mean about 0; expected mean+Kstd, pNN or fpr=F"
+        )
+
+
 def flag_rate(errors: np.ndarray, threshold: float) -> float:
     """Share of `errors` strictly above `threshold` (the worker flags score > threshold)."""
     values = np.asarray(errors).ravel()

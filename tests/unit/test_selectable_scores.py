@@ -189,3 +189,16 @@ def test_a_classifier_of_another_transformation_set_is_refused(
     _rewrite(path, BASELINE_FILE, lambda d: d["score_parameters"].update(transforms="geometric"))
     with pytest.raises(ArtifactError, match=r"to 4 transformations, expected 784 to 72 \(geometric\)"):
         load_artifact(path)
+
+
+def test_a_worker_refuses_kmean_for_a_combined_score_but_switches_to_a_quantile(
+    trained: dict[str, Path],
+) -> None:
+    from worker.errors import ThresholdPolicyError
+    from worker.scoring import DecisionRule
+
+    artifact = load_artifact(trained["mse+transforms+knn"])
+    with pytest.raises(ThresholdPolicyError, match=r"expected mean\+Kstd, pNN or fpr=F"):
+        DecisionRule.from_artifact(artifact, "2mean")
+    rule = DecisionRule.from_artifact(artifact, "p95")
+    assert rule.expected_flag_rate == pytest.approx(0.05, abs=0.01)

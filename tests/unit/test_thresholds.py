@@ -58,3 +58,12 @@ def test_p_values_of_normal_data_are_roughly_uniform() -> None:
     cal = np.sort(rng.normal(size=5000))
     p = p_values(cal, rng.normal(size=5000))
     assert abs((p <= 0.05).mean() - 0.05) < 0.015
+
+
+def test_kmean_is_refused_for_a_combined_score_centred_on_zero() -> None:
+    from worker.thresholds import check_policy_fits_score
+
+    with pytest.raises(ThresholdPolicyError, match=r"'2mean' .* score 'mse\+knn' is a sum of standardised"):
+        check_policy_fits_score(parse_policy("2mean"), "mse+knn")
+    check_policy_fits_score(parse_policy("2mean"), "mse")  # a positive score: fine
+    check_policy_fits_score(parse_policy("mean+3std"), "mse+knn")
