@@ -224,6 +224,8 @@ def run_benchmark(
     import tensorflow as tf
 
     started = time.monotonic()
+    if config.transforms is not None:  # square images only: say so before the first class trains
+        TransformSet.named(config.transforms, dataset.train.x.shape[1])
     results = []
     for normal_class in config.classes:
         result = run_one_class(dataset, normal_class, config)

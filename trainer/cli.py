@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(distance of the latent code to normal codes), transforms (a self-supervised classifier's "
         "doubt about which rotation/flip/shift was applied; square images), knn (cosine distance "
         "to the nearest normal training images), or several joined by '+', each standardised on "
-        "held-out normal images and summed, e.g. mse+transforms+knn (the best on the benchmarks, "
-        "docs/detection.md); `evaluate` compares them",
+        "held-out normal images and summed, e.g. mse+transforms+knn (the best on MNIST; "
+        "mse+transforms on Fashion-MNIST, docs/detection.md); `evaluate` compares them",
     )
     t.add_argument(
         "--transforms",
@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[*TRANSFORM_SETS, "none"],
         default="geometric",
         help="also train the self-supervised transformation classifier on this set and compare the "
-        "transforms, mse+transforms and nmse+transforms scores (default: geometric; none skips it "
-        "and halves the time)",
+        "scores with transforms (transforms, mse+transforms, nmse+transforms, mse+transforms+knn, "
+        "nmse+transforms+knn; default: geometric; none skips the classifier and those scores)",
     )
     b.add_argument(
         "--transform-epochs",

@@ -20,6 +20,7 @@ import numpy as np
 from trainer.data import Dataset
 from trainer.train import Splits
 from worker.artifact import MODEL_FILE, Baseline, model_version_of
+from worker.scores import DEFAULT_KNN_K
 from worker.transforms import TransformScorer
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def write_report(
             transform,
             transform_scorer=transform_scorer,
             knn_reference=transform(splits.fit) if knn_reference is None else knn_reference,
+            knn_k=(baseline.score_parameters.knn_k if baseline.score_parameters else None) or DEFAULT_KNN_K,
             also=(baseline.score,),
         )
         scorer.fit_latent(splits.validation)

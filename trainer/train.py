@@ -220,6 +220,13 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     policy = parse_policy(config.threshold)  # fail before training on a bad policy or score
     components = components_of(config.score)
     check_policy_fits_score(policy, config.score)
+    if "transforms" in components:
+        TransformSet.named(config.transforms, normal.shape[1])  # square images only
+    if "knn" in components and config.knn_k > min(config.knn_reference_rows, splits.fit.shape[0]):
+        raise ValueError(
+            f"--knn-k {config.knn_k} needs at least as many reference images, found "
+            f"min(--knn-reference {config.knn_reference_rows}, fit split {splits.fit.shape[0]})"
+        )
 
     preprocessing = Preprocessing()
     transform: Any = lambda a: a  # noqa: E731
@@ -269,7 +276,6 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
 
     classifier = None
     if "transforms" in components:
-        TransformSet.named(config.transforms, input_dim)  # square images only: say so before training
         from trainer.transforms import train_transform_classifier
 
         classifier, classifier_losses = train_transform_classifier(

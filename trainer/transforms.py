@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.errors import ArtifactError
 from worker.transforms import TransformClassifier, TransformSet
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ def train_transform_classifier(
     source = _RandomTransforms(np.asarray(fit_x, np.float32), transforms, batch_size, seed)
 
     class Batches(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__()  # one worker, no multiprocessing: batches come from one generator
+
         def __len__(self) -> int:
             return source.batches
 
@@ -130,8 +134,9 @@ def train_transform_classifier(
     scale = max(1.0, float(np.max(np.abs(expected)))) if sample.size else 1.0
     tolerance = PARITY_TOLERANCE * scale
     if difference > tolerance:
-        raise RuntimeError(
-            f"the numpy classifier differs from Keras by {difference:.3g} (tolerance {tolerance:.3g})"
+        raise ArtifactError(
+            f"the numpy export of the transformation classifier differs from Keras by {difference:.3g}, "
+            f"expected at most {tolerance:.3g}; the worker would not score what was trained"
         )
     losses = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     return classifier, losses

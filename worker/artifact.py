@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,15 +413,21 @@ def _knn_reference(root: Path, baseline: Baseline, contents: dict[str, bytes]) -
     data = _required_file(root, baseline, contents, KNN_REFERENCE_FILE)
     try:
         reference = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{where} is unreadable: {exc}") from exc
+    if not isinstance(reference, np.ndarray):
+        raise ArtifactError(f"{where} must be one .npy array, found {type(reference).__name__}")
     k = baseline.score_parameters.knn_k if baseline.score_parameters else None
     if reference.ndim != 2 or reference.shape[1] != baseline.input_dim or reference.shape[0] < (k or 1):
         raise ArtifactError(
             f"{where} holds an array of shape {reference.shape}, expected (n, {baseline.input_dim}) "
             f"with n >= knn_k {k}"
         )
-    return np.asarray(reference, np.float32)
+    if reference.dtype.kind != "f" or not np.isfinite(reference).all():
+        raise ArtifactError(
+            f"{where} must hold finite floats, found dtype {reference.dtype} or non-finite values"
+        )
+    return unit_rows(reference)  # cosine distance needs only the directions: one copy in memory
 
 
 def _transform_classifier(

@@ -16,6 +16,7 @@ The trainer writes it only after checking that it reproduces the Keras model's o
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -170,7 +171,7 @@ def read_npz(data: bytes, where: str) -> dict[str, np.ndarray]:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ArtifactError(f"{where} is not a readable .npz file: {exc}") from exc
 
 

@@ -1,7 +1,8 @@
 """Batch -> scores -> decisions. No Redis, no globals.
 
-Two engines compute the same per-image score (the artifact's: reconstruction MSE by default,
-or nmse, top-k or mahalanobis as worker.scores defines them):
+Two engines compute the same per-image score (the artifact's: reconstruction MSE by default, or
+any other score or combination worker.scores defines; the transformation classifier and the knn
+distances run in numpy in both):
 - `NumpyScorer` runs a dense autoencoder from the artifact's dense_stack.npz with a few matrix
   products. It never imports TensorFlow, which saves about 600 MB and most of the start time,
   and it has no per-call framework overhead.

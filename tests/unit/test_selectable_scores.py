@@ -118,12 +118,13 @@ def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[
     assert splits is not None
     transforms = artifact.score_function().transform_scorer
     assert transforms is not None and artifact.knn_reference is not None and artifact.dense_stack is not None
-    np.testing.assert_array_equal(artifact.knn_reference, splits.fit)  # fewer than 10,000: all of them
+    # Fewer than 10,000 fit images: all of them, kept as unit rows (cosine needs only directions).
+    np.testing.assert_allclose(artifact.knn_reference, unit_rows(splits.fit), atol=1e-6)
     v = splits.validation
     parts = (
         mse_scores(v, artifact.dense_stack.reconstruct(v)),
         transforms(v),
-        knn_distances(v, unit_rows(artifact.knn_reference), 5),
+        knn_distances(v, artifact.knn_reference, 5),
     )
     np.testing.assert_allclose(params.combine_mean, [p.mean() for p in parts], rtol=1e-3)
     np.testing.assert_allclose(params.combine_std, [p.std() for p in parts], rtol=1e-3)
@@ -202,3 +203,86 @@ def test_a_worker_refuses_kmean_for_a_combined_score_but_switches_to_a_quantile(
         DecisionRule.from_artifact(artifact, "2mean")
     rule = DecisionRule.from_artifact(artifact, "p95")
     assert rule.expected_flag_rate == pytest.approx(0.05, abs=0.01)
+
+
+def _replace_signed(path: Path, name: str, data: bytes) -> None:
+    """Overwrite an artifact file and re-sign the manifest, as a careless tool would."""
+    import hashlib
+
+    (path / name).write_bytes(data)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256(data).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.zeros((10, 783), np.float32), r"shape \(10, 783\), expected \(n, 784\) with n >= knn_k 5"),
+        (np.zeros((3, 784), np.float32), r"shape \(3, 784\), expected \(n, 784\) with n >= knn_k 5"),
+        (np.zeros((10, 784), np.int64), r"must hold finite floats, found dtype int64"),
+        (np.full((10, 784), np.nan, np.float32), r"must hold finite floats"),
+    ],
+)
+def test_a_bad_knn_reference_is_refused_naming_the_file(
+    trained: dict[str, Path], tmp_path: Path, array: np.ndarray, expected: str
+) -> None:
+    import shutil
+
+    from worker.errors import ArtifactError
+
+    path = tmp_path / "bad-reference"
+    shutil.copytree(trained["knn"], path)
+    _replace_signed(path, "knn_reference.npy", _npy(array))
+    with pytest.raises(ArtifactError, match=expected) as refused:
+        load_artifact(path)
+    assert str(path / "knn_reference.npy") in str(refused.value)
+
+
+def test_a_corrupt_transformation_classifier_is_refused_naming_the_file(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from worker.errors import ArtifactError
+
+    path = tmp_path / "bad-classifier"
+    shutil.copytree(trained["transforms"], path)
+    _replace_signed(path, "transform_classifier.npz", b"PK\x03\x04 not really a zip")
+    with pytest.raises(ArtifactError, match=r"transform_classifier\.npz is not a readable \.npz file"):
+        load_artifact(path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"score": "transforms"}, r"need square images .* found D=780"),
+        ({"score": "mse+knn", "knn_k": 50, "knn_reference_rows": 20}, r"--knn-k 50 needs at least"),
+        ({"score": "mse+knn", "threshold": "2mean"}, r"'2mean' scales the mean held-out score"),
+    ],
+)
+def test_settings_a_score_cannot_use_fail_before_any_training(
+    tmp_path: Path, changes: dict[str, object], expected: str
+) -> None:
+    from unittest import mock
+
+    from trainer.data import Dataset, Split
+    from trainer.train import TrainConfig, train
+
+    x = np.random.default_rng(0).random((300, 780 if changes["score"] == "transforms" else 784), np.float32)
+    dataset = Dataset("random", Split(x[:250], None), Split(x[250:], None), "test")
+    config = TrainConfig(out=tmp_path / "never", report=False, progress=False, **changes)  # type: ignore[arg-type]
+    trained_anyway = AssertionError("trained anyway")
+    with (
+        mock.patch("trainer.train.build_model", side_effect=trained_anyway),
+        pytest.raises(ValueError, match=expected),
+    ):
+        train(config, dataset)
