@@ -11,6 +11,10 @@ File format (`numpy.savez`, loaded with allow_pickle=False):
   activations                str (n,): each of linear, relu, sigmoid, tanh
   code_layer                 int (): index of the layer whose output is the latent code
 The trainer writes it only after checking that it reproduces the Keras model's output.
+
+The chain itself (checks, forward pass, .npz format: `check_chain`, `forward`, `chain_to_bytes`,
+`read_npz`, `chain_from_arrays`) is shared with the transformation classifier (worker.transforms),
+whose file has the same arrays without `code_layer`.
 """
 
 from __future__ import annotations

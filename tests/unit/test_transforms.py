@@ -151,3 +151,30 @@ def test_knn_distance_is_zero_for_a_reference_image_and_grows_away_from_it() -> 
     assert far[0] > 0.1
     with pytest.raises(ValueError, match=r"k must be in 1\.\.50"):
         knn_distances(other, unit_rows(reference), k=51)
+
+
+def _by_hand(image: np.ndarray, flip: bool, dy: int, dx: int, k: int) -> np.ndarray:
+    """One geometric transformation written out: flip, shift with zero fill, quarter turns."""
+    side = image.shape[0]
+    out = image[:, ::-1] if flip else image
+    moved = np.zeros_like(out)
+    moved[max(dy, 0) : side + min(dy, 0), max(dx, 0) : side + min(dx, 0)] = out[
+        max(-dy, 0) : side + min(-dy, 0), max(-dx, 0) : side + min(-dx, 0)
+    ]
+    return np.rot90(moved, k)
+
+
+@pytest.mark.parametrize("side", [12, 28])
+def test_every_geometric_transformation_is_a_flip_a_zero_filled_shift_and_a_turn(side: int) -> None:
+    x = np.random.default_rng(5).random((3, side * side), dtype=np.float32)
+    geometric = TransformSet.named("geometric", side * side)
+    d = max(1, side // 7)
+    t = 0
+    for flip in (False, True):
+        for dy in (0, -d, d):
+            for dx in (0, -d, d):
+                for k in range(4):
+                    expected = [_by_hand(img.reshape(side, side), flip, dy, dx, k).ravel() for img in x]
+                    np.testing.assert_array_equal(geometric.apply(x, t), np.stack(expected), err_msg=f"t={t}")
+                    t += 1
+    assert t == len(geometric) == 72
