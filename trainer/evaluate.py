@@ -125,6 +125,39 @@ class ScoreModel:
         # Per combined score: each component's (means, stds) on normal images.
         self.combination: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
 
+    @classmethod
+    def fitted(
+        cls,
+        model: Any,
+        baseline: Baseline,
+        splits: Splits,
+        transform: Transform,
+        top_k_percent: float = DEFAULT_TOP_K_PERCENT,
+        transform_scorer: TransformScorer | None = None,
+        knn_reference: np.ndarray | None = None,
+    ) -> ScoreModel:
+        """Every score of an artifact's model, fitted on its held-out splits as the trainer fits
+        them; `knn_reference` (model space) defaults to the trainer's draw from the fit split."""
+        from trainer.train import DEFAULT_KNN_REFERENCE_ROWS, knn_reference_of
+
+        if knn_reference is None:
+            knn_reference = knn_reference_of(
+                transform(splits.fit), DEFAULT_KNN_REFERENCE_ROWS, baseline.training.seed
+            )
+        params = baseline.score_parameters
+        scorer = cls(
+            model,
+            transform,
+            top_k_percent=top_k_percent,
+            transform_scorer=transform_scorer,
+            knn_reference=knn_reference,
+            knn_k=(params.knn_k if params is not None else None) or DEFAULT_KNN_K,
+            also=(baseline.score,),
+        )
+        scorer.fit_latent(splits.validation)
+        scorer.fit_combination(splits.validation)
+        return scorer
+
     def codes(self, x: np.ndarray) -> np.ndarray:
         """Encoder output for raw images in [0, 1]."""
         return np.asarray(self.encoder.predict(self.transform(x), batch_size=1024, verbose=0))
@@ -344,27 +377,10 @@ def evaluate_model(
     transform_scorer: TransformScorer | None = None,
     knn_reference: np.ndarray | None = None,
 ) -> tuple[Evaluation, ScoreModel, dict[str, dict[str, np.ndarray]]]:
-    """Evaluate a trained model on `dataset`'s test split; also returns the scores for the report.
-
-    `knn_reference` (model space) defaults to the trainer's draw from the fit split."""
-    from trainer.train import DEFAULT_KNN_REFERENCE_ROWS, knn_reference_of
-
-    if knn_reference is None:
-        knn_reference = knn_reference_of(
-            transform(splits.fit), DEFAULT_KNN_REFERENCE_ROWS, baseline.training.seed
-        )
-    params = baseline.score_parameters
-    scorer = ScoreModel(
-        model,
-        transform,
-        top_k_percent=top_k_percent,
-        transform_scorer=transform_scorer,
-        knn_reference=knn_reference,
-        knn_k=params.knn_k if params is not None and params.knn_k else DEFAULT_KNN_K,
-        also=(baseline.score,),
+    """Evaluate a trained model on `dataset`'s test split; also returns the scores for the report."""
+    scorer = ScoreModel.fitted(
+        model, baseline, splits, transform, top_k_percent, transform_scorer, knn_reference
     )
-    scorer.fit_latent(splits.validation)
-    scorer.fit_combination(splits.validation)
     calibration = scorer.scores(splits.calibration)
     thresholds = thresholds_for(
         baseline.threshold.policy, calibration, baseline.threshold.value, baseline.score

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.dense_stack import ACTIVATIONS, DenseStack
+from worker.dense_stack import ACTIVATIONS, Activation, DenseStack
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,16 @@ def _leaf_layers(layer: Any) -> list[Any]:
     return [layer]
 
 
-def dense_stack_of(model: Any) -> tuple[DenseStack | None, str]:
-    """The model as a DenseStack, or None and the reason it is not one."""
+DenseChain = tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], tuple[Activation, ...]]
+
+
+def dense_chain_of(model: Any) -> tuple[DenseChain | None, str]:
+    """Kernels, biases and activations of a model made only of Dense layers (nested sub-models
+    flattened), or None and the reason it is not one."""
     import keras
 
-    leaves = _leaf_layers(model)
     kernels, biases, activations = [], [], []
-    for layer in leaves:
+    for layer in _leaf_layers(model):
         if not isinstance(layer, keras.layers.Dense):
             return None, f"layer {layer.name!r} is a {type(layer).__name__}, not Dense"
         activation = keras.activations.serialize(layer.activation)
@@ -49,13 +52,22 @@ def dense_stack_of(model: Any) -> tuple[DenseStack | None, str]:
         kernels.append(kernel)
         biases.append(bias)
         activations.append(activation)
+    return (tuple(kernels), tuple(biases), tuple(activations)), ""
+
+
+def dense_stack_of(model: Any) -> tuple[DenseStack | None, str]:
+    """The model as a DenseStack, or None and the reason it is not one."""
+    chain, why = dense_chain_of(model)
+    if chain is None:
+        return None, why
+    kernels, biases, activations = chain
     try:
         encoder = model.get_layer("encoder")
     except ValueError:
         return None, "the model has no 'encoder' sub-model"
     code_layer = len(_leaf_layers(encoder)) - 1
     try:
-        return DenseStack(tuple(kernels), tuple(biases), tuple(activations), code_layer), ""
+        return DenseStack(kernels, biases, activations, code_layer), ""
     except ValueError as exc:
         return None, str(exc)
 

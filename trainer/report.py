@@ -20,7 +20,6 @@ import numpy as np
 from trainer.data import Dataset
 from trainer.train import Splits
 from worker.artifact import MODEL_FILE, Baseline, model_version_of
-from worker.scores import DEFAULT_KNN_K
 from worker.transforms import TransformScorer
 
 log = logging.getLogger(__name__)
@@ -86,16 +85,9 @@ def write_report(
         log.warning("report without evaluation reason=%s", exc)
         from trainer.evaluate import ScoreModel
 
-        scorer = ScoreModel(
-            model,
-            transform,
-            transform_scorer=transform_scorer,
-            knn_reference=transform(splits.fit) if knn_reference is None else knn_reference,
-            knn_k=(baseline.score_parameters.knn_k if baseline.score_parameters else None) or DEFAULT_KNN_K,
-            also=(baseline.score,),
+        scorer = ScoreModel.fitted(
+            model, baseline, splits, transform, transform_scorer=transform_scorer, knn_reference=knn_reference
         )
-        scorer.fit_latent(splits.validation)
-        scorer.fit_combination(splits.validation)
     png = _draw_png(out_dir / REPORT_FILE, baseline, dataset, splits, scorer, evaluation, n_examples)
     _write_html(out_dir / REPORT_HTML, baseline, evaluation)
     return png

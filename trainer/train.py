@@ -169,11 +169,11 @@ def score_parameters_for(
     if len(components) == 1:
         return params
     recon = model.predict(validation, batch_size=1024, verbose=0)
-    parts = [
-        score_function_of(c, params, classifier, validation.shape[1], knn_reference)(validation, recon, codes)
-        for c in components
-    ]
-    mean, std = standardisation(parts)
+    unscaled = params.model_copy(  # each component as is: the standardisation is what is measured
+        update={"combine_mean": [0.0] * len(components), "combine_std": [1.0] * len(components)}
+    )
+    score = score_function_of(name, unscaled, classifier, validation.shape[1], knn_reference)
+    mean, std = standardisation(score.parts(validation, recon, codes))
     return params.model_copy(update={"combine_mean": list(mean), "combine_std": list(std)})
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer.export import dense_chain_of
 from worker.errors import ArtifactError
 from worker.transforms import TransformClassifier, TransformSet
 
@@ -67,18 +68,11 @@ def build_classifier(input_dim: int, classes: int) -> Any:
 
 
 def export_classifier(model: Any) -> TransformClassifier:
-    """The Keras classifier's Dense layers as numpy arrays."""
-    import keras
-
-    kernels, biases, activations = [], [], []
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        kernel, bias = layer.get_weights()
-        kernels.append(np.asarray(kernel, np.float32))
-        biases.append(np.asarray(bias, np.float32))
-        activations.append(keras.activations.serialize(layer.activation))
-    return TransformClassifier(tuple(kernels), tuple(biases), tuple(activations))
+    """The Keras classifier's Dense layers as numpy arrays (the walk the autoencoder's export uses)."""
+    chain, why = dense_chain_of(model)
+    if chain is None:
+        raise ArtifactError(f"the transformation classifier cannot be exported to numpy: {why}")
+    return TransformClassifier(*chain)
 
 
 def train_transform_classifier(

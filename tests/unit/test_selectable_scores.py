@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -130,65 +131,48 @@ def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[
     np.testing.assert_allclose(params.combine_std, [p.std() for p in parts], rtol=1e-3)
 
 
-def test_a_knn_score_without_its_reference_images_is_refused(
-    trained: dict[str, Path], tmp_path: Path
-) -> None:
-    import shutil
-
-    from tests.unit.test_artifact import _rewrite
-    from worker.artifact import KNN_REFERENCE_FILE
-    from worker.errors import ArtifactError
-
-    path = tmp_path / "no-reference"
-    shutil.copytree(trained["knn"], path)
-    _rewrite(path, "manifest.json", lambda d: d["files"].pop(KNN_REFERENCE_FILE))
-    with pytest.raises(ArtifactError, match=r"score 'knn' needs knn_reference\.npy"):
-        load_artifact(path)
-
-
-def test_a_combined_score_without_a_std_per_component_is_refused(
-    trained: dict[str, Path], tmp_path: Path
-) -> None:
-    import shutil
-
-    from tests.unit.test_artifact import _rewrite
-    from worker.errors import ArtifactError
-
-    path = tmp_path / "short"
-    shutil.copytree(trained["mse+transforms+knn"], path)
-    _rewrite(path, BASELINE_FILE, lambda d: d["score_parameters"]["combine_std"].pop())
-    with pytest.raises(ArtifactError, match=r"has 3 components, found 3 combine_mean and 2 combine_std"):
-        load_artifact(path)
-
-
-def test_a_transformation_score_without_its_classifier_is_refused(
-    trained: dict[str, Path], tmp_path: Path
-) -> None:
-    import shutil
-
-    from tests.unit.test_artifact import _rewrite
-    from worker.errors import ArtifactError
-    from worker.transforms import TRANSFORM_CLASSIFIER_FILE
-
-    path = tmp_path / "no-classifier"
-    shutil.copytree(trained["transforms"], path)
-    _rewrite(path, "manifest.json", lambda d: d["files"].pop(TRANSFORM_CLASSIFIER_FILE))
-    with pytest.raises(ArtifactError, match=r"score 'transforms' needs transform_classifier\.npz"):
-        load_artifact(path)
-
-
-def test_a_classifier_of_another_transformation_set_is_refused(
-    trained: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize(
+    ("score", "file", "change", "expected"),
+    [
+        (  # the reference images left out
+            "knn",
+            "manifest.json",
+            lambda d: d["files"].pop("knn_reference.npy"),
+            r"score 'knn' needs knn_reference\.npy",
+        ),
+        (  # the classifier left out
+            "transforms",
+            "manifest.json",
+            lambda d: d["files"].pop("transform_classifier.npz"),
+            r"score 'transforms' needs transform_classifier\.npz",
+        ),
+        (  # a classifier of 4 rotations said to tell apart the 72 geometric transformations
+            "transforms",
+            BASELINE_FILE,
+            lambda d: d["score_parameters"].update(transforms="geometric"),
+            r"to 4 transformations, expected 784 to 72 \(geometric\)",
+        ),
+        (  # one std short
+            "mse+transforms+knn",
+            BASELINE_FILE,
+            lambda d: d["score_parameters"]["combine_std"].pop(),
+            r"has 3 components, found 3 combine_mean and 2 combine_std",
+        ),
+    ],
+    ids=["knn-without-reference", "transforms-without-classifier", "classifier-of-another-set", "std-short"],
+)
+def test_an_artifact_missing_what_its_score_needs_is_refused(
+    trained: dict[str, Path], tmp_path: Path, score: str, file: str, change: Any, expected: str
 ) -> None:
     import shutil
 
     from tests.unit.test_artifact import _rewrite
     from worker.errors import ArtifactError
 
-    path = tmp_path / "other-set"
-    shutil.copytree(trained["transforms"], path)
-    _rewrite(path, BASELINE_FILE, lambda d: d["score_parameters"].update(transforms="geometric"))
-    with pytest.raises(ArtifactError, match=r"to 4 transformations, expected 784 to 72 \(geometric\)"):
+    path = tmp_path / "broken"
+    shutil.copytree(trained[score], path)
+    _rewrite(path, file, change)
+    with pytest.raises(ArtifactError, match=expected):
         load_artifact(path)
 
 
