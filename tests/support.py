@@ -100,6 +100,33 @@ def metric_sum(text: str, name: str, labels: str | None = None) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefixes))
 
 
+def metric_value(text: str, name: str, labels: str = "") -> float | None:
+    """The value of one sample (`name` with exactly the label set `labels`, '{a="b"}'); None if absent."""
+    prefix = f"{name}{labels} "
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)]
+    return values[0] if values else None
+
+
+def wait_for_metrics(port: int, expected: dict[str, float], timeout: float = 30.0) -> str:
+    """Poll a worker's /metrics until every named sum equals its expected value; return that exposition.
+
+    Counters are written after the commit they count (on the scoring thread when prefetching),
+    so a test that saw the results in Redis waits here before reading them."""
+    from tests.conftest import wait_until
+
+    seen: dict[str, float] = {}
+
+    def matches() -> str | None:
+        text = metrics_text(port)
+        seen.update({name: metric_sum(text, name) for name in expected})
+        return text if seen == expected else None
+
+    try:
+        return str(wait_until(matches, timeout, 0.1, what=f"metrics {expected}"))
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last seen {seen}") from None
+
+
 def start_worker(env: dict[str, str], log: Path, ready_timeout: float = 120.0) -> subprocess.Popen[bytes]:
     """Start `python -m worker` with `env` (its metrics port in ANOMALY_METRICS_PORT), logging to a
     file, and wait for /readyz; fail with the log if it dies first."""

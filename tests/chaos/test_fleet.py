@@ -244,7 +244,8 @@ def test_hot_reload_under_load_swaps_models_and_refuses_a_broken_one(
     ids: list[bytes] = []
     producer = threading.Thread(target=lambda: ids.extend(push_all(client, entries, per_second=600)))
     producer.start()
-    time.sleep(3)
+    # The first model must have scored part of the stream before the swap, or the test shows nothing.
+    wait_until(lambda: client.xlen("scores") >= 500, 60, what="500 scored by the first model")
     second_version = _retrain(artifact, seed=11)  # written beside, then moved into place
     wait_until(
         lambda: metric_sum(metrics_text(port), "anomaly_model_reloads_total", '{result="success"}') == 1,
@@ -259,11 +260,14 @@ def test_hot_reload_under_load_swaps_models_and_refuses_a_broken_one(
     os.replace(broken, artifact)
     process, _ = fleet.workers[name]
     process.send_signal(signal.SIGHUP)
+    log_path = fleet.log_dir / f"{name}.log"
+    # The failure is counted, then logged: wait for the log line the test reads.
     wait_until(
-        lambda: metric_sum(metrics_text(port), "anomaly_model_reloads_total", '{result="failure"}') >= 1,
+        lambda: "reload refused, keeping model_version=" + second_version in log_path.read_text(),
         30,
-        what="broken artifact refused",
+        what="broken artifact refused and logged",
     )
+    assert metric_sum(metrics_text(port), "anomaly_model_reloads_total", '{result="failure"}') >= 1
     producer.join()
     wait_until(
         lambda: client.xlen("scores") + client.xlen("images:dead-letter") >= len(entries),
@@ -273,7 +277,6 @@ def test_hot_reload_under_load_swaps_models_and_refuses_a_broken_one(
     assert_each_entry_accounted_once(client, ids)
     versions = [f[b"model_version"].decode() for _, f in client.xrange("scores")]
     switch = versions.index(second_version)
+    assert switch >= 500, "the first model scored too little for the swap to show"
     assert versions[:switch] == [first_version] * switch and set(versions[switch:]) == {second_version}
     assert process.poll() is None  # still serving with the second model
-    log = (fleet.log_dir / f"{name}.log").read_text()
-    assert "reload refused, keeping model_version=" + second_version in log

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
-from tests.support import metric_sum, metrics_text, start_worker
+from tests.support import metric_value, metrics_text, start_worker, wait_for_metrics
 from worker.client import ImageProducer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -135,11 +135,16 @@ def test_worker_scores_flags_dead_letters_and_stops_cleanly(worker, redis_server
     assert "not supported" in dead["bad-dtype"] and "[0, 1]" in dead["out-of-range"]
     assert int(client.xpending("images", "anomaly-scorer")["pending"]) == 0
 
-    text = metrics_text(port)
-    assert metric_sum(text, "anomaly_messages_scored_total") == 800
-    assert metric_sum(text, "anomaly_messages_flagged_total") == len(flagged)
-    assert metric_sum(text, "anomaly_messages_invalid_total") == 5
-    assert metric_sum(text, "anomaly_consumer_group_lag") >= 0
+    wait_for_metrics(
+        port,
+        {
+            "anomaly_messages_scored_total": 800,
+            "anomaly_messages_flagged_total": len(flagged),
+            "anomaly_messages_invalid_total": 5,
+        },
+    )
+    # Sampled every ANOMALY_LAG_SAMPLE_SECONDS (5 s): everything was delivered, so it comes to 0.
+    wait_until(lambda: metric_value(metrics_text(port), "anomaly_consumer_group_lag") == 0, 30, what="lag 0")
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
@@ -264,7 +269,7 @@ def test_a_worker_serves_a_combined_score_with_its_classifier_and_neighbours(
         normal = np.array([s for pid, s in scores.items() if pid.startswith("normal")])
         rotated = np.array([s for pid, s in scores.items() if pid.startswith("rotated")])
         assert np.mean(rotated[:, None] > normal[None, :]) > 0.95  # the AUROC: turned digits stand out
-        assert metric_sum(metrics_text(port), "anomaly_messages_scored_total") == 400
+        wait_for_metrics(port, {"anomaly_messages_scored_total": 400})
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
     finally:

@@ -57,24 +57,34 @@ def test_network_cut_is_survived_without_loss_or_duplicates(
         runner = running(real_runner(settings))
         ids = [push(redis_client, 0.9 if i % 4 == 0 else 0.1) for i in range(200)]
         wait_until(lambda: redis_client.xlen("scores") == 200, 10, what="first 200 scored")
+        errors = runner.metrics.registry.get_sample_value
+
+        def logged(prefix: str) -> int:
+            return sum(r.getMessage().startswith(prefix) for r in caplog.records)
+
         with caplog.at_level(logging.INFO, logger="worker.runner"):
-            for _ in range(2):
+            for cut in range(1, 3):
                 proxy.cut()
                 ids += [push(redis_client, 0.9 if i % 4 == 0 else 0.1) for i in range(100)]
                 wait_until(lambda: not runner.health.redis_ok, 10, what="worker to notice the cut")
-                assert runner.metrics.registry.get_sample_value("anomaly_redis_up") == 0
-                threading.Event().wait(1.0)  # stay cut through several retries
+                assert errors("anomaly_redis_up") == 0
+                failed_before = errors("anomaly_redis_errors_total")
+                # Stay cut through several retries: each failed one counts an error, none logs again.
+                wait_until(
+                    lambda: errors("anomaly_redis_errors_total") >= failed_before + 2,  # noqa: B023
+                    20,
+                    what="two more failed retries while cut",
+                )
                 proxy.restore()
-                wait_until(lambda: runner.health.redis_ok, 20, what="worker to reconnect")
+                # The line is written by the worker thread after it marks itself ready: wait for it.
+                wait_until(lambda: logged("redis back") == cut, 20, what=f"'redis back' logged {cut} times")  # noqa: B023
+            assert logged("redis lost") == 2 and logged("redis back") == 2  # once per state change
         wait_until(lambda: redis_client.xlen("scores") == 400, 20, what="all 400 scored")
         scored = [e["source_id"] for e in stream(redis_client, "scores")]
         assert sorted(scored) == sorted(i.decode() for i in ids)  # each exactly once
         assert len(stream(redis_client, "anomalies")) == 100
         assert int(redis_client.xpending("images", "anomaly-scorer")["pending"]) == 0
-        lost = [r for r in caplog.records if r.getMessage().startswith("redis lost")]
-        back = [r for r in caplog.records if r.getMessage().startswith("redis back")]
-        assert len(lost) == 2 and len(back) == 2  # once per state change, not once per retry
-        assert runner.metrics.registry.get_sample_value("anomaly_redis_errors_total") >= 2
+        assert errors("anomaly_redis_errors_total") >= 6
     finally:
         proxy.close()
 
@@ -86,14 +96,17 @@ def test_redis_down_at_start_the_worker_waits_then_works(
     settings = WorkerSettings(
         redis_url=f"redis://127.0.0.1:{port}/0", consumer="w1", block_ms=100, reload_poll_seconds=0
     )  # type: ignore[arg-type]
+    errors = "anomaly_redis_errors_total"
     with caplog.at_level(logging.INFO, logger="worker.runner"):
         runner = running(real_runner(settings))
-        threading.Event().wait(1.0)
+        # Several failed attempts; the first one's log line is written before the second attempt.
+        wait_until(
+            lambda: (runner.metrics.registry.get_sample_value(errors) or 0) >= 3, 20, what="3 failed attempts"
+        )
     assert not runner.health.ready() and runner.health.alive()
     assert [r.getMessage().split(" error=")[0] for r in caplog.records if "redis" in r.getMessage()] == [
         "redis unreachable"
     ]  # one line for the state change, not one per retry
-    assert runner.metrics.registry.get_sample_value("anomaly_redis_errors_total") >= 1
     server = RedisServer(port, tmp_path).start()
     try:
         client = server.client()
@@ -166,15 +179,16 @@ def test_password_file_is_used_and_wrong_password_is_reported_not_logged(
                     )
                 )
             )
+            # The error is counted, then logged: wait for the line itself.
             wait_until(
-                lambda: runner.metrics.registry.get_sample_value("anomaly_redis_errors_total"),
+                lambda: "redis unreachable error=invalid username-password pair" in caplog.text,
                 10,
-                what="authentication error counted",
+                what="authentication error logged",
             )
+            assert runner.metrics.registry.get_sample_value("anomaly_redis_errors_total") >= 1
             assert not runner.health.ready()
             runner.request_stop()
         assert "wrong-pw" not in caplog.text
-        assert "redis unreachable error=invalid username-password pair" in caplog.text
         secret.write_text("right-pw\n")
         ok = running(
             real_runner(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.conftest import wait_until
 from tests.support import D, build_runner, make_model, pending, push, stream
 from worker.errors import ArtifactError
 from worker.runner import LoadedModel, Runner, build_commit
@@ -52,7 +53,9 @@ def test_flagged_images_are_published_with_the_contract_fields(r, make_runner) -
     assert entry["id"] == "cam-2" and entry["source_id"] == bright.decode()
     assert float(entry["score"]) == pytest.approx(round(0.9 * 255) / 255, rel=1e-6)
     assert float(entry["threshold"]) == 0.5
-    assert float(entry["z"]) == pytest.approx((float(entry["score"]) - 0.25) / 0.1)
+    assert float(entry["z"]) == pytest.approx((round(0.9 * 255) / 255 - 0.25) / 0.1, rel=1e-6)
+    # Conformal p-value: no held-out score (0, 0.006, ..., 0.6) is as large, so (1 + 0) / (101 + 1).
+    assert float(entry["p_value"]) == pytest.approx(1 / 102)
     assert entry["model_version"] == "fake-v1"
     assert normal.decode() not in {e["source_id"] for e in out}
     assert pending(r) == 0
@@ -118,7 +121,18 @@ def test_metrics_count_scored_flagged_and_invalid(r, make_runner) -> None:
         )
         == 1
     )
-    assert value("anomaly_consumer_group_pending") is not None
+
+
+def test_group_gauges_show_the_sampled_pending_and_lag(r, make_runner) -> None:
+    other = make_runner(consumer="other")
+    other.start()
+    for _ in range(3):
+        push(r, 0.1)
+    other.stream.read_new(2, None)  # another worker holds 2 pending; 1 entry not yet delivered
+    registry = CollectorRegistry()
+    make_runner(registry=registry).run_once()  # samples the group before it reads
+    assert registry.get_sample_value("anomaly_consumer_group_pending") == 2
+    assert registry.get_sample_value("anomaly_consumer_group_lag") == 1
 
 
 def test_scores_stream_gets_every_score_with_flagged_field(r, make_runner) -> None:
@@ -161,11 +175,11 @@ def test_entries_of_a_dead_consumer_are_reclaimed_once(r, make_runner) -> None:
     dead.start()
     ids = [push(r, 0.9) for _ in range(4)]
     dead.stream.read_new(10, None)
-    alive = make_runner(consumer="alive", claim_idle_ms=100)
-    alive.drain()
+    patient = make_runner(consumer="alive", claim_idle_ms=60_000)
+    patient.drain()
     assert stream(r, "anomalies") == []  # not idle long enough yet: the owner may still be working
-    time.sleep(0.15)
-    alive.drain()
+    alive = make_runner(consumer="alive", claim_idle_ms=100)
+    wait_until(lambda: alive.drain() or stream(r, "anomalies"), 5, what="entries idle 100 ms reclaimed")
     assert sorted(e["source_id"] for e in stream(r, "anomalies")) == sorted(i.decode() for i in ids)
     assert alive.metrics.registry.get_sample_value("anomaly_messages_reclaimed_total") == 4
     alive.drain()
@@ -313,14 +327,25 @@ def test_slow_output_never_makes_the_worker_read_further_ahead(r, make_runner, p
     for i in range(200):
         push(r, 0.9 if i % 2 else 0.1)
     seen_pending: list[int] = []
-    commit = runner.stream.commit_batch
+    commit, read_new = runner.stream.commit_batch, runner.stream.read_new
+    reads = {"done": 0}
+
+    def counted_read(*args: Any) -> Any:
+        entries = read_new(*args)
+        reads["done"] += 1
+        return entries
 
     def slow_commit(batch):  # the output side is slow: look at what is in flight meanwhile
-        time.sleep(0.005)
+        if prefetch:  # batch k came from read k; the read ahead (read k + 1) runs meanwhile: let it end
+            batch_number = len(seen_pending) + 1
+            wait_until(
+                lambda: reads["done"] > batch_number, 5, what=f"the read ahead of batch {batch_number}"
+            )
         seen_pending.append(pending(r))
         return commit(batch)
 
     runner.stream.commit_batch = slow_commit  # type: ignore[method-assign]
+    runner.stream.read_new = counted_read  # type: ignore[method-assign]
     runner.drain()
     # The batch being committed, plus (with prefetch) the next one read meanwhile; never more.
     assert len(seen_pending) == 10 and max(seen_pending) == 20 * in_hand
