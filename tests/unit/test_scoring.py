@@ -123,6 +123,24 @@ def test_threshold_policy_can_be_switched_without_retraining(tiny_artifact: Path
     assert p99.expected_flag_rate == pytest.approx(0.01, abs=0.005)
 
 
+def test_anomaly_threshold_setting_reaches_the_workers_decision_rule(
+    tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.runner import load_model
+    from worker.settings import WorkerSettings
+
+    monkeypatch.setenv("ANOMALY_ARTIFACT", str(tiny_artifact))
+    monkeypatch.setenv("ANOMALY_THRESHOLD", "p50")
+    rule = load_model(WorkerSettings()).rule  # type: ignore[call-arg]
+    errors = load_artifact(tiny_artifact).calibration_errors
+    assert rule.policy == "p50"
+    assert rule.threshold == pytest.approx(np.percentile(errors, 50))
+    own = DecisionRule.from_artifact(load_artifact(tiny_artifact))  # the artifact's mean+3std
+    between = (own.threshold + rule.threshold) / 2
+    assert rule.decide(np.array([between])).flagged.tolist() == [True]
+    assert own.decide(np.array([between])).flagged.tolist() == [False]
+
+
 def test_standardized_model_stays_finite_on_pixels_constant_in_training(tmp_path: Path) -> None:
     from trainer.data import Dataset, Split
     from trainer.train import TrainConfig, train
