@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from benchmarks.throughput.helpers import log
+from benchmarks.throughput.helpers import StreamReply, log
 from benchmarks.throughput.plan import BARE_GROUP, DIM, NAIVE_GROUP
 from benchmarks.throughput.project import KerasScorer, NumpyScorer, load_artifact
 from benchmarks.throughput.session import Bench
@@ -22,10 +22,10 @@ def bare_consumer(bench: Bench, dtype: str, batch_size: int, entries: int) -> fl
     done = 0
     started = time.perf_counter()
     while True:
-        reply = bench.r.xreadgroup(BARE_GROUP, "bare", {stream: ">"}, count=batch_size)
+        reply = cast(StreamReply, bench.r.xreadgroup(BARE_GROUP, "bare", {stream: ">"}, count=batch_size))
         if not reply:
             break
-        items = reply[0][1]  # type: ignore[index]
+        items = reply[0][1]
         ids = [entry_id for entry_id, _ in items]
         raw = [fields[b"image"] for _, fields in items]
         if dtype == "uint8":
@@ -53,7 +53,7 @@ def scoring_ceiling(bench: Bench) -> tuple[dict[str, float], Any]:
     artifact = load_artifact(bench.artifact)
     compiled = KerasScorer(artifact, max_batch=1024, jit=True)
     compiled.warm_up(1024)
-    engines = {"numpy": NumpyScorer(artifact), "compiled": compiled}
+    engines: dict[str, NumpyScorer | KerasScorer] = {"numpy": NumpyScorer(artifact), "compiled": compiled}
     x = bench.images[:1024].astype(np.float32) / 255.0
     seconds = bench.plan.ceiling_seconds
 
@@ -92,10 +92,10 @@ def naive_per_message(bench: Bench, model: Any) -> float:
     stream, _, _ = bench.rewind("uint8", bench.plan.naive_messages, NAIVE_GROUP)
     done, started = 0, time.perf_counter()
     while done < bench.plan.naive_messages:
-        reply = bench.r.xreadgroup(NAIVE_GROUP, "naive", {stream: ">"}, count=1)
+        reply = cast(StreamReply, bench.r.xreadgroup(NAIVE_GROUP, "naive", {stream: ">"}, count=1))
         if not reply:
             break
-        [(entry_id, fields)] = reply[0][1]  # type: ignore[index]
+        [(entry_id, fields)] = reply[0][1]
         x = np.frombuffer(fields[b"image"], np.uint8).reshape(1, DIM) / np.float32(255.0)
         score = float(np.mean(np.square(x - model.predict(x, verbose=0))))
         bench.r.xadd("bench:naive-scores", {"source_id": entry_id, "score": repr(score)})

@@ -74,6 +74,12 @@ def median(values: Sequence[float]) -> float:
     return float(np.median(values)) if len(values) else float("nan")
 
 
+# Stream entries as redis-py returns them to a client without decode_responses: ids and fields are
+# bytes. Its type hints cover every reply type, so replies are cast to this where they arrive.
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
+StreamReply = list[tuple[bytes, StreamEntries]]  # XREADGROUP: (stream, entries) per stream
+
+
 # -- Prometheus text -> histograms ------------------------------------------------------------------
 Scrape = dict[str, float]
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
 from benchmarks.throughput.helpers import (
+    StreamEntries,
     bucket_counts,
     buckets,
     cpu_seconds,
@@ -61,8 +63,8 @@ def paced_run(
     stream = worker.stream
     producer = RawProducer(bench.redis.port, stream, payloads(bench.images, "uint8"))
     before = worker.scrape()
-    last = bench.r.xrevrange(OUTPUT, count=1)
-    output_from = last[0][0] if last else b"0-0"  # type: ignore[index]
+    last = cast(StreamEntries, bench.r.xrevrange(OUTPUT, count=1))
+    output_from = last[0][0] if last else b"0-0"
     cpu0, redis_cpu0 = cpu_seconds(worker.pid), cpu_seconds(bench.redis.process.pid)
     sent = 0
     started = time.perf_counter()
@@ -122,9 +124,9 @@ def output_latencies(bench: Bench, after: bytes) -> list[int]:
     out: list[int] = []
     cursor = b"(" + after
     while True:
-        rows = bench.r.xrange(OUTPUT, min=cursor, count=10_000)
+        rows = cast(StreamEntries, bench.r.xrange(OUTPUT, min=cursor, count=10_000))
         if not rows:
             return out
-        for entry_id, fields in rows:  # type: ignore[union-attr]
+        for entry_id, fields in rows:
             out.append(id_ms(entry_id) - id_ms(fields[b"source_id"]))
-        cursor = b"(" + rows[-1][0]  # type: ignore[index]
+        cursor = b"(" + rows[-1][0]

@@ -6,7 +6,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -68,7 +68,7 @@ class Bench:
         self.r.xgroup_setid(stream, group, start)
         self.wakes[dtype] += 1
         # A blocked XREADGROUP is not woken by SETID; a new entry wakes it.
-        wake = self.r.xadd(stream, self.wake_fields[dtype])  # type: ignore[arg-type]
+        wake = cast(bytes, self.r.xadd(stream, self.wake_fields[dtype]))  # type: ignore[arg-type]
         return stream, wake, entries + self.wakes[dtype]
 
     def group(self, stream: str, group: str = GROUP) -> dict[str, Any]:
