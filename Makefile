@@ -6,15 +6,17 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-fast lint format bench bench-quick clean
+.PHONY: venv demo test test-fast lint format bench bench-quick lock clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Everything, at the versions locked in requirements/dev.txt (hash-checked), then this package itself.
+$(STAMP): pyproject.toml requirements/dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required, found $$($(PYTHON) --version)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -40,6 +42,16 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.throughput --quick
+
+# Re-resolve the lock files from pyproject.toml: the newest releases that fit its ranges, one file
+# per install profile. Upgrade one package only: make lock LOCK_ARGS="--upgrade-package keras".
+LOCK_ARGS ?= --upgrade
+LOCK := $(VENV)/bin/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 --quiet $(LOCK_ARGS)
+lock: $(STAMP)
+	$(LOCK) -o requirements/worker.txt
+	$(LOCK) --extra tensorflow -o requirements/tensorflow.txt
+	$(LOCK) --extra train -o requirements/train.txt
+	$(LOCK) --extra dev -o requirements/dev.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -9,6 +9,10 @@ class ArtifactError(AnomalyScorerError):
     """An artifact directory is missing, incomplete, tampered with or of an unknown schema."""
 
 
+class MissingExtra(AnomalyScorerError):
+    """An optional dependency is not installed; the message names the pip extra that brings it."""
+
+
 class ThresholdPolicyError(AnomalyScorerError, ValueError):
     """A threshold policy string cannot be parsed or cannot be met by the held-out data."""
 

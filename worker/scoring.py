@@ -14,6 +14,7 @@ distances run in numpy in both):
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import tempfile
@@ -23,7 +24,8 @@ from typing import Any, Literal
 import numpy as np
 
 from worker.artifact import LoadedArtifact
-from worker.errors import ArtifactError
+from worker.errors import ArtifactError, MissingExtra
+from worker.tensorflow_import import import_keras_quietly
 from worker.thresholds import check_policy_fits_score, flag_rate, p_values, parse_policy
 
 log = logging.getLogger(__name__)
@@ -144,6 +146,7 @@ class KerasScorer:
     engine = "tensorflow"
 
     def __init__(self, artifact: LoadedArtifact, max_batch: int = 1024, jit: bool = True) -> None:
+        import_keras_quietly()
         import tensorflow as tf
 
         self.artifact = artifact
@@ -226,13 +229,31 @@ def make_scorer(
     if engine == "numpy" or (engine == "auto" and artifact.dense_stack is not None):
         return NumpyScorer(artifact)
     if engine in ("auto", "tensorflow"):
+        require_tensorflow(artifact, engine)
         return KerasScorer(artifact, max_batch=max_batch, jit=jit)
     raise ValueError(f"engine must be auto, numpy or tensorflow, found {engine!r}")
 
 
+def require_tensorflow(artifact: LoadedArtifact, engine: Engine) -> None:
+    """Refuse at start, naming the extra to install, when the TensorFlow engine is needed but absent."""
+    missing = [name for name in ("tensorflow", "keras") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return
+    why = (
+        "ANOMALY_ENGINE=tensorflow asks for the TensorFlow engine"
+        if engine == "tensorflow"
+        else f"{artifact.path} has no dense_stack.npz (a conv model, or an artifact of schema 1.0), "
+        "so only the TensorFlow engine can score it"
+    )
+    raise MissingExtra(
+        f"{why}, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
+        "install the extra: pip install 'anomaly-scorer[tensorflow]'"
+    )
+
+
 def load_model_bytes(model_bytes: bytes, artifact: LoadedArtifact) -> Any:
     """Load the verified model bytes with Keras' safe mode (no Lambda-layer code execution)."""
-    import keras
+    keras = import_keras_quietly()
 
     fd, tmp = tempfile.mkstemp(suffix=".keras")
     try:
