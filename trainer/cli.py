@@ -13,6 +13,7 @@ from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
 from trainer.train import DEFAULT_KNN_REFERENCE_ROWS
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
 from worker.scores import DEFAULT_KNN_K, components_of
+from worker.tensorflow_import import import_keras_quietly
 from worker.transforms import TRANSFORM_SETS
 
 
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import_keras_quietly()  # every command trains or runs a Keras model
     from trainer.data import DatasetError, load_dataset
     from trainer.train import TrainConfig, train
     from worker.errors import ArtifactError, ThresholdPolicyError

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import ROOT
 from worker.artifact import load_artifact
+from worker.tensorflow_import import NATIVE_NOISE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # The package may not be installed; the CLIs run from other folders, as a user's would.
@@ -35,6 +36,8 @@ def run_trainer(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     assert result.returncode == 0, (
         f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     )
+    for noise in NATIVE_NOISE:  # TensorFlow's native start-up lines never reach the user
+        assert noise not in result.stderr, result.stderr
     return result
 
 
