@@ -140,6 +140,28 @@ def instructions_of(stage: str, path: Path = DOCKERFILE) -> list[tuple[str, str]
     return [(kw, args) for name in chain for st, kw, args in instructions if st == name and kw != "FROM"]
 
 
+def venv_source(target: str, path: Path = DOCKERFILE) -> str:
+    """The stage `target` copies /opt/venv from (its builder)."""
+    sources = [
+        match.group(1)
+        for kw, args in instructions_of(target, path)
+        if kw == "COPY" and "/opt/venv" in args and (match := re.search(r"--from=(\S+)", args))
+    ]
+    assert sources, f"{target} copies no /opt/venv from another stage"
+    return sources[-1]
+
+
+def pip_installs(stage: str | None = None, path: Path = DOCKERFILE) -> list[str]:
+    """Every `pip install ...` command run in `stage` (inherited ones included), or in the whole file."""
+    runs = (
+        [args for kw, args in instructions_of(stage, path) if kw == "RUN"]
+        if stage
+        else [args for _, kw, args in dockerfile_instructions(path) if kw == "RUN"]
+    )
+    commands = [part.strip() for run in runs for part in re.split(r"&&|;", run)]
+    return [c for c in commands if re.search(r"\bpip3?\s+install\b", c)]
+
+
 def env_assignments(args: str) -> dict[str, str]:
     """KEY=value pairs of one ENV instruction (the modern form, which hadolint enforces)."""
     return {m.group(1): m.group(2) for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*)=(\S*)", args)}

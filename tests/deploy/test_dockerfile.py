@@ -1,4 +1,5 @@
-"""deploy/Dockerfile: lint, pinned bases, non-root worker that gets SIGTERM, health check, context."""
+"""deploy/Dockerfile: lint, pinned bases, non-root worker that gets SIGTERM, health check, each
+image's hash-locked install profile, build context."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from .conftest import (
     dockerfile_stages,
     env_assignments,
     instructions_of,
+    pip_installs,
     require_tool,
     run,
+    venv_source,
 )
 
-WORKER_TARGETS = ("worker", "worker-baked")
+WORKER_TARGETS = ("worker", "worker-tensorflow", "worker-baked")
 
 
 @pytest.mark.deploy
@@ -41,7 +44,7 @@ def test_base_images_are_pinned_to_an_exact_version_or_digest() -> None:
 
 def test_worker_and_trainer_targets_exist() -> None:
     stages = dockerfile_stages()
-    for target in ("worker", "worker-baked", "trainer"):
+    for target in (*WORKER_TARGETS, "trainer"):
         assert target in stages, f"no stage {target!r}; stages: {sorted(stages)}"
     assert list(stages)[-1] == "worker", "the worker must be the last stage (the default target)"
 
@@ -113,6 +116,48 @@ def test_trainer_image_ships_mnist_where_the_trainer_looks() -> None:
     assert sorted(p.name for p in (REPO_ROOT / "data" / "mnist").glob("*-ubyte.gz")), "data/mnist is empty"
 
 
+# ---------------------------------------------------------------- install profiles
+
+
+def _installed_lock_files(target: str) -> list[str]:
+    """The requirements/ files pip installs into the venv `target` runs (in its builder)."""
+    return [
+        m.group(1)
+        for command in pip_installs(venv_source(target))
+        if (m := re.search(r"-r\s+(\S*requirements/\S+\.txt)", command))
+    ]
+
+
+@pytest.mark.parametrize(
+    "target,lock_file",
+    [
+        ("worker", "requirements/worker.txt"),
+        ("worker-baked", "requirements/worker.txt"),
+        ("worker-tensorflow", "requirements/tensorflow.txt"),
+        ("trainer", "requirements/train.txt"),
+    ],
+)
+def test_each_image_installs_its_profile_lock_file(target: str, lock_file: str) -> None:
+    assert _installed_lock_files(target) == [lock_file]
+
+
+def test_slim_worker_installs_no_tensorflow_keras_or_training_extras() -> None:
+    for target in ("worker", "worker-baked"):
+        for command in pip_installs(venv_source(target)):
+            assert not re.search(r"tensorflow|keras|train|\[", command), f"{target}: {command}"
+
+
+def test_every_pip_install_is_hash_checked_or_adds_no_dependencies() -> None:
+    """A lock file with --require-hashes, or the package itself with --no-deps: pip resolves nothing."""
+    installs = pip_installs()
+    assert installs
+    for command in installs:
+        if "-r" in command.split():
+            assert "--require-hashes" in command.split(), command
+        else:
+            assert "--no-deps" in command.split(), command
+
+
 # ---------------------------------------------------------------- build context
 
 
@@ -177,6 +222,13 @@ def test_build_context_holds_what_the_image_needs_and_nothing_heavy() -> None:
         assert in_build_context(path), f"{path} is needed by the build but excluded by {DOCKERIGNORE.name}"
     for path in [".venv/lib/x.py", ".git/HEAD", "tests/unit/test_x.py", "artifacts/model/model.keras"]:
         assert not in_build_context(path), f"{path} should stay out of the build context"
+
+
+def test_build_context_admits_every_lock_file() -> None:
+    lock_files = sorted((REPO_ROOT / "requirements").glob("*.txt"))
+    assert lock_files
+    for lock_file in lock_files:
+        assert in_build_context(str(lock_file.relative_to(REPO_ROOT))), f"{DOCKERIGNORE.name} drops it"
 
 
 def test_every_copied_path_exists_and_is_in_the_build_context() -> None:
