@@ -51,13 +51,24 @@ def build_runner(
     model: LoadedModel | None = None,
     loader: Any = None,
     registry: CollectorRegistry | None = None,
+    shadow: LoadedModel | None = None,
+    shadow_loader: Any = None,
     **overrides: Any,
 ) -> Runner:
     """A runner on `client` with the fake model; settings default to consumer w1, no reload polling."""
     settings = settings or WorkerSettings(**{"consumer": "w1", "reload_poll_seconds": 0, **overrides})
     metrics = WorkerMetrics(registry or CollectorRegistry(), with_process=False)
     stream = StreamClient.from_settings(client, settings)
-    return Runner(settings, stream, model or make_model(), metrics, Health(), loader=loader)
+    return Runner(
+        settings,
+        stream,
+        model or make_model(),
+        metrics,
+        Health(),
+        loader=loader,
+        shadow=shadow,
+        shadow_loader=shadow_loader,
+    )
 
 
 def push(r: Any, brightness: float, pid: str | None = None, dtype: str = "uint8", **extra: Any) -> bytes:

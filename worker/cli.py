@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.errors import AnomalyScorerError
     from worker.http import Health, HttpServer
     from worker.metrics import WorkerMetrics
-    from worker.runner import Runner, load_model
+    from worker.runner import Runner, check_shadow_fits, load_model
     from worker.stream import StreamClient
 
     registry = CollectorRegistry()
@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     threadpool_limits(settings.scoring_threads, user_api="blas")
     try:
         model = load_model(settings)
+        shadow = load_model(settings, shadow=True) if settings.shadow_artifact is not None else None
+        if shadow is not None:
+            check_shadow_fits(model, shadow)
     except (AnomalyScorerError, OSError, ValueError) as exc:
         log.error("model not loaded error=%s", exc)
         print(f"anomaly-worker: cannot load the artifact: {exc}", file=sys.stderr)
@@ -159,7 +162,24 @@ def main(argv: list[str] | None = None) -> int:
 
     client = make_redis(settings)
     stream = StreamClient.from_settings(client, settings)
-    runner = Runner(settings, stream, model, metrics, health, loader=lambda: load_model(settings))
+    if shadow is not None:
+        log.info(
+            "shadow model loaded model_version=%s engine=%s threshold=%.6g policy=%s",
+            shadow.scorer.model_version,
+            shadow.scorer.engine,
+            shadow.rule.threshold,
+            shadow.rule.policy,
+        )
+    runner = Runner(
+        settings,
+        stream,
+        model,
+        metrics,
+        health,
+        loader=lambda: load_model(settings),
+        shadow=shadow,
+        shadow_loader=(lambda: load_model(settings, shadow=True)) if shadow is not None else None,
+    )
     install_signal_handlers(runner, settings.grace_seconds)
     # Everything loaded so far lives as long as the process: keep it out of the garbage
     # collector's full passes, which otherwise stop the loop for about 20 ms every few seconds.

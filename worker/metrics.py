@@ -129,6 +129,31 @@ class WorkerMetrics:
             registry=r,
         )
         self.model = Info("anomaly_model", "Model version and threshold in use.", registry=r)
+        self.score_drift = Gauge(
+            "anomaly_score_drift",
+            "Population stability index of the most recent DRIFT_WINDOW_SCORES scores against the "
+            "artifact's held-out normal scores (NaN until that many were scored).",
+            registry=r,
+        )
+        self.score_drift.set(math.nan)
+        self.shadow_scored = Counter(
+            "anomaly_shadow_messages_scored", "Images scored by the shadow (candidate) model.", registry=r
+        )
+        self.shadow_flagged = Counter(
+            "anomaly_shadow_messages_flagged",
+            "Images the shadow model would have flagged (nothing of it is published).",
+            registry=r,
+        )
+        self.shadow_agreement = Gauge(
+            "anomaly_shadow_agreement_ratio",
+            "Share of images on which the shadow model's decision equals the served model's, over "
+            "the last DETECTION_WINDOW_SECONDS (NaN before any).",
+            registry=r,
+        )
+        self.shadow_agreement.set(math.nan)
+        self.shadow_model = Info(
+            "anomaly_shadow_model", "Shadow model version and threshold (empty: no shadow).", registry=r
+        )
         self.window: DetectionWindow | None = None
 
     def set_model(
@@ -145,6 +170,17 @@ class WorkerMetrics:
         )
         self.threshold.set(threshold)
         self.expected_detection_rate.set(expected_rate)
+
+    def set_shadow_model(self, model_version: str, policy: str, threshold: float, engine: str) -> None:
+        """Publish the shadow model in use."""
+        self.shadow_model.info(
+            {
+                "model_version": model_version,
+                "threshold_policy": policy,
+                "threshold": f"{threshold:.6g}",
+                "engine": engine,
+            }
+        )
 
     def observe_scores(self, scores: Iterable[float] | np.ndarray) -> None:
         """Add scores to the histogram (one call per batch)."""

@@ -29,7 +29,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 from worker.artifact import MANIFEST_FILE, load_artifact
 from worker.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
-from worker.errors import AnomalyScorerError
+from worker.drift import ScoreDrift
+from worker.errors import AnomalyScorerError, ArtifactError
 from worker.http import Health
 from worker.metrics import DetectionWindow, WorkerMetrics
 from worker.scoring import DecisionRule, Decisions
@@ -38,6 +39,7 @@ from worker.stream import (
     DEAD_LETTER,
     OUTPUT,
     SCORES,
+    SHADOW_SCORES,
     Commit,
     StreamClient,
     entry_timestamp_ms,
@@ -83,6 +85,26 @@ ModelLoader = Callable[[], LoadedModel]
 
 
 @dataclass(frozen=True)
+class ShadowBatch:
+    """A candidate model's scores and decisions on the batch the served model just scored."""
+
+    scores: np.ndarray
+    decisions: Decisions
+    model_version: str
+    threshold: float
+
+
+def check_shadow_fits(served: LoadedModel, shadow: LoadedModel) -> None:
+    """A shadow model scores the images decoded for the served one: same width and pixel scale."""
+    if shadow.scorer.input_dim != served.scorer.input_dim or shadow.uint8_scale != served.uint8_scale:
+        raise ArtifactError(
+            f"shadow model {shadow.scorer.model_version} takes {shadow.scorer.input_dim} features "
+            f"(uint8 scale {shadow.uint8_scale:g}), expected {served.scorer.input_dim} "
+            f"(uint8 scale {served.uint8_scale:g}) like the served model {served.scorer.model_version}"
+        )
+
+
+@dataclass(frozen=True)
 class Prefetched:
     """New entries read (and decoded with `model`) while the previous batch was being scored."""
 
@@ -96,18 +118,21 @@ def manifest_digest(artifact_dir: Path) -> str:
     return hashlib.sha256((artifact_dir / MANIFEST_FILE).read_bytes()).hexdigest()
 
 
-def load_model(settings: WorkerSettings) -> LoadedModel:
-    """Verify the artifact, load and warm up the compiled scorer, build the decision rule."""
+def load_model(settings: WorkerSettings, shadow: bool = False) -> LoadedModel:
+    """Verify the artifact (or the shadow artifact), load and warm up its scorer, build the
+    decision rule. ANOMALY_THRESHOLD applies to the served model only: a shadow keeps its own."""
     from worker.scoring import make_scorer
 
-    if settings.artifact is None:
-        raise AnomalyScorerError("ANOMALY_ARTIFACT is not set; expected the artifact directory")
+    path = settings.shadow_artifact if shadow else settings.artifact
+    if path is None:
+        name = "ANOMALY_SHADOW_ARTIFACT" if shadow else "ANOMALY_ARTIFACT"
+        raise AnomalyScorerError(f"{name} is not set; expected the artifact directory")
     settings.check_artifact_path()  # again at every reload: a symlink may have been swapped
-    artifact = load_artifact(settings.artifact)
+    artifact = load_artifact(path)
     scorer = make_scorer(artifact, settings.engine, max_batch=settings.batch_size, jit=settings.jit)
     scorer.warm_up(settings.batch_size)
-    rule = DecisionRule.from_artifact(artifact, settings.threshold or None)
-    digest = manifest_digest(settings.artifact)
+    rule = DecisionRule.from_artifact(artifact, None if shadow else settings.threshold or None)
+    digest = manifest_digest(path)
     return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest)
 
 
@@ -141,13 +166,15 @@ def build_commit(
     threshold: float,
     now_ms: int,
     with_scores_stream: bool,
+    shadow: ShadowBatch | None = None,
 ) -> Commit:
-    """Pure: the writes of one batch (outputs for flagged rows, dead letters, optional scores)."""
+    """Pure: the writes of one batch (outputs for flagged rows, dead letters, optional scores, and
+    with a `shadow` batch the candidate's decision on every scored row to the shadow stream)."""
     commit = Commit()
     threshold_text = repr(float(threshold))
     for i, entry_id in enumerate(decoded.ids):
         flagged = bool(decisions.flagged[i])
-        if not flagged and not with_scores_stream:
+        if not flagged and not with_scores_stream and shadow is None:
             commit.plain_ids.append(entry_id)
             continue
         fields: dict[str, bytes | str | int | float] = {
@@ -166,6 +193,18 @@ def build_commit(
         if with_scores_stream:
             fields["flagged"] = int(flagged)
             adds.append((SCORES, flat_fields(fields)))
+        if shadow is not None:
+            shadow_fields: dict[str, bytes | str | int | float] = {
+                "id": fields["id"],
+                "source_id": entry_id,
+                "score": float(shadow.scores[i]),
+                "threshold": repr(float(shadow.threshold)),
+                "flagged": int(bool(shadow.decisions.flagged[i])),
+                "primary_flagged": int(flagged),
+                "model_version": shadow.model_version,
+                "scored_at_ms": now_ms,
+            }
+            adds.append((SHADOW_SCORES, flat_fields(shadow_fields)))
         commit.records.append((entry_id, adds))
     for rejected in decoded.rejected:
         commit.records.append(
@@ -190,18 +229,26 @@ class Runner:
         loader: ModelLoader | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        shadow: LoadedModel | None = None,
+        shadow_loader: ModelLoader | None = None,
     ) -> None:
         self.settings = settings
         self.stream = stream
         self.model = model
+        self.shadow = shadow
+        if shadow is not None:
+            check_shadow_fits(model, shadow)
         self.metrics = metrics
         self.health = health or Health()
         self.loader = loader
+        self.shadow_loader = shadow_loader
         self.clock = clock
         self.monotonic = monotonic
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.window = DetectionWindow(settings.detection_window_seconds, monotonic)
+        self.shadow_window = DetectionWindow(settings.detection_window_seconds, monotonic)
+        self.drift = self._new_drift(model)
         self.max_payload = settings.max_payload_bytes or default_max_payload_bytes(model.scorer.input_dim)
         self._started = False
         self._pending_cursor: bytes | str | None = b"0"
@@ -328,8 +375,9 @@ class Runner:
         decoded.rejected.extend(poison)
         handled = len(entries) + len(poison)
         backlog = len(entries) >= self._prefetch_from and not check_deliveries
+        shadow = self.shadow
         if not (backlog and self.settings.prefetch and not self.stop_event.is_set()):
-            self._score_and_commit(model, decoded, handled, started, now_ms)
+            self._score_and_commit(model, shadow, decoded, handled, started, now_ms)
             return
         # A backlog: this batch is scored, committed and recorded on the second thread while this
         # one reads and decodes the next. Both finish before returning, so a batch is still
@@ -337,7 +385,7 @@ class Runner:
         if self._scoring_thread is None:
             self._scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="scoring")
         finishing = self._scoring_thread.submit(
-            self._score_and_commit, model, decoded, handled, started, now_ms
+            self._score_and_commit, model, shadow, decoded, handled, started, now_ms
         )
         try:
             self._prefetch(model)
@@ -345,10 +393,25 @@ class Runner:
             finishing.result()  # its error, if any, is this batch's; never leave it running
 
     def _score_and_commit(
-        self, model: LoadedModel, decoded: DecodedBatch, handled: int, started: float, now_ms: int
+        self,
+        model: LoadedModel,
+        shadow_model: LoadedModel | None,
+        decoded: DecodedBatch,
+        handled: int,
+        started: float,
+        now_ms: int,
     ) -> None:
         scores = model.scorer.score_batch(decoded.images)
         decisions = model.rule.decide(scores)
+        shadow = None
+        if shadow_model is not None and len(decoded.ids):
+            shadow_scores = shadow_model.scorer.score_batch(decoded.images)
+            shadow = ShadowBatch(
+                shadow_scores,
+                shadow_model.rule.decide(shadow_scores),
+                shadow_model.scorer.model_version,
+                shadow_model.rule.threshold,
+            )
         commit = build_commit(
             decoded,
             scores,
@@ -357,11 +420,23 @@ class Runner:
             threshold=model.rule.threshold,
             now_ms=now_ms,
             with_scores_stream=bool(self.settings.scores_stream),
+            shadow=shadow if self.settings.shadow_scores_stream else None,
         )
         result = self.stream.commit_batch(commit)
         if result.stale:
             log.info("entries already acknowledged by another consumer count=%d", result.stale)
         self._record(decoded, scores, decisions, handled, started)
+        if shadow is not None:
+            self._record_shadow(decisions, shadow)
+
+    def _record_shadow(self, decisions: Decisions, shadow: ShadowBatch) -> None:
+        n = len(shadow.scores)
+        agreed = int(np.count_nonzero(shadow.decisions.flagged == decisions.flagged))
+        self.metrics.shadow_scored.inc(n)
+        self.metrics.shadow_flagged.inc(int(np.count_nonzero(shadow.decisions.flagged)))
+        ratio = self.shadow_window.add(n, agreed)
+        if not math.isnan(ratio):
+            self.metrics.shadow_agreement.set(ratio)
 
     def _prefetch(self, model: LoadedModel) -> None:
         entries = self.stream.read_new(self.settings.batch_size, None)
@@ -422,6 +497,8 @@ class Runner:
                     m.messages.labels(dtype, "flagged").inc(n_flag)
                     m.messages.labels(dtype, "normal").inc(int(mask.sum()) - n_flag)
             m.observe_scores(scores)
+            if self.drift is not None:
+                m.score_drift.set(self.drift.add(scores))
         rate = self.window.add(scored, flagged)
         if not math.isnan(rate):
             m.detection_rate.set(rate)
@@ -462,21 +539,27 @@ class Runner:
             if self.settings.artifact is None:
                 return
             try:
-                digest = manifest_digest(self.settings.artifact)
+                changed = manifest_digest(self.settings.artifact) != self.model.manifest_digest
+                if self.shadow is not None and self.settings.shadow_artifact is not None:
+                    changed |= manifest_digest(self.settings.shadow_artifact) != self.shadow.manifest_digest
             except OSError as exc:
                 log.debug("artifact check failed error=%s", exc)
                 return
-            if digest == self.model.manifest_digest:
+            if not changed:
                 return
         self.reload_event.clear()
         self.reload()
 
     def reload(self) -> bool:
-        """Load, verify and swap in a new model between batches; keep the old one on failure."""
+        """Load, verify and swap in a new model (and shadow) between batches; keep both old ones
+        when either fails."""
         if self.loader is None:
             return False
         try:
             new = self.loader()
+            new_shadow = self.shadow_loader() if self.shadow_loader is not None else None
+            if new_shadow is not None:
+                check_shadow_fits(new, new_shadow)
         except (AnomalyScorerError, OSError, ValueError) as exc:
             self.metrics.reloads.labels("failure").inc()
             log.error(
@@ -486,7 +569,14 @@ class Runner:
             )
             return False
         old = self.model.scorer.model_version
+        if new.manifest_digest != self.model.manifest_digest:
+            self.drift = self._new_drift(new)  # a new baseline: start the window afresh
+            self.metrics.score_drift.set(math.nan)
         self.model = new
+        if new_shadow is not None:
+            if self.shadow is None or new_shadow.manifest_digest != self.shadow.manifest_digest:
+                log.info("shadow model loaded model_version=%s", new_shadow.scorer.model_version)
+            self.shadow = new_shadow
         self._publish_model()
         self.metrics.reloads.labels("success").inc()
         log.info(
@@ -506,6 +596,19 @@ class Runner:
             rule.expected_flag_rate,
             engine=self.model.scorer.engine,
         )
+        if self.shadow is not None:
+            shadow_rule = self.shadow.rule
+            self.metrics.set_shadow_model(
+                self.shadow.scorer.model_version,
+                shadow_rule.policy,
+                shadow_rule.threshold,
+                self.shadow.scorer.engine,
+            )
+
+    def _new_drift(self, model: LoadedModel) -> ScoreDrift | None:
+        if not self.settings.drift_window_scores:
+            return None
+        return ScoreDrift(model.rule.sorted_errors, self.settings.drift_window_scores)
 
     # -- the loop --------------------------------------------------------------------------
     def request_stop(self) -> None:

@@ -94,6 +94,23 @@ class WorkerSettings(BaseSettings):
         "model), auto (numpy when the artifact has dense_stack.npz)",
     )
     jit: bool = Field(True, description="compile the forward pass with XLA (tensorflow engine)")
+    drift_window_scores: int = Field(
+        2000,
+        ge=0,
+        description="anomaly_score_drift is the population stability index of this many most recent "
+        "scores against the artifact's held-out normal scores (0: off)",
+    )
+    shadow_artifact: Path | None = Field(
+        None,
+        description="a candidate artifact scored on every batch beside the served one; it publishes "
+        "nothing to the output stream (anomaly_shadow_* metrics, optional SHADOW_SCORES_STREAM)",
+    )
+    shadow_scores_stream: str = Field(
+        "", description="optional stream of the shadow model's decision on every scored image (empty: off)"
+    )
+    shadow_scores_maxlen: int = Field(
+        1_000_000, ge=0, description="approximate cap of the shadow scores stream"
+    )
 
     @field_validator("redis_url")
     @classmethod
@@ -134,14 +151,16 @@ class WorkerSettings(BaseSettings):
         return self
 
     def check_artifact_path(self) -> None:
-        """Refuse an artifact that resolves outside artifact_root (a swapped symlink, a typo)."""
-        if self.artifact_root is None or self.artifact is None:
+        """Refuse an artifact (or shadow artifact) that resolves outside artifact_root (a swapped
+        symlink, a typo)."""
+        if self.artifact_root is None:
             return
-        resolved, root = self.artifact.resolve(), self.artifact_root.resolve()
-        if not resolved.is_relative_to(root):
-            raise ValueError(
-                f"artifact {self.artifact} resolves to {resolved}, outside ANOMALY_ARTIFACT_ROOT {root}"
-            )
+        root = self.artifact_root.resolve()
+        for what, path in (("artifact", self.artifact), ("shadow artifact", self.shadow_artifact)):
+            if path is not None and not path.resolve().is_relative_to(root):
+                raise ValueError(
+                    f"{what} {path} resolves to {path.resolve()}, outside ANOMALY_ARTIFACT_ROOT {root}"
+                )
 
     @model_validator(mode="after")
     def _one_slot_in_cluster_mode(self) -> WorkerSettings:
@@ -149,8 +168,7 @@ class WorkerSettings(BaseSettings):
         if self.redis_cluster:
             from redis.crc import key_slot
 
-            names = [self.input_stream, self.output_stream, self.dead_letter_stream]
-            names += [self.scores_stream] if self.scores_stream else []
+            names = self.stream_names()
             slots = {name: key_slot(name.encode()) for name in names}
             if len(set(slots.values())) > 1:
                 found = ", ".join(f"{name} (slot {slot})" for name, slot in slots.items())
@@ -162,12 +180,23 @@ class WorkerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_streams(self) -> WorkerSettings:
-        names = [self.input_stream, self.output_stream, self.dead_letter_stream]
-        if self.scores_stream:
-            names.append(self.scores_stream)
+        names = self.stream_names()
         if len(set(names)) != len(names):
-            raise ValueError(f"input, output, dead-letter and scores streams must differ, found {names}")
+            raise ValueError(
+                f"input, output, dead-letter, scores and shadow scores streams must differ, found {names}"
+            )
         return self
+
+    @model_validator(mode="after")
+    def _shadow_stream_needs_a_shadow(self) -> WorkerSettings:
+        if self.shadow_scores_stream and self.shadow_artifact is None:
+            raise ValueError("ANOMALY_SHADOW_SCORES_STREAM is set but ANOMALY_SHADOW_ARTIFACT is not")
+        return self
+
+    def stream_names(self) -> list[str]:
+        """Every stream the worker reads or writes, in commit-script key order (unset ones left out)."""
+        optional = [self.scores_stream, self.shadow_scores_stream]
+        return [self.input_stream, self.output_stream, self.dead_letter_stream, *filter(None, optional)]
 
     def redis_password(self) -> str | None:
         """The password from redis_password_file, if set (trailing newline stripped)."""
@@ -201,6 +230,7 @@ class WorkerSettings(BaseSettings):
             "metrics": f"{self.metrics_host}:{self.metrics_port}",
             "threshold": self.threshold or "artifact",
             "engine": self.engine,
+            "shadow": self.shadow_artifact or "off",
         }
         return " ".join(f"{k}={v}" for k, v in fields.items())
 

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Index of each target stream in the commit script's KEYS (1 is the input stream).
-OUTPUT, DEAD_LETTER, SCORES = 2, 3, 4
+# The target streams a commit can write to. KEYS[1] is the input stream; the configured targets
+# follow in this order (the optional ones only when set), and commit_batch maps each to its key.
+OUTPUT, DEAD_LETTER, SCORES, SHADOW_SCORES = 2, 3, 4, 5
 
 # Acks each entry and adds its results only where XACK returned 1: a result is published iff
 # this call is the one that acknowledged its entry. If another worker already acked it (it
@@ -41,9 +42,11 @@ for _, key in ipairs(KEYS) do
   end
 end
 local group = ARGV[1]
-local maxlen = {0, tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
-local nplain = tonumber(ARGV[5])
-local i = 6
+local ntargets = tonumber(ARGV[2])
+local maxlen = {0}
+for t = 1, ntargets do maxlen[t + 1] = tonumber(ARGV[2 + t]) end
+local nplain = tonumber(ARGV[3 + ntargets])
+local i = 4 + ntargets
 local acked, published, stale = 0, 0, 0
 local last = i + nplain - 1
 while i <= last do
@@ -107,7 +110,7 @@ class Commit:
     """What one batch writes: ids to ack only, and ids whose ack publishes entries."""
 
     plain_ids: list[bytes] = field(default_factory=list)
-    # (entry id, [(target index OUTPUT|DEAD_LETTER|SCORES, flat [k1, v1, k2, v2, ...])])
+    # (entry id, [(target OUTPUT|DEAD_LETTER|SCORES|SHADOW_SCORES, flat [k1, v1, k2, v2, ...])])
     records: list[tuple[bytes, list[tuple[int, list[bytes | str]]]]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -147,15 +150,23 @@ class StreamClient:
         output_maxlen: int,
         dead_letter_maxlen: int,
         scores_maxlen: int,
+        shadow_scores_stream: str = "",
+        shadow_scores_maxlen: int = 0,
     ) -> None:
         self.redis: Any = client  # redis-py's return types are unions; this module checks shapes
         self.input_stream = input_stream
         self.group = group
         self.consumer = consumer
-        self.keys = [input_stream, output_stream, dead_letter_stream]
-        if scores_stream:
-            self.keys.append(scores_stream)
-        self.maxlens = [output_maxlen, dead_letter_maxlen, scores_maxlen]
+        targets = {
+            OUTPUT: (output_stream, output_maxlen),
+            DEAD_LETTER: (dead_letter_stream, dead_letter_maxlen),
+            SCORES: (scores_stream, scores_maxlen),
+            SHADOW_SCORES: (shadow_scores_stream, shadow_scores_maxlen),
+        }
+        configured = [(target, name, maxlen) for target, (name, maxlen) in targets.items() if name]
+        self.keys = [input_stream, *(name for _, name, _ in configured)]
+        self.maxlens = [maxlen for _, _, maxlen in configured]
+        self._key_of = {target: index for index, (target, _, _) in enumerate(configured, start=2)}
         self._commit = client.register_script(COMMIT_SCRIPT)
         self._prune = client.register_script(PRUNE_SCRIPT)
 
@@ -173,6 +184,8 @@ class StreamClient:
             output_maxlen=settings.output_maxlen,
             dead_letter_maxlen=settings.dead_letter_maxlen,
             scores_maxlen=settings.scores_maxlen,
+            shadow_scores_stream=settings.shadow_scores_stream,
+            shadow_scores_maxlen=settings.shadow_scores_maxlen,
         )
 
     def ensure_group(self, start_id: str) -> bool:
@@ -239,17 +252,18 @@ class StreamClient:
         """Ack the batch and publish its results in one atomic script call."""
         if not len(commit):
             return CommitResult(0, 0, 0)
-        args: list[bytes | str | int] = [self.group, *self.maxlens, len(commit.plain_ids)]
+        args: list[bytes | str | int] = [self.group, len(self.maxlens), *self.maxlens, len(commit.plain_ids)]
         args.extend(commit.plain_ids)
         for entry_id, adds in commit.records:
             args.append(entry_id)
             args.append(len(adds))
             for target, flat in adds:
-                if target > len(self.keys):
+                if target not in self._key_of:
                     raise ValueError(
-                        f"commit targets stream index {target} but only {len(self.keys)} keys are set"
+                        f"commit targets stream {target} but no such stream is configured; "
+                        f"configured: {sorted(self._key_of)}"
                     )
-                args.append(target)
+                args.append(self._key_of[target])
                 args.append(len(flat))
                 args.extend(flat)
         acked, published, stale = self._commit(keys=self.keys, args=args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -443,3 +444,23 @@ def test_a_scoring_error_on_the_second_thread_reaches_the_caller_and_commits_not
         runner.run_once()
     assert r.xlen("anomalies") == 0 and pending(r) == 10  # nothing acked: redelivered later
     runner.close()
+
+
+def test_score_drift_gauge_is_nan_until_the_window_fills_then_follows_recent_scores(r, make_runner) -> None:
+    runner = make_runner(drift_window_scores=20, loader=lambda: make_model("fake-v2"))
+    drift = "anomaly_score_drift"
+    value = runner.metrics.registry.get_sample_value
+    for brightness in np.linspace(0.01, 0.59, 10):  # spread like the baseline (0 to 0.6)
+        push(r, float(brightness))
+    runner.drain()
+    assert math.isnan(value(drift))
+    for brightness in np.linspace(0.01, 0.59, 10):
+        push(r, float(brightness))
+    runner.drain()
+    assert value(drift) < 0.1
+    for _ in range(20):
+        push(r, 0.95)  # every score above the whole baseline
+    runner.drain()
+    assert value(drift) > 0.25
+    assert runner.reload()  # a new baseline: the window starts afresh
+    assert math.isnan(value(drift))
