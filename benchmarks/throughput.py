@@ -566,8 +566,8 @@ class Bench:
     def scoring_ceiling(self) -> dict[str, float]:
         """Forward pass + per-row MSE alone, images/s: both engines per batch size, eager, predict."""
         import tensorflow as tf
-
         from worker.artifact import load_artifact
+
         from worker.scoring import KerasScorer, NumpyScorer
 
         artifact = load_artifact(self.artifact)

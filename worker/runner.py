@@ -27,9 +27,10 @@ import numpy as np
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
-from worker.artifact import MANIFEST_FILE, load_artifact
+from detector.artifact import MANIFEST_FILE
+from detector.errors import AnomalyScorerError
+from detector.loading import load_scorer
 from worker.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
-from worker.errors import AnomalyScorerError
 from worker.http import Health
 from worker.metrics import DetectionWindow, WorkerMetrics
 from worker.scoring import DecisionRule, Decisions
@@ -58,7 +59,7 @@ DEAD_LETTER_FIELDS = ("source_id", "reason", "reason_code", "failed_at_ms", "mod
 
 
 class BatchScorer(Protocol):
-    """What the runner needs of a scorer (worker.scoring.Scorer, or a fake in tests)."""
+    """What the runner needs of a scorer (detector.loading.Scorer, or a fake in tests)."""
 
     model_version: str
     input_dim: int
@@ -98,14 +99,10 @@ def manifest_digest(artifact_dir: Path) -> str:
 
 def load_model(settings: WorkerSettings) -> LoadedModel:
     """Verify the artifact, load and warm up the compiled scorer, build the decision rule."""
-    from worker.scoring import make_scorer
-
     if settings.artifact is None:
         raise AnomalyScorerError("ANOMALY_ARTIFACT is not set; expected the artifact directory")
     settings.check_artifact_path()  # again at every reload: a symlink may have been swapped
-    artifact = load_artifact(settings.artifact)
-    scorer = make_scorer(artifact, settings.engine, max_batch=settings.batch_size, jit=settings.jit)
-    scorer.warm_up(settings.batch_size)
+    artifact, scorer = load_scorer(settings.artifact, settings.engine, settings.batch_size, settings.jit)
     rule = DecisionRule.from_artifact(artifact, settings.threshold or None)
     digest = manifest_digest(settings.artifact)
     return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest)

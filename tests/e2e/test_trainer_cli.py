@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from detector.artifact import load_artifact
 from tests.conftest import ROOT
-from worker.artifact import load_artifact
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # The package may not be installed; the CLIs run from other folders, as a user's would.
