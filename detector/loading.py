@@ -46,7 +46,9 @@ def probe_batch(input_dim: int) -> np.ndarray:
 
 def check_probe(artifact: LoadedArtifact, scorer: Scorer) -> None:
     """ArtifactError naming the files that take part unless the probe batch scores finitely."""
-    scores = scorer.score_batch(probe_batch(artifact.baseline.input_dim))
+    # Overflow is what the probe looks for: counted below by name, not warned about on the way.
+    with np.errstate(over="ignore", invalid="ignore"):
+        scores = scorer.score_batch(probe_batch(artifact.baseline.input_dim))
     if np.isfinite(scores).all():
         return
     network = DENSE_STACK_FILE if scorer.engine == "numpy" else MODEL_FILE
@@ -66,8 +68,8 @@ def load_scorer(
         artifact = load_artifact(path)
         check_keras_file(artifact.path / MODEL_FILE, artifact.model_bytes)
         scorer = make_scorer(artifact, engine, max_batch=max_batch, jit=jit)
-        scorer.warm_up(max_batch)
         check_probe(artifact, scorer)
+        scorer.warm_up(max_batch)
     except AnomalyScorerError:
         raise
     # Anything else (a numpy, zip, h5py or TensorFlow error on a corrupt file) is a refused
