@@ -44,7 +44,7 @@ BATCH = 256
 
 def train_case(score: str, transforms: str, out: Path, data_dir: str | None) -> Path:
     """A quick artifact of `score` (one epoch each), as `anomaly-trainer train` would write it."""
-    from trainer.data import load_dataset
+    from detector.datasets import load_dataset
     from trainer.train import TrainConfig, train
 
     config = TrainConfig(
@@ -65,8 +65,8 @@ def train_case(score: str, transforms: str, out: Path, data_dir: str | None) -> 
 
 def images_per_second(artifact: Path, images: np.ndarray, seconds: float) -> float:
     """score_batch throughput of the numpy engine on batches of BATCH rows."""
-    from worker.artifact import load_artifact
-    from worker.scoring import NumpyScorer
+    from detector.artifact import load_artifact
+    from detector.engines.numpy_engine import NumpyScorer
 
     scorer = NumpyScorer(load_artifact(artifact))
     scorer.warm_up(BATCH)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from threadpoolctl import threadpool_limits
 
-    from trainer.data import load_dataset
+    from detector.datasets import load_dataset
 
     test = load_dataset("mnist", args.data_dir).test.x
     images = (np.round(test * 255) / 255).astype(np.float32)  # as the worker decodes uint8 pixels

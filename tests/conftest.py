@@ -156,7 +156,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 def mnist_sample(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """n MNIST training images (float32 in [0,1]) and labels, from the shipped copy."""
-    from trainer.data import load_dataset
+    from detector.datasets import load_dataset
 
     ds = load_dataset("mnist")
     idx = np.random.default_rng(seed).choice(ds.train.x.shape[0], n, replace=False)
@@ -166,7 +166,7 @@ def mnist_sample(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real artifact from a tiny model (784-8-784 dense, 2 epochs on 2000 digits)."""
-    from trainer.data import Dataset, Split
+    from detector.datasets import Dataset, Split
     from trainer.train import TrainConfig, train
 
     x, y = mnist_sample(2500)

@@ -20,13 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data import Dataset
-from trainer.evaluate import DEFAULT_TOP_K_PERCENT, ScoreModel, auroc
+from detector.components.knn import DEFAULT_KNN_REFERENCE_ROWS, knn_reference_of
+from detector.components.reconstruction import DEFAULT_TOP_K_PERCENT
+from detector.components.transforms import TransformScorer, TransformSet
+from detector.datasets import Dataset
+from detector.score import COMPARED
+from trainer.evaluate import ScoreModel, auroc
 from trainer.models import build_model
-from trainer.train import DEFAULT_KNN_REFERENCE_ROWS, Splits, knn_reference_of, split_normal
+from trainer.splits import Splits, split_normal
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
-from worker.scores import COMPARED
-from worker.transforms import TransformScorer, TransformSet
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""anomaly-trainer: argument parsing only; the work is in trainer.train / trainer.data."""
+"""anomaly-trainer: argument parsing only; the work is in trainer.train / detector.datasets."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.data import Dataset
+from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
+from detector.components.transforms import TRANSFORM_SETS
+from detector.datasets import Dataset
+from detector.engines.tensorflow_import import import_keras_quietly
+from detector.score import components_of
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
-from trainer.train import DEFAULT_KNN_REFERENCE_ROWS
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
-from worker.scores import DEFAULT_KNN_K, components_of
-from worker.tensorflow_import import import_keras_quietly
-from worker.transforms import TRANSFORM_SETS
 
 
 def _classes(text: str) -> list[int]:
@@ -271,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     import_keras_quietly()  # every command trains or runs a Keras model
-    from trainer.data import DatasetError, load_dataset
+    from detector.datasets import DatasetError, load_dataset
+    from detector.errors import ArtifactError, ThresholdPolicyError
     from trainer.train import TrainConfig, train
-    from worker.errors import ArtifactError, ThresholdPolicyError
 
     if args.command == "train":
         config = TrainConfig(
@@ -340,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _artifact_dataset(args: argparse.Namespace) -> Dataset:
     """The dataset named on the command line, else the one in the artifact's baseline.json."""
-    from trainer.data import load_dataset
-    from worker.artifact import load_artifact
+    from detector.artifact import load_artifact
+    from detector.datasets import load_dataset
 
     name = args.dataset or load_artifact(args.artifact).baseline.training.dataset
     return load_dataset(name, args.data_dir)
@@ -380,8 +380,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
+    from detector.datasets import load_dataset
     from trainer.benchmark import RESULTS_DIR, BenchmarkConfig, ClassResult, run_benchmark, write_results
-    from trainer.data import load_dataset
 
     config = BenchmarkConfig(
         dataset=args.dataset,

@@ -1,11 +1,11 @@
 """How well a model separates normal from anomalous images: AUROC, average precision, flag rates.
 
-The per-image scores of worker.scores are compared: mse, nmse, top-k and mahalanobis, and with a
-transformation classifier (worker.transforms) transforms, mse+transforms and nmse+transforms (the
-artifact's own one, `baseline.score`, is what the worker computes). The Gaussian of normal codes
-and the standardisation of the combined scores are fitted on the validation split of the normal
-training images, and the other scores' thresholds come from the calibration split, so no
-statistic ever sees the test set.
+The per-image scores of the detector's components (detector.components) are compared: every
+component and the combinations of `detector.score.COMPARED` (the artifact's own one,
+`baseline.score`, is what the worker computes). The Gaussian of normal codes and the
+standardisation of the combined scores are fitted on the validation split of the normal training
+images, and the other scores' thresholds come from the calibration split, so no statistic ever
+sees the test set.
 """
 
 from __future__ import annotations
@@ -16,30 +16,29 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
-from trainer.data import Dataset, rotate90
-from trainer.train import Splits, select_normal, split_normal
-from worker.artifact import Baseline, LoadedArtifact
-from worker.errors import ThresholdPolicyError
-from worker.scores import (
-    COMPARED,
+from detector.artifact import Baseline, LoadedArtifact, load_artifact
+from detector.components.knn import (
     DEFAULT_KNN_K,
-    DEFAULT_TOP_K_PERCENT,
-    combine,
-    components_of,
+    DEFAULT_KNN_REFERENCE_ROWS,
+    Knn,
     knn_distances,
-    mahalanobis_distances,
-    mse_scores,
-    nmse_scores,
-    standardisation,
-    top_k_scores,
+    knn_reference_of,
     unit_rows,
 )
-from worker.thresholds import check_policy_fits_score, flag_rate, parse_policy
-from worker.transforms import TransformScorer
+from detector.components.mahalanobis import LatentGaussian
+from detector.components.reconstruction import DEFAULT_TOP_K_PERCENT, mse_scores, nmse_scores, top_k_scores
+from detector.components.transforms import Transforms, TransformScorer
+from detector.datasets import Dataset, rotate90
+from detector.engines.keras_engine import load_model_bytes
+from detector.errors import ThresholdPolicyError
+from detector.score import COMPARED, Score, combine, components_of, standardisation
+from detector.thresholds import check_policy_fits_score, flag_rate, parse_policy
+from trainer.models import reconstruction_errors
+from trainer.splits import Splits, recover_splits
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +46,6 @@ UNSEEN_CLASSES = "unseen classes"
 ROTATED_90 = "rotated 90°"
 
 Transform = Callable[[np.ndarray], np.ndarray]
-
-
-@dataclass(frozen=True)
-class LatentGaussian:
-    """Mean and (shrunk) inverse covariance of normal codes; scores are Mahalanobis distances."""
-
-    mean: np.ndarray
-    precision: np.ndarray
-
-    @classmethod
-    def fit(cls, codes: np.ndarray) -> LatentGaussian:
-        """Ledoit-Wolf shrinkage: a few hundred codes are enough for a stable inverse."""
-        from sklearn.covariance import LedoitWolf
-
-        codes = np.asarray(codes, np.float64)
-        if codes.ndim != 2 or codes.shape[0] < 2:
-            raise ValueError(f"need at least 2 codes of shape N x L to fit, found {codes.shape}")
-        estimator = LedoitWolf().fit(codes)
-        return cls(np.asarray(estimator.location_), np.asarray(estimator.precision_))
-
-    def distance(self, codes: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance of each code to the mean."""
-        return mahalanobis_distances(codes, self.mean, self.precision)
 
 
 def auroc(normal_scores: np.ndarray, anomaly_scores: np.ndarray) -> float:
@@ -138,8 +114,6 @@ class ScoreModel:
     ) -> ScoreModel:
         """Every score of an artifact's model, fitted on its held-out splits as the trainer fits
         them; `knn_reference` (model space) defaults to the trainer's draw from the fit split."""
-        from trainer.train import DEFAULT_KNN_REFERENCE_ROWS, knn_reference_of
-
         if knn_reference is None:
             knn_reference = knn_reference_of(
                 transform(splits.fit), DEFAULT_KNN_REFERENCE_ROWS, baseline.training.seed
@@ -275,31 +249,6 @@ def preprocessing_of(baseline: Baseline) -> Transform:
     return Standardize(np.asarray(pre.feature_mean), np.asarray(pre.feature_std))
 
 
-def recover_splits(baseline: Baseline, dataset: Dataset) -> Splits | None:
-    """Redo the trainer's normal-data split from the seed and counts in baseline.training.
-
-    Returns None when the artifact was trained on other data (counts do not fit).
-    """
-    t = baseline.training
-    if t.dataset != dataset.name:
-        return None
-    try:
-        normal = select_normal(dataset, t.classes)
-    except ValueError:
-        return None
-    total = t.train_count + t.validation_count + t.calibration_count
-    if total > normal.shape[0]:
-        return None
-    if total < normal.shape[0]:  # --max-samples: the same draw as trainer.train.train
-        pick = np.random.default_rng(t.seed).choice(normal.shape[0], total, replace=False)
-        normal = normal[np.sort(pick)]
-    splits = split_normal(normal, (t.validation_count + t.calibration_count) / total, t.seed)
-    counts = (splits.fit.shape[0], splits.validation.shape[0], splits.calibration.shape[0])
-    if counts != (t.train_count, t.validation_count, t.calibration_count):
-        return None
-    return splits
-
-
 def anomaly_sets(dataset: Dataset, classes: list[int] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Normal test images and the anomaly sets: unseen classes (if any) and normal images rotated 90°."""
     x, y = dataset.test.x, dataset.test.y
@@ -405,8 +354,6 @@ def held_out_splits(artifact: LoadedArtifact, dataset: Dataset, model: Any, tran
 
     Raises ValueError when the split cannot be reproduced (other data, other preprocessing).
     """
-    from trainer.train import reconstruction_errors
-
     splits = recover_splits(artifact.baseline, dataset)
     if splits is None:
         raise ValueError(
@@ -414,7 +361,7 @@ def held_out_splits(artifact: LoadedArtifact, dataset: Dataset, model: Any, tran
             f"{artifact.baseline.training.dataset!r} classes {artifact.baseline.training.classes}, "
             f"and the counts do not fit dataset {dataset.name!r}"
         )
-    score = artifact.score_function()
+    score = artifact.score
     recomputed = np.sort(reconstruction_errors(model, transform(splits.calibration), score))
     if not np.allclose(recomputed, artifact.calibration_errors, rtol=1e-3, atol=1e-7):
         worst = float(np.max(np.abs(recomputed - artifact.calibration_errors)))
@@ -429,9 +376,6 @@ def evaluate_artifact(
     path: Path, dataset: Dataset, top_k_percent: float = DEFAULT_TOP_K_PERCENT
 ) -> tuple[Evaluation, ScoreModel, dict[str, dict[str, np.ndarray]], Splits]:
     """Load and verify an artifact, then evaluate it on `dataset`'s test split."""
-    from worker.artifact import load_artifact
-    from worker.scoring import load_model_bytes
-
     artifact = load_artifact(path)
     model = load_model_bytes(artifact.model_bytes, artifact)
     transform = preprocessing_of(artifact.baseline)
@@ -443,7 +387,20 @@ def evaluate_artifact(
         splits,
         transform,
         top_k_percent,
-        transform_scorer=artifact.score_function().transform_scorer,
-        knn_reference=artifact.knn_reference,
+        **fitted_networks(artifact.score),
     )
     return evaluation, scorer, scores, splits
+
+
+class _Fitted(TypedDict):
+    transform_scorer: TransformScorer | None
+    knn_reference: np.ndarray | None
+
+
+def fitted_networks(score: Score) -> _Fitted:
+    """What a stored score brings that the evaluation cannot refit: its classifier and reference images."""
+    transforms, knn = score.component("transforms"), score.component("knn")
+    return {
+        "transform_scorer": transforms.scorer if isinstance(transforms, Transforms) else None,
+        "knn_reference": knn.reference if isinstance(knn, Knn) else None,
+    }

@@ -1,4 +1,4 @@
-"""Export a trained Keras autoencoder as a `worker.dense_stack.DenseStack` when it is one.
+"""Export a trained Keras autoencoder as a `detector.networks.DenseStack` when it is one.
 
 A model qualifies when, nested sub-models flattened, it is nothing but Dense layers with
 linear/relu/sigmoid/tanh activations. The export is kept only if it reproduces the Keras
@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.dense_stack import ACTIVATIONS, Activation, DenseStack
+from detector.networks import ACTIVATIONS, Activation, DenseStack
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,10 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from detector.score import Score, mse_score
+
 
 def _dense(input_dim: int, hidden: list[int], code: int, name: str, linear_output: bool) -> Any:
     import keras
@@ -92,3 +96,15 @@ def build_model(name: str, input_dim: int, linear_output: bool = False) -> Any:
             f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}"
         ) from None
     return builder(input_dim, linear_output=linear_output)
+
+
+def reconstruction_errors(
+    model: Any, x: np.ndarray, score: Score | None = None, batch_size: int = 1024
+) -> np.ndarray:
+    """Per-row score (MSE unless `score` says otherwise) of `x`, already in model space."""
+    score = score or mse_score()
+    recon = model.predict(x, batch_size=batch_size, verbose=0)
+    codes = None
+    if score.needs_codes:
+        codes = model.get_layer("encoder").predict(x, batch_size=batch_size, verbose=0)
+    return score(x, recon, codes)

@@ -17,10 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data import Dataset
-from trainer.train import Splits
-from worker.artifact import MODEL_FILE, Baseline, model_version_of
-from worker.transforms import TransformScorer
+from detector.artifact import MODEL_FILE, Baseline, load_artifact, model_version_of
+from detector.components.transforms import TransformScorer
+from detector.datasets import Dataset
+from detector.engines.keras_engine import load_model_bytes
+from trainer.evaluate import (
+    ScoreModel,
+    anomaly_sets,
+    evaluate_model,
+    fitted_networks,
+    held_out_splits,
+    preprocessing_of,
+)
+from trainer.splits import Splits
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.png"
@@ -64,8 +73,6 @@ def write_report(
     except ImportError:
         log.warning("report skipped reason=matplotlib-not-installed hint='pip install .[train]'")
         return None
-    from trainer.evaluate import evaluate_model
-
     if baseline.model_version == "pending" and (out_dir / MODEL_FILE).is_file():
         # At train time the version is set after staging; it is the hash of the model already saved.
         version = model_version_of((out_dir / MODEL_FILE).read_bytes())
@@ -83,8 +90,6 @@ def write_report(
         )
     except ValueError as exc:  # e.g. an unlabelled, non-square .npy dataset has no anomaly sets
         log.warning("report without evaluation reason=%s", exc)
-        from trainer.evaluate import ScoreModel
-
         scorer = ScoreModel.fitted(
             model, baseline, splits, transform, transform_scorer=transform_scorer, knn_reference=knn_reference
         )
@@ -95,10 +100,6 @@ def write_report(
 
 def report_from_artifact(artifact_path: Path, dataset: Dataset, out_dir: Path) -> list[Path]:
     """Re-draw an artifact's report into `out_dir` (created); returns the files written."""
-    from trainer.evaluate import held_out_splits, preprocessing_of
-    from worker.artifact import load_artifact
-    from worker.scoring import load_model_bytes
-
     artifact = load_artifact(artifact_path)
     model = load_model_bytes(artifact.model_bytes, artifact)
     transform = preprocessing_of(artifact.baseline)
@@ -111,8 +112,7 @@ def report_from_artifact(artifact_path: Path, dataset: Dataset, out_dir: Path) -
         dataset,
         splits,
         transform,
-        transform_scorer=artifact.score_function().transform_scorer,
-        knn_reference=artifact.knn_reference,
+        **fitted_networks(artifact.score),
     )
     return [p for p in (png, out_dir / REPORT_HTML) if p is not None and p.exists()]
 
@@ -127,8 +127,6 @@ def _draw_png(
     n_examples: int,
 ) -> Path:
     import matplotlib.pyplot as plt
-
-    from trainer.evaluate import anomaly_sets
 
     dim = baseline.input_dim
     side = math.isqrt(dim)

@@ -12,40 +12,32 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data import Dataset
-from trainer.export import verified_dense_stack
-from trainer.models import DEFAULT_ARCHITECTURE, build_model
-from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
-from worker.artifact import (
+from detector.artifact import (
     ERRORS_FILE,
-    KNN_REFERENCE_FILE,
     MODEL_FILE,
     Baseline,
     Preprocessing,
     ScoreParameters,
-    Statistics,
-    Threshold,
     Training,
+    load_artifact,
     model_version_of,
     save_errors,
-    score_function_of,
     write_artifact,
 )
-from worker.dense_stack import DENSE_STACK_FILE
-from worker.scores import DEFAULT_KNN_K, ScoreFunction, ScoreName, components_of, standardisation
-from worker.thresholds import check_policy_fits_score, flag_rate, parse_policy
-from worker.transforms import (
-    TRANSFORM_CLASSIFIER_FILE,
-    TransformClassifier,
-    TransformSet,
-    TransformSetName,
-)
+from detector.components.base import NormalData
+from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS, Knn
+from detector.components.transforms import Transforms, TransformSet, TransformSetName
+from detector.datasets import Dataset
+from detector.networks import DENSE_STACK_FILE
+from detector.score import Score, ScoreName, components_of
+from detector.thresholds import calibrate, check_policy_fits_score, parse_policy
+from trainer.export import verified_dense_stack
+from trainer.models import DEFAULT_ARCHITECTURE, build_model, reconstruction_errors
+from trainer.report import write_report
+from trainer.splits import select_normal, split_normal
+from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
 
 log = logging.getLogger(__name__)
-
-# Normal images a knn score keeps: 10,000 x 784 float32 is 31 MB in the artifact and in memory,
-# and about 8M multiply-adds per scored image.
-DEFAULT_KNN_REFERENCE_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -83,106 +75,6 @@ class TrainResult:
     baseline: Baseline
     history: dict[str, list[float]] = field(default_factory=dict)
     duration_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Splits:
-    """Normal training data cut three ways: fit, validation (early stopping), calibration."""
-
-    fit: np.ndarray
-    validation: np.ndarray
-    calibration: np.ndarray
-
-
-def split_normal(x: np.ndarray, holdout_fraction: float, seed: int) -> Splits:
-    """Shuffle with `seed`; the held-out part is halved into validation and calibration."""
-    if not 0 < holdout_fraction < 1:
-        raise ValueError(f"holdout_fraction must be in (0, 1), found {holdout_fraction}")
-    order = np.random.default_rng(seed).permutation(x.shape[0])
-    n_hold = max(2, round(x.shape[0] * holdout_fraction))
-    if x.shape[0] - n_hold < 1:
-        raise ValueError(f"{x.shape[0]} samples are too few to hold out {n_hold}")
-    n_val = n_hold // 2
-    return Splits(
-        fit=x[order[n_hold:]],
-        validation=x[order[:n_val]],
-        calibration=x[order[n_val:n_hold]],
-    )
-
-
-def select_normal(dataset: Dataset, classes: list[int] | None) -> np.ndarray:
-    """Training images of the normal classes (all when `classes` is None)."""
-    x, y = dataset.train.x, dataset.train.y
-    if classes is None:
-        return x
-    if y is None:
-        raise ValueError(f"dataset {dataset.name} has no labels, so --classes cannot be used")
-    mask = np.isin(y, classes)
-    if not mask.any():
-        raise ValueError(f"no training images of classes {classes} in {dataset.name}")
-    return x[mask]
-
-
-def reconstruction_errors(
-    model: Any, x: np.ndarray, score: ScoreFunction | None = None, batch_size: int = 1024
-) -> np.ndarray:
-    """Per-row score (MSE unless `score` says otherwise) of `x`, already in model space."""
-    score = score or ScoreFunction()
-    recon = model.predict(x, batch_size=batch_size, verbose=0)
-    codes = None
-    if score.needs_codes:
-        codes = model.get_layer("encoder").predict(x, batch_size=batch_size, verbose=0)
-    return score(x, recon, codes)
-
-
-def score_parameters_for(
-    name: ScoreName,
-    model: Any,
-    validation: np.ndarray,
-    classifier: TransformClassifier | None = None,
-    transforms: TransformSetName | None = None,
-    knn_reference: np.ndarray | None = None,
-    knn_k: int = DEFAULT_KNN_K,
-) -> ScoreParameters | None:
-    """What the score needs besides the model, fitted on the validation split: the Gaussian of
-    normal codes (mahalanobis), each component's mean and std (combined scores such as mse+knn)."""
-    components = components_of(name)
-    if name == "mse":
-        return None
-    if "transforms" in components and (classifier is None or transforms is None):
-        raise ValueError(f"score {name!r} needs the transformation classifier")
-    if "knn" in components and knn_reference is None:
-        raise ValueError(f"score {name!r} needs the normal reference images")
-    params = ScoreParameters(
-        transforms=transforms if "transforms" in components else None,
-        knn_k=knn_k if "knn" in components else None,
-    )
-    codes = None
-    if "mahalanobis" in components:
-        from trainer.evaluate import LatentGaussian  # evaluate imports this module: import when needed
-
-        codes = model.get_layer("encoder").predict(validation, batch_size=1024, verbose=0)
-        gaussian = LatentGaussian.fit(codes)  # the same fit the evaluation makes on the same split
-        params = params.model_copy(
-            update={"latent_mean": gaussian.mean.tolist(), "latent_precision": gaussian.precision.tolist()}
-        )
-    if len(components) == 1:
-        return params
-    recon = model.predict(validation, batch_size=1024, verbose=0)
-    unscaled = params.model_copy(  # each component as is: the standardisation is what is measured
-        update={"combine_mean": [0.0] * len(components), "combine_std": [1.0] * len(components)}
-    )
-    score = score_function_of(name, unscaled, classifier, validation.shape[1], knn_reference)
-    mean, std = standardisation(score.parts(validation, recon, codes))
-    return params.model_copy(update={"combine_mean": list(mean), "combine_std": list(std)})
-
-
-def knn_reference_of(fit: np.ndarray, rows: int, seed: int) -> np.ndarray:
-    """At most `rows` of the fit split (a seeded draw, in order): the knn score's normal images."""
-    if fit.shape[0] <= rows:
-        return np.asarray(fit, np.float32)
-    pick = np.sort(np.random.default_rng(seed).choice(fit.shape[0], rows, replace=False))
-    return np.asarray(fit[pick], np.float32)
 
 
 # A feature that barely varies in training (an image border) would turn any later deviation
@@ -275,9 +167,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     losses = {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
     classifier = None
-    if "transforms" in components:
-        from trainer.transforms import train_transform_classifier
-
+    if "transforms" in components:  # a network of its own, trained here; the component scores with it
         classifier, classifier_losses = train_transform_classifier(
             fit_x,
             val_x,
@@ -288,15 +178,22 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         )
         losses |= {f"transforms_{k}": v for k, v in classifier_losses.items()}
     latent_dim = int(model.get_layer("encoder").output.shape[-1])
-    knn_reference = None
-    if "knn" in components:
-        knn_reference = knn_reference_of(fit_x, config.knn_reference_rows, config.seed)
-    score_parameters = score_parameters_for(
-        config.score, model, val_x, classifier, config.transforms, knn_reference, config.knn_k
+    encoder = model.get_layer("encoder")
+    normal_data = NormalData(
+        fit=fit_x,
+        validation=val_x,
+        reconstruct=lambda x: model.predict(x, batch_size=1024, verbose=0),
+        encode=lambda x: encoder.predict(x, batch_size=1024, verbose=0),
+        seed=config.seed,
+        knn_k=config.knn_k,
+        knn_reference_rows=config.knn_reference_rows,
+        transforms=config.transforms,
+        classifier=classifier,
     )
-    score = score_function_of(config.score, score_parameters, classifier, input_dim, knn_reference)
+    score = Score.fit(config.score, normal_data)
+    params = score.parameters()
     cal_errors = reconstruction_errors(model, cal_x, score)
-    threshold_value = policy.threshold(cal_errors)
+    statistics, threshold = calibrate(cal_errors, policy)
     training = Training(
         dataset=dataset.name,
         classes=config.classes,
@@ -320,14 +217,10 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         input_dim=input_dim,
         latent_dim=latent_dim,
         score=config.score,
-        score_parameters=score_parameters,
+        score_parameters=None if params is None else ScoreParameters(**params),
         preprocessing=preprocessing,
-        statistics=Statistics.of(cal_errors),
-        threshold=Threshold(
-            policy=policy.text,
-            value=threshold_value,
-            expected_flag_rate=flag_rate(cal_errors, threshold_value),
-        ),
+        statistics=statistics,
+        threshold=threshold,
         training=training,
     )
 
@@ -337,18 +230,15 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         model.save(tmp / MODEL_FILE)
         if dense_stack is not None:
             (tmp / DENSE_STACK_FILE).write_bytes(dense_stack.to_bytes())
-        if classifier is not None:
-            (tmp / TRANSFORM_CLASSIFIER_FILE).write_bytes(classifier.to_bytes())
-        if knn_reference is not None:
-            np.save(tmp / KNN_REFERENCE_FILE, knn_reference, allow_pickle=False)
+        for name, content in score.files().items():
+            (tmp / name).write_bytes(content)
         save_errors(tmp / ERRORS_FILE, cal_errors)
         # The report names the model, so the version is known before it is drawn.
         versioned = baseline.model_copy(
             update={"model_version": model_version_of((tmp / MODEL_FILE).read_bytes())}
         )
         if config.report:
-            from trainer.report import write_report
-
+            transforms, knn = score.component("transforms"), score.component("knn")
             write_report(
                 tmp,
                 model,
@@ -356,13 +246,11 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
                 dataset,
                 splits,
                 transform,
-                transform_scorer=score.transform_scorer,
-                knn_reference=knn_reference,
+                transform_scorer=transforms.scorer if isinstance(transforms, Transforms) else None,
+                knn_reference=knn.reference if isinstance(knn, Knn) else None,
             )
         return versioned
 
     path = write_artifact(config.out, stage)
-    from worker.artifact import load_artifact
-
     final = load_artifact(path).baseline
     return TrainResult(path, final, losses, time.monotonic() - started)

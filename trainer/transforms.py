@@ -1,7 +1,7 @@
 """Train the self-supervised transformation classifier behind the `transforms` scores.
 
 The classifier learns, from normal images only, which transformation of a set
-(worker.transforms: `rotations` or GEOM's 72 `geometric` ones) was applied. Batches are built on
+(detector.components.transforms: `rotations` or GEOM's 72 `geometric` ones) was applied. Batches are built on
 the fly (a random image, a random transformation), so the N x T training set is never held in
 memory (all of MNIST times 72 would be 13 GB). The trained Keras model is exported to numpy
 (`TransformClassifier`) and checked against Keras on real rows, as the autoencoder's dense stack is.
@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from detector.components.transforms import TransformSet
+from detector.errors import ArtifactError
+from detector.networks import TransformClassifier
 from trainer.export import dense_chain_of
-from worker.errors import ArtifactError
-from worker.transforms import TransformClassifier, TransformSet
 
 log = logging.getLogger(__name__)
 

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from prometheus_client import CollectorRegistry
 
-    from worker.errors import AnomalyScorerError
+    from detector.errors import AnomalyScorerError
     from worker.http import Health, HttpServer
     from worker.metrics import WorkerMetrics
     from worker.runner import Runner, check_shadow_fits, load_model

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from worker.errors import InvalidMessage
+from detector.errors import InvalidMessage
 
 DTYPES = ("uint8", "float32", "json")
 MAX_ID_BYTES = 256

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the transformation set of a score with transforms (default: {DEMO_TRANSFORMS})",
     )
     args = parser.parse_args(argv)
-    from trainer.data import load_dataset, rotate90
+    from detector.datasets import load_dataset, rotate90
     from worker.client import ImageProducer
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")

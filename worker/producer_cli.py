@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import redis
 
-    from trainer.data import DatasetError, load_dataset, rotate90
+    from detector.datasets import DatasetError, load_dataset, rotate90
     from worker.client import ImageProducer
 
     try:

@@ -27,10 +27,11 @@ import numpy as np
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
-from worker.artifact import MANIFEST_FILE, load_artifact
+from detector.artifact import MANIFEST_FILE
+from detector.errors import AnomalyScorerError, ArtifactError
+from detector.loading import load_scorer
 from worker.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
 from worker.drift import ScoreDrift
-from worker.errors import AnomalyScorerError, ArtifactError
 from worker.http import Health
 from worker.metrics import DetectionWindow, WorkerMetrics
 from worker.scoring import DecisionRule, Decisions
@@ -60,7 +61,7 @@ DEAD_LETTER_FIELDS = ("source_id", "reason", "reason_code", "failed_at_ms", "mod
 
 
 class BatchScorer(Protocol):
-    """What the runner needs of a scorer (worker.scoring.Scorer, or a fake in tests)."""
+    """What the runner needs of a scorer (detector.loading.Scorer, or a fake in tests)."""
 
     model_version: str
     input_dim: int
@@ -121,16 +122,12 @@ def manifest_digest(artifact_dir: Path) -> str:
 def load_model(settings: WorkerSettings, shadow: bool = False) -> LoadedModel:
     """Verify the artifact (or the shadow artifact), load and warm up its scorer, build the
     decision rule. ANOMALY_THRESHOLD applies to the served model only: a shadow keeps its own."""
-    from worker.scoring import make_scorer
-
     path = settings.shadow_artifact if shadow else settings.artifact
     if path is None:
         name = "ANOMALY_SHADOW_ARTIFACT" if shadow else "ANOMALY_ARTIFACT"
         raise AnomalyScorerError(f"{name} is not set; expected the artifact directory")
     settings.check_artifact_path()  # again at every reload: a symlink may have been swapped
-    artifact = load_artifact(path)
-    scorer = make_scorer(artifact, settings.engine, max_batch=settings.batch_size, jit=settings.jit)
-    scorer.warm_up(settings.batch_size)
+    artifact, scorer = load_scorer(path, settings.engine, settings.batch_size, settings.jit)
     rule = DecisionRule.from_artifact(artifact, None if shadow else settings.threshold or None)
     digest = manifest_digest(path)
     return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest)

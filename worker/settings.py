@@ -11,8 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.errors import ThresholdPolicyError
-from worker.thresholds import parse_policy
+from detector.errors import ThresholdPolicyError
+from detector.thresholds import parse_policy
 
 StreamKey = Annotated[str, Field(min_length=1, max_length=512)]
 

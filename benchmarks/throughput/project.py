@@ -1,13 +1,14 @@
-"""The project code the benchmark measures: the one module that imports `worker` (re-point it here
-when those modules move)."""
+"""The project code the benchmark measures: the one module that imports `detector` and `worker`
+(re-point it here when those modules move)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from worker.artifact import load_artifact
+from detector.artifact import load_artifact
+from detector.engines.keras_engine import KerasScorer
+from detector.engines.numpy_engine import NumpyScorer
 from worker.codec import encode_image
-from worker.scoring import KerasScorer, NumpyScorer
 
 __all__ = ["KerasScorer", "NumpyScorer", "load_artifact", "payloads"]
 

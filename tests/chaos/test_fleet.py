@@ -93,7 +93,7 @@ def fleet(redis_server: RedisServer, tiny_artifact: Path, tmp_path: Path) -> Ite
 
 def mixed_entries(n: int, seed: int = 0) -> list[dict[str, bytes | str]]:
     """uint8, float32 and json images (some rotated) plus about 5% malformed entries."""
-    from trainer.data import rotate90
+    from detector.datasets import rotate90
 
     x, _ = mnist_sample(1000, seed=seed)
     rng = np.random.default_rng(seed)
@@ -218,7 +218,7 @@ def test_sigterm_mid_load_finishes_the_batch_and_exits_zero(fleet: Fleet, redis_
 
 
 def _retrain(path: Path, seed: int) -> str:
-    from trainer.data import Dataset, Split
+    from detector.datasets import Dataset, Split
     from trainer.train import TrainConfig, train
 
     x, y = mnist_sample(1500, seed=seed)

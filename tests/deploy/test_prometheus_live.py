@@ -249,7 +249,7 @@ def prometheus(prometheus_binary: str, worker_port: int, tmp_path: Path) -> Iter
 def test_prometheus_sees_the_worker_counts_and_fires_the_drift_alert_only_on_rotated_digits(
     prometheus: PrometheusServer, worker_port: int, redis_server: RedisServer, trained_artifact: Path
 ) -> None:
-    from trainer.data import load_dataset, rotate90
+    from detector.datasets import load_dataset, rotate90
 
     job = f'job="{WORKER_JOB}"'
     client = redis_server.client()

@@ -86,7 +86,7 @@ def worker(
 
 
 def test_worker_scores_flags_dead_letters_and_stops_cleanly(worker, redis_server: RedisServer) -> None:
-    from trainer.data import load_dataset, rotate90
+    from detector.datasets import load_dataset, rotate90
 
     process, port, log_path = worker
     client = redis_server.client()
@@ -223,8 +223,8 @@ def test_a_worker_serves_a_combined_score_with_its_classifier_and_neighbours(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
     """mse+transforms+knn: trained by the CLI, loaded by the worker, scored as calibrated."""
-    from trainer.data import load_dataset, rotate90
-    from worker.artifact import load_artifact
+    from detector.artifact import load_artifact
+    from detector.datasets import load_dataset, rotate90
 
     artifact = tmp_path / "combined"
     done = subprocess.run(

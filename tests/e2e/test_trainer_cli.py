@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from detector.artifact import load_artifact
+from detector.engines.tensorflow_import import NATIVE_NOISE
 from tests.conftest import ROOT
-from worker.artifact import load_artifact
-from worker.tensorflow_import import NATIVE_NOISE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 # The package may not be installed; the CLIs run from other folders, as a user's would.

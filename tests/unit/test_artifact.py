@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.artifact import (
+from detector.artifact import (
     BASELINE_FILE,
     ERRORS_FILE,
     MANIFEST_FILE,
@@ -24,7 +24,7 @@ from worker.artifact import (
     save_errors,
     write_artifact,
 )
-from worker.errors import ArtifactError
+from detector.errors import ArtifactError
 
 ERRORS = np.random.default_rng(0).gamma(2.0, 0.01, 500)
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detector import datasets as data
+from detector.datasets import DatasetError, load_dataset, load_npy, read_idx, rotate90
 from tests.conftest import ROOT, SHARED_DATASETS
-from trainer import data
-from trainer.data import DatasetError, load_dataset, load_npy, read_idx, rotate90
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
+from detector.errors import ArtifactError
+from detector.networks import DenseStack
 from tests.conftest import mnist_sample
-from worker.dense_stack import DenseStack
-from worker.errors import ArtifactError
 
 
 def random_stack(dims: tuple[int, ...] = (6, 4, 2, 4, 6), seed: int = 0) -> DenseStack:

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from detector.artifact import load_artifact
+from detector.engines.numpy_engine import NumpyScorer
 from tests.conftest import SHARED_DATASETS
-from worker.artifact import load_artifact
 from worker.drift import ScoreDrift, population_stability_index
-from worker.scoring import NumpyScorer
 
 LOW, HIGH = 0.1, 0.25  # the usual reading of a PSI; the alert fires above HIGH
 
@@ -98,7 +98,7 @@ def scored(tiny_artifact: Path) -> tuple[np.ndarray, NumpyScorer]:
 
 @pytest.fixture(scope="module")
 def digits() -> np.ndarray:
-    from trainer.data import load_dataset
+    from detector.datasets import load_dataset
 
     return load_dataset("mnist").test.x[:2000]
 
@@ -110,7 +110,7 @@ def test_normal_test_digits_show_low_drift(scored, digits: np.ndarray) -> None:
 
 @pytest.mark.parametrize("change", ["rotated 90 degrees", "heavy noise", "inverted"])
 def test_changed_digits_show_high_drift(scored, digits: np.ndarray, change: str) -> None:
-    from trainer.data import rotate90
+    from detector.datasets import rotate90
 
     calibration, scorer = scored
     noise = np.random.default_rng(0).normal(0, 0.3, digits.shape)
@@ -126,7 +126,7 @@ def test_changed_digits_show_high_drift(scored, digits: np.ndarray, change: str)
     not (SHARED_DATASETS / "fashion-mnist").is_dir(), reason="../shared/datasets is not beside the repo"
 )
 def test_another_dataset_shows_high_drift(scored) -> None:
-    from trainer.data import load_dataset
+    from detector.datasets import load_dataset
 
     calibration, scorer = scored
     items = load_dataset("fashion-mnist", SHARED_DATASETS).test.x[:2000]

@@ -7,23 +7,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detector.artifact import load_artifact
+from detector.components.mahalanobis import LatentGaussian
+from detector.components.reconstruction import mse_scores, nmse_scores, top_k_scores
+from detector.datasets import Dataset, Split
+from detector.thresholds import flag_rate, parse_policy
 from tests.conftest import mnist_sample
-from trainer.data import Dataset, Split
 from trainer.evaluate import (
     ROTATED_90,
     UNSEEN_CLASSES,
-    LatentGaussian,
     auroc,
     average_precision,
     evaluate_artifact,
-    mse_scores,
-    nmse_scores,
-    recover_splits,
-    top_k_scores,
 )
+from trainer.splits import recover_splits
 from trainer.train import TrainConfig, train
-from worker.artifact import load_artifact
-from worker.thresholds import flag_rate, parse_policy
 
 # --- metric helpers on synthetic scores with known answers -------------------------------------
 
@@ -162,9 +160,9 @@ def test_fpr_threshold_flags_its_rate_of_the_other_held_out_normal_half(
     digit_one: tuple[Path, Dataset],
 ) -> None:
     """Calibrated on one held-out half; the other half (never used for the threshold) checks it."""
+    from detector.engines.keras_engine import load_model_bytes
     from trainer.evaluate import preprocessing_of
-    from trainer.train import reconstruction_errors
-    from worker.scoring import load_model_bytes
+    from trainer.models import reconstruction_errors
 
     path, dataset = digit_one
     artifact = load_artifact(path)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from detector.errors import ArtifactError
 from tests.conftest import wait_until
 from tests.support import D, build_runner, make_model, pending, push, stream
-from worker.errors import ArtifactError
 from worker.runner import LoadedModel, Runner, build_commit
 from worker.stream import OUTPUT, SCORES
 

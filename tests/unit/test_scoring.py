@@ -11,11 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detector.artifact import MANIFEST_FILE, load_artifact
+from detector.engines.keras_engine import KerasScorer
+from detector.engines.numpy_engine import NumpyScorer
+from detector.errors import ArtifactError
+from detector.loading import Scorer, make_scorer
+from detector.networks import DENSE_STACK_FILE
 from tests.conftest import mnist_sample
-from worker.artifact import MANIFEST_FILE, load_artifact
-from worker.dense_stack import DENSE_STACK_FILE
-from worker.errors import ArtifactError
-from worker.scoring import DecisionRule, KerasScorer, NumpyScorer, Scorer, make_scorer
+from worker.scoring import DecisionRule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +100,7 @@ def test_wrong_feature_count_is_refused(scorer: Scorer) -> None:
 
 
 def test_rotated_digits_score_higher_than_upright_ones(scorer: Scorer) -> None:
-    from trainer.data import rotate90
+    from detector.datasets import rotate90
 
     x, _ = mnist_sample(500, seed=2)
     assert np.median(scorer.score_batch(rotate90(x))) > np.median(scorer.score_batch(x))
@@ -142,7 +145,7 @@ def test_anomaly_threshold_setting_reaches_the_workers_decision_rule(
 
 
 def test_standardized_model_stays_finite_on_pixels_constant_in_training(tmp_path: Path) -> None:
-    from trainer.data import Dataset, Split
+    from detector.datasets import Dataset, Split
     from trainer.train import TrainConfig, train
 
     x, y = mnist_sample(1500, seed=5)
@@ -169,7 +172,7 @@ def test_standardized_model_stays_finite_on_pixels_constant_in_training(tmp_path
 
 
 def test_the_same_seed_trains_the_same_model(tmp_path: Path) -> None:
-    from trainer.data import Dataset, Split
+    from detector.datasets import Dataset, Split
     from trainer.train import TrainConfig, train
 
     x, y = mnist_sample(800, seed=6)

@@ -9,15 +9,16 @@ from typing import Any
 import numpy as np
 import pytest
 
+from detector.artifact import BASELINE_FILE, load_artifact
+from detector.engines.keras_engine import KerasScorer
+from detector.engines.numpy_engine import NumpyScorer
 from tests.conftest import mnist_sample
-from worker.artifact import BASELINE_FILE, load_artifact
-from worker.scoring import KerasScorer, NumpyScorer
 
 ALTERNATIVES = ["nmse", "top-k", "mahalanobis", "transforms", "knn", "nmse+transforms", "mse+transforms+knn"]
 
 
 def _sample_dataset():  # type: ignore[no-untyped-def]
-    from trainer.data import Dataset, Split
+    from detector.datasets import Dataset, Split
 
     x, y = mnist_sample(2500, seed=11)
     return Dataset("mnist-sample", Split(x[:2000], y[:2000]), Split(x[2000:], y[2000:]), "test")
@@ -52,7 +53,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_both_engines_compute_the_score_the_threshold_was_calibrated_on(
     trained: dict[str, Path], score: str
 ) -> None:
-    from trainer.evaluate import recover_splits
+    from trainer.splits import recover_splits
 
     artifact = load_artifact(trained[score])
     assert artifact.baseline.score == score
@@ -67,7 +68,7 @@ def test_both_engines_compute_the_score_the_threshold_was_calibrated_on(
 def test_alternative_scores_rank_rotated_digits_above_upright_ones(
     trained: dict[str, Path], score: str
 ) -> None:
-    from trainer.data import rotate90
+    from detector.datasets import rotate90
 
     x, _ = mnist_sample(400, seed=12)
     scorer = NumpyScorer(load_artifact(trained[score]))
@@ -92,8 +93,8 @@ def test_an_mse_artifact_stays_readable_by_a_1_0_worker(tiny_artifact: Path) -> 
 def test_mahalanobis_without_its_gaussian_is_refused(trained: dict[str, Path], tmp_path: Path) -> None:
     import shutil
 
+    from detector.errors import ArtifactError
     from tests.unit.test_artifact import _rewrite
-    from worker.errors import ArtifactError
 
     path = tmp_path / "broken"
     shutil.copytree(trained["mahalanobis"], path)
@@ -108,8 +109,10 @@ def test_an_nmse_artifact_stays_readable_by_a_1_1_worker(trained: dict[str, Path
 
 
 def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[str, Path]) -> None:
-    from trainer.evaluate import recover_splits
-    from worker.scores import knn_distances, mse_scores, unit_rows
+    from detector.components.knn import knn_distances, unit_rows
+    from detector.components.reconstruction import mse_scores
+    from trainer.evaluate import fitted_networks
+    from trainer.splits import recover_splits
 
     artifact = load_artifact(trained["mse+transforms+knn"])
     params = artifact.baseline.score_parameters
@@ -117,15 +120,15 @@ def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[
     assert params.combine_mean is not None and params.combine_std is not None
     splits = recover_splits(artifact.baseline, _sample_dataset())
     assert splits is not None
-    transforms = artifact.score_function().transform_scorer
-    assert transforms is not None and artifact.knn_reference is not None and artifact.dense_stack is not None
+    transforms, knn_reference = fitted_networks(artifact.score).values()
+    assert transforms is not None and knn_reference is not None and artifact.dense_stack is not None
     # Fewer than 10,000 fit images: all of them, kept as unit rows (cosine needs only directions).
-    np.testing.assert_allclose(artifact.knn_reference, unit_rows(splits.fit), atol=1e-6)
+    np.testing.assert_allclose(knn_reference, unit_rows(splits.fit), atol=1e-6)
     v = splits.validation
     parts = (
         mse_scores(v, artifact.dense_stack.reconstruct(v)),
         transforms(v),
-        knn_distances(v, artifact.knn_reference, 5),
+        knn_distances(v, knn_reference, 5),
     )
     np.testing.assert_allclose(params.combine_mean, [p.mean() for p in parts], rtol=1e-3)
     np.testing.assert_allclose(params.combine_std, [p.std() for p in parts], rtol=1e-3)
@@ -166,8 +169,8 @@ def test_an_artifact_missing_what_its_score_needs_is_refused(
 ) -> None:
     import shutil
 
+    from detector.errors import ArtifactError
     from tests.unit.test_artifact import _rewrite
-    from worker.errors import ArtifactError
 
     path = tmp_path / "broken"
     shutil.copytree(trained[score], path)
@@ -179,7 +182,7 @@ def test_an_artifact_missing_what_its_score_needs_is_refused(
 def test_a_worker_refuses_kmean_for_a_combined_score_but_switches_to_a_quantile(
     trained: dict[str, Path],
 ) -> None:
-    from worker.errors import ThresholdPolicyError
+    from detector.errors import ThresholdPolicyError
     from worker.scoring import DecisionRule
 
     artifact = load_artifact(trained["mse+transforms+knn"])
@@ -221,7 +224,7 @@ def test_a_bad_knn_reference_is_refused_naming_the_file(
 ) -> None:
     import shutil
 
-    from worker.errors import ArtifactError
+    from detector.errors import ArtifactError
 
     path = tmp_path / "bad-reference"
     shutil.copytree(trained["knn"], path)
@@ -236,7 +239,7 @@ def test_a_corrupt_transformation_classifier_is_refused_naming_the_file(
 ) -> None:
     import shutil
 
-    from worker.errors import ArtifactError
+    from detector.errors import ArtifactError
 
     path = tmp_path / "bad-classifier"
     shutil.copytree(trained["transforms"], path)
@@ -258,7 +261,7 @@ def test_settings_a_score_cannot_use_fail_before_any_training(
 ) -> None:
     from unittest import mock
 
-    from trainer.data import Dataset, Split
+    from detector.datasets import Dataset, Split
     from trainer.train import TrainConfig, train
 
     x = np.random.default_rng(0).random((300, 780 if changes["score"] == "transforms" else 784), np.float32)

@@ -9,8 +9,8 @@ from pathlib import Path
 import fakeredis
 import pytest
 
+from detector.errors import ArtifactError
 from tests.support import build_runner, make_model, pending, push, stream
-from worker.errors import ArtifactError
 from worker.runner import LoadedModel
 from worker.settings import WorkerSettings
 

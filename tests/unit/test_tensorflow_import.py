@@ -22,7 +22,8 @@ def import_in_subprocess(tmp_path: Path, *, fake: bool) -> subprocess.CompletedP
     if fake:
         (tmp_path / "keras.py").write_text(FAKE_KERAS)
         path.insert(0, str(tmp_path))
-    code = "from worker.tensorflow_import import import_keras_quietly as q; q(); q(); print('imported')"
+    code = "from detector.engines import tensorflow_import as t; t.import_keras_quietly()"
+    code += "; t.import_keras_quietly(); print('imported')"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     return subprocess.run(

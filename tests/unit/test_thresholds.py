@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.errors import ThresholdPolicyError
-from worker.thresholds import flag_rate, p_values, parse_policy
+from detector.errors import ThresholdPolicyError
+from detector.thresholds import flag_rate, p_values, parse_policy
 
 ERRORS = np.random.default_rng(0).gamma(2.0, 0.01, 20_000)
 
@@ -61,7 +61,7 @@ def test_p_values_of_normal_data_are_roughly_uniform() -> None:
 
 
 def test_kmean_is_refused_for_a_combined_score_centred_on_zero() -> None:
-    from worker.thresholds import check_policy_fits_score
+    from detector.thresholds import check_policy_fits_score
 
     with pytest.raises(ThresholdPolicyError, match=r"'2mean' .* score 'mse\+knn' is a sum of standardised"):
         check_policy_fits_score(parse_policy("2mean"), "mse+knn")

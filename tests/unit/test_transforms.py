@@ -1,13 +1,14 @@
-"""The transformation sets, the numpy classifier and the transformation score (worker.transforms)."""
+"""The transformation sets, the numpy classifier and the transformation score (components.transforms)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from worker.errors import ArtifactError
-from worker.scores import ScoreFunction
-from worker.transforms import TransformClassifier, TransformScorer, TransformSet, log_softmax
+from detector.components.transforms import TransformScorer, TransformSet, log_softmax
+from detector.errors import ArtifactError
+from detector.networks import TransformClassifier
+from detector.score import Score
 
 
 def _images(n: int, side: int = 28, seed: int = 0) -> np.ndarray:
@@ -117,11 +118,11 @@ def test_a_trained_classifier_scores_rotated_images_as_more_anomalous() -> None:
 
 def test_a_transformation_score_without_a_classifier_is_refused() -> None:
     with pytest.raises(ValueError, match=r"the mse\+transforms score needs the transformation classifier"):
-        ScoreFunction("mse+transforms", combine_mean=(0, 0), combine_std=(1, 1))
+        Score.from_parameters("mse+transforms", {"combine_mean": [0, 0], "combine_std": [1, 1]}, {}, 784)
 
 
 def test_a_score_name_is_components_joined_by_plus() -> None:
-    from worker.scores import components_of
+    from detector.score import components_of
 
     assert components_of("mse") == ("mse",)
     assert components_of("nmse+transforms+knn") == ("nmse", "transforms", "knn")
@@ -132,7 +133,7 @@ def test_a_score_name_is_components_joined_by_plus() -> None:
 
 
 def test_combined_scores_add_the_standardised_components() -> None:
-    from worker.scores import combine, standardisation
+    from detector.score import combine, standardisation
 
     a, b = np.array([1.0, 3.0]), np.array([10.0, 30.0])
     np.testing.assert_allclose(combine([a, b], (1.0, 10.0), (2.0, 10.0)), [0.0, 3.0])
@@ -141,7 +142,7 @@ def test_combined_scores_add_the_standardised_components() -> None:
 
 
 def test_knn_distance_is_zero_for_a_reference_image_and_grows_away_from_it() -> None:
-    from worker.scores import knn_distances, unit_rows
+    from detector.components.knn import knn_distances, unit_rows
 
     reference = _images(50, seed=3)
     other = _images(1, seed=4)

@@ -6,6 +6,8 @@ Policies (general forms in brackets):
   p95        [pNN, pNN.N]  the NN-th percentile of held-out errors
   fpr=0.01   [fpr=F]       the (1-F) quantile: about F of normal images are flagged
 Pure numpy: the worker recomputes a threshold from the artifact's stored errors without retraining.
+`calibrate` is the trainer's side: held-out normal scores -> the statistics and threshold the
+artifact stores.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.errors import ThresholdPolicyError
+from detector.artifact import Statistics, Threshold
+from detector.errors import ThresholdPolicyError
 
 # A target FPR needs enough held-out errors above its quantile to be estimated at all.
 MIN_EXCEEDANCES_FOR_FPR = 10
@@ -104,3 +107,10 @@ def p_values(sorted_errors: np.ndarray, scores: np.ndarray) -> np.ndarray:
     n = sorted_errors.size
     at_least = n - np.searchsorted(sorted_errors, scores, side="left")
     return (at_least + 1.0) / (n + 1.0)
+
+
+def calibrate(scores: np.ndarray, policy: ThresholdPolicy) -> tuple[Statistics, Threshold]:
+    """The statistics of held-out normal `scores` and the threshold `policy` gives them."""
+    value = policy.threshold(scores)
+    threshold = Threshold(policy=policy.text, value=value, expected_flag_rate=flag_rate(scores, value))
+    return Statistics.of(scores), threshold

@@ -18,20 +18,23 @@ by name and rebuilt exactly.
               0 rather than wrap around: a wrapped edge is a seam the classifier learns to spot
               instead of the object (Fashion-MNIST one-class 0.918 -> 0.933 on class 0)
 
-The classifier is stored as `transform_classifier.npz`: a chain of Dense layers (the same format
-as worker.dense_stack) whose last layer gives one logit per transformation.
+The classifier is stored as `transform_classifier.npz`: a chain of Dense layers
+(`detector.networks.TransformClassifier`) whose last layer gives one logit per transformation. The
+trainer trains it (trainer.transforms) and hands it to `Transforms.fit`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
-from worker.dense_stack import Activation, chain_from_arrays, chain_to_bytes, check_chain, forward, read_npz
-from worker.errors import ArtifactError
+from detector.components.base import Component, NormalData
+from detector.networks import TransformClassifier
 
 TRANSFORM_CLASSIFIER_FILE = "transform_classifier.npz"
 TransformSetName = Literal["rotations", "geometric"]
@@ -109,45 +112,6 @@ class TransformSet:
         return images, labels
 
 
-@dataclass(frozen=True)
-class TransformClassifier:
-    """A chain of Dense layers from image to one logit per transformation, in numpy."""
-
-    kernels: tuple[np.ndarray, ...]
-    biases: tuple[np.ndarray, ...]
-    activations: tuple[Activation, ...]
-
-    def __post_init__(self) -> None:
-        check_chain(self.kernels, self.biases, self.activations)
-
-    @property
-    def input_dim(self) -> int:
-        """Pixels in."""
-        return int(self.kernels[0].shape[0])
-
-    @property
-    def classes(self) -> int:
-        """Logits out: the number of transformations it tells apart."""
-        return int(self.kernels[-1].shape[1])
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        """(n, classes) logits of a (n, D) float32 batch."""
-        return forward(np.asarray(x, np.float32), self.kernels, self.biases, self.activations)
-
-    def to_bytes(self) -> bytes:
-        """The `transform_classifier.npz` file's content."""
-        return chain_to_bytes(self.kernels, self.biases, self.activations)
-
-    @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> TransformClassifier:
-        """Parse a `transform_classifier.npz`; ArtifactError names the file and what is wrong."""
-        kernels, biases, activations = chain_from_arrays(read_npz(data, where), where)
-        try:
-            return cls(kernels, biases, activations)
-        except ValueError as exc:
-            raise ArtifactError(f"{where}: {exc}") from exc
-
-
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax, stable for large logits."""
     z = np.asarray(logits, np.float64)
@@ -178,3 +142,58 @@ class TransformScorer:
         for t in range(len(self.transforms)):
             out -= log_softmax(self.classifier.logits(self.transforms.apply_padded(padded, t)))[:, t]
         return out
+
+
+class Transforms(Component):
+    """`transforms`: the transformation classifier's summed negative log-likelihood."""
+
+    name = "transforms"
+    parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "transforms": (
+            TransformSetName | None,
+            Field(
+                None,
+                description="transforms: the set the classifier tells apart (rotations, geometric)",
+            ),
+        )
+    }
+    required_parameters = ("transforms",)
+    file = TRANSFORM_CLASSIFIER_FILE
+    file_holds = "the transformation classifier"
+
+    def __init__(self, scorer: TransformScorer) -> None:
+        self.scorer = scorer
+
+    @classmethod
+    def fit(cls, normal: NormalData) -> Transforms:
+        """The classifier the trainer fitted, checked against its set."""
+        if normal.classifier is None or normal.transforms is None:
+            raise ValueError("the transforms score needs the transformation classifier")
+        transforms = TransformSet.named(normal.transforms, int(normal.validation.shape[1]))
+        return cls(TransformScorer(transforms, normal.classifier))
+
+    @classmethod
+    def from_parameters(
+        cls, parameters: Mapping[str, Any], data: bytes | None, input_dim: int, where: str
+    ) -> Transforms:
+        """The classifier from its file, for the set named in score_parameters."""
+        if data is None:
+            raise ValueError("the transforms score needs the transformation classifier")
+        classifier = TransformClassifier.from_bytes(data, where)
+        transforms = TransformSet.named(str(parameters.get("transforms")), input_dim)
+        try:
+            return cls(TransformScorer(transforms, classifier))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+
+    def parameters(self) -> dict[str, Any]:
+        """The set's name."""
+        return {"transforms": self.scorer.transforms.name}
+
+    def file_bytes(self) -> bytes:
+        """transform_classifier.npz."""
+        return self.scorer.classifier.to_bytes()
+
+    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+        """-sum_t log p(t | T_t(x))."""
+        return self.scorer(x)

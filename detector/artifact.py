@@ -1,18 +1,16 @@
-"""The artifact format, owned here and imported by both the trainer and the worker.
+"""The artifact format: schema, write, read and verify. Both the trainer and the worker import it.
 
 An artifact is a directory:
   model.keras              the Keras autoencoder (input D floats -> D floats)
   dense_stack.npz          optional, since 1.1: the same model as numpy arrays when it is a chain of
-                           Dense layers (worker.dense_stack); the worker then runs without TensorFlow
-  transform_classifier.npz since 1.2, only for scores with `transforms` (worker.transforms): the
-                           self-supervised classifier of rotations/flips/shifts, as numpy arrays
-  knn_reference.npy        since 1.2, only for scores with `knn`: normal training images (model
-                           space, float32, at most --knn-reference rows) the neighbours come from
+                           Dense layers (detector.networks); the worker then runs without TensorFlow
+  <component files>        since 1.2, a score component's own file (detector.components), e.g.
+                           transform_classifier.npz (transforms) or knn_reference.npy (knn)
   baseline.json            `Baseline` below: statistics, threshold policy, preprocessing, training
   calibration_errors.npy   sorted held-out normal errors (float64): p-values, policy switching
   manifest.json            sha256 of every other file; the worker refuses a mismatch
   report.png / report.html what people look at (optional, also checksummed)
-It imports nothing heavy (no TensorFlow): the model is loaded by `worker.scoring`.
+It imports nothing heavy (no TensorFlow): the Keras model is loaded by `detector.engines.keras_engine`.
 """
 
 from __future__ import annotations
@@ -29,29 +27,15 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from worker.dense_stack import DENSE_STACK_FILE, DenseStack
-from worker.errors import ArtifactError
-from worker.scores import (
-    DEFAULT_KNN_K,
-    DEFAULT_TOP_K_PERCENT,
-    NMSE_EPSILON,
-    ScoreFunction,
-    ScoreName,
-    components_of,
-    unit_rows,
-)
-from worker.transforms import (
-    TRANSFORM_CLASSIFIER_FILE,
-    TransformClassifier,
-    TransformScorer,
-    TransformSet,
-    TransformSetName,
-)
+from detector.components import REGISTRY
+from detector.errors import ArtifactError
+from detector.networks import DENSE_STACK_FILE, DenseStack
+from detector.score import Score, ScoreName, components_of
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +47,6 @@ MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
 ERRORS_FILE = "calibration_errors.npy"
-KNN_REFERENCE_FILE = "knn_reference.npy"
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9)
 
 
@@ -115,24 +98,37 @@ class Preprocessing(_Strict):
     feature_std: list[float] | None = None
 
 
-class ScoreParameters(_Strict):
-    """What the non-default scores need (worker.scores); written only for them."""
+class _ScoreParametersBase(_Strict):
+    """What the scores other than mse keep; written only for them. The combination's fields are
+    here, every component adds its own (`Component.parameter_fields`)."""
 
-    top_k_percent: float = Field(DEFAULT_TOP_K_PERCENT, gt=0, le=100)
-    nmse_epsilon: float = Field(NMSE_EPSILON, gt=0)
-    latent_mean: list[float] | None = Field(None, description="mahalanobis: mean of normal codes")
-    latent_precision: list[list[float]] | None = Field(
-        None, description="mahalanobis: inverse covariance of normal codes (Ledoit-Wolf)"
-    )
-    transforms: TransformSetName | None = Field(
-        None, description="transformation scores: the set the classifier tells apart (rotations, geometric)"
-    )
-    knn_k: int | None = Field(None, ge=1, description="knn: how many nearest normal images are averaged")
     combine_mean: list[float] | None = Field(
         None, description="combined scores (a+b): each component's mean on held-out normal images"
     )
     combine_std: list[float] | None = Field(
         None, description="combined scores (a+b): each component's std on held-out normal images"
+    )
+
+
+if TYPE_CHECKING:
+
+    class ScoreParameters(_ScoreParametersBase):
+        """Typed loosely for mypy: its fields come from the registered components."""
+
+        def __init__(self, **fields: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    ScoreParameters = create_model(
+        "ScoreParameters",
+        __base__=_ScoreParametersBase,
+        __doc__=_ScoreParametersBase.__doc__,
+        **{
+            name: field
+            for component in REGISTRY.values()
+            for name, field in component.parameter_fields.items()
+        },
     )
 
 
@@ -179,26 +175,20 @@ class Baseline(_Strict):
     @model_validator(mode="after")
     def _score_has_its_parameters(self) -> Baseline:
         components = components_of(self.score)
-        params = self.score_parameters
-        needs = []
-        if "transforms" in components and (params is None or params.transforms is None):
-            needs.append("transforms")
-        if "knn" in components and (params is None or params.knn_k is None):
-            needs.append("knn_k")
-        if len(components) > 1 and (
-            params is None or params.combine_mean is None or params.combine_std is None
-        ):
+        params = {} if self.score_parameters is None else self.score_parameters.model_dump()
+        needs = [
+            " and ".join(REGISTRY[c].required_parameters)
+            for c in components
+            if any(params.get(name) is None for name in REGISTRY[c].required_parameters)
+        ]
+        if len(components) > 1 and (params.get("combine_mean") is None or params.get("combine_std") is None):
             needs.append("combine_mean and combine_std")
-        if "mahalanobis" in components and (
-            params is None or params.latent_mean is None or params.latent_precision is None
-        ):
-            needs.append("latent_mean and latent_precision")
         if needs:
             raise ValueError(f"score {self.score!r} needs score_parameters." + ", ".join(needs))
-        if params is None:
+        if self.score_parameters is None:
             return self
         if len(components) > 1:
-            means, stds = params.combine_mean or [], params.combine_std or []
+            means, stds = params["combine_mean"], params["combine_std"]
             if not len(means) == len(stds) == len(components):
                 raise ValueError(
                     f"score {self.score!r} has {len(components)} components, found {len(means)} "
@@ -206,46 +196,9 @@ class Baseline(_Strict):
                 )
             if min(stds) <= 0:
                 raise ValueError(f"combine_std must be positive, found {stds}")
-        if "mahalanobis" in components and params.latent_mean and params.latent_precision:
-            size = len(params.latent_mean)
-            if self.latent_dim is not None and size != self.latent_dim:
-                raise ValueError(f"latent_mean has {size} values, expected latent_dim {self.latent_dim}")
-            if len(params.latent_precision) != size or any(
-                len(row) != size for row in params.latent_precision
-            ):
-                raise ValueError(f"latent_precision must be {size} x {size}")
+        for c in components:
+            REGISTRY[c].check_parameters(params, self.latent_dim)
         return self
-
-
-def score_function_of(
-    name: ScoreName,
-    parameters: ScoreParameters | None,
-    classifier: TransformClassifier | None = None,
-    input_dim: int | None = None,
-    knn_reference: np.ndarray | None = None,
-) -> ScoreFunction:
-    """A score and its stored parameters as the function both trainer and worker apply.
-
-    `transforms` also needs the classifier and the image size (`input_dim`), `knn` the normal
-    reference images (model space)."""
-    p = parameters or ScoreParameters()
-    mean = None if p.latent_mean is None else np.asarray(p.latent_mean, np.float64)
-    precision = None if p.latent_precision is None else np.asarray(p.latent_precision, np.float64)
-    transform_scorer = None
-    if p.transforms is not None and classifier is not None and input_dim is not None:
-        transform_scorer = TransformScorer(TransformSet.named(p.transforms, input_dim), classifier)
-    return ScoreFunction(
-        name,
-        p.top_k_percent,
-        p.nmse_epsilon,
-        mean,
-        precision,
-        transform_scorer,
-        None if knn_reference is None else unit_rows(knn_reference),
-        p.knn_k or DEFAULT_KNN_K,
-        tuple(p.combine_mean or ()),
-        tuple(p.combine_std or ()),
-    )
 
 
 class Manifest(_Strict):
@@ -265,16 +218,8 @@ class LoadedArtifact:
     manifest: Manifest
     model_bytes: bytes
     calibration_errors: np.ndarray  # sorted ascending, float64
+    score: Score  # the score the threshold was calibrated on, with its components' parameters and files
     dense_stack: DenseStack | None = None  # the model as numpy arrays, when the trainer wrote them
-    transform_classifier: TransformClassifier | None = None  # scores with transforms only
-    knn_reference: np.ndarray | None = None  # scores with knn only
-
-    def score_function(self) -> ScoreFunction:
-        """The score the threshold was calibrated on, ready to apply."""
-        b = self.baseline
-        return score_function_of(
-            b.score, b.score_parameters, self.transform_classifier, b.input_dim, self.knn_reference
-        )
 
 
 def sha256_hex(data: bytes) -> str:
@@ -373,15 +318,13 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
             f"manifest model_version {manifest.model_version} differs from baseline's "
             f"{baseline.model_version}"
         )
-    try:
-        errors = np.load(io.BytesIO(contents[baseline.calibration_errors_file]), allow_pickle=False)
-    except (ValueError, OSError, KeyError) as exc:
-        raise ArtifactError(f"{root / baseline.calibration_errors_file} is unreadable: {exc}") from exc
-    errors = np.sort(np.asarray(errors, dtype=np.float64).ravel())
+    errors_path = root / baseline.calibration_errors_file
+    if baseline.calibration_errors_file not in contents:
+        raise ArtifactError(f"manifest of {root} does not list {baseline.calibration_errors_file!r}")
+    errors = np.sort(_read_errors(errors_path, contents[baseline.calibration_errors_file]))
     if errors.size != baseline.statistics.count:
         raise ArtifactError(
-            f"{baseline.calibration_errors_file} has {errors.size} errors, "
-            f"baseline statistics say {baseline.statistics.count}"
+            f"{errors_path} has {errors.size} errors, baseline statistics say {baseline.statistics.count}"
         )
     dense_stack = None
     if DENSE_STACK_FILE in contents:
@@ -392,59 +335,51 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
                 f"{where} takes {dense_stack.input_dim} features, baseline.json says input_dim "
                 f"{baseline.input_dim}"
             )
-    classifier = _transform_classifier(root, baseline, contents)
-    reference = _knn_reference(root, baseline, contents)
-    return LoadedArtifact(root, baseline, manifest, model_bytes, errors, dense_stack, classifier, reference)
+    score = _score(root, baseline, contents)
+    return LoadedArtifact(root, baseline, manifest, model_bytes, errors, score, dense_stack)
 
 
-def _required_file(root: Path, baseline: Baseline, contents: dict[str, bytes], name: str) -> bytes:
-    if name not in contents:
-        raise ArtifactError(
-            f"score {baseline.score!r} needs {name}, which the manifest of {root} does not list"
-        )
-    return contents[name]
-
-
-def _knn_reference(root: Path, baseline: Baseline, contents: dict[str, bytes]) -> np.ndarray | None:
-    """The normal images a knn score measures against: (n, input_dim) float32, n >= k."""
-    if "knn" not in components_of(baseline.score):
-        return None
-    where = root / KNN_REFERENCE_FILE
-    data = _required_file(root, baseline, contents, KNN_REFERENCE_FILE)
+def _read_errors(where: Path, data: bytes) -> np.ndarray:
+    """The calibration errors: one .npy array of finite numbers, flattened to float64."""
     try:
-        reference = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # an empty file is an EOFError
         raise ArtifactError(f"{where} is unreadable: {exc}") from exc
-    if not isinstance(reference, np.ndarray):
-        raise ArtifactError(f"{where} must be one .npy array, found {type(reference).__name__}")
-    k = baseline.score_parameters.knn_k if baseline.score_parameters else None
-    if reference.ndim != 2 or reference.shape[1] != baseline.input_dim or reference.shape[0] < (k or 1):
-        raise ArtifactError(
-            f"{where} holds an array of shape {reference.shape}, expected (n, {baseline.input_dim}) "
-            f"with n >= knn_k {k}"
-        )
-    if reference.dtype.kind != "f" or not np.isfinite(reference).all():
-        raise ArtifactError(
-            f"{where} must hold finite floats, found dtype {reference.dtype} or non-finite values"
-        )
-    return unit_rows(reference)  # cosine distance needs only the directions: one copy in memory
+    if not isinstance(loaded, np.ndarray) or loaded.dtype.kind not in "fiu":
+        found = type(loaded).__name__ if not isinstance(loaded, np.ndarray) else f"dtype {loaded.dtype}"
+        raise ArtifactError(f"{where} must hold one .npy array of numbers, found {found}")
+    errors = np.asarray(loaded, dtype=np.float64).ravel()
+    if not np.isfinite(errors).all():
+        raise ArtifactError(f"{where} holds non-finite errors; expected finite numbers")
+    return errors
 
 
-def _transform_classifier(
-    root: Path, baseline: Baseline, contents: dict[str, bytes]
-) -> TransformClassifier | None:
-    """The classifier a transformation score needs, checked against the set it must tell apart."""
-    if "transforms" not in components_of(baseline.score):
-        return None
-    where = str(root / TRANSFORM_CLASSIFIER_FILE)
-    data = _required_file(root, baseline, contents, TRANSFORM_CLASSIFIER_FILE)
-    classifier = TransformClassifier.from_bytes(data, where)
-    name = baseline.score_parameters.transforms if baseline.score_parameters else None
+def check_keras_file(where: Path, data: bytes) -> None:
+    """A .keras file is a zip with config.json: checked without TensorFlow, which the numpy engine
+    never loads, so a broken model.keras is refused before it is needed."""
     try:
-        TransformScorer(TransformSet.named(str(name), baseline.input_dim), classifier)
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"{where} is not a readable .keras file: {exc}") from exc
+    if "config.json" not in names:
+        raise ArtifactError(f"{where} is not a .keras file: it has no config.json, found {names[:5]}")
+
+
+def _score(root: Path, baseline: Baseline, contents: dict[str, bytes]) -> Score:
+    """The baseline's score with its components' parameters and files; ArtifactError names the file."""
+    params = None if baseline.score_parameters is None else baseline.score_parameters.model_dump()
+    for c in components_of(baseline.score):
+        name = REGISTRY[c].file
+        if name is not None and name not in contents:
+            raise ArtifactError(
+                f"score {baseline.score!r} needs {name}, which the manifest of {root} does not list"
+            )
+    where = {name: str(root / name) for name in contents}
+    try:
+        return Score.from_parameters(baseline.score, params, contents, baseline.input_dim, where)
     except ValueError as exc:
-        raise ArtifactError(f"{where}: {exc}") from exc
-    return classifier
+        raise ArtifactError(str(exc)) from exc
 
 
 def write_artifact(out: str | os.PathLike[str], stage: Callable[[Path], Baseline]) -> Path:

@@ -1,4 +1,6 @@
-"""A dense autoencoder as plain numpy arrays: the worker's TensorFlow-free forward pass.
+"""The numpy networks: a dense autoencoder (`DenseStack`) and the transformation classifier.
+
+The dense autoencoder as plain numpy arrays is the worker's TensorFlow-free forward pass.
 
 Every dense architecture (dense-32, dense-64-16, dense-512-128-32) is a chain of Dense layers.
 The trainer writes that chain to `dense_stack.npz` next to `model.keras`, so a worker scores it
@@ -13,8 +15,8 @@ File format (`numpy.savez`, loaded with allow_pickle=False):
 The trainer writes it only after checking that it reproduces the Keras model's output.
 
 The chain itself (checks, forward pass, .npz format: `check_chain`, `forward`, `chain_to_bytes`,
-`read_npz`, `chain_from_arrays`) is shared with the transformation classifier (worker.transforms),
-whose file has the same arrays without `code_layer`.
+`read_npz`, `chain_from_arrays`) is shared with the transformation classifier
+(`TransformClassifier`), whose file has the same arrays without `code_layer`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Literal, cast
 
 import numpy as np
 
-from worker.errors import ArtifactError
+from detector.errors import ArtifactError
 
 DENSE_STACK_FILE = "dense_stack.npz"
 Activation = Literal["linear", "relu", "sigmoid", "tanh"]
@@ -111,8 +113,47 @@ class DenseStack:
             raise ArtifactError(f"{where}: {exc}") from exc
 
 
+@dataclass(frozen=True)
+class TransformClassifier:
+    """A chain of Dense layers from image to one logit per transformation, in numpy."""
+
+    kernels: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+    activations: tuple[Activation, ...]
+
+    def __post_init__(self) -> None:
+        check_chain(self.kernels, self.biases, self.activations)
+
+    @property
+    def input_dim(self) -> int:
+        """Pixels in."""
+        return int(self.kernels[0].shape[0])
+
+    @property
+    def classes(self) -> int:
+        """Logits out: the number of transformations it tells apart."""
+        return int(self.kernels[-1].shape[1])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """(n, classes) logits of a (n, D) float32 batch."""
+        return forward(np.asarray(x, np.float32), self.kernels, self.biases, self.activations)
+
+    def to_bytes(self) -> bytes:
+        """The `transform_classifier.npz` file's content."""
+        return chain_to_bytes(self.kernels, self.biases, self.activations)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> TransformClassifier:
+        """Parse a `transform_classifier.npz`; ArtifactError names the file and what is wrong."""
+        kernels, biases, activations = chain_from_arrays(read_npz(data, where), where)
+        try:
+            return cls(kernels, biases, activations)
+        except ValueError as exc:
+            raise ArtifactError(f"{where}: {exc}") from exc
+
+
 # A chain of Dense layers, shared by the autoencoder (DenseStack) and the transformation
-# classifier (worker.transforms): its checks, its forward pass and its .npz format.
+# classifier (detector.components.transforms): its checks, its forward pass and its .npz format.
 
 
 def check_chain(
@@ -194,4 +235,9 @@ def chain_from_arrays(
         raise ArtifactError(f"{where} has an array of the wrong kind: {exc}") from exc
     if arrays:
         raise ArtifactError(f"{where} has unexpected arrays {sorted(arrays)}")
+    # NaN or infinite weights load fine and then score every image NaN, which is never flagged.
+    bad = [f"{kind}_{i}" for kind, group in (("kernel", kernels), ("bias", biases))
+           for i, a in enumerate(group) if not np.isfinite(a).all()]  # fmt: skip
+    if bad:
+        raise ArtifactError(f"{where} has non-finite weights in {', '.join(bad)}; expected finite floats")
     return kernels, biases, cast(tuple[Activation, ...], activations)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.errors import AnomalyScorerError
+from detector.errors import AnomalyScorerError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,14 @@
+"""Score components by name. Adding one: a module with a `Component` subclass, and a line here."""
+
+from __future__ import annotations
+
+from detector.components.base import Component
+from detector.components.knn import Knn
+from detector.components.mahalanobis import Mahalanobis
+from detector.components.reconstruction import Mse, Nmse, TopK
+from detector.components.transforms import Transforms
+
+# The order is the one error messages list and `detector.score.COMPARED` starts with.
+REGISTRY: dict[str, type[Component]] = {
+    component.name: component for component in (Mse, Nmse, TopK, Mahalanobis, Transforms, Knn)
+}

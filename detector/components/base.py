@@ -1,0 +1,80 @@
+"""What a score component is: one interface for fitting, scoring and the artifact.
+
+A component turns a batch of images (model space), their reconstructions and, when it asks for
+them, their latent codes into one number per image, higher meaning more anomalous. It may fit
+something on normal data (a Gaussian of codes, reference images), keep numbers in
+`baseline.json`'s `score_parameters` and one file of its own in the artifact. `detector.score`
+combines components; `detector.components` registers them by name.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from detector.networks import TransformClassifier
+
+
+@dataclass(frozen=True)
+class NormalData:
+    """What components fit on: normal images in model space and the trained networks' views of them.
+
+    `fit` is the split the autoencoder was trained on, `validation` the held-out split the
+    statistics are fitted on. The options are those of `anomaly-trainer train`."""
+
+    fit: np.ndarray
+    validation: np.ndarray
+    reconstruct: Callable[[np.ndarray], np.ndarray]
+    encode: Callable[[np.ndarray], np.ndarray]
+    seed: int = 0
+    knn_k: int | None = None
+    knn_reference_rows: int | None = None
+    transforms: str | None = None
+    classifier: TransformClassifier | None = None  # trained by the trainer (a network of its own)
+
+
+class Component(ABC):
+    """One view of "not normal", scored per image."""
+
+    name: ClassVar[str]
+    needs_codes: ClassVar[bool] = False
+    # Fields this component keeps in baseline.json's score_parameters: name -> (type, pydantic Field).
+    parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {}
+    # Parameters that must be set in an artifact whose score has this component.
+    required_parameters: ClassVar[tuple[str, ...]] = ()
+    # The artifact file this component owns, if any, and what it holds (for messages).
+    file: ClassVar[str | None] = None
+    file_holds: ClassVar[str] = ""
+
+    @classmethod
+    def fit(cls, normal: NormalData) -> Component:
+        """Fit on normal data; a component with nothing to fit takes its default parameters."""
+        return cls.from_parameters({}, None, int(normal.validation.shape[1]), "")
+
+    @classmethod
+    @abstractmethod
+    def from_parameters(
+        cls, parameters: Mapping[str, Any], data: bytes | None, input_dim: int, where: str
+    ) -> Component:
+        """Rebuild from the artifact: score_parameters and this component's file (`where` names it)."""
+
+    @classmethod
+    def check_parameters(cls, parameters: Mapping[str, Any], latent_dim: int | None) -> None:
+        """ValueError when stored parameters cannot belong together (checked with baseline.json)."""
+        return None  # most components store nothing that could disagree
+
+    def parameters(self) -> dict[str, Any]:
+        """What goes into score_parameters."""
+        return {}
+
+    def file_bytes(self) -> bytes | None:
+        """The content of this component's artifact file, if it has one."""
+        return None
+
+    @abstractmethod
+    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+        """Per-row scores (float64) of a batch in model space."""

@@ -1,0 +1,122 @@
+"""`knn`: cosine distance to the k nearest normal training images. Pure numpy.
+
+What the autoencoder blurs away (an 8 from a 3), a nearest neighbour still sees. The reference
+images are kept in the artifact as `knn_reference.npy` (model space, float32).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import Field
+
+from detector.components.base import Component, NormalData
+
+KNN_REFERENCE_FILE = "knn_reference.npy"
+DEFAULT_KNN_K = 5
+# Normal images a knn score keeps: 10,000 x 784 float32 is 31 MB in the artifact and in memory,
+# and about 8M multiply-adds per scored image.
+DEFAULT_KNN_REFERENCE_ROWS = 10_000
+
+
+def knn_distances(x: np.ndarray, reference: np.ndarray, k: int = DEFAULT_KNN_K) -> np.ndarray:
+    """1 - mean cosine similarity of each row to its k most similar rows of `reference`.
+
+    `reference` rows must already have unit length (`unit_rows`)."""
+    if not 1 <= k <= reference.shape[0]:
+        raise ValueError(f"k must be in 1..{reference.shape[0]} (reference rows), found {k}")
+    rows = unit_rows(x)
+    out = np.empty(rows.shape[0], np.float64)
+    step = max(1, 2**22 // max(1, reference.shape[0]))  # similarity blocks of at most 4M floats
+    for start in range(0, rows.shape[0], step):
+        similarity = rows[start : start + step] @ reference.T
+        nearest = np.partition(similarity, similarity.shape[1] - k, axis=1)[:, -k:]
+        out[start : start + step] = 1.0 - nearest.mean(axis=1, dtype=np.float64)
+    return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32); an all-zero row stays zero."""
+    x = np.asarray(x, np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.allclose(norms[norms > 0], 1.0, atol=1e-5):
+        return x  # already unit rows (a loaded reference): no second copy
+    return np.asarray(x / np.maximum(norms, 1e-12), np.float32)
+
+
+def knn_reference_of(fit: np.ndarray, rows: int, seed: int) -> np.ndarray:
+    """At most `rows` of the fit split (a seeded draw, in order): the knn score's normal images."""
+    if fit.shape[0] <= rows:
+        return np.asarray(fit, np.float32)
+    pick = np.sort(np.random.default_rng(seed).choice(fit.shape[0], rows, replace=False))
+    return np.asarray(fit[pick], np.float32)
+
+
+class Knn(Component):
+    """`knn`: distance to the nearest normal images."""
+
+    name = "knn"
+    parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "knn_k": (
+            int | None,
+            Field(None, ge=1, description="knn: nearest normal images averaged"),
+        ),
+    }
+    required_parameters = ("knn_k",)
+    file = KNN_REFERENCE_FILE
+    file_holds = "the normal reference images"
+
+    def __init__(self, reference: np.ndarray, k: int = DEFAULT_KNN_K) -> None:
+        self.reference = reference  # as stored (model space); its unit rows are what is scored
+        self.unit_reference = unit_rows(reference)
+        self.k = k
+
+    @classmethod
+    def fit(cls, normal: NormalData) -> Knn:
+        """A seeded draw of the fit split."""
+        rows = normal.knn_reference_rows or DEFAULT_KNN_REFERENCE_ROWS
+        return cls(knn_reference_of(normal.fit, rows, normal.seed), normal.knn_k or DEFAULT_KNN_K)
+
+    @classmethod
+    def from_parameters(
+        cls, parameters: Mapping[str, Any], data: bytes | None, input_dim: int, where: str
+    ) -> Knn:
+        """The reference images: (n, input_dim) finite floats, n >= k."""
+        if data is None:
+            raise ValueError("the knn score needs the normal reference images")
+        k = parameters.get("knn_k")
+        try:
+            reference = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{where} is unreadable: {exc}") from exc
+        if not isinstance(reference, np.ndarray):
+            raise ValueError(f"{where} must be one .npy array, found {type(reference).__name__}")
+        if reference.ndim != 2 or reference.shape[1] != input_dim or reference.shape[0] < (k or 1):
+            raise ValueError(
+                f"{where} holds an array of shape {reference.shape}, expected (n, {input_dim}) "
+                f"with n >= knn_k {k}"
+            )
+        if reference.dtype.kind != "f" or not np.isfinite(reference).all():
+            raise ValueError(
+                f"{where} must hold finite floats, found dtype {reference.dtype} or non-finite values"
+            )
+        # Cosine distance needs only the directions: one copy in memory.
+        return cls(unit_rows(reference), int(k or DEFAULT_KNN_K))
+
+    def parameters(self) -> dict[str, Any]:
+        """k."""
+        return {"knn_k": self.k}
+
+    def file_bytes(self) -> bytes:
+        """knn_reference.npy."""
+        buffer = io.BytesIO()
+        np.save(buffer, self.reference, allow_pickle=False)
+        return buffer.getvalue()
+
+    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+        """Per-row cosine distance to the k nearest reference images."""
+        return knn_distances(x, self.unit_reference, self.k)

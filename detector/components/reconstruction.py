@@ -1,0 +1,115 @@
+"""Scores of the reconstruction error: `mse`, `nmse` and `top-k`. Pure numpy.
+
+mse    mean squared reconstruction error (the default)
+nmse   mse divided by the image's mean squared intensity (plus epsilon): a thin digit such as a
+       1 has little ink and so a small absolute error even when badly reconstructed
+top-k  mean of the k% largest squared pixel errors (localised defects)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import Field
+
+from detector.components.base import Component
+
+NMSE_EPSILON = 1e-3
+DEFAULT_TOP_K_PERCENT = 5.0
+
+
+def mse_scores(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """Per-row mean squared error."""
+    return np.asarray(np.mean(np.square(x - recon), axis=1, dtype=np.float64))
+
+
+def nmse_scores(x: np.ndarray, recon: np.ndarray, epsilon: float = NMSE_EPSILON) -> np.ndarray:
+    """Per-row MSE relative to the row's mean squared value (epsilon keeps blank images finite)."""
+    x64 = np.asarray(x, np.float64)
+    energy = np.mean(np.square(x64), axis=1)
+    return np.asarray(mse_scores(x64, np.asarray(recon, np.float64)) / (energy + epsilon))
+
+
+def top_k_scores(x: np.ndarray, recon: np.ndarray, k_percent: float = DEFAULT_TOP_K_PERCENT) -> np.ndarray:
+    """Per-row mean of the k% largest squared pixel errors (at least one pixel)."""
+    if not 0 < k_percent <= 100:
+        raise ValueError(f"top-k percentage must be in (0, 100], found {k_percent}")
+    squared = np.square(np.asarray(x, np.float64) - np.asarray(recon, np.float64))
+    d = squared.shape[1]
+    n = max(1, math.ceil(d * k_percent / 100.0))
+    largest = np.partition(squared, d - n, axis=1)[:, d - n :]
+    return np.asarray(largest.mean(axis=1))
+
+
+class Mse(Component):
+    """`mse`: mean squared reconstruction error."""
+
+    name = "mse"
+
+    @classmethod
+    def from_parameters(
+        cls, parameters: Mapping[str, Any], data: bytes | None, input_dim: int, where: str
+    ) -> Mse:
+        """Nothing to read."""
+        return cls()
+
+    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+        """Per-row MSE."""
+        return mse_scores(x, recon)
+
+
+class Nmse(Component):
+    """`nmse`: MSE relative to the image's ink."""
+
+    name = "nmse"
+    parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "nmse_epsilon": (float, Field(NMSE_EPSILON, gt=0)),
+    }
+
+    def __init__(self, epsilon: float = NMSE_EPSILON) -> None:
+        self.epsilon = epsilon
+
+    @classmethod
+    def from_parameters(
+        cls, parameters: Mapping[str, Any], data: bytes | None, input_dim: int, where: str
+    ) -> Nmse:
+        """The stored epsilon."""
+        return cls(float(parameters.get("nmse_epsilon", NMSE_EPSILON)))
+
+    def parameters(self) -> dict[str, Any]:
+        """The epsilon."""
+        return {"nmse_epsilon": self.epsilon}
+
+    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+        """Per-row normalised MSE."""
+        return nmse_scores(x, recon, self.epsilon)
+
+
+class TopK(Component):
+    """`top-k`: mean of the largest squared pixel errors."""
+
+    name = "top-k"
+    parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "top_k_percent": (float, Field(DEFAULT_TOP_K_PERCENT, gt=0, le=100)),
+    }
+
+    def __init__(self, k_percent: float = DEFAULT_TOP_K_PERCENT) -> None:
+        self.k_percent = k_percent
+
+    @classmethod
+    def from_parameters(
+        cls, parameters: Mapping[str, Any], data: bytes | None, input_dim: int, where: str
+    ) -> TopK:
+        """The stored percentage."""
+        return cls(float(parameters.get("top_k_percent", DEFAULT_TOP_K_PERCENT)))
+
+    def parameters(self) -> dict[str, Any]:
+        """The percentage."""
+        return {"top_k_percent": self.k_percent}
+
+    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+        """Per-row top-k error."""
+        return top_k_scores(x, recon, self.k_percent)

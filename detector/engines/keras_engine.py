@@ -1,0 +1,124 @@
+"""The TensorFlow engine: any Keras model (conv included), XLA-compiled per padded batch size.
+
+One concrete function per batch size rounded up to a power of two, so a stream of odd-sized
+batches never retraces. TensorFlow and Keras are imported only when a scorer is built or a model
+loaded, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from detector.artifact import MODEL_FILE, LoadedArtifact
+from detector.engines.common import check_width, feature_scaling
+from detector.engines.tensorflow_import import import_keras_quietly
+from detector.errors import ArtifactError
+
+MIN_BUCKET = 8
+
+
+def bucket(n: int) -> int:
+    """The padded batch size for n rows: a power of two, at least MIN_BUCKET."""
+    size = MIN_BUCKET
+    while size < n:
+        size *= 2
+    return size
+
+
+class KerasScorer:
+    """Per-image scores from the artifact's Keras model, XLA-compiled per batch size."""
+
+    engine = "tensorflow"
+
+    def __init__(self, artifact: LoadedArtifact, max_batch: int = 1024, jit: bool = True) -> None:
+        # Imported here, never at module level: a worker without TensorFlow imports this package fine.
+        import_keras_quietly()
+        import tensorflow as tf
+
+        self.artifact = artifact
+        self.model_version = artifact.baseline.model_version
+        self.input_dim = artifact.baseline.input_dim
+        self.max_bucket = bucket(max_batch)
+        self.model = load_model_bytes(artifact.model_bytes, artifact)
+        if self.model.input_shape[-1] != self.input_dim:
+            raise ArtifactError(
+                f"model input has {self.model.input_shape[-1]} features, "
+                f"baseline.json says input_dim {self.input_dim}"
+            )
+        standardization = feature_scaling(artifact)
+        mean, inv_std = standardization or (
+            np.zeros(self.input_dim, np.float32),
+            np.ones(self.input_dim, np.float32),
+        )
+        model = self.model
+        mean_t = tf.constant(mean)
+        inv_std_t = tf.constant(inv_std)
+        self.score = score = artifact.score
+        encoder = model.get_layer("encoder") if score.needs_codes else None
+
+        def forward(x: Any) -> tuple[Any, ...]:
+            z = (x - mean_t) * inv_std_t
+            recon = model(z, training=False)
+            if score.name == "mse":  # reduced in the graph: only n numbers leave it
+                return (tf.reduce_mean(tf.square(z - recon), axis=1),)
+            if encoder is None:
+                return (z, recon)
+            return (z, recon, encoder(z, training=False))
+
+        # One concrete function per padded size: no retracing, and each compiled once by XLA.
+        self._function = tf.function(forward, jit_compile=jit)
+        self._by_size: dict[int, Any] = {}
+        self._tf = tf
+
+    def warm_up(self, up_to: int) -> None:
+        """Trace the compiled function for every bucket a batch of `up_to` rows may use."""
+        size = MIN_BUCKET
+        while True:
+            self._run(np.zeros((size, self.input_dim), np.float32))
+            if size >= min(bucket(up_to), self.max_bucket):
+                break
+            size *= 2
+
+    def _run(self, padded: np.ndarray) -> list[np.ndarray]:
+        size = padded.shape[0]
+        fn = self._by_size.get(size)
+        if fn is None:
+            spec = self._tf.TensorSpec((size, self.input_dim), self._tf.float32)
+            fn = self._by_size[size] = self._function.get_concrete_function(spec)
+        return [np.asarray(t) for t in fn(self._tf.constant(padded))]
+
+    def score_batch(self, images: np.ndarray) -> np.ndarray:
+        """Per-row score of a (n, D) float32 batch; one forward pass per <= max_batch rows."""
+        n = images.shape[0]
+        check_width(images, self.input_dim)
+        if n == 0:
+            return np.empty(0, np.float64)
+        out = np.empty(n, np.float64)
+        for start in range(0, n, self.max_bucket):
+            chunk = images[start : start + self.max_bucket]
+            size = bucket(chunk.shape[0])
+            padded = np.zeros((size, self.input_dim), np.float32)
+            padded[: chunk.shape[0]] = chunk
+            rows = chunk.shape[0]
+            outputs = [t[:rows] for t in self._run(padded)]
+            out[start : start + rows] = outputs[0] if self.score.name == "mse" else self.score(*outputs)
+        return out
+
+
+def load_model_bytes(model_bytes: bytes, artifact: LoadedArtifact) -> Any:
+    """Load the verified model bytes with Keras' safe mode (no Lambda-layer code execution)."""
+    keras = import_keras_quietly()
+
+    fd, tmp = tempfile.mkstemp(suffix=".keras")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(model_bytes)
+        return keras.saving.load_model(tmp, compile=False, safe_mode=True)
+    except (ValueError, OSError, TypeError) as exc:
+        raise ArtifactError(f"{artifact.path / MODEL_FILE} cannot be loaded: {exc}") from exc
+    finally:
+        os.unlink(tmp)
