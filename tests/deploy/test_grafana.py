@@ -76,6 +76,12 @@ def test_dashboard_shows_every_view_operators_need(dashboard: dict[str, Any]) ->
         "reloads": {"anomaly_model_reloads_total"},
         "memory": {"process_resident_memory_bytes"},
         "workers up": {"up"},
+        "score drift": {"anomaly_score_drift"},
+        "shadow model": {
+            "anomaly_shadow_agreement_ratio",
+            "anomaly_shadow_messages_flagged_total",
+            "anomaly_shadow_messages_scored_total",
+        },
     }
     missing = {view: sorted(names - used) for view, names in views.items() if names - used}
     assert not missing, f"dashboard lacks: {missing}"

@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.deploy, pytest.mark.slow, pytest.mark.e2e]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
 PROMETHEUS_HINT = "apt-get install prometheus (.ci/run installs Debian's package)"
 DRIFT_ALERT = "AnomalyDetectionRateAboveBaseline"
+SCORE_DRIFT_ALERT = "AnomalyScoreDrift"
+DRIFT_WINDOW_SCORES = 500  # the worker's PSI window: a number (not NaN) after the normal phase
 # The rules' `for:` durations (2-15 minutes) are replaced by this in the copy Prometheus loads, so
 # an alert goes pending -> firing within seconds. The expressions and their [10m] windows are kept:
 # on a worker younger than the window, rate() and increase() cover its whole life.
@@ -186,6 +188,7 @@ def worker_port(trained_artifact: Path, redis_server: RedisServer, tmp_path: Pat
         # Short windows so the detection-rate, lag and pending gauges follow the traffic quickly.
         ANOMALY_DETECTION_WINDOW_SECONDS="5",
         ANOMALY_LAG_SAMPLE_SECONDS="1",
+        ANOMALY_DRIFT_WINDOW_SCORES=str(DRIFT_WINDOW_SCORES),
     )
     log = tmp_path / "worker.log"
     process = start_worker(env, log)
@@ -328,26 +331,40 @@ def test_prometheus_sees_the_worker_counts_and_fires_the_drift_alert_only_on_rot
     assert rules[DRIFT_ALERT]["state"] == "inactive"
     assert prometheus.alerts(DRIFT_ALERT) == []
     assert prometheus.value(rules[DRIFT_ALERT]["query"]) is None
+    # The score distribution of normal digits matches the baseline: low PSI, its alert quiet.
+    psi = prometheus.value(f"anomaly_score_drift{{{job}}}")
+    assert psi is not None and psi < 0.1, f"PSI on normal digits is {psi}"
+    assert rules[SCORE_DRIFT_ALERT]["state"] == "inactive"
 
-    # ---- drift phase: mostly rotated digits, pushed continuously until the alert fires.
-    def pushed_chunk_then_fired() -> list[dict[str, Any]]:
+    # ---- drift phase: mostly rotated digits, pushed continuously until both alerts fire.
+    def firing(name: str) -> list[dict[str, Any]]:
+        return [a for a in prometheus.alerts(name) if a["state"] == "firing"]
+
+    def pushed_chunk_then_both_fired() -> list[dict[str, Any]]:
         idx = rng.choice(len(test_x), 100, replace=False)
         push_mix(client, test_x[idx[:20]], rotate90(test_x[idx[20:]]), f"drift-{time.monotonic_ns()}")
-        return [a for a in prometheus.alerts(DRIFT_ALERT) if a["state"] == "firing"]
+        rate_alert, score_alert = firing(DRIFT_ALERT), firing(SCORE_DRIFT_ALERT)
+        return rate_alert if rate_alert and score_alert else []
 
     try:
-        firing = wait_until(pushed_chunk_then_fired, 120, 0.5, what=f"{DRIFT_ALERT} firing")
+        fired = wait_until(
+            pushed_chunk_then_both_fired, 120, 0.5, what=f"{DRIFT_ALERT} and {SCORE_DRIFT_ALERT} firing"
+        )
     except AssertionError as exc:
         observed = prometheus.value(
             f"sum(rate(anomaly_messages_flagged_total{{{job}}}[10m]))"
             f" / sum(rate(anomaly_messages_scored_total{{{job}}}[10m]))"
         )
         rotated_flagged = sum(b"-rotated-" in f[b"id"] for _, f in client.xrange(OUTPUT))
+        psi = prometheus.value(f"anomaly_score_drift{{{job}}}")
         raise AssertionError(
             f"{exc}: flagged/scored over 10m is {observed} (expected rate {expected_rate}); "
-            f"{rotated_flagged} rotated digits flagged in all"
+            f"{rotated_flagged} rotated digits flagged in all; PSI {psi}"
         ) from exc
-    (alert,) = firing
+    (alert,) = fired
+    (score_alert,) = firing(SCORE_DRIFT_ALERT)
+    assert score_alert["labels"] == {"alertname": SCORE_DRIFT_ALERT, "job": WORKER_JOB, "severity": "warning"}
+    assert float(score_alert["value"]) > 0.25
     assert alert["labels"]["job"] == WORKER_JOB
     assert alert["labels"]["severity"] == "warning"
     # The alert's value is the excess of the observed rate over the expected one.
