@@ -31,6 +31,7 @@ class Plan:
     flat_seconds: float  # long paced run for the memory trend (0: skipped)
     two_workers: bool
     tensorflow_drain: bool  # also drain uint8 batch 256 with ANOMALY_ENGINE=tensorflow
+    shadow_drain: bool  # also drain uint8 batch 256 with a shadow model (ANOMALY_SHADOW_ARTIFACT)
     train_args: tuple[str, ...]
 
 
@@ -53,6 +54,7 @@ FULL = Plan(
     flat_seconds=600.0,
     two_workers=True,
     tensorflow_drain=True,
+    shadow_drain=True,
     train_args=("--epochs", "2", "--max-samples", "5000"),
 )
 QUICK = Plan(
@@ -67,5 +69,6 @@ QUICK = Plan(
     flat_seconds=0.0,
     two_workers=False,
     tensorflow_drain=False,
+    shadow_drain=True,
     train_args=("--epochs", "1", "--max-samples", "2000"),
 )

@@ -135,6 +135,7 @@ class WorkerProcess:
         scores_stream: str = "",
         group: str = GROUP,
         engine: str = "auto",
+        shadow_artifact: Path | None = None,
     ) -> None:
         self.name = name
         self.stream = stream
@@ -148,6 +149,8 @@ class WorkerProcess:
         argv += ["--metrics-port", str(self.port), "--engine", engine]
         if scores_stream:
             argv += ["--scores-stream", scores_stream]
+        if shadow_artifact is not None:
+            argv += ["--shadow-artifact", str(shadow_artifact)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ANOMALY_")}
         env["TF_CPP_MIN_LOG_LEVEL"] = "3"
         self.started = time.perf_counter()

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.throughput.drains import SHADOW_ENGINE
 from benchmarks.throughput.helpers import median
 
 # Targets of issue 6.
@@ -41,7 +42,9 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
         add(f"forward pass + MSE alone, {name}", rate, f"{rate / ceiling['bare']:.2f}")
     for d in drains:
         who = "2 workers" if d["workers"] == 2 else "worker"
-        if d.get("engine", "numpy") != "numpy":
+        if d.get("engine", "numpy") == SHADOW_ENGINE:
+            who += " with a shadow model (the same artifact)"
+        elif d.get("engine", "numpy") != "numpy":
             who += f" ({d['engine']} engine)"
         cpu = f"{median(d['worker_cpu']):.2f} + {median(d['redis_cpu']):.2f}"
         add(
@@ -213,7 +216,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     names, rates, colors = [], [], []
     for d in results["drains"]:
         label = f"{d['dtype']} b{d['batch_size']}" + (" x2" if d["workers"] == 2 else "")
-        label += " tf" if d.get("engine", "numpy") != "numpy" else ""
+        label += {"numpy": "", SHADOW_ENGINE: " shadow"}.get(d.get("engine", "numpy"), " tf")
         names += [f"bare {label}", f"worker {label}"]
         rates += [d["bare"], d["rate"]]
         colors += ["#9ecae1", "#3182bd"]

@@ -20,7 +20,7 @@ from benchmarks.throughput.paced import paced_run
 from benchmarks.throughput.plan import CACHE, GROUP, QUICK, STREAMS, Plan
 from benchmarks.throughput.processes import WorkerProcess
 from benchmarks.throughput.session import bench_session
-from benchmarks.throughput.variants import memory_trend, tensorflow_engine, two_workers
+from benchmarks.throughput.variants import memory_trend, tensorflow_engine, two_workers, with_shadow
 
 
 def ensure_artifact(plan: Plan, given: Path | None) -> Path:
@@ -95,6 +95,8 @@ def run(plan: Plan, artifact: Path, flat_seconds: float) -> dict[str, Any]:
                 drains.append(two_workers(bench, worker, dtype, batch_size, entries, ready))
             if plan.tensorflow_drain and (dtype, batch_size) == ("uint8", 256):
                 drains.append(tensorflow_engine(bench, name, dtype, batch_size, entries, ready))
+            if plan.shadow_drain and (dtype, batch_size) == ("uint8", 256):
+                drains.append(with_shadow(bench, name, dtype, batch_size, entries, ready))
             if (dtype, batch_size) == ("uint8", 256):
                 main = worker
             else:

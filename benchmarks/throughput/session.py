@@ -80,13 +80,22 @@ class Bench:
 
     # -- the real worker
     def start_worker(
-        self, name: str, stream: str, batch_size: int, group: str, engine: str = "auto"
+        self, name: str, stream: str, batch_size: int, group: str, engine: str = "auto", shadow: bool = False
     ) -> WorkerProcess:
-        """Start a worker on `group` (created idle, at the stream's end) and wait for /readyz."""
+        """Start a worker on `group` (created idle, at the stream's end) and wait for /readyz; with
+        `shadow`, the same artifact also runs as its shadow model (a second forward pass per batch)."""
         if not any(info["name"] in (group, group.encode()) for info in self.r.xinfo_groups(stream)):
             self.r.xgroup_create(stream, group, id="$")
         worker = WorkerProcess(
-            self.artifact, self.redis.url, self.tmp, name, stream, batch_size, group=group, engine=engine
+            self.artifact,
+            self.redis.url,
+            self.tmp,
+            name,
+            stream,
+            batch_size,
+            group=group,
+            engine=engine,
+            shadow_artifact=self.artifact if shadow else None,
         )
         self.workers.append(worker)
         seconds = worker.wait_ready()

@@ -1,10 +1,10 @@
-"""Step 6: the uint8 batch-256 drain with two workers on one group and with the TensorFlow engine,
-and the memory trend of a long paced run. Start-to-ready time is taken for every worker started
-(`WorkerProcess.wait_ready`); resident memory during every drain and paced run."""
+"""Step 6: the uint8 batch-256 drain with two workers on one group, with the TensorFlow engine and
+with a shadow model, and the memory trend of a long paced run. Start-to-ready time is taken for
+every worker started (`WorkerProcess.wait_ready`); resident memory during every drain and paced run."""
 
 from __future__ import annotations
 
-from benchmarks.throughput.drains import Drain, measure
+from benchmarks.throughput.drains import SHADOW_ENGINE, Drain, measure
 from benchmarks.throughput.helpers import log
 from benchmarks.throughput.paced import Paced, paced_run
 from benchmarks.throughput.plan import GROUP, STREAMS
@@ -34,6 +34,21 @@ def tensorflow_engine(
     ready[tf_name] = reference.ready_seconds
     result = measure(bench, [reference], Drain(dtype, batch_size, 1, entries, "tensorflow"))
     bench.stop_worker(reference)
+    return result
+
+
+def with_shadow(
+    bench: Bench, name: str, dtype: str, batch_size: int, entries: int, ready: dict[str, float]
+) -> Drain:
+    """The same drain by a worker that also scores every batch with a shadow model (the same
+    artifact: a second forward pass, the shadow metrics); records its start in `ready`."""
+    shadow_name = f"{name}-shadow"
+    worker = bench.start_worker(
+        shadow_name, STREAMS[dtype], batch_size, group=f"{GROUP}-{shadow_name}", shadow=True
+    )
+    ready[shadow_name] = worker.ready_seconds
+    result = measure(bench, [worker], Drain(dtype, batch_size, 1, entries, SHADOW_ENGINE))
+    bench.stop_worker(worker)
     return result
 
 
