@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,8 +126,12 @@ class RedisServer:
             self.process.wait(10)
 
     def client(self, **options: object) -> redis.Redis:
+        """A client that never retries: redis-py 8 retries a command 10 times after a 5 s socket
+        timeout, and a retried XADD adds its entry twice (seen on a loaded machine: one image
+        more than the test pushed). A slow reply waits up to 60 s instead; a lost one fails."""
         if self.tls_ca is not None:
             options.update(ssl=True, ssl_ca_certs=str(self.tls_ca))
+        options = {"socket_timeout": 60.0, "retry": Retry(NoBackoff(), 0), **options}
         return redis.Redis(port=self.port, **options)  # type: ignore[arg-type]
 
 

@@ -31,7 +31,8 @@ from worker.client import ImageProducer
 
 from .conftest import PROMETHEUS, WORKER_JOB, alerting_rules, load_yaml, require_tool
 
-pytestmark = [pytest.mark.deploy, pytest.mark.slow, pytest.mark.e2e]
+# Training the artifact (a fixture) and the test share one timeout: both together take about 3 min.
+pytestmark = [pytest.mark.deploy, pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(600)]
 
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
 PROMETHEUS_HINT = "apt-get install prometheus (.ci/run installs Debian's package)"

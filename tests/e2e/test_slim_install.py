@@ -17,7 +17,8 @@ import pytest
 from tests.conftest import ROOT, RedisServer, mnist_sample
 from worker.client import ImageProducer
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# Creating the venv downloads and unpacks wheels: minutes on a busy machine, counted in one test.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
 SLIM_LIMIT_MB = 400
 HEAVY = ("tensorflow", "keras", "matplotlib", "sklearn")
