@@ -14,8 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from worker.codec import encode_image
 from worker.http import Health
+from worker.loaded_model import LoadedModel
 from worker.metrics import WorkerMetrics
-from worker.runner import LoadedModel, Runner
+from worker.runner import Runner
 from worker.scoring import DecisionRule
 from worker.settings import WorkerSettings
 from worker.stream import StreamClient

@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from detector.errors import AnomalyScorerError
     from worker.http import Health, HttpServer
+    from worker.loaded_model import check_shadow_fits, load_model
     from worker.metrics import WorkerMetrics
-    from worker.runner import Runner, check_shadow_fits, load_model
+    from worker.runner import Runner
     from worker.stream import StreamClient
 
     registry = CollectorRegistry()

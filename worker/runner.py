@@ -12,7 +12,6 @@ any other.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
@@ -20,31 +19,25 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
-from detector.artifact import MANIFEST_FILE
-from detector.errors import AnomalyScorerError, ArtifactError
-from detector.loading import load_scorer
+from detector.errors import AnomalyScorerError
 from worker.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
+from worker.commit import DELETED_REASON, ShadowBatch, build_commit, dead_letter_fields
 from worker.drift import ScoreDrift
 from worker.http import Health
+from worker.loaded_model import LoadedModel, ModelLoader, check_shadow_fits, manifest_digest
 from worker.metrics import DetectionWindow, WorkerMetrics
-from worker.scoring import DecisionRule, Decisions
+from worker.scoring import Decisions
 from worker.settings import WorkerSettings
 from worker.stream import (
     DEAD_LETTER,
-    OUTPUT,
-    SCORES,
-    SHADOW_SCORES,
     Commit,
     StreamClient,
     entry_timestamp_ms,
-    flat_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -55,54 +48,6 @@ PRUNE_INTERVAL_SECONDS = 60.0
 # mostly come back empty (one wasted round trip per small batch at low rates).
 PREFETCH_FROM_SHARE = 0.25
 KNOWN_DTYPES = frozenset(d.encode() for d in DTYPES)
-DELETED_REASON = "entry was trimmed from the input stream before it was scored; its data is lost"
-# Dead-letter entries carry these; an original field of the same name is kept as original:<name>.
-DEAD_LETTER_FIELDS = ("source_id", "reason", "reason_code", "failed_at_ms", "model_version")
-
-
-class BatchScorer(Protocol):
-    """What the runner needs of a scorer (detector.loading.Scorer, or a fake in tests)."""
-
-    model_version: str
-    input_dim: int
-    engine: str
-
-    def score_batch(self, images: np.ndarray) -> np.ndarray:
-        """Per-row score of a (n, D) float32 batch."""
-        ...
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """The swappable unit: a scorer, its decision rule, and the artifact it came from."""
-
-    scorer: BatchScorer
-    rule: DecisionRule
-    uint8_scale: float
-    manifest_digest: str
-
-
-ModelLoader = Callable[[], LoadedModel]
-
-
-@dataclass(frozen=True)
-class ShadowBatch:
-    """A candidate model's scores and decisions on the batch the served model just scored."""
-
-    scores: np.ndarray
-    decisions: Decisions
-    model_version: str
-    threshold: float
-
-
-def check_shadow_fits(served: LoadedModel, shadow: LoadedModel) -> None:
-    """A shadow model scores the images decoded for the served one: same width and pixel scale."""
-    if shadow.scorer.input_dim != served.scorer.input_dim or shadow.uint8_scale != served.uint8_scale:
-        raise ArtifactError(
-            f"shadow model {shadow.scorer.model_version} takes {shadow.scorer.input_dim} features "
-            f"(uint8 scale {shadow.uint8_scale:g}), expected {served.scorer.input_dim} "
-            f"(uint8 scale {served.uint8_scale:g}) like the served model {served.scorer.model_version}"
-        )
 
 
 @dataclass(frozen=True)
@@ -114,103 +59,10 @@ class Prefetched:
     model: LoadedModel
 
 
-def manifest_digest(artifact_dir: Path) -> str:
-    """sha256 of manifest.json: it changes whenever any file of the artifact does."""
-    return hashlib.sha256((artifact_dir / MANIFEST_FILE).read_bytes()).hexdigest()
-
-
-def load_model(settings: WorkerSettings, shadow: bool = False) -> LoadedModel:
-    """Verify the artifact (or the shadow artifact), load and warm up its scorer, build the
-    decision rule. ANOMALY_THRESHOLD applies to the served model only: a shadow keeps its own."""
-    path = settings.shadow_artifact if shadow else settings.artifact
-    if path is None:
-        name = "ANOMALY_SHADOW_ARTIFACT" if shadow else "ANOMALY_ARTIFACT"
-        raise AnomalyScorerError(f"{name} is not set; expected the artifact directory")
-    settings.check_artifact_path()  # again at every reload: a symlink may have been swapped
-    artifact, scorer = load_scorer(path, settings.engine, settings.batch_size, settings.jit)
-    rule = DecisionRule.from_artifact(artifact, None if shadow else settings.threshold or None)
-    digest = manifest_digest(path)
-    return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest)
-
-
 def declared_dtype(fields: Mapping[bytes, bytes]) -> str:
     """The entry's dtype for metric labels: a known name, else 'unknown' (keeps the label set bounded)."""
     raw = fields.get(b"dtype", b"uint8")
     return raw.decode() if raw in KNOWN_DTYPES else "unknown"
-
-
-def dead_letter_fields(rejected: Rejected, now_ms: int, model_version: str) -> list[bytes | str]:
-    """source_id, reason, reason_code, failed_at_ms, model_version, then the original fields."""
-    fields: dict[str | bytes, bytes | str | int | float] = {
-        "source_id": rejected.entry_id,
-        "reason": rejected.reason,
-        "reason_code": rejected.code,
-        "failed_at_ms": now_ms,
-        "model_version": model_version,
-    }
-    for key, value in rejected.fields.items():
-        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
-        fields[f"original:{name}" if name in DEAD_LETTER_FIELDS else key] = value
-    return flat_fields(fields)  # type: ignore[arg-type]
-
-
-def build_commit(
-    decoded: DecodedBatch,
-    scores: np.ndarray,
-    decisions: Decisions,
-    *,
-    model_version: str,
-    threshold: float,
-    now_ms: int,
-    with_scores_stream: bool,
-    shadow: ShadowBatch | None = None,
-) -> Commit:
-    """Pure: the writes of one batch (outputs for flagged rows, dead letters, optional scores, and
-    with a `shadow` batch the candidate's decision on every scored row to the shadow stream)."""
-    commit = Commit()
-    threshold_text = repr(float(threshold))
-    for i, entry_id in enumerate(decoded.ids):
-        flagged = bool(decisions.flagged[i])
-        if not flagged and not with_scores_stream and shadow is None:
-            commit.plain_ids.append(entry_id)
-            continue
-        fields: dict[str, bytes | str | int | float] = {
-            "id": decoded.fields[i].get(b"id") or entry_id,
-            "source_id": entry_id,
-            "score": float(scores[i]),
-            "threshold": threshold_text,
-            "z": float(decisions.z[i]),
-            "p_value": float(decisions.p_value[i]),
-            "model_version": model_version,
-            "scored_at_ms": now_ms,
-        }
-        adds: list[tuple[int, list[bytes | str]]] = []
-        if flagged:
-            adds.append((OUTPUT, flat_fields(fields)))
-        if with_scores_stream:
-            fields["flagged"] = int(flagged)
-            adds.append((SCORES, flat_fields(fields)))
-        if shadow is not None:
-            shadow_fields: dict[str, bytes | str | int | float] = {
-                "id": fields["id"],
-                "source_id": entry_id,
-                "score": float(shadow.scores[i]),
-                "threshold": repr(float(shadow.threshold)),
-                "flagged": int(bool(shadow.decisions.flagged[i])),
-                "primary_flagged": int(flagged),
-                "model_version": shadow.model_version,
-                "scored_at_ms": now_ms,
-            }
-            adds.append((SHADOW_SCORES, flat_fields(shadow_fields)))
-        commit.records.append((entry_id, adds))
-    for rejected in decoded.rejected:
-        commit.records.append(
-            (
-                rejected.entry_id,
-                [(DEAD_LETTER, dead_letter_fields(rejected, now_ms, model_version))],
-            )
-        )
-    return commit
 
 
 class Runner:

@@ -23,7 +23,7 @@ from detector.errors import ArtifactError
 from detector.loading import load_scorer, probe_batch
 from tests.conftest import ROOT
 from tests.support import build_runner
-from worker.runner import load_model
+from worker.loaded_model import load_model
 from worker.settings import WorkerSettings
 
 OLD = ROOT / "tests" / "fixtures" / "artifact-1.2"

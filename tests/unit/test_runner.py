@@ -16,7 +16,9 @@ from prometheus_client import CollectorRegistry
 from detector.errors import ArtifactError
 from tests.conftest import wait_until
 from tests.support import D, build_runner, make_model, pending, push, stream
-from worker.runner import LoadedModel, Runner, build_commit
+from worker.commit import build_commit
+from worker.loaded_model import LoadedModel
+from worker.runner import Runner
 from worker.stream import OUTPUT, SCORES
 
 

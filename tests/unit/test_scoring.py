@@ -70,7 +70,7 @@ def test_an_artifact_without_dense_stack_is_scored_by_tensorflow(tiny_artifact: 
 def test_the_numpy_engine_never_imports_tensorflow(tiny_artifact: Path) -> None:
     code = (
         "import sys\n"
-        "from worker.runner import load_model\n"
+        "from worker.loaded_model import load_model\n"
         "from worker.settings import WorkerSettings\n"
         f"model = load_model(WorkerSettings(artifact={str(tiny_artifact)!r}, engine='numpy'))\n"
         "import numpy as np\n"
@@ -129,7 +129,7 @@ def test_threshold_policy_can_be_switched_without_retraining(tiny_artifact: Path
 def test_anomaly_threshold_setting_reaches_the_workers_decision_rule(
     tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.runner import load_model
+    from worker.loaded_model import load_model
     from worker.settings import WorkerSettings
 
     monkeypatch.setenv("ANOMALY_ARTIFACT", str(tiny_artifact))

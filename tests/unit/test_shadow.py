@@ -11,7 +11,7 @@ import pytest
 
 from detector.errors import ArtifactError
 from tests.support import build_runner, make_model, pending, push, stream
-from worker.runner import LoadedModel
+from worker.loaded_model import LoadedModel
 from worker.settings import WorkerSettings
 
 

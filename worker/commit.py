@@ -1,0 +1,102 @@
+"""The writes of one batch, built without I/O: outputs for flagged images, the scores and shadow
+streams, dead letters with their reasons. `StreamClient.commit_batch` sends them in one script call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.codec import DecodedBatch, Rejected
+from worker.scoring import Decisions
+from worker.stream import DEAD_LETTER, OUTPUT, SCORES, SHADOW_SCORES, Commit, flat_fields
+
+DELETED_REASON = "entry was trimmed from the input stream before it was scored; its data is lost"
+
+
+# Dead-letter entries carry these; an original field of the same name is kept as original:<name>.
+DEAD_LETTER_FIELDS = ("source_id", "reason", "reason_code", "failed_at_ms", "model_version")
+
+
+@dataclass(frozen=True)
+class ShadowBatch:
+    """A candidate model's scores and decisions on the batch the served model just scored."""
+
+    scores: np.ndarray
+    decisions: Decisions
+    model_version: str
+    threshold: float
+
+
+def dead_letter_fields(rejected: Rejected, now_ms: int, model_version: str) -> list[bytes | str]:
+    """source_id, reason, reason_code, failed_at_ms, model_version, then the original fields."""
+    fields: dict[str | bytes, bytes | str | int | float] = {
+        "source_id": rejected.entry_id,
+        "reason": rejected.reason,
+        "reason_code": rejected.code,
+        "failed_at_ms": now_ms,
+        "model_version": model_version,
+    }
+    for key, value in rejected.fields.items():
+        name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+        fields[f"original:{name}" if name in DEAD_LETTER_FIELDS else key] = value
+    return flat_fields(fields)  # type: ignore[arg-type]
+
+
+def build_commit(
+    decoded: DecodedBatch,
+    scores: np.ndarray,
+    decisions: Decisions,
+    *,
+    model_version: str,
+    threshold: float,
+    now_ms: int,
+    with_scores_stream: bool,
+    shadow: ShadowBatch | None = None,
+) -> Commit:
+    """Pure: the writes of one batch (outputs for flagged rows, dead letters, optional scores, and
+    with a `shadow` batch the candidate's decision on every scored row to the shadow stream)."""
+    commit = Commit()
+    threshold_text = repr(float(threshold))
+    for i, entry_id in enumerate(decoded.ids):
+        flagged = bool(decisions.flagged[i])
+        if not flagged and not with_scores_stream and shadow is None:
+            commit.plain_ids.append(entry_id)
+            continue
+        fields: dict[str, bytes | str | int | float] = {
+            "id": decoded.fields[i].get(b"id") or entry_id,
+            "source_id": entry_id,
+            "score": float(scores[i]),
+            "threshold": threshold_text,
+            "z": float(decisions.z[i]),
+            "p_value": float(decisions.p_value[i]),
+            "model_version": model_version,
+            "scored_at_ms": now_ms,
+        }
+        adds: list[tuple[int, list[bytes | str]]] = []
+        if flagged:
+            adds.append((OUTPUT, flat_fields(fields)))
+        if with_scores_stream:
+            fields["flagged"] = int(flagged)
+            adds.append((SCORES, flat_fields(fields)))
+        if shadow is not None:
+            shadow_fields: dict[str, bytes | str | int | float] = {
+                "id": fields["id"],
+                "source_id": entry_id,
+                "score": float(shadow.scores[i]),
+                "threshold": repr(float(shadow.threshold)),
+                "flagged": int(bool(shadow.decisions.flagged[i])),
+                "primary_flagged": int(flagged),
+                "model_version": shadow.model_version,
+                "scored_at_ms": now_ms,
+            }
+            adds.append((SHADOW_SCORES, flat_fields(shadow_fields)))
+        commit.records.append((entry_id, adds))
+    for rejected in decoded.rejected:
+        commit.records.append(
+            (
+                rejected.entry_id,
+                [(DEAD_LETTER, dead_letter_fields(rejected, now_ms, model_version))],
+            )
+        )
+    return commit

@@ -1,0 +1,73 @@
+"""The swappable unit of a worker: a verified artifact's scorer with its decision rule, for the served
+model and for a shadow (candidate) one. Loading goes through `detector.loading.load_scorer`, so a
+broken artifact is an `ArtifactError` and a reload can keep the old model."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from detector.artifact import MANIFEST_FILE
+from detector.errors import AnomalyScorerError, ArtifactError
+from detector.loading import load_scorer
+from worker.scoring import DecisionRule
+from worker.settings import WorkerSettings
+
+
+class BatchScorer(Protocol):
+    """What the runner needs of a scorer (detector.loading.Scorer, or a fake in tests)."""
+
+    model_version: str
+    input_dim: int
+    engine: str
+
+    def score_batch(self, images: np.ndarray) -> np.ndarray:
+        """Per-row score of a (n, D) float32 batch."""
+        ...
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The swappable unit: a scorer, its decision rule, and the artifact it came from."""
+
+    scorer: BatchScorer
+    rule: DecisionRule
+    uint8_scale: float
+    manifest_digest: str
+
+
+ModelLoader = Callable[[], LoadedModel]
+
+
+def check_shadow_fits(served: LoadedModel, shadow: LoadedModel) -> None:
+    """A shadow model scores the images decoded for the served one: same width and pixel scale."""
+    if shadow.scorer.input_dim != served.scorer.input_dim or shadow.uint8_scale != served.uint8_scale:
+        raise ArtifactError(
+            f"shadow model {shadow.scorer.model_version} takes {shadow.scorer.input_dim} features "
+            f"(uint8 scale {shadow.uint8_scale:g}), expected {served.scorer.input_dim} "
+            f"(uint8 scale {served.uint8_scale:g}) like the served model {served.scorer.model_version}"
+        )
+
+
+def manifest_digest(artifact_dir: Path) -> str:
+    """sha256 of manifest.json: it changes whenever any file of the artifact does."""
+    return hashlib.sha256((artifact_dir / MANIFEST_FILE).read_bytes()).hexdigest()
+
+
+def load_model(settings: WorkerSettings, shadow: bool = False) -> LoadedModel:
+    """Verify the artifact (or the shadow artifact), load and warm up its scorer, build the
+    decision rule. ANOMALY_THRESHOLD applies to the served model only: a shadow keeps its own."""
+    path = settings.shadow_artifact if shadow else settings.artifact
+    if path is None:
+        name = "ANOMALY_SHADOW_ARTIFACT" if shadow else "ANOMALY_ARTIFACT"
+        raise AnomalyScorerError(f"{name} is not set; expected the artifact directory")
+    settings.check_artifact_path()  # again at every reload: a symlink may have been swapped
+    artifact, scorer = load_scorer(path, settings.engine, settings.batch_size, settings.jit)
+    rule = DecisionRule.from_artifact(artifact, None if shadow else settings.threshold or None)
+    digest = manifest_digest(path)
+    return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest)
