@@ -160,27 +160,13 @@ class WorkerMetrics:
         self, model_version: str, policy: str, threshold: float, expected_rate: float, engine: str = ""
     ) -> None:
         """Publish the model in use."""
-        self.model.info(
-            {
-                "model_version": model_version,
-                "threshold_policy": policy,
-                "threshold": f"{threshold:.6g}",
-                "engine": engine,
-            }
-        )
+        self.model.info(model_labels(model_version, policy, threshold, engine))
         self.threshold.set(threshold)
         self.expected_detection_rate.set(expected_rate)
 
     def set_shadow_model(self, model_version: str, policy: str, threshold: float, engine: str) -> None:
         """Publish the shadow model in use."""
-        self.shadow_model.info(
-            {
-                "model_version": model_version,
-                "threshold_policy": policy,
-                "threshold": f"{threshold:.6g}",
-                "engine": engine,
-            }
-        )
+        self.shadow_model.info(model_labels(model_version, policy, threshold, engine))
 
     def observe_scores(self, scores: Iterable[float] | np.ndarray) -> None:
         """Add scores to the histogram (one call per batch)."""
@@ -189,6 +175,16 @@ class WorkerMetrics:
     def observe_latencies(self, seconds: Iterable[float] | np.ndarray) -> None:
         """Add end-to-end latencies to the histogram (one call per batch)."""
         observe_many(self.latency, seconds)
+
+
+def model_labels(model_version: str, policy: str, threshold: float, engine: str) -> dict[str, str]:
+    """The labels of anomaly_model_info and anomaly_shadow_model_info."""
+    return {
+        "model_version": model_version,
+        "threshold_policy": policy,
+        "threshold": f"{threshold:.6g}",
+        "engine": engine,
+    }
 
 
 def observe_many(histogram: Histogram, values: Iterable[float] | np.ndarray) -> None:
