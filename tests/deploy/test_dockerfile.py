@@ -210,14 +210,28 @@ def test_dockerignore_matcher_follows_last_match_wins() -> None:
     assert not in_build_context(".venv/bin/python")
 
 
-def test_build_context_holds_what_the_image_needs_and_nothing_heavy() -> None:
-    needed = ["pyproject.toml", "README.md", "data/mnist/t10k-images-idx3-ubyte.gz"]
+def packaged_top_level() -> list[str]:
+    """The top-level packages pyproject.toml ships (its setuptools find include patterns)."""
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     find = pyproject.get("tool", {}).get("setuptools", {}).get("packages", {})
     includes = find.get("find", {}).get("include", []) if isinstance(find, dict) else list(find)
-    packages = {pattern.rstrip("*").rstrip(".") for pattern in includes}
+    packages = sorted({pattern.rstrip("*").rstrip(".") for pattern in includes})
     assert packages, "pyproject.toml names no packages under [tool.setuptools.packages]"
-    needed += [f"{package}/__init__.py" for package in sorted(packages)]
+    return packages
+
+
+def test_the_sources_the_builders_install_hold_every_package() -> None:
+    copied = set()
+    for keyword, args in instructions_of("sources"):
+        if keyword == "COPY":
+            copied.update(w.strip("/") for w in args.split()[:-1] if not w.startswith("--"))
+    missing = [package for package in packaged_top_level() if package not in copied]
+    assert not missing, f"the sources stage does not COPY {missing}: the installed image would lack them"
+
+
+def test_build_context_holds_what_the_image_needs_and_nothing_heavy() -> None:
+    needed = ["pyproject.toml", "README.md", "data/mnist/t10k-images-idx3-ubyte.gz"]
+    needed += [f"{package}/__init__.py" for package in packaged_top_level()]
     for path in needed:
         assert in_build_context(path), f"{path} is needed by the build but excluded by {DOCKERIGNORE.name}"
     for path in [".venv/lib/x.py", ".git/HEAD", "tests/unit/test_x.py", "artifacts/model/model.keras"]:
