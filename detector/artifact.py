@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -232,6 +232,19 @@ def model_version_of(model_bytes: bytes) -> str:
     return sha256_hex(model_bytes)[:16]
 
 
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
+def _versioned(model: type[SchemaT], raw: object, where: Path) -> SchemaT:
+    """`raw` (parsed JSON of `where`) as `model`, after its schema version was checked."""
+    if isinstance(raw, dict):
+        _check_schema_version(str(raw.get("schema_version", "")), str(where))
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"{where} does not match the schema: {exc}") from exc
+
+
 def _check_schema_version(found: str, what: str) -> None:
     expected_major = SCHEMA_VERSION.split(".")[0]
     major = found.partition(".")[0]
@@ -269,13 +282,7 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
     root = Path(path)
     if not root.is_dir():
         raise ArtifactError(f"artifact directory {root} does not exist or is not a directory")
-    raw_manifest = _read_json(root / MANIFEST_FILE)
-    if isinstance(raw_manifest, dict):
-        _check_schema_version(str(raw_manifest.get("schema_version", "")), str(root / MANIFEST_FILE))
-    try:
-        manifest = Manifest.model_validate(raw_manifest)
-    except ValidationError as exc:
-        raise ArtifactError(f"{root / MANIFEST_FILE} does not match the schema: {exc}") from exc
+    manifest = _versioned(Manifest, _read_json(root / MANIFEST_FILE), root / MANIFEST_FILE)
 
     contents: dict[str, bytes] = {}
     for name, expected in manifest.files.items():
@@ -300,12 +307,7 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
         raw_baseline = json.loads(contents[BASELINE_FILE])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{root / BASELINE_FILE} is not valid JSON: {exc}") from exc
-    if isinstance(raw_baseline, dict):
-        _check_schema_version(str(raw_baseline.get("schema_version", "")), str(root / BASELINE_FILE))
-    try:
-        baseline = Baseline.model_validate(raw_baseline)
-    except ValidationError as exc:
-        raise ArtifactError(f"{root / BASELINE_FILE} does not match the schema: {exc}") from exc
+    baseline = _versioned(Baseline, raw_baseline, root / BASELINE_FILE)
 
     model_bytes = contents[MODEL_FILE]
     if model_version_of(model_bytes) != baseline.model_version:
