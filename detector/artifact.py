@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 # 1.1: optional dense_stack.npz; scores nmse, top-k, mahalanobis.
 # 1.2: components transforms (transform_classifier.npz) and knn (knn_reference.npy), and
 #      combined scores such as mse+transforms+knn.
-SCHEMA_VERSION = "1.2"
+# 1.3: the orientation component (orientation_head.npz), the dihedral transformation set, and
+#      score_buckets (the anomaly_score histogram's bounds); 1.2 artifacts load as they are.
+SCHEMA_VERSION = "1.3"
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
@@ -162,13 +164,19 @@ class Baseline(_Strict):
     latent_dim: int | None = None
     score: ScoreName = Field(
         "mse",
-        description="what the threshold applies to: mse, nmse, top-k, mahalanobis, transforms, knn, "
+        description="what the threshold applies to: mse, nmse, top-k, mahalanobis, transforms, orientation, "
+        "knn, "
         "or several joined by '+' (standardised and summed)",
     )
     score_parameters: ScoreParameters | None = None
     preprocessing: Preprocessing = Preprocessing()
     statistics: Statistics
     threshold: Threshold
+    score_buckets: list[float] | None = Field(
+        None,
+        description="upper bounds of the worker's anomaly_score histogram, from the held-out normal "
+        "scores and the threshold (detector.thresholds.score_buckets); absent before schema 1.3",
+    )
     calibration_errors_file: str = ERRORS_FILE
     training: Training
 

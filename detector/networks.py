@@ -91,6 +91,16 @@ class DenseStack:
         """The latent code of a (n, D) float32 batch."""
         return self._through(x, range(self.code_layer + 1))
 
+    def reconstruct_keeping_encoder(self, x: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+        """The reconstruction and every encoder layer's output (code last), in one pass."""
+        encoder: list[np.ndarray] = []
+        h = x
+        for i in range(self.code_layer + 1):
+            h = forward(h, self.kernels, self.biases, self.activations, range(i, i + 1))
+            encoder.append(h)  # forward returns a new array: later layers never write this one
+        recon = self._through(h, range(self.code_layer + 1, len(self.kernels)))
+        return recon, tuple(encoder)
+
     def to_bytes(self) -> bytes:
         """The `dense_stack.npz` file's content."""
         extra = {"code_layer": np.asarray(self.code_layer, dtype=np.int64)}
@@ -115,7 +125,8 @@ class DenseStack:
 
 @dataclass(frozen=True)
 class TransformClassifier:
-    """A chain of Dense layers from image to one logit per transformation, in numpy."""
+    """A chain of Dense layers to one logit per transformation, in numpy: from the image (the
+    `transforms` classifier) or from an encoder layer (the `orientation` head)."""
 
     kernels: tuple[np.ndarray, ...]
     biases: tuple[np.ndarray, ...]
@@ -126,7 +137,7 @@ class TransformClassifier:
 
     @property
     def input_dim(self) -> int:
-        """Pixels in."""
+        """Values in: pixels, or the width of the layer it reads."""
         return int(self.kernels[0].shape[0])
 
     @property

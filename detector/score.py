@@ -8,10 +8,12 @@ A score name is one component or several joined by "+" (components are registere
   mahalanobis  distance of the encoder's code to a Gaussian fitted on held-out normal codes
   transforms   how unsure a self-supervised classifier is of which rotation/flip/shift was
                applied: catches rotated digits that reconstruct well
+  orientation  -log p(identity | x) from a head the autoencoder was trained with, on its first
+               encoder layer: the transforms score's catch at about 0.5% of the autoencoder's cost
   knn          cosine distance to the k nearest normal training images
-  a+b[+c]      e.g. mse+transforms+knn: each component standardised by its mean and std on
-               held-out normal images, then summed: views of "not normal" that fail on
-               different images
+  a+b[+c]      e.g. mse+nmse+orientation (the default) or mse+transforms+knn: each component
+               standardised by its mean and std on held-out normal images, then summed: views of
+               "not normal" that fail on different images
 The trainer fits and calibrates the score it was asked for (`--score`) and the worker computes
 the same one (`baseline.json` names it); the evaluation compares them (`COMPARED`).
 """
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from detector.components import REGISTRY, Component
-from detector.components.base import NormalData
+from detector.components.base import ForwardPass, NormalData
 
 COMPONENTS: tuple[str, ...] = tuple(REGISTRY)
 ScoreName = str  # a component, or components joined by "+" (components_of checks it)
@@ -37,7 +39,10 @@ COMPARED: tuple[str, ...] = (
     "mse+knn",
     "mse+transforms+knn",
     "nmse+transforms+knn",
+    "mse+orientation",
+    "mse+nmse+orientation",
 )
+DEFAULT_SCORE: ScoreName = "mse+nmse+orientation"
 MAX_COMPONENTS = 4
 
 
@@ -74,7 +79,7 @@ def standardisation(parts: Sequence[np.ndarray]) -> tuple[tuple[float, ...], tup
 
 @dataclass(frozen=True)
 class Score:
-    """A score with everything it needs: what an engine applies to (images, reconstructions, codes)."""
+    """A score with everything it needs: what an engine applies to a batch's `ForwardPass`."""
 
     name: ScoreName
     components: tuple[Component, ...]
@@ -104,9 +109,7 @@ class Score:
         if len(components) == 1:
             return cls(name, components)
         unscaled = cls(name, components, (0.0,) * len(components), (1.0,) * len(components))
-        codes = normal.encode(normal.validation) if unscaled.needs_codes else None
-        recon = normal.reconstruct(normal.validation)
-        mean, std = standardisation(unscaled.parts(normal.validation, recon, codes))
+        mean, std = standardisation(unscaled.parts(normal.forward(normal.validation)))
         return cls(name, components, mean, std)
 
     @classmethod
@@ -140,9 +143,9 @@ class Score:
         )
 
     @property
-    def needs_codes(self) -> bool:
-        """Whether the latent code is an input (a component asks for it)."""
-        return any(c.needs_codes for c in self.components)
+    def needs_encoder(self) -> bool:
+        """Whether the encoder's layer outputs are an input (a component asks for them)."""
+        return any(c.needs_encoder for c in self.components)
 
     def parameters(self) -> dict[str, Any] | None:
         """What baseline.json's score_parameters holds; None for a score with nothing to keep (mse)."""
@@ -159,13 +162,13 @@ class Score:
         """The artifact files the components own, by name."""
         return {c.file: c.file_bytes() or b"" for c in self.components if c.file is not None}
 
-    def parts(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None = None) -> list[np.ndarray]:
+    def parts(self, batch: ForwardPass) -> list[np.ndarray]:
         """Every component's per-row scores, in order (what the standardisation is fitted on)."""
-        return [c.score(x, recon, codes) for c in self.components]
+        return [c.score(batch) for c in self.components]
 
-    def __call__(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+    def __call__(self, batch: ForwardPass) -> np.ndarray:
         """Per-row scores (float64)."""
-        parts = self.parts(x, recon, codes)
+        parts = self.parts(batch)
         if len(parts) == 1:
             return parts[0]
         return combine(parts, self.combine_mean, self.combine_std)

@@ -6,8 +6,8 @@ Policies (general forms in brackets):
   p95        [pNN, pNN.N]  the NN-th percentile of held-out errors
   fpr=0.01   [fpr=F]       the (1-F) quantile: about F of normal images are flagged
 Pure numpy: the worker recomputes a threshold from the artifact's stored errors without retraining.
-`calibrate` is the trainer's side: held-out normal scores -> the statistics and threshold the
-artifact stores.
+`calibrate` is the trainer's side: held-out normal scores -> the statistics, threshold and
+`anomaly_score` histogram buckets (`score_buckets`) the artifact stores.
 """
 
 from __future__ import annotations
@@ -114,3 +114,31 @@ def calibrate(scores: np.ndarray, policy: ThresholdPolicy) -> tuple[Statistics, 
     value = policy.threshold(scores)
     threshold = Threshold(policy=policy.text, value=value, expected_flag_rate=flag_rate(scores, value))
     return Statistics.of(scores), threshold
+
+
+# Where the anomaly_score histogram's buckets end: quantiles of held-out normal scores, the
+# threshold, then the threshold plus multiples of its distance above the median (the anomalies).
+BUCKET_QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
+BUCKET_BEYOND_THRESHOLD = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def score_buckets(scores: np.ndarray, threshold: float) -> tuple[float, ...]:
+    """Upper bounds for the anomaly_score histogram that fit this score, negative values included.
+
+    Fixed buckets (0.001 x 1.5^i) put every negative value of a combined score in the first one
+    and most of an mse's range in three; these follow the held-out normal scores instead. Bounds
+    are rounded to 4 significant digits, so `le` labels stay readable."""
+    values = np.asarray(scores, np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if not values.size or not math.isfinite(threshold):
+        raise ValueError(
+            f"score buckets need finite scores and threshold, found {values.size} and {threshold}"
+        )
+    median = float(np.median(values))
+    spread = threshold - median if threshold > median else max(float(np.std(values)), 1e-9)
+    bounds = [
+        *np.quantile(values, BUCKET_QUANTILES).tolist(),
+        threshold,
+        *(threshold + k * spread for k in BUCKET_BEYOND_THRESHOLD),
+    ]
+    return tuple(sorted({float(f"{b:.4g}") for b in bounds}))

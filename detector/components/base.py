@@ -1,10 +1,10 @@
 """What a score component is: one interface for fitting, scoring and the artifact.
 
-A component turns a batch of images (model space), their reconstructions and, when it asks for
-them, their latent codes into one number per image, higher meaning more anomalous. It may fit
-something on normal data (a Gaussian of codes, reference images), keep numbers in
-`baseline.json`'s `score_parameters` and one file of its own in the artifact. `detector.score`
-combines components; `detector.components` registers them by name.
+A component turns one batch's forward pass (`ForwardPass`: the images in model space, their
+reconstructions and, when it asks for them, the encoder's layer outputs) into one number per
+image, higher meaning more anomalous. It may fit something on normal data (a Gaussian of codes,
+reference images), keep numbers in `baseline.json`'s `score_parameters` and one file of its own in
+the artifact. `detector.score` combines components; `detector.components` registers them by name.
 """
 
 from __future__ import annotations
@@ -20,6 +20,34 @@ from detector.networks import TransformClassifier
 
 
 @dataclass(frozen=True)
+class ForwardPass:
+    """One batch through the autoencoder, in model space: what every component scores.
+
+    `encoder_layers` holds the output of each Dense layer of the encoder, input side first, so
+    the last is the latent code; engines fill it only when a component asks (`needs_encoder`)."""
+
+    images: np.ndarray
+    reconstructions: np.ndarray
+    encoder_layers: tuple[np.ndarray, ...] = ()
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The latent code of every row; ValueError when the engine did not compute it."""
+        if not self.encoder_layers:
+            raise ValueError("this score needs the encoder's outputs, and the forward pass has none")
+        return self.encoder_layers[-1]
+
+    def encoder_layer(self, index: int) -> np.ndarray:
+        """The output of the encoder's Dense layer `index`; ValueError naming what exists."""
+        if not 0 <= index < len(self.encoder_layers):
+            raise ValueError(
+                f"this score reads encoder layer {index}, the forward pass has "
+                f"{len(self.encoder_layers)} encoder layer outputs"
+            )
+        return self.encoder_layers[index]
+
+
+@dataclass(frozen=True)
 class NormalData:
     """What components fit on: normal images in model space and the trained networks' views of them.
 
@@ -28,20 +56,21 @@ class NormalData:
 
     fit: np.ndarray
     validation: np.ndarray
-    reconstruct: Callable[[np.ndarray], np.ndarray]
-    encode: Callable[[np.ndarray], np.ndarray]
+    forward: Callable[[np.ndarray], ForwardPass]  # the trained autoencoder, encoder layers included
     seed: int = 0
     knn_k: int | None = None
     knn_reference_rows: int | None = None
     transforms: str | None = None
     classifier: TransformClassifier | None = None  # trained by the trainer (a network of its own)
+    # Trained by the trainer together with the autoencoder, on its first encoder layer.
+    orientation_head: TransformClassifier | None = None
 
 
 class Component(ABC):
     """One view of "not normal", scored per image."""
 
     name: ClassVar[str]
-    needs_codes: ClassVar[bool] = False
+    needs_encoder: ClassVar[bool] = False  # reads ForwardPass.encoder_layers
     # Fields this component keeps in baseline.json's score_parameters: name -> (type, pydantic Field).
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {}
     # Parameters that must be set in an artifact whose score has this component.
@@ -76,5 +105,5 @@ class Component(ABC):
         return None
 
     @abstractmethod
-    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    def score(self, batch: ForwardPass) -> np.ndarray:
         """Per-row scores (float64) of a batch in model space."""

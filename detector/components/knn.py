@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, NormalData
+from detector.components.base import Component, ForwardPass, NormalData
 
 KNN_REFERENCE_FILE = "knn_reference.npy"
 DEFAULT_KNN_K = 5
@@ -117,6 +117,6 @@ class Knn(Component):
         np.save(buffer, self.reference, allow_pickle=False)
         return buffer.getvalue()
 
-    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    def score(self, batch: ForwardPass) -> np.ndarray:
         """Per-row cosine distance to the k nearest reference images."""
-        return knn_distances(x, self.unit_reference, self.k)
+        return knn_distances(batch.images, self.unit_reference, self.k)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, NormalData
+from detector.components.base import Component, ForwardPass, NormalData
 
 
 def mahalanobis_distances(codes: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -47,7 +47,7 @@ class Mahalanobis(Component):
     """`mahalanobis`: how far the latent code is from normal codes."""
 
     name = "mahalanobis"
-    needs_codes = True
+    needs_encoder = True
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "latent_mean": (list[float] | None, Field(None, description="mahalanobis: mean of normal codes")),
         "latent_precision": (
@@ -63,7 +63,7 @@ class Mahalanobis(Component):
     @classmethod
     def fit(cls, normal: NormalData) -> Mahalanobis:
         """The Gaussian of the validation split's codes."""
-        return cls(LatentGaussian.fit(normal.encode(normal.validation)))
+        return cls(LatentGaussian.fit(normal.forward(normal.validation).codes))
 
     @classmethod
     def from_parameters(
@@ -94,8 +94,6 @@ class Mahalanobis(Component):
             "latent_precision": self.gaussian.precision.tolist(),
         }
 
-    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    def score(self, batch: ForwardPass) -> np.ndarray:
         """Per-row distance of the codes."""
-        if codes is None:
-            raise ValueError("the mahalanobis score needs the latent codes")
-        return self.gaussian.distance(codes)
+        return self.gaussian.distance(batch.codes)

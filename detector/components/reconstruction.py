@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component
+from detector.components.base import Component, ForwardPass
 
 NMSE_EPSILON = 1e-3
 DEFAULT_TOP_K_PERCENT = 5.0
@@ -56,9 +56,9 @@ class Mse(Component):
         """Nothing to read."""
         return cls()
 
-    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    def score(self, batch: ForwardPass) -> np.ndarray:
         """Per-row MSE."""
-        return mse_scores(x, recon)
+        return mse_scores(batch.images, batch.reconstructions)
 
 
 class Nmse(Component):
@@ -83,9 +83,9 @@ class Nmse(Component):
         """The epsilon."""
         return {"nmse_epsilon": self.epsilon}
 
-    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    def score(self, batch: ForwardPass) -> np.ndarray:
         """Per-row normalised MSE."""
-        return nmse_scores(x, recon, self.epsilon)
+        return nmse_scores(batch.images, batch.reconstructions, self.epsilon)
 
 
 class TopK(Component):
@@ -110,6 +110,6 @@ class TopK(Component):
         """The percentage."""
         return {"top_k_percent": self.k_percent}
 
-    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    def score(self, batch: ForwardPass) -> np.ndarray:
         """Per-row top-k error."""
-        return top_k_scores(x, recon, self.k_percent)
+        return top_k_scores(batch.images, batch.reconstructions, self.k_percent)

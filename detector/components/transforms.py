@@ -13,6 +13,8 @@ degrees, a horizontal flip, shifts that fill the uncovered border with 0), so th
 by name and rebuilt exactly.
 
   rotations   4: rotations by 0, 90, 180, 270 degrees
+  dihedral    8: the 4 rotations x {no flip, horizontal flip}: every way up and every mirror image
+              (what the `orientation` score's head tells apart)
   geometric   72: GEOM's set, {no flip, flip} x {shift by -s, 0, +s pixels}^2 (rows and columns)
               x the 4 rotations, s a seventh of the side (4 pixels on 28 x 28). Shifts fill with
               0 rather than wrap around: a wrapped edge is a seam the classifier learns to spot
@@ -33,12 +35,14 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, NormalData
+from detector.components.base import Component, ForwardPass, NormalData
 from detector.networks import TransformClassifier
 
 TRANSFORM_CLASSIFIER_FILE = "transform_classifier.npz"
-TransformSetName = Literal["rotations", "geometric"]
-TRANSFORM_SETS: tuple[TransformSetName, ...] = ("rotations", "geometric")
+TransformSetName = Literal["rotations", "dihedral", "geometric"]
+TRANSFORM_SETS: tuple[TransformSetName, ...] = ("rotations", "dihedral", "geometric")
+# How many transformations each set has (`len(TransformSet.named(name, ...))`, known without an image).
+TRANSFORM_SET_SIZES: dict[str, int] = {"rotations": 4, "dihedral": 8, "geometric": 72}
 
 
 def _side_of(input_dim: int) -> int:
@@ -75,7 +79,7 @@ class TransformSet:
         # The image's pixel indices in the middle of a 3 x 3 canvas of "outside" (index side*side).
         canvas = np.full((3 * side, 3 * side), side * side)
         canvas[side : 2 * side, side : 2 * side] = np.arange(side * side).reshape(side, side)
-        flips = (False, True) if name == "geometric" else (False,)
+        flips = (False, True) if name in ("dihedral", "geometric") else (False,)
         d = _shift(side)
         shifts = [(dy, dx) for dy in (0, -d, d) for dx in (0, -d, d)] if name == "geometric" else [(0, 0)]
         sources = []
@@ -153,7 +157,7 @@ class Transforms(Component):
             TransformSetName | None,
             Field(
                 None,
-                description="transforms: the set the classifier tells apart (rotations, geometric)",
+                description="transforms: the set the classifier tells apart (rotations, dihedral, geometric)",
             ),
         )
     }
@@ -194,6 +198,6 @@ class Transforms(Component):
         """transform_classifier.npz."""
         return self.scorer.classifier.to_bytes()
 
-    def score(self, x: np.ndarray, recon: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    def score(self, batch: ForwardPass) -> np.ndarray:
         """-sum_t log p(t | T_t(x))."""
-        return self.scorer(x)
+        return self.scorer(batch.images)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from detector.artifact import MODEL_FILE, LoadedArtifact
+from detector.components.base import ForwardPass
 from detector.engines.common import check_width, feature_scaling
 from detector.engines.tensorflow_import import import_keras_quietly
 from detector.errors import ArtifactError
@@ -58,16 +59,19 @@ class KerasScorer:
         mean_t = tf.constant(mean)
         inv_std_t = tf.constant(inv_std)
         self.score = score = artifact.score
-        encoder = model.get_layer("encoder") if score.needs_codes else None
+        encoder_layers = encoder_layers_model(model) if score.needs_encoder else None
+        decoder = model.get_layer("decoder") if score.needs_encoder else None
 
         def forward(x: Any) -> tuple[Any, ...]:
             z = (x - mean_t) * inv_std_t
-            recon = model(z, training=False)
-            if score.name == "mse":  # reduced in the graph: only n numbers leave it
-                return (tf.reduce_mean(tf.square(z - recon), axis=1),)
-            if encoder is None:
+            if encoder_layers is None or decoder is None:
+                recon = model(z, training=False)
+                if score.name == "mse":  # reduced in the graph: only n numbers leave it
+                    return (tf.reduce_mean(tf.square(z - recon), axis=1),)
                 return (z, recon)
-            return (z, recon, encoder(z, training=False))
+            layers = encoder_layers(z, training=False)
+            outputs = list(layers) if isinstance(layers, list | tuple) else [layers]
+            return (z, decoder(outputs[-1], training=False), *outputs)
 
         # One concrete function per padded size: no retracing, and each compiled once by XLA.
         self._function = tf.function(forward, jit_compile=jit)
@@ -105,8 +109,23 @@ class KerasScorer:
             padded[: chunk.shape[0]] = chunk
             rows = chunk.shape[0]
             outputs = [t[:rows] for t in self._run(padded)]
-            out[start : start + rows] = outputs[0] if self.score.name == "mse" else self.score(*outputs)
+            if self.score.name == "mse":
+                out[start : start + rows] = outputs[0]
+            else:
+                out[start : start + rows] = self.score(
+                    ForwardPass(outputs[0], outputs[1], tuple(outputs[2:]))
+                )
         return out
+
+
+def encoder_layers_model(model: Any) -> Any:
+    """A Keras model of the autoencoder's encoder whose outputs are its Dense layers' (code last).
+
+    It shares the encoder's layers (and weights): what `ForwardPass.encoder_layers` holds."""
+    keras = import_keras_quietly()
+    encoder = model.get_layer("encoder")
+    dense = [layer for layer in encoder.layers if isinstance(layer, keras.layers.Dense)]
+    return keras.Model(encoder.inputs, [layer.output for layer in dense], name="encoder_layers")
 
 
 def load_model_bytes(model_bytes: bytes, artifact: LoadedArtifact) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from detector.artifact import LoadedArtifact
+from detector.components.base import ForwardPass
 from detector.engines.common import check_width, feature_scaling
 from detector.errors import ArtifactError
 
@@ -43,8 +44,10 @@ class NumpyScorer:
             mean, inv_std = self._standardization
             x = (x - mean) * inv_std
         if self.score.name != "mse":
-            codes = self.stack.encode(x) if self.score.needs_codes else None
-            return self.score(x, self.stack.reconstruct(x), codes)
+            if self.score.needs_encoder:  # one pass: the encoder's outputs are kept on the way
+                recon, encoder = self.stack.reconstruct_keeping_encoder(x)
+                return self.score(ForwardPass(x, recon, encoder))
+            return self.score(ForwardPass(x, self.stack.reconstruct(x)))
         residual = self.stack.reconstruct(x)  # mse in place: no temporaries of batch x D
         np.subtract(x, residual, out=residual)
         per_row = np.einsum("ij,ij->i", residual, residual)

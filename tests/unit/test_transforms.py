@@ -56,7 +56,7 @@ def test_non_square_images_are_refused_with_their_size() -> None:
 
 
 def test_an_unknown_set_is_refused_with_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"must be one of rotations, geometric, found 'mirror'"):
+    with pytest.raises(ValueError, match=r"must be one of rotations, dihedral, geometric, found 'mirror'"):
         TransformSet.named("mirror", 784)
 
 
