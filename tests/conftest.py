@@ -178,8 +178,18 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x, y = mnist_sample(2500)
     dataset = Dataset("mnist-sample", Split(x[:2000], y[:2000]), Split(x[2000:], y[2000:]), "test")
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    # An mse artifact with the 3-sigma threshold (the defaults before the orientation score): the
+    # worker tests reason about its scores; tests of the default detector train their own.
     config = TrainConfig(
-        out=out, architecture="dense-32", epochs=2, batch_size=128, seed=1, report=False, progress=False
+        out=out,
+        architecture="dense-32",
+        epochs=2,
+        batch_size=128,
+        seed=1,
+        score="mse",
+        threshold="mean+3std",
+        report=False,
+        progress=False,
     )
     train(config, dataset)
     return out

@@ -12,8 +12,9 @@ from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
 from detector.components.transforms import TRANSFORM_SETS
 from detector.datasets import Dataset
 from detector.engines.tensorflow_import import import_keras_quietly
-from detector.score import components_of
+from detector.score import DEFAULT_SCORE, components_of
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
+from trainer.presets import DEFAULT_EPOCHS, DEFAULT_THRESHOLD, PRESETS, resolve
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
 
 
@@ -68,36 +69,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="train only on these labels, e.g. 1 or 0,1,2 (default: all)",
     )
     t.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a reference notebook's configuration; flags given as well win over it: "
+        + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
+        + " (default: none, the default detector: dense-64-16 trained with its orientation head, "
+        f"score {DEFAULT_SCORE}, threshold {DEFAULT_THRESHOLD}, {DEFAULT_EPOCHS} epochs)",
+    )
+    t.add_argument(
         "--architecture",
-        default=DEFAULT_ARCHITECTURE,
         choices=sorted(ARCHITECTURES),
         help=f"(default: {DEFAULT_ARCHITECTURE})",
     )
     t.add_argument(
         "--epochs",
         type=_positive,
-        default=10,
-        help="maximum epochs; early stopping on held-out loss (default: 10)",
+        help=f"maximum epochs; early stopping on held-out loss (default: {DEFAULT_EPOCHS})",
     )
     t.add_argument("--batch-size", type=_positive, default=256, help="(default: 256)")
     t.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     t.add_argument(
         "--threshold",
-        default="mean+3std",
         help="threshold policy: mean+Kstd, Kmean, pNN or fpr=F, "
-        "e.g. mean+3std (default), 2mean, p95, fpr=0.01",
+        f"e.g. mean+3std, 2mean, p95, fpr=0.01 (default: {DEFAULT_THRESHOLD})",
     )
     t.add_argument(
         "--score",
         type=_score,
-        default="mse",
-        help="what the threshold applies to and the worker computes: mse (default), nmse (mse "
+        help=f"what the threshold applies to and the worker computes (default: {DEFAULT_SCORE}): "
+        "mse, nmse (mse "
         "relative to the image's ink), top-k (mean of the 5%% largest pixel errors), mahalanobis "
         "(distance of the latent code to normal codes), transforms (a self-supervised classifier's "
-        "doubt about which rotation/flip/shift was applied; square images), knn (cosine distance "
-        "to the nearest normal training images), or several joined by '+', each standardised on "
-        "held-out normal images and summed, e.g. mse+transforms+knn (the best on MNIST; "
-        "mse+transforms on Fashion-MNIST, docs/detection.md); `evaluate` compares them",
+        "doubt about which rotation/flip/shift was applied; square images), orientation (-log "
+        "p(identity | x) from a head trained with the autoencoder on its first layer; dense "
+        "architectures, square images), knn (cosine distance to the nearest normal training "
+        "images), or several joined by '+', each standardised on held-out normal images and "
+        "summed, e.g. mse+nmse+orientation or mse+transforms+knn (docs/detection.md); `evaluate` "
+        "compares them",
     )
     t.add_argument(
         "--transforms",
@@ -152,7 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--preprocessing",
         choices=["unit", "standardize"],
-        default="unit",
         help="unit: pixels in [0,1] as is (default); standardize: per-feature z-scores",
     )
     t.add_argument("--no-report", action="store_true", help="do not draw report.png")
@@ -276,17 +283,24 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.train import TrainConfig, train
 
     if args.command == "train":
+        chosen = resolve(
+            args.preset,
+            {
+                "architecture": args.architecture,
+                "epochs": args.epochs,
+                "threshold": args.threshold,
+                "score": args.score,
+                "preprocessing": args.preprocessing,
+            },
+            TrainConfig,
+        )
         config = TrainConfig(
             out=args.out,
             dataset=args.dataset,
             data_dir=args.data_dir,
             classes=args.classes,
-            architecture=args.architecture,
-            epochs=args.epochs,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
-            threshold=args.threshold,
-            score=args.score,
             transforms=args.transforms,
             transform_epochs=args.transform_epochs,
             knn_k=args.knn_k,
@@ -295,8 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             holdout_fraction=args.holdout_fraction,
             max_samples=args.max_samples,
             patience=args.patience,
-            preprocessing=args.preprocessing,
             report=not args.no_report,
+            **chosen,
         )
         try:
             dataset = load_dataset(args.dataset, args.data_dir)

@@ -30,6 +30,7 @@ from detector.components.knn import (
     unit_rows,
 )
 from detector.components.mahalanobis import LatentGaussian
+from detector.components.orientation import Orientation
 from detector.components.reconstruction import DEFAULT_TOP_K_PERCENT, mse_scores, nmse_scores, top_k_scores
 from detector.components.transforms import Transforms, TransformScorer
 from detector.datasets import Dataset, rotate90
@@ -37,7 +38,7 @@ from detector.engines.keras_engine import load_model_bytes
 from detector.errors import ThresholdPolicyError
 from detector.score import COMPARED, Score, combine, components_of, standardisation
 from detector.thresholds import check_policy_fits_score, flag_rate, parse_policy
-from trainer.models import reconstruction_errors
+from trainer.models import forward_pass, reconstruction_errors
 from trainer.splits import Splits, recover_splits
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class ScoreModel:
         knn_reference: np.ndarray | None = None,
         knn_k: int = DEFAULT_KNN_K,
         also: tuple[str, ...] = (),
+        orientation: Orientation | None = None,
     ) -> None:
         self.model = model
         self.encoder = model.get_layer("encoder")
@@ -97,6 +99,7 @@ class ScoreModel:
         self.transform_scorer = transform_scorer
         self.knn_reference = None if knn_reference is None else unit_rows(knn_reference)
         self.knn_k = knn_k
+        self.orientation = orientation
         self.names = COMPARED + tuple(n for n in also if n not in COMPARED)
         # Per combined score: each component's (means, stds) on normal images.
         self.combination: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
@@ -111,6 +114,7 @@ class ScoreModel:
         top_k_percent: float = DEFAULT_TOP_K_PERCENT,
         transform_scorer: TransformScorer | None = None,
         knn_reference: np.ndarray | None = None,
+        orientation: Orientation | None = None,
     ) -> ScoreModel:
         """Every score of an artifact's model, fitted on its held-out splits as the trainer fits
         them; `knn_reference` (model space) defaults to the trainer's draw from the fit split."""
@@ -127,6 +131,7 @@ class ScoreModel:
             knn_reference=knn_reference,
             knn_k=(params.knn_k if params is not None else None) or DEFAULT_KNN_K,
             also=(baseline.score,),
+            orientation=orientation,
         )
         scorer.fit_latent(splits.validation)
         scorer.fit_combination(splits.validation)
@@ -151,15 +156,17 @@ class ScoreModel:
     def scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every score of every row of raw images `x`; errors in model space, as the worker does."""
         z = self.transform(x)
-        recon = np.asarray(self.model.predict(z, batch_size=1024, verbose=0))
+        batch = forward_pass(self.model, z, encoder=self.latent is not None or self.orientation is not None)
+        recon = batch.reconstructions
         out = {
             "mse": mse_scores(z, recon),
             "nmse": nmse_scores(z, recon),
             "top-k": top_k_scores(z, recon, self.top_k_percent),
         }
         if self.latent is not None:
-            codes = np.asarray(self.encoder.predict(z, batch_size=1024, verbose=0))
-            out["mahalanobis"] = self.latent.distance(codes)
+            out["mahalanobis"] = self.latent.distance(batch.codes)
+        if self.orientation is not None:
+            out["orientation"] = self.orientation.score(batch)
         if self.transform_scorer is not None:
             out["transforms"] = self.transform_scorer(z)
         if self.knn_reference is not None:
@@ -325,10 +332,11 @@ def evaluate_model(
     latent_fit: str = "validation split of the normal training images",
     transform_scorer: TransformScorer | None = None,
     knn_reference: np.ndarray | None = None,
+    orientation: Orientation | None = None,
 ) -> tuple[Evaluation, ScoreModel, dict[str, dict[str, np.ndarray]]]:
     """Evaluate a trained model on `dataset`'s test split; also returns the scores for the report."""
     scorer = ScoreModel.fitted(
-        model, baseline, splits, transform, top_k_percent, transform_scorer, knn_reference
+        model, baseline, splits, transform, top_k_percent, transform_scorer, knn_reference, orientation
     )
     calibration = scorer.scores(splits.calibration)
     thresholds = thresholds_for(
@@ -395,12 +403,16 @@ def evaluate_artifact(
 class _Fitted(TypedDict):
     transform_scorer: TransformScorer | None
     knn_reference: np.ndarray | None
+    orientation: Orientation | None
 
 
 def fitted_networks(score: Score) -> _Fitted:
-    """What a stored score brings that the evaluation cannot refit: its classifier and reference images."""
+    """What a stored score brings that the evaluation cannot refit: its classifier, orientation
+    head and reference images."""
     transforms, knn = score.component("transforms"), score.component("knn")
+    orientation = score.component("orientation")
     return {
         "transform_scorer": transforms.scorer if isinstance(transforms, Transforms) else None,
         "knn_reference": knn.reference if isinstance(knn, Knn) else None,
+        "orientation": orientation if isinstance(orientation, Orientation) else None,
     }

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from detector.components.base import ForwardPass
+from detector.engines.keras_engine import encoder_layers_model
 from detector.score import Score, mse_score
 
 
@@ -85,6 +87,8 @@ ARCHITECTURES: dict[str, Callable[..., Any]] = {
     "conv": build_conv,
 }
 DEFAULT_ARCHITECTURE = "dense-64-16"
+# Chains of Dense layers: exported to numpy, and what the orientation head can read.
+DENSE_ARCHITECTURES: tuple[str, ...] = ("dense-32", "dense-64-16", "dense-512-128-32")
 
 
 def build_model(name: str, input_dim: int, linear_output: bool = False) -> Any:
@@ -98,13 +102,19 @@ def build_model(name: str, input_dim: int, linear_output: bool = False) -> Any:
     return builder(input_dim, linear_output=linear_output)
 
 
+def forward_pass(model: Any, x: np.ndarray, encoder: bool = True, batch_size: int = 1024) -> ForwardPass:
+    """The Keras autoencoder's forward pass of `x` (model space), with its encoder layers' outputs."""
+    recon = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
+    if not encoder:
+        return ForwardPass(x, recon)
+    layers = encoder_layers_model(model).predict(x, batch_size=batch_size, verbose=0)
+    outputs = layers if isinstance(layers, list | tuple) else [layers]
+    return ForwardPass(x, recon, tuple(np.asarray(o) for o in outputs))
+
+
 def reconstruction_errors(
     model: Any, x: np.ndarray, score: Score | None = None, batch_size: int = 1024
 ) -> np.ndarray:
     """Per-row score (MSE unless `score` says otherwise) of `x`, already in model space."""
     score = score or mse_score()
-    recon = model.predict(x, batch_size=batch_size, verbose=0)
-    codes = None
-    if score.needs_codes:
-        codes = model.get_layer("encoder").predict(x, batch_size=batch_size, verbose=0)
-    return score(x, recon, codes)
+    return score(forward_pass(model, x, score.needs_encoder, batch_size))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from detector.artifact import MODEL_FILE, Baseline, load_artifact, model_version_of
+from detector.components.orientation import Orientation
 from detector.components.transforms import TransformScorer
 from detector.datasets import Dataset
 from detector.engines.keras_engine import load_model_bytes
@@ -64,6 +65,7 @@ def write_report(
     n_examples: int = 12,
     transform_scorer: TransformScorer | None = None,
     knn_reference: np.ndarray | None = None,
+    orientation: Orientation | None = None,
 ) -> Path | None:
     """Draw out_dir/report.png and report.html; skip with a log line when matplotlib is absent."""
     try:
@@ -87,11 +89,18 @@ def write_report(
             transform,
             transform_scorer=transform_scorer,
             knn_reference=knn_reference,
+            orientation=orientation,
         )
     except ValueError as exc:  # e.g. an unlabelled, non-square .npy dataset has no anomaly sets
         log.warning("report without evaluation reason=%s", exc)
         scorer = ScoreModel.fitted(
-            model, baseline, splits, transform, transform_scorer=transform_scorer, knn_reference=knn_reference
+            model,
+            baseline,
+            splits,
+            transform,
+            transform_scorer=transform_scorer,
+            knn_reference=knn_reference,
+            orientation=orientation,
         )
     png = _draw_png(out_dir / REPORT_FILE, baseline, dataset, splits, scorer, evaluation, n_examples)
     _write_html(out_dir / REPORT_HTML, baseline, evaluation)

@@ -25,14 +25,24 @@ from detector.artifact import (
     write_artifact,
 )
 from detector.components.base import NormalData
-from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS, Knn
-from detector.components.transforms import Transforms, TransformSet, TransformSetName
+from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
+from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
+from detector.components.transforms import TransformSet, TransformSetName
 from detector.datasets import Dataset
 from detector.networks import DENSE_STACK_FILE
-from detector.score import Score, ScoreName, components_of
-from detector.thresholds import calibrate, check_policy_fits_score, parse_policy
+from detector.score import DEFAULT_SCORE, Score, ScoreName, components_of
+from detector.thresholds import calibrate, check_policy_fits_score, parse_policy, score_buckets
+from trainer.evaluate import fitted_networks
 from trainer.export import verified_dense_stack
-from trainer.models import DEFAULT_ARCHITECTURE, build_model, reconstruction_errors
+from trainer.models import (
+    DEFAULT_ARCHITECTURE,
+    DENSE_ARCHITECTURES,
+    build_model,
+    forward_pass,
+    reconstruction_errors,
+)
+from trainer.multitask import train_multitask
+from trainer.presets import DEFAULT_EPOCHS, DEFAULT_THRESHOLD
 from trainer.report import write_report
 from trainer.splits import select_normal, split_normal
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
@@ -49,11 +59,11 @@ class TrainConfig:
     data_dir: str | None = None
     classes: list[int] | None = None
     architecture: str = DEFAULT_ARCHITECTURE
-    epochs: int = 10
+    epochs: int = DEFAULT_EPOCHS
     batch_size: int = 256
     learning_rate: float = 1e-3
-    threshold: str = "mean+3std"
-    score: ScoreName = "mse"
+    threshold: str = DEFAULT_THRESHOLD
+    score: ScoreName = DEFAULT_SCORE
     transforms: TransformSetName = "geometric"  # the classifier's set, for the transformation scores
     transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
     knn_k: int = DEFAULT_KNN_K
@@ -114,6 +124,13 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     check_policy_fits_score(policy, config.score)
     if "transforms" in components:
         TransformSet.named(config.transforms, normal.shape[1])  # square images only
+    if "orientation" in components:
+        TransformSet.named(DEFAULT_ORIENTATION_TRANSFORMS, normal.shape[1])  # square images only
+        if config.architecture not in DENSE_ARCHITECTURES:
+            raise ValueError(
+                f"the orientation score needs a dense architecture ({', '.join(DENSE_ARCHITECTURES)}), "
+                f"found {config.architecture}"
+            )
     if "knn" in components and config.knn_k > min(config.knn_reference_rows, splits.fit.shape[0]):
         raise ValueError(
             f"--knn-k {config.knn_k} needs at least as many reference images, found "
@@ -140,31 +157,46 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     )
     input_dim = fit_x.shape[1]
     model = build_model(config.architecture, input_dim, linear_output=preprocessing.kind == "standardize")
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
     show_progress = sys.stdout.isatty() if config.progress is None else config.progress
     log.info(
-        "training architecture=%s fit=%d validation=%d calibration=%d epochs=%d",
+        "training architecture=%s score=%s fit=%d validation=%d calibration=%d epochs=%d",
         config.architecture,
+        config.score,
         fit_x.shape[0],
         val_x.shape[0],
         cal_x.shape[0],
         config.epochs,
     )
-    history = model.fit(
-        fit_x,
-        fit_x,
-        validation_data=(val_x, val_x),
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        shuffle=True,
-        verbose=1 if show_progress else 0,
-        callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=config.patience, restore_best_weights=True
-            )
-        ],
-    )
-    losses = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    orientation_head = None
+    if "orientation" in components:  # the autoencoder and the head train as one network
+        orientation_head, losses = train_multitask(
+            model,
+            fit_x,
+            val_x,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            patience=config.patience,
+            seed=config.seed,
+            verbose=1 if show_progress else 0,
+        )
+    else:
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
+        history = model.fit(
+            fit_x,
+            fit_x,
+            validation_data=(val_x, val_x),
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            shuffle=True,
+            verbose=1 if show_progress else 0,
+            callbacks=[
+                keras.callbacks.EarlyStopping(
+                    monitor="val_loss", patience=config.patience, restore_best_weights=True
+                )
+            ],
+        )
+        losses = {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
     classifier = None
     if "transforms" in components:  # a network of its own, trained here; the component scores with it
@@ -178,17 +210,16 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         )
         losses |= {f"transforms_{k}": v for k, v in classifier_losses.items()}
     latent_dim = int(model.get_layer("encoder").output.shape[-1])
-    encoder = model.get_layer("encoder")
     normal_data = NormalData(
         fit=fit_x,
         validation=val_x,
-        reconstruct=lambda x: model.predict(x, batch_size=1024, verbose=0),
-        encode=lambda x: encoder.predict(x, batch_size=1024, verbose=0),
+        forward=lambda x: forward_pass(model, x),
         seed=config.seed,
         knn_k=config.knn_k,
         knn_reference_rows=config.knn_reference_rows,
         transforms=config.transforms,
         classifier=classifier,
+        orientation_head=orientation_head,
     )
     score = Score.fit(config.score, normal_data)
     params = score.parameters()
@@ -221,6 +252,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         preprocessing=preprocessing,
         statistics=statistics,
         threshold=threshold,
+        score_buckets=list(score_buckets(cal_errors, threshold.value)),
         training=training,
     )
 
@@ -238,17 +270,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
             update={"model_version": model_version_of((tmp / MODEL_FILE).read_bytes())}
         )
         if config.report:
-            transforms, knn = score.component("transforms"), score.component("knn")
-            write_report(
-                tmp,
-                model,
-                versioned,
-                dataset,
-                splits,
-                transform,
-                transform_scorer=transforms.scorer if isinstance(transforms, Transforms) else None,
-                knn_reference=knn.reference if isinstance(knn, Knn) else None,
-            )
+            write_report(tmp, model, versioned, dataset, splits, transform, **fitted_networks(score))
         return versioned
 
     path = write_artifact(config.out, stage)

@@ -123,6 +123,7 @@ def digit_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
         batch_size=32,
         learning_rate=3e-3,
         threshold="fpr=0.05",
+        score="mse",
         seed=3,
         max_samples=2000,
         holdout_fraction=0.5,

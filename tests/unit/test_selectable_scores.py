@@ -120,7 +120,8 @@ def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[
     assert params.combine_mean is not None and params.combine_std is not None
     splits = recover_splits(artifact.baseline, _sample_dataset())
     assert splits is not None
-    transforms, knn_reference = fitted_networks(artifact.score).values()
+    networks = fitted_networks(artifact.score)
+    transforms, knn_reference = networks["transform_scorer"], networks["knn_reference"]
     assert transforms is not None and knn_reference is not None and artifact.dense_stack is not None
     # Fewer than 10,000 fit images: all of them, kept as unit rows (cosine needs only directions).
     np.testing.assert_allclose(knn_reference, unit_rows(splits.fit), atol=1e-6)
