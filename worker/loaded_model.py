@@ -15,6 +15,7 @@ import numpy as np
 from detector.artifact import MANIFEST_FILE
 from detector.errors import AnomalyScorerError, ArtifactError
 from detector.loading import load_scorer
+from detector.thresholds import score_buckets
 from worker.scoring import DecisionRule
 from worker.settings import WorkerSettings
 
@@ -39,6 +40,8 @@ class LoadedModel:
     rule: DecisionRule
     uint8_scale: float
     manifest_digest: str
+    # The anomaly_score histogram's bounds: the artifact's, or derived from its held-out scores.
+    score_buckets: tuple[float, ...] | None = None
 
 
 ModelLoader = Callable[[], LoadedModel]
@@ -70,4 +73,9 @@ def load_model(settings: WorkerSettings, shadow: bool = False) -> LoadedModel:
     artifact, scorer = load_scorer(path, settings.engine, settings.batch_size, settings.jit)
     rule = DecisionRule.from_artifact(artifact, None if shadow else settings.threshold or None)
     digest = manifest_digest(path)
-    return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest)
+    recorded = artifact.baseline.score_buckets
+    if recorded and rule.threshold == artifact.baseline.threshold.value:
+        buckets = tuple(recorded)
+    else:  # an artifact before schema 1.3, or ANOMALY_THRESHOLD moved the threshold
+        buckets = score_buckets(artifact.calibration_errors, rule.threshold)
+    return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest, buckets)

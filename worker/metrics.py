@@ -21,8 +21,9 @@ from prometheus_client import (
     ProcessCollector,
 )
 
-# Reconstruction MSE of 28x28 images spans about 1e-3 (clean digits) to 0.3 (noise).
-# 0.001 to about 128: MSE lives at the low end, nmse and mahalanobis distances higher up.
+# The anomaly_score histogram's bounds until a model is loaded, and for a model that brings none
+# (a test's fake scorer): 0.001 to about 128. A loaded artifact's come from its held-out scores
+# (detector.thresholds.score_buckets), negative values of combined scores included.
 SCORE_BUCKETS = tuple(round(0.001 * 1.5**i, 6) for i in range(30))
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -116,12 +117,7 @@ class WorkerMetrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
-        self.score = Histogram(
-            "anomaly_score",
-            "Reconstruction error of scored images.",
-            buckets=SCORE_BUCKETS,
-            registry=r,
-        )
+        self.score = self._score_histogram(SCORE_BUCKETS)
         self.latency = Histogram(
             "anomaly_end_to_end_latency_seconds",
             "From the input entry's id timestamp to its result being committed.",
@@ -156,13 +152,37 @@ class WorkerMetrics:
         )
         self.window: DetectionWindow | None = None
 
+    def _score_histogram(self, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(
+            "anomaly_score",
+            "Score of every scored image (the artifact's score; buckets from its held-out normal scores).",
+            buckets=buckets,
+            registry=self.registry,
+        )
+
     def set_model(
-        self, model_version: str, policy: str, threshold: float, expected_rate: float, engine: str = ""
+        self,
+        model_version: str,
+        policy: str,
+        threshold: float,
+        expected_rate: float,
+        engine: str = "",
+        score_buckets: tuple[float, ...] | None = None,
     ) -> None:
-        """Publish the model in use."""
+        """Publish the model in use; its score buckets replace the histogram's when they differ."""
         self.model.info(model_labels(model_version, policy, threshold, engine))
         self.threshold.set(threshold)
         self.expected_detection_rate.set(expected_rate)
+        if score_buckets and tuple(score_buckets) != self.score_buckets:
+            # Prometheus sees the old `le` series stop and the new ones start from 0: rate() and
+            # the heatmap follow the new model after one scrape interval.
+            self.registry.unregister(self.score)
+            self.score = self._score_histogram(tuple(score_buckets))
+
+    @property
+    def score_buckets(self) -> tuple[float, ...]:
+        """The anomaly_score histogram's finite upper bounds."""
+        return tuple(float(b) for b in self.score._upper_bounds[:-1])
 
     def set_shadow_model(self, model_version: str, policy: str, threshold: float, engine: str) -> None:
         """Publish the shadow model in use."""

@@ -444,6 +444,7 @@ class Runner:
             rule.threshold,
             rule.expected_flag_rate,
             engine=self.model.scorer.engine,
+            score_buckets=self.model.score_buckets,
         )
         if self.shadow is not None:
             shadow_rule = self.shadow.rule
