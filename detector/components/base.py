@@ -12,11 +12,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
 
 from detector.networks import TransformClassifier
+
+
+def row_mean_square(a: np.ndarray) -> np.ndarray:
+    """Per-row mean of squares (float64), without a squared copy of the batch.
+
+    einsum in the input's precision: np.mean(..., dtype=float64) of a float64 batch took 25 times
+    longer (about 5 ms at 256 x 784 on 2 cores) and made the default score 4 times slower."""
+    return np.asarray(np.einsum("ij,ij->i", a, a), np.float64) / a.shape[1]
 
 
 @dataclass(frozen=True)
@@ -29,6 +38,11 @@ class ForwardPass:
     images: np.ndarray
     reconstructions: np.ndarray
     encoder_layers: tuple[np.ndarray, ...] = ()
+
+    @cached_property
+    def row_mse(self) -> np.ndarray:
+        """Per-row mean squared reconstruction error (float64), computed once for every component."""
+        return row_mean_square(np.subtract(self.images, self.reconstructions))
 
     @property
     def codes(self) -> np.ndarray:
@@ -64,6 +78,7 @@ class NormalData:
     classifier: TransformClassifier | None = None  # trained by the trainer (a network of its own)
     # Trained by the trainer together with the autoencoder, on its first encoder layer.
     orientation_head: TransformClassifier | None = None
+    orientation_transforms: str = "dihedral"  # the set the head tells apart
 
 
 class Component(ABC):

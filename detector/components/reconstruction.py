@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, ForwardPass
+from detector.components.base import Component, ForwardPass, row_mean_square
 
 NMSE_EPSILON = 1e-3
 DEFAULT_TOP_K_PERCENT = 5.0
@@ -23,14 +23,16 @@ DEFAULT_TOP_K_PERCENT = 5.0
 
 def mse_scores(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
     """Per-row mean squared error."""
-    return np.asarray(np.mean(np.square(x - recon), axis=1, dtype=np.float64))
+    return row_mean_square(np.subtract(x, recon))
 
 
-def nmse_scores(x: np.ndarray, recon: np.ndarray, epsilon: float = NMSE_EPSILON) -> np.ndarray:
-    """Per-row MSE relative to the row's mean squared value (epsilon keeps blank images finite)."""
-    x64 = np.asarray(x, np.float64)
-    energy = np.mean(np.square(x64), axis=1)
-    return np.asarray(mse_scores(x64, np.asarray(recon, np.float64)) / (energy + epsilon))
+def nmse_scores(
+    x: np.ndarray, recon: np.ndarray, epsilon: float = NMSE_EPSILON, mse: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-row MSE relative to the row's mean squared value (epsilon keeps blank images finite);
+    `mse`, when the caller has it, saves computing it again."""
+    error = mse_scores(x, recon) if mse is None else mse
+    return np.asarray(error / (row_mean_square(np.asarray(x)) + epsilon))
 
 
 def top_k_scores(x: np.ndarray, recon: np.ndarray, k_percent: float = DEFAULT_TOP_K_PERCENT) -> np.ndarray:
@@ -58,7 +60,7 @@ class Mse(Component):
 
     def score(self, batch: ForwardPass) -> np.ndarray:
         """Per-row MSE."""
-        return mse_scores(batch.images, batch.reconstructions)
+        return batch.row_mse
 
 
 class Nmse(Component):
@@ -85,7 +87,7 @@ class Nmse(Component):
 
     def score(self, batch: ForwardPass) -> np.ndarray:
         """Per-row normalised MSE."""
-        return nmse_scores(batch.images, batch.reconstructions, self.epsilon)
+        return nmse_scores(batch.images, batch.reconstructions, self.epsilon, batch.row_mse)
 
 
 class TopK(Component):
