@@ -21,12 +21,14 @@ from typing import Any
 import numpy as np
 
 from detector.components.knn import DEFAULT_KNN_REFERENCE_ROWS, knn_reference_of
+from detector.components.orientation import Orientation
 from detector.components.reconstruction import DEFAULT_TOP_K_PERCENT
-from detector.components.transforms import TransformScorer, TransformSet
+from detector.components.transforms import TransformScorer, TransformSet, TransformSetName
 from detector.datasets import Dataset
 from detector.score import COMPARED
 from trainer.evaluate import ScoreModel, auroc
 from trainer.models import build_model
+from trainer.multitask import train_multitask
 from trainer.splits import Splits, split_normal
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
 
@@ -57,6 +59,9 @@ class BenchmarkConfig:
     top_k_percent: float = DEFAULT_TOP_K_PERCENT
     transforms: str | None = "geometric"  # the transformation classifier's set; None: no classifier
     transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
+    # Train the autoencoder with the orientation head on this set (the default detector: dihedral)
+    # and compare the orientation scores; None: the autoencoder alone.
+    orientation: TransformSetName | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,8 @@ class BenchmarkResult:
         stem = f"one-class-{c.dataset}-{c.architecture}-e{c.epochs}"
         if c.transforms is not None:
             stem += f"-{c.transforms}"
+        if c.orientation is not None:
+            stem += f"-orientation-{c.orientation}"
         if sorted(c.classes) != list(range(10)):
             stem += "-c" + "".join(str(k) for k in c.classes)
         if c.max_samples is not None:
@@ -131,7 +138,8 @@ class BenchmarkResult:
                 f"Transformation classifier: {c.transforms} set, up to {c.transform_epochs} epochs."
                 if c.transforms
                 else "No transformation classifier."
-            ),
+            )
+            + (f" Trained with the orientation head ({c.orientation} set)." if c.orientation else ""),
             f"Wall time {self.wall_seconds:.0f} s on {self.machine.get('cpu_count')} CPU cores "
             f"(TensorFlow {self.machine.get('tensorflow')}), {self.created_at}.",
             "",
@@ -144,8 +152,9 @@ class BenchmarkResult:
 
 def fit_autoencoder(
     normal: np.ndarray, config: BenchmarkConfig, verbose: int = 0
-) -> tuple[Any, Splits, dict[str, list[float]]]:
-    """Split normal images as the trainer does and fit with early stopping on the validation loss."""
+) -> tuple[Any, Splits, dict[str, list[float]], Orientation | None]:
+    """Split normal images as the trainer does and fit with early stopping on the validation loss
+    (with the orientation head when the config asks for it, as `anomaly-trainer train` does)."""
     import keras
 
     keras.utils.set_random_seed(config.seed)
@@ -154,6 +163,20 @@ def fit_autoencoder(
         normal = normal[np.sort(pick)]
     splits = split_normal(normal, config.holdout_fraction, config.seed)
     model = build_model(config.architecture, normal.shape[1])
+    if config.orientation is not None:
+        head, losses = train_multitask(
+            model,
+            splits.fit,
+            splits.validation,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            patience=config.patience,
+            seed=config.seed,
+            verbose=verbose,
+            transforms_name=config.orientation,
+        )
+        return model, splits, losses, Orientation(head, config.orientation, 0)
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
     history = model.fit(
         splits.fit,
@@ -169,7 +192,7 @@ def fit_autoencoder(
             )
         ],
     )
-    return model, splits, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    return model, splits, {k: [float(v) for v in vals] for k, vals in history.history.items()}, None
 
 
 def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) -> ClassResult:
@@ -181,7 +204,7 @@ def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) 
     normal = dataset.train.x[y_train == normal_class]
     if normal.shape[0] == 0:
         raise ValueError(f"no training images of class {normal_class} in {dataset.name}")
-    model, splits, history = fit_autoencoder(normal, config)
+    model, splits, history, orientation = fit_autoencoder(normal, config)
     transform_scorer = None
     if config.transforms is not None:
         classifier, _ = train_transform_classifier(
@@ -194,6 +217,7 @@ def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) 
         top_k_percent=config.top_k_percent,
         transform_scorer=transform_scorer,
         knn_reference=knn_reference_of(splits.fit, DEFAULT_KNN_REFERENCE_ROWS, config.seed),
+        orientation=orientation,
     )
     scorer.fit_latent(splits.validation)
     scorer.fit_combination(splits.validation)
@@ -226,8 +250,9 @@ def run_benchmark(
     import tensorflow as tf
 
     started = time.monotonic()
-    if config.transforms is not None:  # square images only: say so before the first class trains
-        TransformSet.named(config.transforms, dataset.train.x.shape[1])
+    for name in (config.transforms, config.orientation):  # square images only: say so up front
+        if name is not None:
+            TransformSet.named(name, dataset.train.x.shape[1])
     results = []
     for normal_class in config.classes:
         result = run_one_class(dataset, normal_class, config)

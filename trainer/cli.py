@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         "rotations, the stronger and 18 times costlier to score) (default: geometric)",
     )
     t.add_argument(
+        "--orientation-transforms",
+        choices=list(TRANSFORM_SETS),
+        default="dihedral",
+        help="the orientation score's set, which its head learns with the autoencoder: dihedral (8: "
+        "rotations x mirror, the default), rotations (4) or geometric (72, with shifts); scoring "
+        "costs the same for each (only the image as given is classified)",
+    )
+    t.add_argument(
         "--knn-k",
         type=_positive,
         default=DEFAULT_KNN_K,
@@ -236,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"maximum epochs of the transformation classifier (default: {DEFAULT_TRANSFORM_EPOCHS})",
     )
     b.add_argument(
+        "--orientation",
+        choices=[*TRANSFORM_SETS, "none"],
+        default="none",
+        help="train each autoencoder with the orientation head on this set, as the default detector "
+        "is (dihedral), and compare the orientation scores (orientation, mse+orientation, "
+        "mse+nmse+orientation; default: none)",
+    )
+    b.add_argument(
         "--out-dir",
         type=Path,
         help="folder for the JSON and markdown results (default: benchmarks/results/ of the project)",
@@ -302,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             transforms=args.transforms,
+            orientation_transforms=args.orientation_transforms,
             transform_epochs=args.transform_epochs,
             knn_k=args.knn_k,
             knn_reference_rows=args.knn_reference,
@@ -410,6 +427,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         top_k_percent=args.top_k,
         transforms=None if args.transforms == "none" else args.transforms,
         transform_epochs=args.transform_epochs,
+        orientation=None if args.orientation == "none" else args.orientation,
     )
     dataset = load_dataset(args.dataset, args.data_dir)
 

@@ -34,7 +34,7 @@ from detector.components.orientation import Orientation
 from detector.components.reconstruction import DEFAULT_TOP_K_PERCENT, mse_scores, nmse_scores, top_k_scores
 from detector.components.transforms import Transforms, TransformScorer
 from detector.datasets import Dataset, rotate90
-from detector.engines.keras_engine import load_model_bytes
+from detector.engines.keras_engine import encoder_layers_model, load_model_bytes
 from detector.errors import ThresholdPolicyError
 from detector.score import COMPARED, Score, combine, components_of, standardisation
 from detector.thresholds import check_policy_fits_score, flag_rate, parse_policy
@@ -100,6 +100,7 @@ class ScoreModel:
         self.knn_reference = None if knn_reference is None else unit_rows(knn_reference)
         self.knn_k = knn_k
         self.orientation = orientation
+        self.encoder_layers = encoder_layers_model(model)
         self.names = COMPARED + tuple(n for n in also if n not in COMPARED)
         # Per combined score: each component's (means, stds) on normal images.
         self.combination: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
@@ -156,7 +157,8 @@ class ScoreModel:
     def scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every score of every row of raw images `x`; errors in model space, as the worker does."""
         z = self.transform(x)
-        batch = forward_pass(self.model, z, encoder=self.latent is not None or self.orientation is not None)
+        needs_encoder = self.latent is not None or self.orientation is not None
+        batch = forward_pass(self.model, z, self.encoder_layers if needs_encoder else None)
         recon = batch.reconstructions
         out = {
             "mse": mse_scores(z, recon),

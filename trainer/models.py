@@ -102,12 +102,16 @@ def build_model(name: str, input_dim: int, linear_output: bool = False) -> Any:
     return builder(input_dim, linear_output=linear_output)
 
 
-def forward_pass(model: Any, x: np.ndarray, encoder: bool = True, batch_size: int = 1024) -> ForwardPass:
-    """The Keras autoencoder's forward pass of `x` (model space), with its encoder layers' outputs."""
+def forward_pass(
+    model: Any, x: np.ndarray, encoder_layers: Any = None, batch_size: int = 1024
+) -> ForwardPass:
+    """The Keras autoencoder's forward pass of `x` (model space); with `encoder_layers` (the
+    model's `encoder_layers_model`, built once per model: each new one retraces), its encoder
+    layers' outputs too."""
     recon = np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
-    if not encoder:
+    if encoder_layers is None:
         return ForwardPass(x, recon)
-    layers = encoder_layers_model(model).predict(x, batch_size=batch_size, verbose=0)
+    layers = encoder_layers.predict(x, batch_size=batch_size, verbose=0)
     outputs = layers if isinstance(layers, list | tuple) else [layers]
     return ForwardPass(x, recon, tuple(np.asarray(o) for o in outputs))
 
@@ -117,4 +121,5 @@ def reconstruction_errors(
 ) -> np.ndarray:
     """Per-row score (MSE unless `score` says otherwise) of `x`, already in model space."""
     score = score or mse_score()
-    return score(forward_pass(model, x, score.needs_encoder, batch_size))
+    layers = encoder_layers_model(model) if score.needs_encoder else None
+    return score(forward_pass(model, x, layers, batch_size))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
-from detector.components.transforms import TransformSet
+from detector.components.transforms import TransformSet, TransformSetName
 from detector.networks import TransformClassifier
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,14 @@ def train_multitask(
     patience: int,
     seed: int = 0,
     verbose: int = 0,
+    transforms_name: TransformSetName = DEFAULT_ORIENTATION_TRANSFORMS,
 ) -> tuple[TransformClassifier, dict[str, list[float]]]:
     """Fit the autoencoder with the orientation head (early stopping on the held-out joint loss).
 
     Returns the head in numpy and the losses (`loss`/`val_loss` are the joint ones)."""
     import keras
 
-    transforms = TransformSet.named(DEFAULT_ORIENTATION_TRANSFORMS, fit_x.shape[1])
+    transforms = TransformSet.named(transforms_name, fit_x.shape[1])
     joint, head = build_multitask(autoencoder, len(transforms))
     joint.compile(
         optimizer=keras.optimizers.Adam(learning_rate),

@@ -29,6 +29,7 @@ from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
 from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
 from detector.components.transforms import TransformSet, TransformSetName
 from detector.datasets import Dataset
+from detector.engines.keras_engine import encoder_layers_model
 from detector.networks import DENSE_STACK_FILE
 from detector.score import DEFAULT_SCORE, Score, ScoreName, components_of
 from detector.thresholds import calibrate, check_policy_fits_score, parse_policy, score_buckets
@@ -66,6 +67,7 @@ class TrainConfig:
     score: ScoreName = DEFAULT_SCORE
     transforms: TransformSetName = "geometric"  # the classifier's set, for the transformation scores
     transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
+    orientation_transforms: TransformSetName = DEFAULT_ORIENTATION_TRANSFORMS  # the head's set
     knn_k: int = DEFAULT_KNN_K
     knn_reference_rows: int = DEFAULT_KNN_REFERENCE_ROWS
     seed: int = 0
@@ -125,7 +127,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     if "transforms" in components:
         TransformSet.named(config.transforms, normal.shape[1])  # square images only
     if "orientation" in components:
-        TransformSet.named(DEFAULT_ORIENTATION_TRANSFORMS, normal.shape[1])  # square images only
+        TransformSet.named(config.orientation_transforms, normal.shape[1])  # square images only
         if config.architecture not in DENSE_ARCHITECTURES:
             raise ValueError(
                 f"the orientation score needs a dense architecture ({', '.join(DENSE_ARCHITECTURES)}), "
@@ -179,6 +181,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
             patience=config.patience,
             seed=config.seed,
             verbose=1 if show_progress else 0,
+            transforms_name=config.orientation_transforms,
         )
     else:
         model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
@@ -210,16 +213,18 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         )
         losses |= {f"transforms_{k}": v for k, v in classifier_losses.items()}
     latent_dim = int(model.get_layer("encoder").output.shape[-1])
+    encoder_layers = encoder_layers_model(model)
     normal_data = NormalData(
         fit=fit_x,
         validation=val_x,
-        forward=lambda x: forward_pass(model, x),
+        forward=lambda x: forward_pass(model, x, encoder_layers),
         seed=config.seed,
         knn_k=config.knn_k,
         knn_reference_rows=config.knn_reference_rows,
         transforms=config.transforms,
         classifier=classifier,
         orientation_head=orientation_head,
+        orientation_transforms=config.orientation_transforms,
     )
     score = Score.fit(config.score, normal_data)
     params = score.parameters()

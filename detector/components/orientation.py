@@ -76,7 +76,12 @@ class Orientation(Component):
         """The head the trainer trained with the autoencoder."""
         if normal.orientation_head is None:
             raise ValueError("the orientation score needs the head trained with the autoencoder")
-        return cls(normal.orientation_head, DEFAULT_ORIENTATION_TRANSFORMS, 0)
+        transforms = normal.orientation_transforms
+        if transforms not in TRANSFORM_SETS:
+            raise ValueError(
+                f"orientation transforms must be one of {', '.join(TRANSFORM_SETS)}, found {transforms!r}"
+            )
+        return cls(normal.orientation_head, transforms, 0)
 
     @classmethod
     def from_parameters(
