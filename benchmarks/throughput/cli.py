@@ -10,7 +10,7 @@ from pathlib import Path
 from benchmarks import throughput
 from benchmarks.throughput.plan import FULL, QUICK, RESULTS
 from benchmarks.throughput.results import format_table, table_rows, targets, write_results
-from benchmarks.throughput.run import ensure_artifact, run
+from benchmarks.throughput.run import detector_artifacts, ensure_artifact, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     artifact = ensure_artifact(plan, args.artifact)
     flat = plan.flat_seconds if args.flat_seconds is None else args.flat_seconds
-    results = run(plan, artifact, flat)
+    results = run(plan, artifact, flat, detector_artifacts(plan))
     results["finished"] = time.strftime("%Y-%m-%d %H:%M")
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     table = format_table(table_rows(results))

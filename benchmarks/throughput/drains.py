@@ -25,6 +25,7 @@ class Drain:
     workers: int
     entries: int
     engine: str = "numpy"
+    detector: str = "default"  # the default detector (the main artifact), or another one's label
     rates: list[float] = field(default_factory=list)  # worker msg/s per repeat
     bare_rates: list[float] = field(default_factory=list)  # bare loop msg/s per repeat
     rss_peak_mb: float = 0.0

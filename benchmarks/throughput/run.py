@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -17,32 +18,51 @@ from benchmarks.throughput.ceilings import naive_per_message, scoring_ceiling
 from benchmarks.throughput.drains import Drain, measure
 from benchmarks.throughput.helpers import log
 from benchmarks.throughput.paced import paced_run
-from benchmarks.throughput.plan import CACHE, GROUP, QUICK, STREAMS, Plan
+from benchmarks.throughput.plan import CACHE, GROUP, STREAMS, Plan
 from benchmarks.throughput.processes import WorkerProcess
 from benchmarks.throughput.session import bench_session
-from benchmarks.throughput.variants import memory_trend, tensorflow_engine, two_workers, with_shadow
+from benchmarks.throughput.variants import (
+    memory_trend,
+    other_detector,
+    tensorflow_engine,
+    two_workers,
+    with_shadow,
+)
 
 
-def ensure_artifact(plan: Plan, given: Path | None) -> Path:
-    """--artifact, else the cached one for this plan (full's if present), else train it."""
+def ensure_artifact(
+    plan: Plan, given: Path | None, flags: tuple[str, ...] = (), slug: str = "default"
+) -> Path:
+    """--artifact, else the cached one trained with these `train` flags, else train it.
+
+    The default detector without flags; `flags` for the plan's other detectors. A cached artifact
+    is reused only when it was trained with the same command (recorded next to it)."""
     if given is not None:
         return given
-    candidates = [CACHE / "dense-64-16-full", CACHE / f"dense-64-16-{plan.name}"]
-    for path in candidates:
-        # An artifact cached before schema 1.1 has no dense stack: retrain rather than measure TF.
-        if (path / "manifest.json").is_file() and (path / "dense_stack.npz").is_file():
-            log(f"artifact cached at {path}")
-            return path
-    out = candidates[-1] if plan is QUICK else candidates[0]
+    out = CACHE / f"{slug}-{plan.name}"
+    argv = ["train", *flags, *plan.train_args, "--seed", "0", "--no-report", "--out", str(out)]
+    recorded = out.with_suffix(".argv.json")
+    if (out / "manifest.json").is_file() and recorded.is_file() and json.loads(recorded.read_text()) == argv:
+        log(f"artifact cached at {out}")
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    log(f"training the benchmark artifact into {out}")
-    argv = [sys.executable, "-m", "trainer", "train", "--architecture", "dense-64-16", *plan.train_args]
-    argv += ["--seed", "0", "--no-report", "--out", str(out)]
+    log(f"training the benchmark artifact into {out}: anomaly-trainer {' '.join(argv)}")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", *argv], env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise SystemExit(f"training failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    recorded.write_text(json.dumps(argv))
     return out
+
+
+def detector_artifacts(plan: Plan) -> dict[str, Path]:
+    """The plan's other detectors, each trained (or found cached) by its label."""
+    return {
+        label: ensure_artifact(plan, None, flags, slug=f"detector-{index}")
+        for index, (label, flags) in enumerate(plan.detectors)
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -69,7 +89,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(plan: Plan, artifact: Path, flat_seconds: float) -> dict[str, Any]:
+def run(
+    plan: Plan, artifact: Path, flat_seconds: float, detectors: dict[str, Path] | None = None
+) -> dict[str, Any]:
     """Every measurement of the plan; returns the JSON-able results."""
     results: dict[str, Any] = {"plan": asdict(plan), "artifact": str(artifact)}
     results["machine"] = machine()
@@ -97,6 +119,9 @@ def run(plan: Plan, artifact: Path, flat_seconds: float) -> dict[str, Any]:
                 drains.append(tensorflow_engine(bench, name, dtype, batch_size, entries, ready))
             if plan.shadow_drain and (dtype, batch_size) == ("uint8", 256):
                 drains.append(with_shadow(bench, name, dtype, batch_size, entries, ready))
+            if (dtype, batch_size) == ("uint8", 256):
+                for label, path in (detectors or {}).items():
+                    drains.append(other_detector(bench, label, path, dtype, batch_size, entries, ready))
             if (dtype, batch_size) == ("uint8", 256):
                 main = worker
             else:

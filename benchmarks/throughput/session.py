@@ -80,14 +80,22 @@ class Bench:
 
     # -- the real worker
     def start_worker(
-        self, name: str, stream: str, batch_size: int, group: str, engine: str = "auto", shadow: bool = False
+        self,
+        name: str,
+        stream: str,
+        batch_size: int,
+        group: str,
+        engine: str = "auto",
+        shadow: bool = False,
+        artifact: Path | None = None,
     ) -> WorkerProcess:
         """Start a worker on `group` (created idle, at the stream's end) and wait for /readyz; with
-        `shadow`, the same artifact also runs as its shadow model (a second forward pass per batch)."""
+        `shadow`, the same artifact also runs as its shadow model (a second forward pass per batch);
+        `artifact` serves another detector than the run's."""
         if not any(info["name"] in (group, group.encode()) for info in self.r.xinfo_groups(stream)):
             self.r.xgroup_create(stream, group, id="$")
         worker = WorkerProcess(
-            self.artifact,
+            artifact or self.artifact,
             self.redis.url,
             self.tmp,
             name,

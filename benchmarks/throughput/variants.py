@@ -4,6 +4,8 @@ every worker started (`WorkerProcess.wait_ready`); resident memory during every 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from benchmarks.throughput.drains import SHADOW_ENGINE, Drain, measure
 from benchmarks.throughput.helpers import log
 from benchmarks.throughput.paced import Paced, paced_run
@@ -48,6 +50,24 @@ def with_shadow(
     )
     ready[shadow_name] = worker.ready_seconds
     result = measure(bench, [worker], Drain(dtype, batch_size, 1, entries, SHADOW_ENGINE))
+    bench.stop_worker(worker)
+    return result
+
+
+def other_detector(
+    bench: Bench,
+    label: str,
+    artifact: Path,
+    dtype: str,
+    batch_size: int,
+    entries: int,
+    ready: dict[str, float],
+) -> Drain:
+    """The same drain by a worker serving another detector (`label`); records its start in `ready`."""
+    name = "detector-" + "".join(c if c.isalnum() else "-" for c in label.split(" (")[0])
+    worker = bench.start_worker(name, STREAMS[dtype], batch_size, group=f"{GROUP}-{name}", artifact=artifact)
+    ready[name] = worker.ready_seconds
+    result = measure(bench, [worker], Drain(dtype, batch_size, 1, entries, detector=label))
     bench.stop_worker(worker)
     return result
 

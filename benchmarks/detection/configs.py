@@ -1,0 +1,58 @@
+"""The detectors compared: the reference notebooks' presets, the previous default, the default and
+the most accurate, each as `anomaly-trainer train` flags and as its one-class benchmark settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One row of the Pareto table."""
+
+    label: str
+    train_flags: tuple[str, ...]  # for `anomaly-trainer train`
+    score: str  # the column of the one-class benchmark that is this detector's own score
+    one_class: dict[str, Any] = field(default_factory=dict)  # BenchmarkConfig fields; {} = none
+
+
+DETECTORS: tuple[Detector, ...] = (
+    Detector(
+        "notebook-standardized (dense-32, standardised pixels, p95)",
+        ("--preset", "notebook-standardized"),
+        "mse",
+        {},  # the one-class benchmark trains on unit pixels only: not measured
+    ),
+    Detector(
+        "notebook-2mean (dense-32, 50 epochs, 2mean)",
+        ("--preset", "notebook-2mean"),
+        "mse",
+        {"architecture": "dense-32", "epochs": 50, "transforms": None},
+    ),
+    Detector(
+        "notebook-3std (dense-64-16, 20 epochs, mean+3std)",
+        ("--preset", "notebook-3std"),
+        "mse",
+        {"architecture": "dense-64-16", "epochs": 20, "transforms": None},
+    ),
+    Detector(
+        "previous default (dense-64-16, mse, 10 epochs, mean+3std)",
+        ("--score", "mse", "--threshold", "mean+3std", "--epochs", "10"),
+        "mse",
+        {},  # the notebook-3std row with fewer epochs
+    ),
+    Detector(
+        "**default** (dense-64-16 + orientation head, mse+nmse+orientation, p99)",
+        (),
+        "mse+nmse+orientation",
+        {"architecture": "dense-64-16", "epochs": 20, "transforms": None, "orientation": "dihedral"},
+    ),
+    Detector(
+        "most accurate (dense-512-128-32, mse+transforms, rotations)",
+        ("--architecture", "dense-512-128-32", "--score", "mse+transforms", "--transforms", "rotations"),
+        "mse+transforms",
+        {"architecture": "dense-512-128-32", "epochs": 20, "transforms": "rotations"},
+    ),
+)
+DEFAULT = DETECTORS[4]
