@@ -103,6 +103,39 @@ def targets(default: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return out
 
 
+def write_results(
+    rows: list[dict[str, Any]], out: Path, quick: bool, started: float
+) -> tuple[str, str, list[str], float]:
+    """Write what is measured so far (a long one-class run can be stopped and still leaves it)."""
+    default = next((r for r in rows if r["label"].startswith("**default**")), None)
+    goals = targets(default) if default else []
+    pareto, kinds = pareto_table(rows), kinds_table(rows)
+    wall = time.perf_counter() - started
+    suffix = "-quick" if quick else ""
+    out.mkdir(parents=True, exist_ok=True)
+    finished = time.strftime("%Y-%m-%d %H:%M")
+    (out / f"detection{suffix}.json").write_text(
+        json.dumps(
+            {"rows": rows, "targets": goals, "wall_seconds": round(wall), "finished": finished}, indent=2
+        )
+        + "\n"
+    )
+    goal_lines = [f"- {'met' if ok else '**MISSED**'}: {goal}: {value}" for goal, value, ok in goals]
+    (out / f"detection{suffix}.md").write_text(
+        f"# Detection benchmark ({finished}{', quick' if quick else ''})\n\n"
+        "Trained on MNIST (`anomaly-trainer train` with each row's flags; seed 0), scored on the "
+        "10,000 test digits and anomalies made from them as the worker scores (numpy engine). "
+        "Served: a real worker draining 100,000 uint8 entries at batch 256 from a real Redis, "
+        "as a ratio to the bare consumer loop over the same entries just before (median of 3). "
+        "One-class: train on one class, the other test classes are anomalies, mean AUROC over the "
+        "10 classes, with the row's own score. Kinds marked seen were looked at while the default "
+        f"was chosen; the others were added afterwards. Wall time {wall:.0f} s.\n\n"
+        f"{pareto}\n\n## Anomaly kinds: AUROC (share flagged at the threshold)\n\n{kinds}\n\n"
+        "## Targets (issue 15, the default detector)\n\n" + "\n".join(goal_lines) + "\n"
+    )
+    return pareto, kinds, goal_lines, wall
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(
@@ -142,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         rates = served(artifacts, 20_000 if args.quick else 100_000, 1 if args.quick else 3)
         for row in rows:
             row["served"] = rates[row["label"]]
+        write_results(rows, args.out, args.quick, started)
     if not args.no_one_class:
         classes = [0, 1] if args.quick else list(range(10))
         for row, detector in zip(rows, chosen, strict=True):
@@ -152,37 +186,9 @@ def main(argv: list[str] | None = None) -> int:
                 if dataset is not None:
                     samples = 1000 if args.quick else None
                     row["one_class"][dataset.name] = one_class(detector, dataset, classes, samples)
-    default = next((r for r in rows if r["label"].startswith("**default**")), None)
-    goals = targets(default) if default else []
-    pareto, kinds = pareto_table(rows), kinds_table(rows)
-    wall = time.perf_counter() - started
-    suffix = "-quick" if args.quick else ""
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"detection{suffix}.json").write_text(
-        json.dumps(
-            {
-                "rows": rows,
-                "targets": goals,
-                "wall_seconds": round(wall),
-                "finished": time.strftime("%Y-%m-%d %H:%M"),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    goal_lines = [f"- {'met' if ok else '**MISSED**'}: {goal}: {value}" for goal, value, ok in goals]
-    (args.out / f"detection{suffix}.md").write_text(
-        f"# Detection benchmark ({time.strftime('%Y-%m-%d %H:%M')}{', quick' if args.quick else ''})\n\n"
-        "Trained on MNIST (`anomaly-trainer train` with each row's flags; seed 0), scored on the "
-        "10,000 test digits and anomalies made from them as the worker scores (numpy engine). "
-        "Served: a real worker draining 100,000 uint8 entries at batch 256 from a real Redis, "
-        "as a ratio to the bare consumer loop over the same entries just before (median of 3). "
-        "One-class: train on one class, the other test classes are anomalies, mean AUROC over the "
-        "10 classes, with the row's own score. Kinds marked seen were looked at while the default was "
-        f"chosen; the others were added afterwards. Wall time {wall:.0f} s.\n\n"
-        f"{pareto}\n\n## Anomaly kinds: AUROC (share flagged at the threshold)\n\n{kinds}\n\n"
-        "## Targets (issue 15, the default detector)\n\n" + "\n".join(goal_lines) + "\n"
-    )
+                    write_results(rows, args.out, args.quick, started)
+
+    pareto, kinds, goal_lines, wall = write_results(rows, args.out, args.quick, started)
     print(pareto)
     print()
     print(kinds)

@@ -95,6 +95,19 @@ def test_score_heatmap_reads_the_score_histogram_buckets(dashboard: dict[str, An
     assert target.get("format") == "heatmap"
 
 
+def test_score_panels_show_negative_scores_of_combined_scores(dashboard: dict[str, Any]) -> None:
+    """The default score is a sum of z-scores: an axis clamped at 0 would hide its median."""
+    score_panels = [
+        p
+        for p in dashboard_panels(dashboard)
+        if any("anomaly_score_bucket" in t.get("expr", "") for t in p.get("targets", []))
+    ]
+    assert score_panels
+    for panel in score_panels:
+        low = panel.get("fieldConfig", {}).get("defaults", {}).get("min")
+        assert low is None or low < 0, f"panel {panel['title']!r} clamps scores at {low}"
+
+
 def test_dashboard_repeats_a_row_per_worker(dashboard: dict[str, Any]) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["instance"]["multi"] and variables["instance"]["includeAll"]
