@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-fast lint format bench bench-quick lock clean
+.PHONY: venv demo test test-fast lint format bench bench-quick bench-detection lock clean
 
 venv: $(STAMP)
 
@@ -44,6 +44,10 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.throughput --quick
+
+# Every detector trained, scored on the anomaly kinds, served, and run one-class: the Pareto table.
+bench-detection: $(STAMP)
+	$(PY) -m benchmarks.detection
 
 # Re-resolve the lock files from pyproject.toml: the newest releases that fit its ranges, one file
 # per install profile. Upgrade one package only: make lock LOCK_ARGS="--upgrade-package keras".
