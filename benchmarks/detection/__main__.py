@@ -144,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 5,000 images, 2 epochs, 2 one-class classes"
     )
-    parser.add_argument("--no-one-class", action="store_true", help="skip the one-class protocol")
+    parser.add_argument(
+        "--no-one-class",
+        action="store_true",
+        help="skip the one-class protocol; the results file keeps the previous run's one-class figures",
+    )
     parser.add_argument("--no-serve", action="store_true", help="skip serving through a worker")
     parser.add_argument("--only", help="comma-separated indices of the detectors to run (default: all)")
     parser.add_argument(
@@ -176,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             row["served"] = rates[row["label"]]
         write_results(rows, args.out, args.quick, started)
+    previous = args.out / f"detection{'-quick' if args.quick else ''}.json"
+    if args.no_one_class and previous.is_file():  # keep the last run's one-class results (slow to redo)
+        earlier = json.loads(previous.read_text())
+        kept = {r["label"]: r for r in earlier["rows"] if r.get("one_class")}
+        for row in rows:
+            if row["label"] in kept:
+                row["one_class"] = kept[row["label"]]["one_class"]
+                row["one_class_from"] = earlier.get("finished", "an earlier run")
     if not args.no_one_class:
         classes = [0, 1] if args.quick else list(range(10))
         for row, detector in zip(rows, chosen, strict=True):

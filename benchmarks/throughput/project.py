@@ -1,5 +1,5 @@
-"""The project code the benchmark measures: the one module that imports `detector` and `worker`
-(re-point it here when those modules move)."""
+"""The project code the benchmark measures: the one module that imports `detector`, `trainer` and
+`worker` (re-point it here when those modules move)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import numpy as np
 from detector.artifact import load_artifact
 from detector.engines.keras_engine import KerasScorer
 from detector.engines.numpy_engine import NumpyScorer
+from trainer.models import reconstruction_errors
 from worker.codec import encode_image
 
-__all__ = ["KerasScorer", "NumpyScorer", "load_artifact", "payloads"]
+__all__ = ["KerasScorer", "NumpyScorer", "load_artifact", "payloads", "reconstruction_errors"]
 
 
 def payloads(images: np.ndarray, dtype: str) -> list[bytes]:

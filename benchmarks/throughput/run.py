@@ -98,7 +98,7 @@ def run(
     with bench_session(plan, artifact) as bench:
         results["redis_version"] = bench.redis.version
         bench.prefill()
-        log("scoring ceiling (compiled forward pass + MSE alone), eager call, model.predict")
+        log("scoring ceiling (both engines, the artifact's score), eager call and model.predict (mse)")
         results["scoring_images_per_s"], model = scoring_ceiling(bench)
         log("scoring: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in results["scoring_images_per_s"].items()))
         results["naive_msgs_per_s"] = naive_per_message(bench, model)
