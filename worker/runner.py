@@ -239,6 +239,8 @@ class Runner:
         now_ms = int(self.clock() * 1000)
         model = self.model
         stream = stream or self.stream
+        # A batch comes from one read (new, own pending or reclaimed): its ids ascend.
+        id_range = (entries[0][0], entries[-1][0]) if entries else None
         poison: list[Rejected] = []
         if check_deliveries:
             entries, poison = self._split_poison(stream, entries)
@@ -249,7 +251,7 @@ class Runner:
         backlog = len(entries) >= self._prefetch_from and not check_deliveries
         shadow = self.shadow
         if not (backlog and self.settings.prefetch and not self.stop_event.is_set()):
-            self._score_and_commit(stream, model, shadow, decoded, handled, started, now_ms)
+            self._score_and_commit(stream, model, shadow, decoded, handled, started, now_ms, id_range)
             return
         # A backlog: this batch is scored, committed and recorded on the second thread while this
         # one reads and decodes the next. Both finish before returning, so a batch is still
@@ -257,7 +259,7 @@ class Runner:
         if self._scoring_thread is None:
             self._scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="scoring")
         finishing = self._scoring_thread.submit(
-            self._score_and_commit, stream, model, shadow, decoded, handled, started, now_ms
+            self._score_and_commit, stream, model, shadow, decoded, handled, started, now_ms, id_range
         )
         try:
             self._prefetch(model)
@@ -273,6 +275,7 @@ class Runner:
         handled: int,
         started: float,
         now_ms: int,
+        id_range: tuple[bytes, bytes] | None = None,
     ) -> None:
         scores = model.scorer.score_batch(decoded.images)
         decisions = model.rule.decide(scores)
@@ -295,6 +298,7 @@ class Runner:
             with_scores_stream=bool(self.settings.scores_stream),
             shadow=shadow if self.settings.shadow_scores_stream else None,
         )
+        commit.id_range = id_range
         result = stream.commit_batch(commit)
         if result.fenced:
             # Another consumer owns them now (it reclaimed them while we were slow): it publishes.
