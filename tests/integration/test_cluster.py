@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,3 +122,53 @@ def test_sharded_worker_reads_fairly_across_cluster_nodes(cluster: list[RedisSer
     runner.close()
     assert client.xlen("scores:{0}") == 1000
     assert all(runner.shards.streams[i].group_state().pending == 0 for i in range(3))
+
+
+def _move_slot(cluster: list[RedisServer], key: str, client: Any) -> None:
+    """Migrate the slot of `key` to another node the way redis-cli --cluster reshard does."""
+    slot = key_slot(key.encode())
+    source_port = client.get_node_from_key(key).port
+    nodes = {n.port: n.client() for n in cluster}
+    source = nodes[source_port]
+    target_port = next(port for port in nodes if port != source_port)
+    target = nodes[target_port]
+    source_id, target_id = (
+        source.execute_command("CLUSTER", "MYID"),
+        target.execute_command("CLUSTER", "MYID"),
+    )
+    target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+    source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+    keys = source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+    source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 10_000, "KEYS", *keys)
+    for node in nodes.values():
+        node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+
+def test_a_shard_whose_slot_migrates_mid_run_is_followed(cluster: list[RedisServer]) -> None:
+    settings = WorkerSettings(
+        redis_url=f"redis://127.0.0.1:{cluster[0].port}/0",
+        redis_cluster=True,  # type: ignore[arg-type]
+        shards=2,
+        scores_stream="scores",
+        group="moving",
+        consumer="c1",
+        reload_poll_seconds=0,
+        batch_size=16,
+        prefetch=False,
+    )
+    client = make_redis(settings)
+    for shard in range(2):
+        client.delete(*settings.for_shard(shard).stream_names())
+    runner = build_runner(client, settings)
+    runner.start()
+    fields = dict(encode_image(np.full(16, 0.9), "uint8"))
+    ids = [client.xadd("images:{1}", fields) for _ in range(40)]
+    runner.run_once(block_ms=None)  # one batch handled, the rest waits in the moving slot
+    _move_slot(cluster, "images:{1}", client)
+    ids.extend(client.xadd("images:{1}", fields) for _ in range(20))  # MOVED, then the new node
+    runner.drain()
+    runner.close()
+    scored = [f[b"source_id"] for _, f in client.xrange("scores:{1}")]
+    assert sorted(scored) == sorted(ids) and len(set(scored)) == 60
+    assert client.xlen("anomalies:{1}") == 60 and client.xlen("images:{1}") == 60
+    assert runner.shards.streams[1].group_state().pending == 0
