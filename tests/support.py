@@ -19,7 +19,7 @@ from worker.metrics import WorkerMetrics
 from worker.runner import Runner
 from worker.scoring import DecisionRule
 from worker.settings import WorkerSettings
-from worker.stream import StreamClient
+from worker.shards import ShardSet
 
 D = 16  # tiny images: the fake scorer does not care about 28x28
 
@@ -59,7 +59,7 @@ def build_runner(
     """A runner on `client` with the fake model; settings default to consumer w1, no reload polling."""
     settings = settings or WorkerSettings(**{"consumer": "w1", "reload_poll_seconds": 0, **overrides})
     metrics = WorkerMetrics(registry or CollectorRegistry(), with_process=False)
-    stream = StreamClient.from_settings(client, settings)
+    stream = ShardSet.from_settings(client, settings)
     return Runner(
         settings,
         stream,

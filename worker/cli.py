@@ -85,11 +85,33 @@ def make_redis(settings: WorkerSettings) -> Any:
     }
     if (password := settings.redis_password()) is not None:
         kwargs["password"] = password
+    if settings.redis_sentinels:
+        return sentinel_primary(settings, kwargs)
     if settings.redis_cluster:
         from redis.cluster import RedisCluster
 
         return RedisCluster.from_url(settings.redis_url.get_secret_value(), **kwargs)
     return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+
+
+def sentinel_primary(settings: WorkerSettings, kwargs: dict[str, Any]) -> Any:
+    """A client of the primary the Sentinels name for REDIS_SENTINEL_SERVICE: redis-py's
+    SentinelConnectionPool asks them again after a connection fails, so it follows a failover
+    (an old primary turned replica answers READONLY, which redis-py also treats as a lost connection)."""
+    from redis.connection import parse_url
+    from redis.sentinel import Sentinel
+
+    url = parse_url(settings.redis_url.get_secret_value())
+    for option in ("db", "username", "password"):
+        if option in url and option not in kwargs:
+            kwargs[option] = url[option]
+    addresses = []
+    for address in filter(None, (a.strip() for a in settings.redis_sentinels.split(","))):
+        host, _, port = address.rpartition(":")
+        addresses.append((host, int(port)))
+    timeouts = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+    sentinel = Sentinel(addresses, sentinel_kwargs=timeouts)
+    return sentinel.master_for(settings.redis_sentinel_service, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.loaded_model import check_shadow_fits, load_model
     from worker.metrics import WorkerMetrics
     from worker.runner import Runner
-    from worker.stream import StreamClient
+    from worker.shards import ShardSet
 
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
@@ -162,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     client = make_redis(settings)
-    stream = StreamClient.from_settings(client, settings)
+    stream = ShardSet.from_settings(client, settings)
     if shadow is not None:
         log.info(
             "shadow model loaded model_version=%s engine=%s threshold=%.6g policy=%s",

@@ -97,11 +97,26 @@ class WorkerMetrics:
         self.redis_up = Gauge("anomaly_redis_up", "1 when the last Redis operation succeeded.", registry=r)
         self.group_lag = Gauge(
             "anomaly_consumer_group_lag",
-            "Entries not yet delivered to the group (Redis >= 7).",
+            "Entries of the shard's input stream not yet delivered to the group (Redis >= 7).",
+            ["shard"],
             registry=r,
         )
         self.group_pending = Gauge(
-            "anomaly_consumer_group_pending", "Entries delivered but not acknowledged.", registry=r
+            "anomaly_consumer_group_pending",
+            "Entries of the shard's input stream delivered but not acknowledged.",
+            ["shard"],
+            registry=r,
+        )
+        self.fenced = Counter(
+            "anomaly_messages_fenced",
+            "Entries this worker scored but did not publish: at commit time another consumer owned "
+            "them (it reclaimed them while this one was slow), so that one publishes.",
+            registry=r,
+        )
+        self.unreplicated = Counter(
+            "anomaly_commits_unreplicated",
+            "Commits that WAIT_REPLICAS replicas did not confirm within WAIT_TIMEOUT_MS.",
+            registry=r,
         )
         self.last_batch = Gauge(
             "anomaly_last_batch_timestamp_seconds",

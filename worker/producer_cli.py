@@ -18,6 +18,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--redis-url", default="redis://localhost:6379/0", help="(default: %(default)s)")
     p.add_argument("--stream", default="images", help="input stream (default: %(default)s)")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="shards of the input stream (the workers' ANOMALY_SHARDS): above 1 each image goes to "
+        "STREAM:{i}, i = crc32(image id) mod SHARDS (default: %(default)s)",
+    )
+    p.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        help="speak the Redis Cluster protocol (REDIS_URL is any node)",
+    )
     p.add_argument("--count", type=int, default=1000, help="images to push (default: %(default)s)")
     p.add_argument(
         "--rotated-fraction",
@@ -55,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.rotated_fraction <= 1:
         print("anomaly-producer: error: --rotated-fraction must be in [0, 1]", file=sys.stderr)
         return 2
+    if args.shards < 1:
+        print("anomaly-producer: error: --shards must be 1 or more", file=sys.stderr)
+        return 2
     import redis
 
     from detector.datasets import DatasetError, load_dataset, rotate90
@@ -70,7 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     rotated = rng.random(args.count) < args.rotated_fraction
     picked[rotated] = rotate90(picked[rotated])
     ids = [f"{'rotated' if r else 'normal'}-{i}" for i, r in enumerate(rotated)]
-    producer = ImageProducer(redis.Redis.from_url(args.redis_url), args.stream, args.dtype, args.maxlen)
+    from redis.cluster import RedisCluster
+
+    client: redis.Redis | RedisCluster
+    client = (
+        RedisCluster.from_url(args.redis_url) if args.redis_cluster else redis.Redis.from_url(args.redis_url)
+    )
+    try:
+        producer = ImageProducer(client, args.stream, args.dtype, args.maxlen, shards=args.shards)
+    except ValueError as exc:
+        print(f"anomaly-producer: error: {exc}", file=sys.stderr)
+        return 2
     started = time.monotonic()
     if args.rate <= 0:
         producer.push_many(picked, ids)
@@ -82,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(max(0.0, due - time.monotonic()))
     took = time.monotonic() - started
     print(
-        f"pushed {args.count} images ({int(rotated.sum())} rotated) to {args.stream} in {took:.2f}s "
+        f"pushed {args.count} images ({int(rotated.sum())} rotated) to {args.stream}"
+        f"{f' ({args.shards} shards)' if args.shards > 1 else ''} in {took:.2f}s "
         f"({args.count / max(took, 1e-9):.0f}/s)"
     )
     return 0

@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from worker.loaded_model import LoadedModel, ModelLoader, check_shadow_fits, man
 from worker.metrics import DetectionWindow, WorkerMetrics
 from worker.scoring import Decisions
 from worker.settings import WorkerSettings
+from worker.shards import ShardSet
 from worker.stream import (
     DEAD_LETTER,
     Commit,
@@ -52,11 +54,13 @@ KNOWN_DTYPES = frozenset(d.encode() for d in DTYPES)
 
 @dataclass(frozen=True)
 class Prefetched:
-    """New entries read (and decoded with `model`) while the previous batch was being scored."""
+    """New entries of one shard, read (and decoded with `model`, if not None) before their turn:
+    while the previous batch was being scored, or by a read that served several shards."""
 
+    stream: StreamClient
     entries: list[Entry]
-    decoded: DecodedBatch
-    model: LoadedModel
+    decoded: DecodedBatch | None = None
+    model: LoadedModel | None = None
 
 
 def declared_dtype(fields: Mapping[bytes, bytes]) -> str:
@@ -71,7 +75,7 @@ class Runner:
     def __init__(
         self,
         settings: WorkerSettings,
-        stream: StreamClient,
+        stream: StreamClient | ShardSet,
         model: LoadedModel,
         metrics: WorkerMetrics,
         health: Health | None = None,
@@ -82,7 +86,8 @@ class Runner:
         shadow_loader: ModelLoader | None = None,
     ) -> None:
         self.settings = settings
-        self.stream = stream
+        self.shards = stream if isinstance(stream, ShardSet) else ShardSet([stream])
+        self.stream = self.shards.streams[0]  # the first (with one shard, the only) shard
         self.model = model
         self.shadow = shadow
         if shadow is not None:
@@ -100,14 +105,17 @@ class Runner:
         self.drift = self._new_drift(model)
         self.max_payload = settings.max_payload_bytes or default_max_payload_bytes(model.scorer.input_dim)
         self._started = False
-        self._pending_cursor: bytes | str | None = b"0"
-        self._claim_cursor: bytes | str = b"0-0"
+        # Per shard: where the read of our own pending entries resumes (None: done), and the
+        # XAUTOCLAIM cursor; reclaim visits the shards in turn, one call per iteration.
+        self._pending_cursors: list[bytes | str | None] = [b"0"] * len(self.shards)
+        self._claim_cursors: list[bytes | str] = [b"0-0"] * len(self.shards)
+        self._claim_shard = 0
         self._claim_interval = max(0.05, settings.claim_idle_ms / 2000.0)
         self._next_claim = monotonic() + self._claim_interval
         self._next_sample = 0.0
         self._next_prune = 0.0
         self._next_reload_check = monotonic() + settings.reload_poll_seconds
-        self._prefetched: Prefetched | None = None
+        self._ready: deque[Prefetched] = deque()
         self._prefetch_from = max(1, math.ceil(settings.batch_size * PREFETCH_FROM_SHARE))
         self._scoring_thread: ThreadPoolExecutor | None = None
         self._publish_model()
@@ -115,15 +123,16 @@ class Runner:
 
     # -- one iteration ---------------------------------------------------------------------
     def start(self) -> None:
-        """Create the group if missing; the next reads recover this consumer's own pending."""
-        if self.stream.ensure_group(self.settings.start_id):
-            log.info(
-                "group created stream=%s group=%s start_id=%s",
-                self.settings.input_stream,
-                self.settings.group,
-                self.settings.start_id,
-            )
-        self._pending_cursor = b"0"
+        """Create the groups if missing; the next reads recover this consumer's own pending."""
+        for shard in self.shards.streams:
+            if shard.ensure_group(self.settings.start_id):
+                log.info(
+                    "group created stream=%s group=%s start_id=%s",
+                    shard.input_stream,
+                    self.settings.group,
+                    self.settings.start_id,
+                )
+        self._pending_cursors = [b"0"] * len(self.shards)
         self._started = True
         # Redis answered: ready now, not after the first blocking read (up to block_ms later).
         self.health.redis_ok = True
@@ -137,23 +146,29 @@ class Runner:
         self._maybe_reload()
         self._maybe_sample_group()
         entries: list[Entry] = []
-        suspects = False
-        if self._pending_cursor is not None:
-            entries = self.stream.read_own_pending(self._pending_cursor, self.settings.batch_size)
-            self._pending_cursor = entries[-1][0] if entries else None
-            suspects = bool(entries)
+        stream = self.stream
+        for index, cursor in enumerate(self._pending_cursors):
+            if cursor is not None and not entries:
+                stream = self.shards.streams[index]
+                entries = stream.read_own_pending(cursor, self.settings.batch_size)
+                self._pending_cursors[index] = entries[-1][0] if entries else None
+        suspects = bool(entries)
         decoded: DecodedBatch | None = None
-        if not entries and self._prefetched is not None:
-            entries, prefetched, self._prefetched = self._prefetched.entries, self._prefetched, None
-            if prefetched.model is self.model:  # else reloaded since: decode again for the new model
-                decoded = prefetched.decoded
+        if not entries and self._ready:
+            ready = self._ready.popleft()
+            stream, entries = ready.stream, ready.entries
+            if ready.model is self.model:  # else reloaded since (or not decoded): decode for this model
+                decoded = ready.decoded
         if not entries and self.monotonic() >= self._next_claim:
-            entries = self._reclaim()
+            stream, entries = self._reclaim()
             suspects = bool(entries)
         if not entries:
-            entries = self.stream.read_new(self.settings.batch_size, block_ms)
+            batches = self.shards.read_new(self.settings.batch_size, block_ms)
+            if batches:
+                (stream, entries), rest = batches[0], batches[1:]
+                self._ready.extend(Prefetched(shard, more) for shard, more in rest)
         if entries:
-            self.handle_batch(entries, check_deliveries=suspects, decoded=decoded)
+            self.handle_batch(entries, check_deliveries=suspects, decoded=decoded, stream=stream)
         self.health.redis_ok = True
         self.metrics.redis_up.set(1)
         return len(entries)
@@ -164,15 +179,16 @@ class Runner:
         self._next_claim = self.monotonic()
         while True:
             handled = self.run_once(block_ms=None)
-            if handled == 0 and self._pending_cursor is None and self._prefetched is None:
+            if handled == 0 and all(c is None for c in self._pending_cursors) and not self._ready:
                 return total
             total += handled
 
     def finish_in_hand(self) -> int:
-        """Handle a prefetched batch, if any (at stop: it was delivered to us, so finish it)."""
-        if self._prefetched is None:
-            return 0
-        return self.run_once(block_ms=None)
+        """Handle the batches read ahead, if any (at stop: they were delivered to us, so finish them)."""
+        handled = 0
+        while self._ready:
+            handled += self.run_once(block_ms=None)
+        return handled
 
     def close(self) -> None:
         """Stop the scoring thread."""
@@ -180,13 +196,17 @@ class Runner:
             self._scoring_thread.shutdown(wait=True)
             self._scoring_thread = None
 
-    def _reclaim(self) -> list[Entry]:
-        cursor, entries, deleted = self.stream.reclaim_stale(
-            self.settings.claim_idle_ms, self._claim_cursor, self.settings.batch_size
+    def _reclaim(self) -> tuple[StreamClient, list[Entry]]:
+        index = self._claim_shard
+        stream = self.shards.streams[index]
+        cursor, entries, deleted = stream.reclaim_stale(
+            self.settings.claim_idle_ms, self._claim_cursors[index], self.settings.batch_size
         )
-        self._claim_cursor = cursor
-        if _is_zero_id(cursor):
-            self._next_claim = self.monotonic() + self._claim_interval
+        self._claim_cursors[index] = cursor
+        if _is_zero_id(cursor):  # this shard done: the next one, or rest after the last
+            self._claim_shard = (index + 1) % len(self.shards)
+            if self._claim_shard == 0:
+                self._next_claim = self.monotonic() + self._claim_interval
         if deleted:
             # Trimmed while pending: Redis >= 7 already dropped them from the group; dead-letter
             # their ids (the data is gone) so the loss is visible.
@@ -200,25 +220,30 @@ class Runner:
                 commit.records.append((b"", [(DEAD_LETTER, fields)]))
                 self.metrics.invalid.labels("deleted").inc()
                 self.metrics.messages.labels("unknown", "dead_letter").inc()
-            self.stream.commit_batch(commit)
+            stream.commit_batch(commit)
         if entries:
             self.metrics.reclaimed.inc(len(entries))
-            log.info("reclaimed stale entries count=%d", len(entries))
-        return entries
+            log.info("reclaimed stale entries count=%d shard=%d", len(entries), stream.shard)
+        return stream, entries
 
     def handle_batch(
         self,
         entries: Sequence[Entry],
         check_deliveries: bool = False,
         decoded: DecodedBatch | None = None,
+        stream: StreamClient | None = None,
     ) -> None:
-        """Decode, score, decide and commit one batch atomically (prefetching the next on a backlog)."""
+        """Decode, score, decide and commit one batch of one shard (default: the first) atomically,
+        prefetching the next on a backlog."""
         started = self.monotonic()
         now_ms = int(self.clock() * 1000)
         model = self.model
+        stream = stream or self.stream
+        # A batch comes from one read (new, own pending or reclaimed): its ids ascend.
+        id_range = (entries[0][0], entries[-1][0]) if entries else None
         poison: list[Rejected] = []
         if check_deliveries:
-            entries, poison = self._split_poison(entries)
+            entries, poison = self._split_poison(stream, entries)
         if decoded is None:
             decoded = decode_batch(entries, model.scorer.input_dim, self.max_payload, model.uint8_scale)
         decoded.rejected.extend(poison)
@@ -226,7 +251,7 @@ class Runner:
         backlog = len(entries) >= self._prefetch_from and not check_deliveries
         shadow = self.shadow
         if not (backlog and self.settings.prefetch and not self.stop_event.is_set()):
-            self._score_and_commit(model, shadow, decoded, handled, started, now_ms)
+            self._score_and_commit(stream, model, shadow, decoded, handled, started, now_ms, id_range)
             return
         # A backlog: this batch is scored, committed and recorded on the second thread while this
         # one reads and decodes the next. Both finish before returning, so a batch is still
@@ -234,7 +259,7 @@ class Runner:
         if self._scoring_thread is None:
             self._scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="scoring")
         finishing = self._scoring_thread.submit(
-            self._score_and_commit, model, shadow, decoded, handled, started, now_ms
+            self._score_and_commit, stream, model, shadow, decoded, handled, started, now_ms, id_range
         )
         try:
             self._prefetch(model)
@@ -243,12 +268,14 @@ class Runner:
 
     def _score_and_commit(
         self,
+        stream: StreamClient,
         model: LoadedModel,
         shadow_model: LoadedModel | None,
         decoded: DecodedBatch,
         handled: int,
         started: float,
         now_ms: int,
+        id_range: tuple[bytes, bytes] | None = None,
     ) -> None:
         scores = model.scorer.score_batch(decoded.images)
         decisions = model.rule.decide(scores)
@@ -271,9 +298,20 @@ class Runner:
             with_scores_stream=bool(self.settings.scores_stream),
             shadow=shadow if self.settings.shadow_scores_stream else None,
         )
-        result = self.stream.commit_batch(commit)
-        if result.stale:
-            log.info("entries already acknowledged by another consumer count=%d", result.stale)
+        commit.id_range = id_range
+        result = stream.commit_batch(commit)
+        if result.fenced:
+            # Another consumer owns them now (it reclaimed them while we were slow): it publishes.
+            self.metrics.fenced.inc(result.fenced)
+            log.info("entries fenced count=%d shard=%d", result.fenced, stream.shard)
+        if result.replicas is not None and result.replicas < self.settings.wait_replicas:
+            self.metrics.unreplicated.inc()
+            log.warning(
+                "commit not confirmed by enough replicas replicas=%d wanted=%d timeout_ms=%d",
+                result.replicas,
+                self.settings.wait_replicas,
+                self.settings.wait_timeout_ms,
+            )
         self._record(decoded, scores, decisions, handled, started)
         if shadow is not None:
             self._record_shadow(decisions, shadow)
@@ -288,13 +326,18 @@ class Runner:
             self.metrics.shadow_agreement.set(ratio)
 
     def _prefetch(self, model: LoadedModel) -> None:
-        entries = self.stream.read_new(self.settings.batch_size, None)
-        if entries:
-            decoded = decode_batch(entries, model.scorer.input_dim, self.max_payload, model.uint8_scale)
-            self._prefetched = Prefetched(entries, decoded, model)
+        if not self._ready:
+            batches = self.shards.read_new(self.settings.batch_size, None)
+            self._ready.extend(Prefetched(shard, entries) for shard, entries in batches)
+        if self._ready and self._ready[0].model is not model:
+            ready = self._ready[0]
+            decoded = decode_batch(ready.entries, model.scorer.input_dim, self.max_payload, model.uint8_scale)
+            self._ready[0] = Prefetched(ready.stream, ready.entries, decoded, model)
 
-    def _split_poison(self, entries: Sequence[Entry]) -> tuple[list[Entry], list[Rejected]]:
-        counts = self.stream.delivery_counts([e[0] for e in entries])
+    def _split_poison(
+        self, stream: StreamClient, entries: Sequence[Entry]
+    ) -> tuple[list[Entry], list[Rejected]]:
+        counts = stream.delivery_counts([e[0] for e in entries])
         limit = self.settings.max_deliveries
         keep: list[Entry] = []
         poison: list[Rejected] = []
@@ -365,15 +408,19 @@ class Runner:
         if now < self._next_sample:
             return
         self._next_sample = now + self.settings.lag_sample_seconds
-        state = self.stream.group_state()
-        self.metrics.group_pending.set(state.pending)
-        self.metrics.group_lag.set(math.nan if state.lag is None else state.lag)
-        if self.settings.dead_consumer_idle_ms and now >= self._next_prune:
+        prune = bool(self.settings.dead_consumer_idle_ms) and now >= self._next_prune
+        if prune:
             self._next_prune = now + PRUNE_INTERVAL_SECONDS
-            if removed := self.stream.prune_consumers(self.settings.dead_consumer_idle_ms):
+        for stream in self.shards.streams:
+            state = stream.group_state()
+            shard = str(stream.shard)
+            self.metrics.group_pending.labels(shard).set(state.pending)
+            self.metrics.group_lag.labels(shard).set(math.nan if state.lag is None else state.lag)
+            if prune and (removed := stream.prune_consumers(self.settings.dead_consumer_idle_ms)):
                 log.info(
-                    "removed idle consumers with nothing pending count=%d names=%s",
+                    "removed idle consumers with nothing pending count=%d shard=%s names=%s",
                     len(removed),
+                    shard,
                     ",".join(removed[:10]),
                 )
 
@@ -514,7 +561,7 @@ class Runner:
         self.metrics.redis_up.set(0)
         self.health.redis_ok = False
         self._started = False  # re-read own pending after reconnecting: outcomes are unknown
-        self._prefetched = None  # still pending in Redis: the own-pending read brings it back
+        self._ready.clear()  # still pending in Redis: the own-pending reads bring them back
 
 
 def _is_zero_id(value: bytes | str) -> bool:

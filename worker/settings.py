@@ -35,6 +35,32 @@ class WorkerSettings(BaseSettings):
         description="speak the Redis Cluster protocol; every stream name must hash to one slot, "
         "e.g. {cams}:images, {cams}:anomalies, {cams}:dead-letter",
     )
+    redis_sentinels: str = Field(
+        "",
+        description="host:port,host:port of Redis Sentinels; set, the worker asks them for the primary "
+        "of REDIS_SENTINEL_SERVICE and follows it through failovers (REDIS_URL then only gives the "
+        "database, user and TLS)",
+    )
+    redis_sentinel_service: str = Field("mymaster", description="the service name the Sentinels monitor")
+    shards: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="number of shards; above 1, shard i uses every stream name with the suffix :{i} "
+        "(images:{0}, anomalies:{0}, ...), so each shard's streams share one hash slot",
+    )
+    shard_ids: str = Field(
+        "", description="comma-separated shards this worker consumes, e.g. 0,2,4 (empty: all SHARDS)"
+    )
+    wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="after each commit, WAIT until this many replicas have it (0: off; asynchronous "
+        "replication may lose the last results when a primary fails)",
+    )
+    wait_timeout_ms: int = Field(
+        100, ge=0, description="longest WAIT for WAIT_REPLICAS after a commit (0: wait forever)"
+    )
     redis_password_file: Path | None = Field(
         None, description="file holding the Redis password (a mounted secret); overrides the URL's"
     )
@@ -162,10 +188,64 @@ class WorkerSettings(BaseSettings):
                     f"{what} {path} resolves to {path.resolve()}, outside ANOMALY_ARTIFACT_ROOT {root}"
                 )
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_addresses(cls, value: str) -> str:
+        for address in filter(None, (a.strip() for a in value.split(","))):
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], found {address!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _shard_names(self) -> WorkerSettings:
+        # Shard i appends :{i}; a name with its own braces would pick another hash tag (or none).
+        if self.shards > 1:
+            braced = [name for name in self.stream_names() if "{" in name or "}" in name]
+            if braced:
+                raise ValueError(
+                    f"with ANOMALY_SHARDS={self.shards} stream names get the hash tag :{{shard}} and "
+                    f"may not contain braces, found {braced}"
+                )
+        self.shard_list()
+        if self.redis_cluster and self.redis_sentinels:
+            raise ValueError("ANOMALY_REDIS_CLUSTER and ANOMALY_REDIS_SENTINELS exclude each other")
+        return self
+
+    def shard_list(self) -> list[int]:
+        """The shards this worker consumes: SHARD_IDS, or all of 0..SHARDS-1."""
+        if not self.shard_ids.strip():
+            return list(range(self.shards))
+        try:
+            ids = [int(part) for part in self.shard_ids.split(",") if part.strip()]
+        except ValueError:
+            found = self.shard_ids
+            raise ValueError(f"ANOMALY_SHARD_IDS: expected numbers like 0,2,4, found {found!r}") from None
+        wrong = [i for i in ids if not 0 <= i < self.shards]
+        if wrong or not ids or len(set(ids)) != len(ids):
+            raise ValueError(
+                f"ANOMALY_SHARD_IDS: expected distinct shards in 0..{self.shards - 1} (ANOMALY_SHARDS="
+                f"{self.shards}), found {self.shard_ids!r}"
+            )
+        return ids
+
+    def for_shard(self, shard: int) -> WorkerSettings:
+        """These settings with every stream name of `shard` (unchanged with one shard)."""
+        if self.shards == 1:
+            return self
+        names = ("input_stream", "output_stream", "dead_letter_stream", "scores_stream")
+        update = {
+            name: shard_key(getattr(self, name), shard)
+            for name in (*names, "shadow_scores_stream")
+            if getattr(self, name)
+        }
+        return self.model_copy(update=update)
+
     @model_validator(mode="after")
     def _one_slot_in_cluster_mode(self) -> WorkerSettings:
-        # The commit script touches every stream at once: on a cluster they must share a slot.
-        if self.redis_cluster:
+        # The commit script touches every stream of a shard at once: on a cluster they must share
+        # a slot (with several shards the :{i} suffix gives them one).
+        if self.redis_cluster and self.shards == 1:
             from redis.crc import key_slot
 
             names = self.stream_names()
@@ -231,8 +311,16 @@ class WorkerSettings(BaseSettings):
             "threshold": self.threshold or "artifact",
             "engine": self.engine,
             "shadow": self.shadow_artifact or "off",
+            "shards": ",".join(map(str, self.shard_list())) + f"/{self.shards}",
+            "sentinels": self.redis_sentinels or "off",
+            "wait_replicas": self.wait_replicas,
         }
         return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def shard_key(name: str, shard: int) -> str:
+    """The name of stream `name` in shard `shard`: images -> images:{3} (the braces are the hash tag)."""
+    return f"{name}:{{{shard}}}"
 
 
 # ANOMALY_* variables that belong to other parts of the project (the trainer's data lookup).

@@ -21,7 +21,7 @@ from benchmarks.throughput.plan import GROUP, OUTPUT
 class RedisProcess:
     """A private redis-server on a free port, without persistence."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server is not on the PATH (apt-get install redis-server)")
@@ -41,6 +41,7 @@ class RedisProcess:
                 str(directory),
                 "--logfile",
                 str(directory / "redis.log"),
+                *extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -144,7 +144,11 @@ def test_worker_scores_flags_dead_letters_and_stops_cleanly(worker, redis_server
         },
     )
     # Sampled every ANOMALY_LAG_SAMPLE_SECONDS (5 s): everything was delivered, so it comes to 0.
-    wait_until(lambda: metric_value(metrics_text(port), "anomaly_consumer_group_lag") == 0, 30, what="lag 0")
+    wait_until(
+        lambda: metric_value(metrics_text(port), "anomaly_consumer_group_lag", '{shard="0"}') == 0,
+        30,
+        what="lag 0",
+    )
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0

@@ -49,11 +49,11 @@ def test_commit_is_atomic_and_publishes_only_what_it_acked(redis_client: redis.R
         + [(i, [(DEAD_LETTER, ["reason", "r"])]) for i in ids[1990:]],
     )
     result = s.commit_batch(commit)
-    assert (result.acked, result.published, result.stale) == (2000, 500, 0)
+    assert (result.acked, result.published, result.fenced) == (2000, 500, 0)
     assert redis_client.xlen("out") == 490 and redis_client.xlen("dl") == 10
     assert s.group_state().pending == 0
     again = s.commit_batch(commit)
-    assert (again.acked, again.published, again.stale) == (0, 0, 2000)
+    assert (again.acked, again.published, again.fenced) == (0, 0, 2000)
     assert redis_client.xlen("out") == 490
 
 
@@ -174,7 +174,7 @@ def test_worker_runs_on_redis_6_2_without_group_lag(redis62: Any) -> None:
     runner.drain()
     assert len(stream(client, "anomalies")) == 5 and len(stream(client, "images:dead-letter")) == 1
     assert runner.stream.group_state().lag is None
-    assert np.isnan(runner.metrics.registry.get_sample_value("anomaly_consumer_group_lag"))
+    assert np.isnan(runner.metrics.registry.get_sample_value("anomaly_consumer_group_lag", {"shard": "0"}))
     # XAUTOCLAIM on 6.2 (two-element reply) reclaims a dead consumer's entries.
     dead = make_runner(client, consumer="dead")
     late = push(client, 0.9)

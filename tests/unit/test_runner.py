@@ -134,8 +134,8 @@ def test_group_gauges_show_the_sampled_pending_and_lag(r, make_runner) -> None:
     other.stream.read_new(2, None)  # another worker holds 2 pending; 1 entry not yet delivered
     registry = CollectorRegistry()
     make_runner(registry=registry).run_once()  # samples the group before it reads
-    assert registry.get_sample_value("anomaly_consumer_group_pending") == 2
-    assert registry.get_sample_value("anomaly_consumer_group_lag") == 1
+    assert registry.get_sample_value("anomaly_consumer_group_pending", {"shard": "0"}) == 2
+    assert registry.get_sample_value("anomaly_consumer_group_lag", {"shard": "0"}) == 1
 
 
 def test_scores_stream_gets_every_score_with_flagged_field(r, make_runner) -> None:
