@@ -191,6 +191,7 @@ def test_an_operator_sees_the_newest_anomalies_labels_one_and_retunes_the_thresh
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    print(done.stdout)  # what the operator reads (pytest -s shows it)
     assert "before" in done.stdout and "after" in done.stdout and "precision" in done.stdout
     baseline = json.loads((served / "baseline.json").read_text())
     new = baseline["threshold"]["value"]
