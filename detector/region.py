@@ -59,13 +59,16 @@ def locate_regions(squared_error: np.ndarray, side: int, window: int | None = No
     band = _band(side, w)
     grid = errors.reshape(n, side, side).astype(np.float32, copy=False)
     flat = (band @ grid @ band.T).reshape(n, -1)
-    best = np.argmax(flat, axis=1)
-    y0, x0 = np.divmod(best, side - w + 1)
-    top = flat[np.arange(n), best].astype(np.float64)
+    best = flat.argmax(axis=1)
+    positions = side - w + 1
+    boxes = np.empty((n, 4), np.int64)
+    boxes[:, 1], boxes[:, 0] = np.divmod(best, positions)  # y0, x0
+    boxes[:, 2:] = boxes[:, :2] + w
+    top = np.take_along_axis(flat, best[:, None], axis=1)[:, 0].astype(np.float64)
     total = errors.sum(axis=1, dtype=np.float64)
-    shares = np.divide(top, total, out=np.zeros(n), where=total > 0)
-    boxes = np.stack([x0, y0, x0 + w, y0 + w], axis=1).astype(np.int64)
-    return Regions(boxes, np.clip(shares, 0.0, 1.0))
+    # Zero error: share 0. The window's float32 sum may round a hair above the float64 total.
+    shares = np.minimum(top / np.maximum(total, np.finfo(np.float64).tiny), 1.0) * (total > 0)
+    return Regions(boxes, shares)
 
 
 @functools.lru_cache(maxsize=8)

@@ -125,13 +125,17 @@ def region_cost(artifact: Path, images: np.ndarray, seconds: float) -> dict[str,
     x = images[:256].astype(np.float32) / 255.0
     flagged = rule.decide(scorer.score_batch(x)).flagged
 
-    def ms_per_call(fn: Callable[[], Any]) -> float:
+    def ms_per_call(fn: Callable[[], Any], repeats: int = 5) -> float:
+        """Median of `repeats` timed runs, like the drains: one burst of other jobs moves it less."""
         fn()
-        count, started = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - started) < seconds:
-            fn()
-            count += 1
-        return elapsed / count * 1000.0
+        runs = []
+        for _ in range(repeats):
+            count, started = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - started) < seconds / repeats:
+                fn()
+                count += 1
+            runs.append(elapsed / count * 1000.0)
+        return float(np.median(runs))
 
     with threadpool_limits(1):
         score_ms = ms_per_call(lambda: scorer.score_batch(x))
