@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import numpy as np
+import redis
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -42,7 +43,8 @@ TEMPLATES = Path(__file__).with_name("viewer_templates")
 TOKEN_COOKIE = "anomaly_viewer_token"
 LATEST = 50  # anomalies on the page
 SCAN = 1000  # output entries read to find them (filtering by model version)
-LABELS_SCAN = 10_000  # label entries read to show what is labelled already
+LABELS_SCAN = 10_000
+PICTURES = ("original", "reconstruction", "heatmap")  # label entries read to show what is labelled already
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -148,7 +150,7 @@ class ViewerStore:
         """The input entry, while the input stream still holds it."""
         try:
             found = self.client.xrange(self.input_stream, min=source_id, max=source_id, count=1)
-        except Exception as exc:  # an id Redis refuses (not an entry id): nothing to show
+        except redis.ResponseError as exc:  # an id Redis refuses (not an entry id): nothing to show
             if "Invalid stream ID" in str(exc):
                 return None
             raise
@@ -215,7 +217,7 @@ def build_app(
     """The viewer: `/` the page, `/anomalies` its live list, `/image/...` the pictures, `/label`."""
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     templates = Jinja2Templates(env=env)
-    cache: dict[str, Pictures | None] = {}
+    cache: dict[tuple[str, str], Pictures | None] = {}  # (manifest digest, source_id): a reload redraws
 
     def can_label(request: Request) -> bool:
         return _token_ok(token, request.cookies.get(TOKEN_COOKIE))
@@ -254,14 +256,19 @@ def build_app(
     async def image(request: Request) -> Response:
         kind = request.path_params["kind"]
         source_id = request.path_params["source_id"]
-        if source_id not in cache:
-            try:
-                cache[source_id] = pictures_of(store, model, source_id)
-            except (AnomalyScorerError, ValueError) as exc:
-                return secured(PlainTextResponse(f"no picture: {exc}", status_code=404))
-            if len(cache) > 4 * LATEST:
-                cache.pop(next(iter(cache)))
-        pictures = cache[source_id]
+        if kind not in PICTURES:
+            return secured(
+                PlainTextResponse("pictures are original, reconstruction or heatmap", status_code=404)
+            )
+        try:
+            key = (manifest_digest(model.path), source_id)
+            if key not in cache:
+                cache[key] = pictures_of(store, model, source_id)
+                if len(cache) > 4 * LATEST:
+                    cache.pop(next(iter(cache)))
+        except (AnomalyScorerError, ValueError, OSError) as exc:
+            return secured(PlainTextResponse(f"no picture: {exc}", status_code=404))
+        pictures = cache[key]
         data = None if pictures is None else getattr(pictures, kind, None)
         if not isinstance(data, bytes):
             return secured(
