@@ -145,7 +145,7 @@ def test_an_operator_sees_the_newest_anomalies_labels_one_and_retunes_the_thresh
     [(_, fields)] = client.xrange("anomaly-labels")
     assert fields[b"source_id"].decode() == source_id and fields[b"label"] == b"anomaly"
     wait_until(
-        lambda: "labelled anomaly" in browser.evaluate("document.body.innerText"),
+        lambda: "labelled anomaly" in browser.evaluate("document.body ? document.body.innerText : ''"),
         20,
         0.2,
         what="the page to show the label",
