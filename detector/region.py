@@ -64,7 +64,7 @@ def locate_regions(squared_error: np.ndarray, side: int, window: int | None = No
     boxes = np.empty((n, 4), np.int64)
     boxes[:, 1], boxes[:, 0] = np.divmod(best, positions)  # y0, x0
     boxes[:, 2:] = boxes[:, :2] + w
-    top = np.take_along_axis(flat, best[:, None], axis=1)[:, 0].astype(np.float64)
+    top = flat.max(axis=1).astype(np.float64)
     total = errors.sum(axis=1, dtype=np.float64)
     # Zero error: share 0. The window's float32 sum may round a hair above the float64 total.
     shares = np.minimum(top / np.maximum(total, np.finfo(np.float64).tiny), 1.0) * (total > 0)
