@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 #      combined scores such as mse+transforms+knn.
 # 1.3: the orientation component (orientation_head.npz), the dihedral transformation set, and
 #      score_buckets (the anomaly_score histogram's bounds); 1.2 artifacts load as they are.
-SCHEMA_VERSION = "1.3"
+# 1.4: `retune`, written only by `anomaly-trainer retune` (where a re-tuned threshold came from);
+#      an artifact without it is read by a 1.3 worker with a warning, a re-tuned one is refused.
+SCHEMA_VERSION = "1.4"
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
