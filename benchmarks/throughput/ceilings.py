@@ -121,7 +121,7 @@ def region_cost(artifact: Path, images: np.ndarray, seconds: float) -> dict[str,
     loaded = load_artifact(artifact)
     scorer = NumpyScorer(loaded)
     rule = DecisionRule.from_artifact(loaded)
-    model = LoadedModel(scorer, rule, 1 / 255, "", square_side(scorer.input_dim))
+    model = LoadedModel(scorer, rule, 1 / 255, "", region_side=square_side(scorer.input_dim))
     x = images[:256].astype(np.float32) / 255.0
     flagged = rule.decide(scorer.score_batch(x)).flagged
 
