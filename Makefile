@@ -57,6 +57,7 @@ lock: $(STAMP)
 	$(LOCK) -o requirements/worker.txt
 	$(LOCK) --extra tensorflow -o requirements/tensorflow.txt
 	$(LOCK) --extra train -o requirements/train.txt
+	$(LOCK) --extra viewer -o requirements/viewer.txt
 	$(LOCK) --extra dev -o requirements/dev.txt
 
 clean:

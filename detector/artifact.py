@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 #      combined scores such as mse+transforms+knn.
 # 1.3: the orientation component (orientation_head.npz), the dihedral transformation set, and
 #      score_buckets (the anomaly_score histogram's bounds); 1.2 artifacts load as they are.
-SCHEMA_VERSION = "1.3"
+# 1.4: `retune`, written only by `anomaly-trainer retune` (where a re-tuned threshold came from);
+#      an artifact without it is read by a 1.3 worker with a warning, a re-tuned one is refused.
+SCHEMA_VERSION = "1.4"
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
@@ -155,6 +157,40 @@ class Training(_Strict):
     tensorflow_version: str
 
 
+class RateEstimate(_Strict):
+    """A proportion with its 95% Wilson interval (None where there was nothing to count)."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+    successes: int = Field(ge=0)
+    trials: int = Field(ge=0)
+
+
+class AlertEstimate(_Strict):
+    """Precision and recall of alerts at a threshold by operators' labels, FPR by normal scores."""
+
+    threshold: float
+    precision: RateEstimate
+    recall: RateEstimate = Field(description="relative to the alerts labelled anomaly")
+    fpr: RateEstimate = Field(description="held-out normal errors plus the alerts labelled normal")
+
+
+class Retune(_Strict):
+    """Where a re-tuned threshold came from (`anomaly-trainer retune`)."""
+
+    labels_stream: str
+    labels_redis: str = Field(description="the Redis URL, without its password")
+    labels_read: int = Field(ge=0, description="entries read from the labels stream")
+    labels_last_id: str = Field(description="the stream id of the last entry read")
+    labels_used: int = Field(ge=0, description="labelled alerts of this model with a score")
+    target: str = Field(description="e.g. precision>=0.9 or fpr<=0.01")
+    previous_threshold: Threshold
+    before: AlertEstimate
+    after: AlertEstimate
+    retuned_at: str
+
+
 class Baseline(_Strict):
     """baseline.json: everything the worker needs besides the model weights."""
 
@@ -179,6 +215,7 @@ class Baseline(_Strict):
     )
     calibration_errors_file: str = ERRORS_FILE
     training: Training
+    retune: Retune | None = None  # written only by `anomaly-trainer retune`
 
     @model_validator(mode="after")
     def _score_has_its_parameters(self) -> Baseline:
@@ -435,10 +472,11 @@ def _unused(baseline: Baseline) -> dict[str, Any] | None:
     """Score fields left out when unset, so older workers still read what they can score: a 1.0
     worker an mse artifact, a 1.1 worker an nmse, top-k or mahalanobis one."""
     params = baseline.score_parameters
+    unused: dict[str, Any] = {} if baseline.retune is not None else {"retune": True}
     if params is None:
-        return {"score_parameters": True}
+        return unused | {"score_parameters": True}
     unset = {name for name, value in params if value is None}
-    return {"score_parameters": unset} if unset else None
+    return (unused | {"score_parameters": unset}) if unset else unused or None
 
 
 def save_errors(path: Path, errors: np.ndarray) -> None:

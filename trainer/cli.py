@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
 from detector.components.transforms import TRANSFORM_SETS
@@ -257,7 +258,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for the JSON and markdown results (default: benchmarks/results/ of the project)",
     )
     b.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "WARNING"))
+    _add_retune_parser(sub)
     return parser
+
+
+def _add_retune_parser(sub: Any) -> None:
+    rt = sub.add_parser(
+        "retune",
+        help="a new artifact version with a threshold chosen from operators' labels",
+        description="Read the labels stream (anomaly-viewer writes it), choose the threshold that "
+        "meets the target from the labelled alerts and the held-out normal errors, and write the "
+        "same model with that threshold to --out (the artifact itself is fine: it is replaced "
+        "atomically and workers serving it reload it). Prints precision and recall before and after.",
+    )
+    rt.add_argument("artifact", type=Path, help="artifact directory whose alerts were labelled")
+    rt.add_argument("--labels", required=True, metavar="REDIS_URL", help="Redis holding the labels stream")
+    rt.add_argument(
+        "--labels-stream",
+        default=os.environ.get("ANOMALY_LABELS_STREAM", "anomaly-labels"),
+        help="labels stream (default: $ANOMALY_LABELS_STREAM or anomaly-labels)",
+    )
+    target = rt.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--target-precision", type=float, metavar="P", help="lowest threshold with precision >= P"
+    )
+    target.add_argument("--target-fpr", type=float, metavar="F", help="lowest threshold with FPR <= F")
+    rt.add_argument(
+        "--out", required=True, type=Path, help="artifact directory to write (replaced atomically)"
+    )
+    rt.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "WARNING"))
 
 
 def _score(text: str) -> str:
@@ -293,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
-    import_keras_quietly()  # every command trains or runs a Keras model
+    if args.command == "retune":  # no Keras: the model is copied, not run
+        return _retune(args)
+    import_keras_quietly()  # every other command trains or runs a Keras model
     from detector.datasets import DatasetError, load_dataset
     from detector.errors import ArtifactError, ThresholdPolicyError
     from trainer.train import TrainConfig, train
@@ -445,4 +476,48 @@ def _benchmark(args: argparse.Namespace) -> int:
     print(result.table())
     json_path, md_path = write_results(result, args.out_dir or RESULTS_DIR)
     print(f"wall time {result.wall_seconds:.0f}s; written: {json_path}, {md_path}")
+    return 0
+
+
+def _retune(args: argparse.Namespace) -> int:
+    import redis
+
+    from detector.errors import AnomalyScorerError
+    from detector.retune import Target
+    from trainer.retune import read_labels, redacted, retune_artifact, summary
+
+    try:
+        target = (
+            Target("precision", args.target_precision)
+            if args.target_precision is not None
+            else Target("fpr", args.target_fpr)
+        )
+    except ValueError as exc:
+        print(f"anomaly-trainer: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        client = redis.Redis.from_url(args.labels, socket_timeout=30.0, socket_connect_timeout=5.0)
+        try:
+            labels = read_labels(client, args.labels_stream)
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError) as exc:
+        print(
+            f"anomaly-trainer: error: cannot read {args.labels_stream} from {redacted(args.labels)}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        result = retune_artifact(
+            args.artifact,
+            args.out,
+            labels,
+            target,
+            labels_stream=args.labels_stream,
+            labels_url=args.labels,
+        )
+    except (AnomalyScorerError, ValueError, OSError) as exc:
+        print(f"anomaly-trainer: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary(result, args.labels_stream)))
     return 0

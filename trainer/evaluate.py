@@ -282,8 +282,12 @@ def thresholds_for(
     own_score: str = "mse",
 ) -> dict[str, float | None]:
     """The artifact's threshold for its own score; the same policy on calibration scores for the others."""
-    policy = parse_policy(policy_text)
     out: dict[str, float | None] = {own_score: own_threshold}
+    try:
+        policy = parse_policy(policy_text)
+    except ThresholdPolicyError:  # a re-tuned threshold (`retune`) is a value, not a policy
+        log.warning("no threshold for the other scores: policy %r is not a rule", policy_text)
+        return out | {name: None for name in calibration_scores if name != own_score}
     for name, values in calibration_scores.items():
         if name == own_score:
             continue

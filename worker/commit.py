@@ -3,6 +3,7 @@ streams, dead letters with their reasons. `StreamClient.commit_batch` sends them
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,9 +54,11 @@ def build_commit(
     now_ms: int,
     with_scores_stream: bool,
     shadow: ShadowBatch | None = None,
+    regions: Mapping[int, tuple[str, float]] | None = None,
 ) -> Commit:
     """Pure: the writes of one batch (outputs for flagged rows, dead letters, optional scores, and
-    with a `shadow` batch the candidate's decision on every scored row to the shadow stream)."""
+    with a `shadow` batch the candidate's decision on every scored row to the shadow stream; a row
+    in `regions` gets its `region` and `region_share`)."""
     commit = Commit()
     threshold_text = repr(float(threshold))
     for i, entry_id in enumerate(decoded.ids):
@@ -73,6 +76,8 @@ def build_commit(
             "model_version": model_version,
             "scored_at_ms": now_ms,
         }
+        if regions and (region := regions.get(i)) is not None:
+            fields["region"], fields["region_share"] = region
         adds: list[tuple[int, list[bytes | str]]] = []
         if flagged:
             adds.append((OUTPUT, flat_fields(fields)))

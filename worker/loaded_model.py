@@ -15,6 +15,7 @@ import numpy as np
 from detector.artifact import MANIFEST_FILE
 from detector.errors import AnomalyScorerError, ArtifactError
 from detector.loading import load_scorer
+from detector.region import locate_regions, square_side
 from detector.thresholds import score_buckets
 from worker.scoring import DecisionRule
 from worker.settings import WorkerSettings
@@ -31,6 +32,10 @@ class BatchScorer(Protocol):
         """Per-row score of a (n, D) float32 batch."""
         ...
 
+    def squared_error(self, images: np.ndarray) -> np.ndarray:
+        """Per-pixel squared reconstruction error of a (n, D) batch (for the region)."""
+        ...
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -42,6 +47,21 @@ class LoadedModel:
     manifest_digest: str
     # The anomaly_score histogram's bounds: the artifact's, or derived from its held-out scores.
     score_buckets: tuple[float, ...] | None = None
+    region_side: int | None = None  # square images only: where the error is (detector.region)
+
+    def locate(
+        self, images: np.ndarray, flagged: np.ndarray, every_row: bool = False
+    ) -> dict[int, tuple[str, float]]:
+        """Batch row -> (`region`, `region_share`) for the flagged rows (every row when the scores
+        stream is on); nothing for images that are not square. The reconstruction is redone for
+        those rows only: a few percent of a batch, so the forward pass of the rest stays cheap."""
+        if self.region_side is None or not len(images):
+            return {}
+        rows = np.arange(len(images)) if every_row else np.flatnonzero(flagged)
+        if not rows.size:
+            return {}
+        regions = locate_regions(self.scorer.squared_error(images[rows]), self.region_side)
+        return {int(row): (regions.field(i), float(regions.shares[i])) for i, row in enumerate(rows)}
 
 
 ModelLoader = Callable[[], LoadedModel]
@@ -78,4 +98,11 @@ def load_model(settings: WorkerSettings, shadow: bool = False) -> LoadedModel:
         buckets = tuple(recorded)
     else:  # an artifact before schema 1.3, or ANOMALY_THRESHOLD moved the threshold
         buckets = score_buckets(artifact.calibration_errors, rule.threshold)
-    return LoadedModel(scorer, rule, artifact.baseline.preprocessing.uint8_scale, digest, buckets)
+    return LoadedModel(
+        scorer,
+        rule,
+        artifact.baseline.preprocessing.uint8_scale,
+        digest,
+        buckets,
+        region_side=square_side(scorer.input_dim),
+    )

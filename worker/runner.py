@@ -279,6 +279,7 @@ class Runner:
     ) -> None:
         scores = model.scorer.score_batch(decoded.images)
         decisions = model.rule.decide(scores)
+        regions = model.locate(decoded.images, decisions.flagged, every_row=bool(self.settings.scores_stream))
         shadow = None
         if shadow_model is not None and len(decoded.ids):
             shadow_scores = shadow_model.scorer.score_batch(decoded.images)
@@ -297,6 +298,7 @@ class Runner:
             now_ms=now_ms,
             with_scores_stream=bool(self.settings.scores_stream),
             shadow=shadow if self.settings.shadow_scores_stream else None,
+            regions=regions,
         )
         commit.id_range = id_range
         result = stream.commit_batch(commit)

@@ -137,6 +137,13 @@ class WorkerSettings(BaseSettings):
     shadow_scores_maxlen: int = Field(
         1_000_000, ge=0, description="approximate cap of the shadow scores stream"
     )
+    # anomaly-viewer's (the worker ignores them; they live here so one environment serves both).
+    labels_stream: StreamKey = Field(
+        "anomaly-labels", description="stream of operators' labels of alerts (anomaly-viewer writes it)"
+    )
+    viewer_token: SecretStr | None = Field(
+        None, description="anomaly-viewer: the token that allows labelling (unset: the page is read-only)"
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
 from benchmarks.throughput.helpers import StreamReply, log
 from benchmarks.throughput.plan import BARE_GROUP, DIM, NAIVE_GROUP
-from benchmarks.throughput.project import KerasScorer, NumpyScorer, load_artifact, reconstruction_errors
+from benchmarks.throughput.project import (
+    DecisionRule,
+    KerasScorer,
+    LoadedModel,
+    NumpyScorer,
+    load_artifact,
+    reconstruction_errors,
+    square_side,
+)
 from benchmarks.throughput.session import Bench
 
 
@@ -107,3 +116,41 @@ def naive_per_message(bench: Bench, model: Any) -> float:
         bench.r.xack(stream, NAIVE_GROUP, entry_id)
         done += 1
     return done / (time.perf_counter() - started)
+
+
+def region_cost(artifact: Path, images: np.ndarray, seconds: float) -> dict[str, float]:
+    """What the `region` fields cost per batch of 256 digits (numpy engine, one BLAS thread as the
+    worker runs): the worker's path (re-reconstruct the flagged rows, locate their windows) and the
+    scores-stream path (every row), in ms, and as a share of `score_batch` on the same batch."""
+    from threadpoolctl import threadpool_limits
+
+    loaded = load_artifact(artifact)
+    scorer = NumpyScorer(loaded)
+    rule = DecisionRule.from_artifact(loaded)
+    model = LoadedModel(scorer, rule, 1 / 255, "", region_side=square_side(scorer.input_dim))
+    x = images[:256].astype(np.float32) / 255.0
+    flagged = rule.decide(scorer.score_batch(x)).flagged
+
+    def ms_per_call(fn: Callable[[], Any], repeats: int = 5) -> float:
+        """Median of `repeats` timed runs, like the drains: one burst of other jobs moves it less."""
+        fn()
+        runs = []
+        for _ in range(repeats):
+            count, started = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - started) < seconds / repeats:
+                fn()
+                count += 1
+            runs.append(elapsed / count * 1000.0)
+        return float(np.median(runs))
+
+    with threadpool_limits(1):
+        score_ms = ms_per_call(lambda: scorer.score_batch(x))
+        flagged_ms = ms_per_call(lambda: model.locate(x, flagged))
+        every_ms = ms_per_call(lambda: model.locate(x, flagged, every_row=True))
+    return {
+        "batch": 256.0,
+        "flagged_rows": float(np.count_nonzero(flagged)),
+        "score_batch_ms": score_ms,
+        "region_flagged_ms": flagged_ms,
+        "region_every_row_ms": every_ms,
+    }

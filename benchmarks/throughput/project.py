@@ -8,10 +8,22 @@ import numpy as np
 from detector.artifact import load_artifact
 from detector.engines.keras_engine import KerasScorer
 from detector.engines.numpy_engine import NumpyScorer
+from detector.region import square_side
 from trainer.models import reconstruction_errors
 from worker.codec import encode_image
+from worker.loaded_model import LoadedModel
+from worker.scoring import DecisionRule
 
-__all__ = ["KerasScorer", "NumpyScorer", "load_artifact", "payloads", "reconstruction_errors"]
+__all__ = [
+    "DecisionRule",
+    "KerasScorer",
+    "LoadedModel",
+    "NumpyScorer",
+    "load_artifact",
+    "payloads",
+    "reconstruction_errors",
+    "square_side",
+]
 
 
 def payloads(images: np.ndarray, dtype: str) -> list[bytes]:

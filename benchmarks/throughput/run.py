@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from benchmarks.throughput.ceilings import naive_per_message, scoring_ceiling
+from benchmarks.throughput.ceilings import naive_per_message, region_cost, scoring_ceiling
 from benchmarks.throughput.drains import Drain, measure
 from benchmarks.throughput.helpers import log
 from benchmarks.throughput.paced import paced_run
@@ -127,10 +127,24 @@ def run(
             else:
                 bench.stop_worker(worker)
         results["drains"] = [{**asdict(d), "rate": d.rate, "bare": d.bare, "ratio": d.ratio} for d in drains]
+        results["region_cost"] = region = region_cost(
+            bench.artifact, bench.images, bench.plan.ceiling_seconds
+        )
         results["ready_seconds"] = ready
 
         single = next(
             d for d in drains if (d.dtype, d.batch_size, d.workers, d.engine) == ("uint8", 256, 1, "numpy")
+        )
+        # The worker's time per batch of 256 in its drain: what the region adds to, on the same machine.
+        batch_ms = 256 / single.rate * 1000.0
+        region["worker_batch_ms"] = batch_ms
+        region["share_of_worker_batch"] = region["region_flagged_ms"] / batch_ms
+        region["share_of_worker_batch_every_row"] = region["region_every_row_ms"] / batch_ms
+        log(
+            f"region: {region['region_flagged_ms']:.3f} ms per batch of 256 ({region['flagged_rows']:.0f} "
+            f"flagged) = {region['share_of_worker_batch']:.1%} of the worker's {batch_ms:.2f} ms; "
+            f"every row (scores stream on) {region['region_every_row_ms']:.3f} ms "
+            f"= {region['share_of_worker_batch_every_row']:.1%}"
         )
         half = single.rate / 2
         if main is None:

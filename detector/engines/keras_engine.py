@@ -56,6 +56,7 @@ class KerasScorer:
             np.ones(self.input_dim, np.float32),
         )
         model = self.model
+        self._scaling = (mean, inv_std)
         mean_t = tf.constant(mean)
         inv_std_t = tf.constant(inv_std)
         self.score = score = artifact.score
@@ -116,6 +117,15 @@ class KerasScorer:
                     ForwardPass(outputs[0], outputs[1], tuple(outputs[2:]))
                 )
         return out
+
+    def squared_error(self, images: np.ndarray) -> np.ndarray:
+        """Per-pixel squared reconstruction error of a (n, D) batch, in model space (an eager call:
+        the worker asks for the few flagged rows only)."""
+        check_width(images, self.input_dim)
+        mean, inv_std = self._scaling
+        z = (np.asarray(images, np.float32) - mean) * inv_std
+        recon = np.asarray(self.model(self._tf.constant(z), training=False))
+        return np.square(z - recon)
 
 
 def encoder_layers_model(model: Any) -> Any:

@@ -52,3 +52,14 @@ class NumpyScorer:
         np.subtract(x, residual, out=residual)
         per_row = np.einsum("ij,ij->i", residual, residual)
         return per_row.astype(np.float64) / self.input_dim
+
+    def squared_error(self, images: np.ndarray) -> np.ndarray:
+        """Per-pixel squared reconstruction error of a (n, D) batch, in model space (what mse averages)."""
+        check_width(images, self.input_dim)
+        x = np.asarray(images, np.float32)
+        if self._standardization is not None:
+            mean, inv_std = self._standardization
+            x = (x - mean) * inv_std
+        residual = self.stack.reconstruct(x)
+        np.subtract(x, residual, out=residual)
+        return np.square(residual, out=residual)

@@ -79,3 +79,24 @@ def test_build_time_training_command_is_accepted_by_the_trainer() -> None:
 def test_trainer_parser_rejects_an_unknown_flag() -> None:
     with pytest.raises(SystemExit):
         _trainer_parse(["train", "--dataset", "mnist", "--out", "/tmp/x", "--epocs", "3"])
+
+
+def test_viewer_image_entrypoint_is_accepted_by_the_viewer() -> None:
+    from worker.viewer_cli import build_parser
+
+    steps = instructions_of("viewer")
+    entrypoint = json.loads([args for kw, args in steps if kw == "ENTRYPOINT"][-1])
+    assert entrypoint[0] == "anomaly-viewer"
+    args = build_parser().parse_args(entrypoint[1:])
+    assert (args.host, args.port) == ("0.0.0.0", 9500)
+    assert "9500" in [a for kw, a in steps if kw == "EXPOSE"]
+
+
+def test_compose_viewer_publishes_the_viewer_port_on_localhost_only(compose: dict[str, Any]) -> None:
+    viewer = compose["services"]["viewer"]
+    assert viewer["build"]["target"] == "viewer"
+    assert viewer["ports"] == ["127.0.0.1:9500:9500"]
+    assert (
+        viewer["environment"]["ANOMALY_OUTPUT_STREAM"]
+        == compose["services"]["worker"]["environment"]["ANOMALY_OUTPUT_STREAM"]
+    )

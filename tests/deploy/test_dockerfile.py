@@ -135,6 +135,7 @@ def _installed_lock_files(target: str) -> list[str]:
         ("worker-baked", "requirements/worker.txt"),
         ("worker-tensorflow", "requirements/tensorflow.txt"),
         ("trainer", "requirements/train.txt"),
+        ("viewer", "requirements/viewer.txt"),
     ],
 )
 def test_each_image_installs_its_profile_lock_file(target: str, lock_file: str) -> None:

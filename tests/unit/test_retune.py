@@ -1,0 +1,147 @@
+"""Re-tuning the threshold from labelled alerts and held-out normal errors (pure), and the artifact
+`retune` writes: the same model, the new threshold, where the labels came from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import fakeredis
+import numpy as np
+import pytest
+
+from detector.artifact import load_artifact
+from detector.labels import Label
+from detector.retune import MIN_LABELS, Target, TargetUnreachable, TooFewLabels, retune, wilson
+from trainer.cli import main as trainer_main
+from trainer.retune import read_labels, retune_artifact
+
+HELDOUT = np.linspace(0.0, 1.0, 1001)  # held-out normal errors, threshold 0.9 flags 10%
+
+
+def labelled(normal_scores: list[float], anomaly_scores: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.array(normal_scores + anomaly_scores)
+    return scores, np.array([False] * len(normal_scores) + [True] * len(anomaly_scores))
+
+
+def test_wilson_intervals_hold_the_estimate_and_stay_in_0_1() -> None:
+    i = wilson(9, 10)
+    assert i.value == 0.9 and 0.59 < i.low < 0.6 and 0.98 < i.high < 0.99
+    assert wilson(0, 5).low == 0.0 and wilson(5, 5).high == 1.0
+    assert np.isnan(wilson(0, 0).value)
+
+
+def test_a_precision_target_raises_the_threshold_past_the_false_positives() -> None:
+    # Alerts above 0.9: false positives score 0.91-0.95, true anomalies 0.96 and up.
+    scores, is_anomaly = labelled([0.91, 0.92, 0.93, 0.94, 0.95], [0.96 + 0.01 * i for i in range(15)])
+    result = retune(scores, is_anomaly, HELDOUT, current=0.9, target=Target("precision", 0.9))
+    assert result.before.precision.value == pytest.approx(15 / 20)
+    assert result.threshold == pytest.approx(0.94)  # the lowest with precision >= 0.9: 15 / 16
+    assert result.after.precision.value == pytest.approx(15 / 16)
+    assert result.after.recall.value == 1.0  # every anomaly labelled is still caught
+    assert result.after.fpr.value < result.before.fpr.value
+
+
+def test_a_precision_target_keeps_the_current_threshold_when_it_is_met_already() -> None:
+    scores, is_anomaly = labelled([0.91], [0.92 + 0.01 * i for i in range(19)])
+    result = retune(scores, is_anomaly, HELDOUT, current=0.9, target=Target("precision", 0.9))
+    assert result.threshold == 0.9
+
+
+def test_an_fpr_target_counts_the_alerts_labelled_normal_as_normal_images() -> None:
+    scores, is_anomaly = labelled([0.995] * 10, [2.0] * 10)
+    without_labels = float(np.quantile(HELDOUT, 0.99, method="higher"))
+    result = retune(scores, is_anomaly, HELDOUT, current=0.9, target=Target("fpr", 0.01))
+    # 1011 normal scores, 10 allowed above: the ten false positives at 0.995 push it above them.
+    assert result.threshold >= without_labels
+    assert result.after.fpr.successes <= 10
+    assert result.after.recall.value == 1.0
+
+
+def test_too_few_labels_for_the_target_is_refused_with_the_rule() -> None:
+    scores, is_anomaly = labelled([0.95], [1.0] * (MIN_LABELS - 2))
+    with pytest.raises(
+        TooFewLabels, match=r"needs labelled alerts .* at least max\(10, 1/\(1-P\)\) = 10 .* found 9"
+    ):
+        retune(scores, is_anomaly, HELDOUT, 0.9, Target("precision", 0.9))
+    scores, is_anomaly = labelled([0.95] * 5, [1.0] * 45)
+    with pytest.raises(TooFewLabels, match=r"= 100 for precision 0\.99; found 50"):
+        retune(scores, is_anomaly, HELDOUT, 0.9, Target("precision", 0.99))
+
+
+def test_a_target_the_labels_cannot_support_is_refused() -> None:
+    scores, is_anomaly = labelled([1.5] * 10, [1.0] * 10)  # every false positive scores highest
+    with pytest.raises(TargetUnreachable, match="best the labels support is precision"):
+        retune(scores, is_anomaly, HELDOUT, 0.9, Target("precision", 0.9))
+
+
+def test_a_target_outside_0_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        Target("precision", 1.0)
+
+
+# -- the artifact retune writes ----------------------------------------------------------------
+def labels_stream(r: fakeredis.FakeRedis, version: str, scores: np.ndarray, is_anomaly: np.ndarray) -> None:
+    for i, (score, anomaly) in enumerate(zip(scores, is_anomaly, strict=True)):
+        label = Label(f"{i + 1}-0", "anomaly" if anomaly else "normal", version, float(score), 1, "test")
+        r.xadd("anomaly-labels", label.fields())  # type: ignore[arg-type]
+    r.xadd("anomaly-labels", Label("99-0", "normal", "another-model", 0.1, 1, "test").fields())  # type: ignore[arg-type]
+
+
+def test_retune_writes_the_same_model_with_the_new_threshold_and_where_it_came_from(
+    tiny_artifact: Path, tmp_path: Path
+) -> None:
+    source = load_artifact(tiny_artifact)
+    t0 = source.baseline.threshold.value
+    scores, is_anomaly = labelled([t0 * 1.1] * 4, [t0 * 2 + i * 1e-3 for i in range(16)])
+    r = fakeredis.FakeRedis()
+    labels_stream(r, source.baseline.model_version, scores, is_anomaly)
+    out = tmp_path / "retuned"
+    result = retune_artifact(
+        tiny_artifact,
+        out,
+        read_labels(r, "anomaly-labels"),
+        Target("precision", 0.95),
+        labels_stream="anomaly-labels",
+        labels_url="redis://:secret@labels:6379/0",
+    )
+    new = load_artifact(out)  # checksums recomputed: it verifies
+    assert new.model_bytes == source.model_bytes
+    assert new.baseline.model_version == source.baseline.model_version
+    assert new.baseline.threshold.value == pytest.approx(t0 * 1.1)
+    assert new.baseline.threshold.policy == "retuned precision>=0.95"
+    record = json.loads((out / "baseline.json").read_text())["retune"]
+    assert record["labels_stream"] == "anomaly-labels"
+    assert record["labels_redis"] == "redis://:***@labels:6379/0"
+    assert record["labels_read"] == 21 and record["labels_used"] == 20
+    assert record["labels_last_id"] == r.xrevrange("anomaly-labels", count=1)[0][0].decode()
+    assert record["before"]["precision"]["value"] == pytest.approx(0.8)
+    assert record["after"]["precision"]["value"] == 1.0
+    assert record["previous_threshold"]["value"] == t0
+    assert result.other_model == 1
+    assert "secret" not in (out / "baseline.json").read_text()
+
+
+def test_an_artifact_never_retuned_has_no_retune_record(tiny_artifact: Path) -> None:
+    assert "retune" not in json.loads((tiny_artifact / "baseline.json").read_text())
+
+
+def test_the_cli_refuses_too_few_labels_and_leaves_the_artifact_alone(
+    tiny_artifact: Path, tmp_path: Path, redis_server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client = redis_server.client()
+    client.delete("few-labels")
+    version = load_artifact(tiny_artifact).baseline.model_version
+    for i in range(3):
+        client.xadd("few-labels", Label(f"{i + 1}-0", "normal", version, 1.0, 1, "t").fields())  # type: ignore[arg-type]
+    served = tmp_path / "served"
+    shutil.copytree(tiny_artifact, served)
+    before = (served / "manifest.json").read_bytes()
+    argv = ["retune", str(served), "--labels", redis_server.url, "--labels-stream", "few-labels"]
+    code = trainer_main([*argv, "--target-precision", "0.9", "--out", str(served)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "needs labelled alerts of this model with scores, at least max(10, 1/(1-P)) = 10" in err
+    assert "found 3 (0 anomaly, 3 normal)" in err
+    assert (served / "manifest.json").read_bytes() == before

@@ -1,0 +1,113 @@
+"""anomaly-viewer: the operator's page of the latest anomalies, from the same ANOMALY_* settings as
+the worker (Redis, streams, artifact) plus ANOMALY_LABELS_STREAM and ANOMALY_VIEWER_TOKEN."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from detector.errors import AnomalyScorerError
+from worker.settings import WorkerSettings, unknown_variables
+
+log = logging.getLogger("worker.viewer")
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """--host and --port; everything else comes from ANOMALY_* variables."""
+    parser = argparse.ArgumentParser(
+        prog="anomaly-viewer",
+        description="Serve a page of the latest anomalies (original, reconstruction, error heatmap, "
+        "region) that updates live, and label them with one click (with ANOMALY_VIEWER_TOKEN). "
+        "Reads ANOMALY_REDIS_URL, ANOMALY_INPUT_STREAM, ANOMALY_OUTPUT_STREAM, ANOMALY_ARTIFACT, "
+        "ANOMALY_LABELS_STREAM and ANOMALY_VIEWER_TOKEN like the worker does.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=9500, help="port to listen on (default: 9500)")
+    return parser
+
+
+def make_client(settings: WorkerSettings) -> Any:
+    """A Redis client for the viewer's few reads and writes (redis-py's own retry)."""
+    import redis
+
+    kwargs: dict[str, Any] = {
+        "socket_timeout": 10.0,
+        "socket_connect_timeout": 5.0,
+        "client_name": "anomaly-viewer",
+    }
+    if (password := settings.redis_password()) is not None:
+        kwargs["password"] = password
+    if settings.redis_cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.redis_url.get_secret_value(), **kwargs)
+    return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of anomaly-viewer."""
+    args = build_parser().parse_args(argv)
+    if unknown := unknown_variables(dict(os.environ)):
+        print("anomaly-viewer: " + "\n".join(unknown), file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        settings = WorkerSettings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "ANOMALY_" + ".".join(str(p) for p in error["loc"]).upper()
+            print(f"anomaly-viewer: invalid setting {name}: {error['msg']}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if settings.artifact is None:
+        print(
+            "anomaly-viewer: ANOMALY_ARTIFACT is not set; expected the served artifact directory",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        import uvicorn
+
+        from worker.viewer import ModelSource, ViewerStore, build_app
+    except ImportError as exc:
+        print(
+            f"anomaly-viewer: {exc.name} is not installed; "
+            "install the extra: pip install 'anomaly-scorer[viewer]'",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    model = ModelSource(settings.artifact)
+    try:
+        model.current()  # refuse a broken artifact at start, not at the first picture
+    except (AnomalyScorerError, OSError) as exc:
+        print(f"anomaly-viewer: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    store = ViewerStore(
+        make_client(settings), settings.input_stream, settings.output_stream, settings.labels_stream
+    )
+    token = settings.viewer_token.get_secret_value() if settings.viewer_token else None
+    app = build_app(store, model, token)
+    log.info(
+        "viewer starting url=http://%s:%d/ redis=%s output=%s labels=%s labelling=%s",
+        args.host,
+        args.port,
+        settings.redacted_redis_url(),
+        settings.output_stream,
+        settings.labels_stream,
+        "on" if token else "off",
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
