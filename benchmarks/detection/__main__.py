@@ -164,6 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [DETECTORS[int(i)] for i in args.only.split(",")] if args.only else list(DETECTORS)
     extra = ("--max-samples", "5000", "--epochs", "2", "--transform-epochs", "1") if args.quick else ()
     mnist, fashion = datasets(args.fashion_dir)
+    previous = args.out / f"detection{'-quick' if args.quick else ''}.json"
+    kept: dict[str, dict[str, Any]] = {}
+    if args.no_one_class and previous.is_file():
+        earlier = json.loads(previous.read_text())
+        kept = {
+            r["label"]: {
+                "one_class": r["one_class"],
+                "finished": r.get("one_class_from", earlier.get("finished")),
+            }
+            for r in earlier["rows"]
+            if r.get("one_class")
+        }
     rows: list[dict[str, Any]] = []
     artifacts = {}
     for detector in chosen:
@@ -180,14 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             row["served"] = rates[row["label"]]
         write_results(rows, args.out, args.quick, started)
-    previous = args.out / f"detection{'-quick' if args.quick else ''}.json"
-    if args.no_one_class and previous.is_file():  # keep the last run's one-class results (slow to redo)
-        earlier = json.loads(previous.read_text())
-        kept = {r["label"]: r for r in earlier["rows"] if r.get("one_class")}
+    if args.no_one_class:  # keep the last run's one-class results (slow to redo), read before any write
         for row in rows:
             if row["label"] in kept:
                 row["one_class"] = kept[row["label"]]["one_class"]
-                row["one_class_from"] = earlier.get("finished", "an earlier run")
+                row["one_class_from"] = kept[row["label"]]["finished"]
     if not args.no_one_class:
         classes = [0, 1] if args.quick else list(range(10))
         for row, detector in zip(rows, chosen, strict=True):
