@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +15,7 @@ from benchmarks.detection.kinds import FASHION, SEEN, UNSEEN
 from benchmarks.throughput.drains import Drain, measure
 from benchmarks.throughput.helpers import log
 from benchmarks.throughput.plan import CACHE, GROUP, QUICK, STREAMS
+from benchmarks.throughput.run import trained
 from benchmarks.throughput.session import bench_session
 from detector.datasets import Dataset, load_dataset
 from detector.loading import load_scorer
@@ -30,20 +28,9 @@ SEED = 0
 def train(detector: Detector, slug: str, extra: tuple[str, ...]) -> tuple[Path, float]:
     """The detector's artifact (cached when trained by the same command) and its training seconds."""
     out = CACHE / "detection" / slug
-    argv = ["train", *detector.train_flags, *extra, "--seed", str(SEED), "--no-report", "--out", str(out)]
-    recorded = out.with_suffix(".argv.json")
-    if not (
-        (out / "manifest.json").is_file() and recorded.is_file() and json.loads(recorded.read_text()) == argv
-    ):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        log(f"training {detector.label}: anomaly-trainer {' '.join(argv)}")
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-        done = subprocess.run(
-            [sys.executable, "-m", "trainer", *argv], env=env, capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise SystemExit(f"training failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-        recorded.write_text(json.dumps(argv))
+    trained(
+        out, ["train", *detector.train_flags, *extra, "--seed", str(SEED), "--no-report", "--out", str(out)]
+    )
     baseline = json.loads((out / "baseline.json").read_text())
     return out, float(baseline["training"]["duration_seconds"])
 

@@ -40,13 +40,18 @@ def ensure_artifact(
     if given is not None:
         return given
     out = CACHE / f"{slug}-{plan.name}"
-    argv = ["train", *flags, *plan.train_args, "--seed", "0", "--no-report", "--out", str(out)]
+    return trained(out, ["train", *flags, *plan.train_args, "--seed", "0", "--no-report", "--out", str(out)])
+
+
+def trained(out: Path, argv: list[str]) -> Path:
+    """`anomaly-trainer ARGV` writing `out`, unless `out` holds an artifact the same command wrote
+    (recorded next to it as OUT.argv.json)."""
     recorded = out.with_suffix(".argv.json")
     if (out / "manifest.json").is_file() and recorded.is_file() and json.loads(recorded.read_text()) == argv:
         log(f"artifact cached at {out}")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    log(f"training the benchmark artifact into {out}: anomaly-trainer {' '.join(argv)}")
+    log(f"training into {out}: anomaly-trainer {' '.join(argv)}")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(
         [sys.executable, "-m", "trainer", *argv], env=env, capture_output=True, text=True, check=False
