@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--transforms",
         choices=list(TRANSFORM_SETS),
         default="geometric",
-        help="the transformation scores' set: rotations (4) or geometric (72: flips x shifts x "
-        "rotations, the stronger and 18 times costlier to score) (default: geometric)",
+        help="the transforms score's set: rotations (4), dihedral (8: rotations x mirror) or "
+        "geometric (72: flips x shifts x rotations, the stronger and 18 times costlier to score "
+        "than rotations) (default: geometric)",
     )
     t.add_argument(
         "--orientation-transforms",
