@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
+from worker.redis_client import make_redis
 from worker.settings import WorkerSettings, unknown_variables
 
 log = logging.getLogger("worker")
@@ -67,51 +68,6 @@ def explain(exc: ValidationError) -> str:
         shown = "" if name == "redis_url" or isinstance(value, dict) else f" (found {value!r})"
         lines.append(f"invalid setting {env}: {error['msg']}{shown}")
     return "\n".join(lines)
-
-
-def make_redis(settings: WorkerSettings) -> Any:
-    """A client with redis-py's own retry (jittered backoff) and a read timeout above block_ms."""
-    import redis
-    from redis.backoff import ExponentialWithJitterBackoff
-    from redis.retry import Retry
-
-    kwargs: dict[str, Any] = {
-        "retry": Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3),
-        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-        "socket_timeout": settings.block_ms / 1000.0 + 10.0,
-        "socket_connect_timeout": 5.0,
-        "health_check_interval": 15,
-        "client_name": settings.consumer,
-    }
-    if (password := settings.redis_password()) is not None:
-        kwargs["password"] = password
-    if settings.redis_sentinels:
-        return sentinel_primary(settings, kwargs)
-    if settings.redis_cluster:
-        from redis.cluster import RedisCluster
-
-        return RedisCluster.from_url(settings.redis_url.get_secret_value(), **kwargs)
-    return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
-
-
-def sentinel_primary(settings: WorkerSettings, kwargs: dict[str, Any]) -> Any:
-    """A client of the primary the Sentinels name for REDIS_SENTINEL_SERVICE: redis-py's
-    SentinelConnectionPool asks them again after a connection fails, so it follows a failover
-    (an old primary turned replica answers READONLY, which redis-py also treats as a lost connection)."""
-    from redis.connection import parse_url
-    from redis.sentinel import Sentinel
-
-    url = parse_url(settings.redis_url.get_secret_value())
-    for option in ("db", "username", "password"):
-        if option in url and option not in kwargs:
-            kwargs[option] = url[option]
-    addresses = []
-    for address in filter(None, (a.strip() for a in settings.redis_sentinels.split(","))):
-        host, _, port = address.rpartition(":")
-        addresses.append((host, int(port)))
-    timeouts = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
-    sentinel = Sentinel(addresses, sentinel_kwargs=timeouts)
-    return sentinel.master_for(settings.redis_sentinel_service, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

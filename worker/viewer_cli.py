@@ -7,11 +7,11 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any
 
 from pydantic import ValidationError
 
 from detector.errors import AnomalyScorerError
+from worker.redis_client import make_redis
 from worker.settings import WorkerSettings, unknown_variables
 
 log = logging.getLogger("worker.viewer")
@@ -30,24 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9500, help="port to listen on (default: 9500)")
     return parser
-
-
-def make_client(settings: WorkerSettings) -> Any:
-    """A Redis client for the viewer's few reads and writes (redis-py's own retry)."""
-    import redis
-
-    kwargs: dict[str, Any] = {
-        "socket_timeout": 10.0,
-        "socket_connect_timeout": 5.0,
-        "client_name": "anomaly-viewer",
-    }
-    if (password := settings.redis_password()) is not None:
-        kwargs["password"] = password
-    if settings.redis_cluster:
-        from redis.cluster import RedisCluster
-
-        return RedisCluster.from_url(settings.redis_url.get_secret_value(), **kwargs)
-    return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anomaly-viewer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     store = ViewerStore(
-        make_client(settings), settings.input_stream, settings.output_stream, settings.labels_stream
+        make_redis(settings, client_name="anomaly-viewer"),
+        settings.input_stream,
+        settings.output_stream,
+        settings.labels_stream,
     )
     token = settings.viewer_token.get_secret_value() if settings.viewer_token else None
     app = build_app(store, model, token)

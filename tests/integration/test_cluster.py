@@ -16,8 +16,8 @@ from redis.crc import key_slot
 
 from tests.conftest import RedisServer, free_cluster_port, wait_until
 from tests.support import build_runner, stream
-from worker.cli import make_redis
 from worker.codec import encode_image
+from worker.redis_client import make_redis
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration

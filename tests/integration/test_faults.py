@@ -13,7 +13,7 @@ import redis
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
 from tests.integration.tcp_proxy import TcpProxy
 from tests.support import build_runner, push, stream
-from worker.cli import make_redis
+from worker.redis_client import make_redis
 from worker.runner import Runner
 from worker.settings import WorkerSettings
 

@@ -1,0 +1,54 @@
+"""Connecting to the configured Redis: one node, Redis Cluster, or the primary Sentinel names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.settings import WorkerSettings
+
+
+def make_redis(settings: WorkerSettings, client_name: str | None = None) -> Any:
+    """A client of the configured Redis (one node, Cluster, or the primary Sentinel names) with
+    redis-py's own retry (jittered backoff) and a read timeout above block_ms. The worker and the
+    viewer both connect through it; `client_name` defaults to the consumer name."""
+    import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
+    kwargs: dict[str, Any] = {
+        "retry": Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "socket_timeout": settings.block_ms / 1000.0 + 10.0,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 15,
+        "client_name": client_name or settings.consumer,
+    }
+    if (password := settings.redis_password()) is not None:
+        kwargs["password"] = password
+    if settings.redis_sentinels:
+        return sentinel_primary(settings, kwargs)
+    if settings.redis_cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.redis_url.get_secret_value(), **kwargs)
+    return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
+
+
+def sentinel_primary(settings: WorkerSettings, kwargs: dict[str, Any]) -> Any:
+    """A client of the primary the Sentinels name for REDIS_SENTINEL_SERVICE: redis-py's
+    SentinelConnectionPool asks them again after a connection fails, so it follows a failover
+    (an old primary turned replica answers READONLY, which redis-py also treats as a lost connection)."""
+    from redis.connection import parse_url
+    from redis.sentinel import Sentinel
+
+    url = parse_url(settings.redis_url.get_secret_value())
+    for option in ("db", "username", "password"):
+        if option in url and option not in kwargs:
+            kwargs[option] = url[option]
+    addresses = []
+    for address in filter(None, (a.strip() for a in settings.redis_sentinels.split(","))):
+        host, _, port = address.rpartition(":")
+        addresses.append((host, int(port)))
+    timeouts = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+    sentinel = Sentinel(addresses, sentinel_kwargs=timeouts)
+    return sentinel.master_for(settings.redis_sentinel_service, **kwargs)
