@@ -3,11 +3,11 @@
 `Runner.run_once()` is one iteration and `Runner.drain()` a burst (handle what is there, then
 return), so the real loop is tested synchronously. `run()` adds the fault handling around it.
 
-With a backlog (a read that filled a quarter of the batch or more), the next batch is read and
-decoded while this one is scored and committed on a second thread: the forward pass (numpy and
-TensorFlow release the GIL) and the two Redis round trips overlap (ANOMALY_PREFETCH). The
-prefetched batch is only held in memory; until it is committed it stays pending in Redis like
-any other.
+With a backlog (a read that filled a quarter of the batch or more), a second thread scores:
+batch k is scored there while this thread reads and decodes batch k+1, then k+1 is scored there
+while this thread commits and records k (ANOMALY_PREFETCH). The forward pass (numpy and
+TensorFlow release the GIL) thus overlaps both Redis round trips. The batch read ahead and its
+scores are only held in memory; until it is committed it stays pending in Redis like any other.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +26,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
 from detector.errors import AnomalyScorerError
+from worker.batch import Scored, score_batch
 from worker.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
 from worker.commit import DELETED_REASON, ShadowBatch, build_commit, dead_letter_fields
 from worker.drift import ScoreDrift
@@ -39,7 +40,7 @@ from worker.stream import (
     DEAD_LETTER,
     Commit,
     StreamClient,
-    entry_timestamp_ms,
+    entry_timestamps_ms,
 )
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,15 @@ KNOWN_DTYPES = frozenset(d.encode() for d in DTYPES)
 
 @dataclass(frozen=True)
 class Prefetched:
-    """New entries of one shard, read (and decoded with `model`, if not None) before their turn:
-    while the previous batch was being scored, or by a read that served several shards."""
+    """New entries of one shard, read (and decoded with `model`, if not None; maybe already being
+    scored) before their turn: while the previous batch was scored, or by a read that served
+    several shards."""
 
     stream: StreamClient
     entries: list[Entry]
     decoded: DecodedBatch | None = None
     model: LoadedModel | None = None
+    scoring: Future[Scored] | None = None  # its scores, being computed for `decoded`
 
 
 def declared_dtype(fields: Mapping[bytes, bytes]) -> str:
@@ -154,11 +157,12 @@ class Runner:
                 self._pending_cursors[index] = entries[-1][0] if entries else None
         suspects = bool(entries)
         decoded: DecodedBatch | None = None
+        scoring: Future[Scored] | None = None
         if not entries and self._ready:
             ready = self._ready.popleft()
             stream, entries = ready.stream, ready.entries
             if ready.model is self.model:  # else reloaded since (or not decoded): decode for this model
-                decoded = ready.decoded
+                decoded, scoring = ready.decoded, ready.scoring
         if not entries and self.monotonic() >= self._next_claim:
             stream, entries = self._reclaim()
             suspects = bool(entries)
@@ -168,7 +172,9 @@ class Runner:
                 (stream, entries), rest = batches[0], batches[1:]
                 self._ready.extend(Prefetched(shard, more) for shard, more in rest)
         if entries:
-            self.handle_batch(entries, check_deliveries=suspects, decoded=decoded, stream=stream)
+            self.handle_batch(
+                entries, check_deliveries=suspects, decoded=decoded, stream=stream, scoring=scoring
+            )
         self.health.redis_ok = True
         self.metrics.redis_up.set(1)
         return len(entries)
@@ -232,9 +238,11 @@ class Runner:
         check_deliveries: bool = False,
         decoded: DecodedBatch | None = None,
         stream: StreamClient | None = None,
+        scoring: Future[Scored] | None = None,
     ) -> None:
         """Decode, score, decide and commit one batch of one shard (default: the first) atomically,
-        prefetching the next on a backlog."""
+        prefetching the next on a backlog. `scoring`: this batch's scores, already being computed
+        (for `decoded`) on the scoring thread."""
         started = self.monotonic()
         now_ms = int(self.clock() * 1000)
         model = self.model
@@ -245,60 +253,78 @@ class Runner:
         if check_deliveries:
             entries, poison = self._split_poison(stream, entries)
         if decoded is None:
+            scoring = None  # scores of another decoding, if any, are not this batch's
             decoded = decode_batch(entries, model.scorer.input_dim, self.max_payload, model.uint8_scale)
         decoded.rejected.extend(poison)
         handled = len(entries) + len(poison)
         backlog = len(entries) >= self._prefetch_from and not check_deliveries
         shadow = self.shadow
         if not (backlog and self.settings.prefetch and not self.stop_event.is_set()):
-            self._score_and_commit(stream, model, shadow, decoded, handled, started, now_ms, id_range)
+            if scoring is not None:
+                scored = scoring.result()
+            else:
+                every_region = bool(self.settings.scores_stream)
+                scored = score_batch(model, shadow, decoded, every_region)
+            self._commit(stream, model, decoded, scored, handled, started, now_ms, id_range)
             return
-        # A backlog: this batch is scored, committed and recorded on the second thread while this
-        # one reads and decodes the next. Both finish before returning, so a batch is still
-        # committed (or has failed) when handle_batch returns.
-        if self._scoring_thread is None:
-            self._scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="scoring")
-        finishing = self._scoring_thread.submit(
-            self._score_and_commit, stream, model, shadow, decoded, handled, started, now_ms, id_range
-        )
+        # A backlog: this batch is scored on the second thread while this one reads and decodes
+        # the next; then the next is scored there while this one commits and records this batch.
+        # This batch is committed (or has failed) when handle_batch returns; the next one's scores
+        # are only held in memory, like its entries, until its turn.
+        if scoring is None:
+            scoring = self._score_elsewhere(model, shadow, decoded)
         try:
             self._prefetch(model)
         finally:
-            finishing.result()  # its error, if any, is this batch's; never leave it running
+            scored = scoring.result()  # its error, if any, is this batch's; never leave it running
+        self._score_next_elsewhere(model, shadow)
+        self._commit(stream, model, decoded, scored, handled, started, now_ms, id_range)
 
-    def _score_and_commit(
+    def _score_elsewhere(
+        self, model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch
+    ) -> Future[Scored]:
+        if self._scoring_thread is None:
+            self._scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="scoring")
+        every_region = bool(self.settings.scores_stream)
+        return self._scoring_thread.submit(score_batch, model, shadow, decoded, every_region)
+
+    def _score_next_elsewhere(self, model: LoadedModel, shadow: LoadedModel | None) -> None:
+        """Start scoring the batch read ahead (decoded for this model) while this one commits."""
+        if not self._ready or self.stop_event.is_set():
+            return
+        ready = self._ready[0]
+        if ready.model is model and ready.decoded is not None and ready.scoring is None:
+            self._ready[0] = Prefetched(
+                ready.stream,
+                ready.entries,
+                ready.decoded,
+                model,
+                self._score_elsewhere(model, shadow, ready.decoded),
+            )
+
+    def _commit(
         self,
         stream: StreamClient,
         model: LoadedModel,
-        shadow_model: LoadedModel | None,
         decoded: DecodedBatch,
+        scored: Scored,
         handled: int,
         started: float,
         now_ms: int,
         id_range: tuple[bytes, bytes] | None = None,
     ) -> None:
-        scores = model.scorer.score_batch(decoded.images)
-        decisions = model.rule.decide(scores)
-        regions = model.locate(decoded.images, decisions.flagged, every_row=bool(self.settings.scores_stream))
-        shadow = None
-        if shadow_model is not None and len(decoded.ids):
-            shadow_scores = shadow_model.scorer.score_batch(decoded.images)
-            shadow = ShadowBatch(
-                shadow_scores,
-                shadow_model.rule.decide(shadow_scores),
-                shadow_model.scorer.model_version,
-                shadow_model.rule.threshold,
-            )
+        """Publish, dead-letter and acknowledge the batch in one script, then record its metrics."""
+        shadow = scored.shadow
         commit = build_commit(
             decoded,
-            scores,
-            decisions,
+            scored.scores,
+            scored.decisions,
             model_version=model.scorer.model_version,
             threshold=model.rule.threshold,
             now_ms=now_ms,
             with_scores_stream=bool(self.settings.scores_stream),
             shadow=shadow if self.settings.shadow_scores_stream else None,
-            regions=regions,
+            regions=scored.regions,
         )
         commit.id_range = id_range
         result = stream.commit_batch(commit)
@@ -314,9 +340,9 @@ class Runner:
                 self.settings.wait_replicas,
                 self.settings.wait_timeout_ms,
             )
-        self._record(decoded, scores, decisions, handled, started)
+        self._record(decoded, scored.scores, scored.decisions, handled, started)
         if shadow is not None:
-            self._record_shadow(decisions, shadow)
+            self._record_shadow(scored.decisions, shadow)
 
     def _record_shadow(self, decisions: Decisions, shadow: ShadowBatch) -> None:
         n = len(shadow.scores)
@@ -401,7 +427,7 @@ class Runner:
         m.batch_duration.observe(self.monotonic() - started)
         m.last_batch.set(now)
         if scored:
-            sent_ms = np.fromiter((entry_timestamp_ms(i) for i in decoded.ids), np.float64, scored)
+            sent_ms = entry_timestamps_ms(decoded.ids)
             m.observe_latencies(np.maximum(0.0, (now * 1000.0 - sent_ms) / 1000.0))
 
     # -- periodic work ---------------------------------------------------------------------

@@ -104,8 +104,9 @@ class WorkerSettings(BaseSettings):
     )
     prefetch: bool = Field(
         True,
-        description="with a backlog (a read that filled a quarter of the batch or more), read and "
-        "decode the next batch while this one is scored and committed",
+        description="with a backlog (a read that filled a quarter of the batch or more), score on a "
+        "second thread: this batch while the next is read and decoded, then the next while this one "
+        "is committed",
     )
     scoring_threads: int = Field(
         1,

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import redis
 
 from worker.codec import Entry
@@ -391,9 +392,10 @@ def _id_key(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def entry_timestamp_ms(entry_id: bytes) -> int:
-    """The milliseconds part of a stream id (producers use '*' so it is the time of XADD)."""
-    return int(entry_id.split(b"-", 1)[0])
+def entry_timestamps_ms(entry_ids: Sequence[bytes]) -> np.ndarray:
+    """The milliseconds part of each stream id (producers use '*' so it is the time of XADD), as
+    float64: one join and split for the batch, half the time of a conversion per id."""
+    return np.array(b" ".join(entry_ids).replace(b"-", b" ").split()[::2], dtype=np.float64)
 
 
 def flat_fields(fields: Mapping[str, bytes | str | int | float]) -> list[bytes | str]:

@@ -370,6 +370,35 @@ def test_with_a_backlog_the_next_batch_is_read_while_this_one_is_committed(r, ma
     assert len(set(sources)) == 40  # each flagged entry published once
 
 
+def test_with_a_backlog_the_next_batch_is_scored_while_this_one_is_committed(r, make_runner) -> None:
+    runner = make_runner(batch_size=20)
+    for i in range(100):
+        push(r, 0.9 if i % 2 else 0.1)
+    commit = runner.stream.commit_batch
+    scorer = runner.model.scorer
+    committed: list[int] = []
+
+    def commit_once_the_next_is_scored(batch):
+        # Batch k commits on this thread only after batch k+1 was scored on the scoring thread
+        # (or nothing is left to read ahead): a runner that scored in turn would time out here.
+        k = len(committed) + 1
+        wait_until(
+            lambda: len(scorer.calls) > k or (k >= 4 and not runner._ready),  # type: ignore[attr-defined]
+            5,
+            what=f"the scores of batch {k + 1} while batch {k} commits",
+        )
+        committed.append(k)
+        return commit(batch)
+
+    runner.stream.commit_batch = commit_once_the_next_is_scored  # type: ignore[method-assign]
+    runner.drain()
+    assert committed == [1, 2, 3, 4, 5]
+    assert scorer.calls == [20] * 5  # type: ignore[attr-defined]  # each batch scored once
+    assert pending(r) == 0 and r.xlen("anomalies") == 50
+    sources = [e["source_id"] for e in stream(r, "anomalies")]
+    assert len(set(sources)) == 50
+
+
 def test_a_small_batch_does_not_read_ahead(r, make_runner) -> None:
     runner = make_runner(batch_size=50)
     reads: list[int | None] = []

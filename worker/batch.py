@@ -1,0 +1,43 @@
+"""One decoded batch scored by the served model (and the shadow, when one runs): no Redis, no
+metrics, so the runner can compute it on its scoring thread while it reads or commits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from worker.codec import DecodedBatch
+from worker.commit import ShadowBatch
+from worker.loaded_model import LoadedModel
+from worker.scoring import Decisions
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the commit of a batch needs from the models: scores, decisions, where the error of
+    the flagged rows lies (every row's with the scores stream on), and the shadow's verdicts."""
+
+    scores: np.ndarray
+    decisions: Decisions
+    regions: dict[int, tuple[str, float]]
+    shadow: ShadowBatch | None = None
+
+
+def score_batch(
+    model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch, with_every_region: bool
+) -> Scored:
+    """Score and decide the batch's images with `model` (and `shadow`, if any)."""
+    scores = model.scorer.score_batch(decoded.images)
+    decisions = model.rule.decide(scores)
+    regions = model.locate(decoded.images, decisions.flagged, every_row=with_every_region)
+    shadow_batch = None
+    if shadow is not None and len(decoded.ids):
+        shadow_scores = shadow.scorer.score_batch(decoded.images)
+        shadow_batch = ShadowBatch(
+            shadow_scores,
+            shadow.rule.decide(shadow_scores),
+            shadow.scorer.model_version,
+            shadow.rule.threshold,
+        )
+    return Scored(scores, decisions, regions, shadow_batch)
