@@ -37,6 +37,10 @@ class Regions:
         x0, y0, x1, y1 = (int(v) for v in self.boxes[i])
         return f"{x0},{y0},{x1},{y1}"
 
+    def fields(self) -> list[str]:
+        """Every row's `region` field, as `field` gives it (one conversion for the batch)."""
+        return [f"{x0},{y0},{x1},{y1}" for x0, y0, x1, y1 in self.boxes.tolist()]
+
 
 def locate_regions(squared_error: np.ndarray, side: int, window: int | None = None) -> Regions:
     """The window (side `window`, every position) with the largest sum of each row's squared error.

@@ -28,9 +28,13 @@ def score_batch(
     model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch, with_every_region: bool
 ) -> Scored:
     """Score and decide the batch's images with `model` (and `shadow`, if any)."""
-    scores = model.scorer.score_batch(decoded.images)
-    decisions = model.rule.decide(scores)
-    regions = model.locate(decoded.images, decisions.flagged, every_row=with_every_region)
+    if with_every_region:
+        scores, regions = model.score_and_locate(decoded.images)
+        decisions = model.rule.decide(scores)
+    else:
+        scores = model.scorer.score_batch(decoded.images)
+        decisions = model.rule.decide(scores)
+        regions = model.locate(decoded.images, decisions.flagged)
     shadow_batch = None
     if shadow is not None and len(decoded.ids):
         shadow_scores = shadow.scorer.score_batch(decoded.images)

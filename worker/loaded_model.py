@@ -36,6 +36,10 @@ class BatchScorer(Protocol):
         """Per-pixel squared reconstruction error of a (n, D) batch (for the region)."""
         ...
 
+    def score_with_squared_error(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """score_batch and squared_error of the same batch (one forward pass where the engine can)."""
+        ...
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -49,19 +53,28 @@ class LoadedModel:
     score_buckets: tuple[float, ...] | None = None
     region_side: int | None = None  # square images only: where the error is (detector.region)
 
-    def locate(
-        self, images: np.ndarray, flagged: np.ndarray, every_row: bool = False
-    ) -> dict[int, tuple[str, float]]:
-        """Batch row -> (`region`, `region_share`) for the flagged rows (every row when the scores
-        stream is on); nothing for images that are not square. The reconstruction is redone for
-        those rows only: a few percent of a batch, so the forward pass of the rest stays cheap."""
+    def locate(self, images: np.ndarray, flagged: np.ndarray) -> dict[int, tuple[str, float]]:
+        """Batch row -> (`region`, `region_share`) for the flagged rows; nothing for images that
+        are not square. The reconstruction is redone for those rows only: a few percent of a
+        batch, so the forward pass of the rest stays cheap."""
+        rows = np.flatnonzero(flagged)
+        if self.region_side is None or not rows.size:
+            return {}
+        return regions_of(rows, self.scorer.squared_error(images[rows]), self.region_side)
+
+    def score_and_locate(self, images: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[str, float]]]:
+        """Scores and every row's region (the scores stream carries them) from the scoring pass's
+        own reconstruction error; no regions for images that are not square."""
         if self.region_side is None or not len(images):
-            return {}
-        rows = np.arange(len(images)) if every_row else np.flatnonzero(flagged)
-        if not rows.size:
-            return {}
-        regions = locate_regions(self.scorer.squared_error(images[rows]), self.region_side)
-        return {int(row): (regions.field(i), float(regions.shares[i])) for i, row in enumerate(rows)}
+            return self.scorer.score_batch(images), {}
+        scores, squared_error = self.scorer.score_with_squared_error(images)
+        return scores, regions_of(np.arange(len(images)), squared_error, self.region_side)
+
+
+def regions_of(rows: np.ndarray, squared_error: np.ndarray, side: int) -> dict[int, tuple[str, float]]:
+    """Batch row -> (`region`, `region_share`), from those rows' squared errors (in that order)."""
+    regions = locate_regions(squared_error, side)
+    return dict(zip(rows.tolist(), zip(regions.fields(), regions.shares.tolist(), strict=True), strict=True))
 
 
 ModelLoader = Callable[[], LoadedModel]

@@ -118,6 +118,10 @@ class KerasScorer:
                 )
         return out
 
+    def score_with_squared_error(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """score_batch and squared_error: two passes here (the compiled one gives scores only)."""
+        return self.score_batch(images), self.squared_error(images)
+
     def squared_error(self, images: np.ndarray) -> np.ndarray:
         """Per-pixel squared reconstruction error of a (n, D) batch, in model space (an eager call:
         the worker asks for the few flagged rows only)."""

@@ -38,28 +38,40 @@ class NumpyScorer:
 
     def score_batch(self, images: np.ndarray) -> np.ndarray:
         """Per-row score of a (n, D) float32 batch."""
-        check_width(images, self.input_dim)
-        x = np.asarray(images, np.float32)
-        if self._standardization is not None:
-            mean, inv_std = self._standardization
-            x = (x - mean) * inv_std
+        x = self._model_space(images)
         if self.score.name != "mse":
-            if self.score.needs_encoder:  # one pass: the encoder's outputs are kept on the way
-                recon, encoder = self.stack.reconstruct_keeping_encoder(x)
-                return self.score(ForwardPass(x, recon, encoder))
-            return self.score(ForwardPass(x, self.stack.reconstruct(x)))
+            return self.score(self._forward(x))
         residual = self.stack.reconstruct(x)  # mse in place: no temporaries of batch x D
         np.subtract(x, residual, out=residual)
         per_row = np.einsum("ij,ij->i", residual, residual)
         return per_row.astype(np.float64) / self.input_dim
 
+    def score_with_squared_error(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row scores and per-pixel squared reconstruction errors (model space) from one forward
+        pass: what locating every row's error (the scores stream's `region`) needs."""
+        x = self._model_space(images)
+        batch = self._forward(x)
+        scores = self.score(batch)
+        residual = np.subtract(x, batch.reconstructions, out=batch.reconstructions)  # scored: free now
+        return scores, np.square(residual, out=residual)
+
     def squared_error(self, images: np.ndarray) -> np.ndarray:
         """Per-pixel squared reconstruction error of a (n, D) batch, in model space (what mse averages)."""
+        x = self._model_space(images)
+        residual = self.stack.reconstruct(x)
+        np.subtract(x, residual, out=residual)
+        return np.square(residual, out=residual)
+
+    def _model_space(self, images: np.ndarray) -> np.ndarray:
         check_width(images, self.input_dim)
         x = np.asarray(images, np.float32)
         if self._standardization is not None:
             mean, inv_std = self._standardization
             x = (x - mean) * inv_std
-        residual = self.stack.reconstruct(x)
-        np.subtract(x, residual, out=residual)
-        return np.square(residual, out=residual)
+        return x
+
+    def _forward(self, x: np.ndarray) -> ForwardPass:
+        if self.score.needs_encoder:  # one pass: the encoder's outputs are kept on the way
+            recon, encoder = self.stack.reconstruct_keeping_encoder(x)
+            return ForwardPass(x, recon, encoder)
+        return ForwardPass(x, self.stack.reconstruct(x))

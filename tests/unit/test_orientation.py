@@ -197,3 +197,17 @@ def test_both_engines_score_the_default_detector_alike_and_as_calibrated(default
     # The stored held-out scores are what the served engine computes (the threshold means what it says).
     _, scorer = load_scorer(default_artifact, "numpy")
     assert scorer.score_batch(x[:8]).shape == (8,)
+
+
+@pytest.mark.slow
+def test_one_pass_gives_the_scores_and_the_squared_errors_of_two(default_artifact: Path) -> None:
+    from detector.engines.keras_engine import KerasScorer
+    from detector.engines.numpy_engine import NumpyScorer
+
+    artifact = load_artifact(default_artifact)
+    x, _ = mnist_sample(64, seed=9)
+    for scorer in (NumpyScorer(artifact), KerasScorer(artifact, max_batch=64, jit=False)):
+        scores, squared = scorer.score_with_squared_error(x)
+        np.testing.assert_allclose(scores, scorer.score_batch(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(squared, scorer.squared_error(x), rtol=1e-5, atol=1e-7)
+    assert x.min() >= 0.0  # the caller's images are left as they were

@@ -53,6 +53,8 @@ def test_every_row_of_a_batch_is_located_on_its_own() -> None:
     assert np.array_equal(regions.boxes[:, 0], spots[:, 1])
     assert np.array_equal(regions.boxes[:, 1], spots[:, 0])
     assert np.all((regions.shares > 0) & (regions.shares <= 1))
+    assert regions.fields() == [regions.field(i) for i in range(50)]
+    assert regions.fields()[0] == f"{spots[0][1]},{spots[0][0]},{spots[0][1] + 7},{spots[0][0] + 7}"
 
 
 def test_the_sliding_sums_equal_a_brute_force_search() -> None:
@@ -91,13 +93,22 @@ class SpotScorer:
 
     def __init__(self) -> None:
         self.located_rows: list[int] = []
+        self.scored_rows: list[int] = []  # by score_batch alone
 
     def score_batch(self, images: np.ndarray) -> np.ndarray:
+        self.scored_rows.append(images.shape[0])
+        return self._scores(images)
+
+    def _scores(self, images: np.ndarray) -> np.ndarray:
         return images.max(axis=1).astype(np.float64)
 
     def squared_error(self, images: np.ndarray) -> np.ndarray:
         self.located_rows.append(images.shape[0])
         return np.square(images)
+
+    def score_with_squared_error(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.located_rows.append(images.shape[0])
+        return self._scores(images), np.square(images)
 
 
 def spot_model(side: int | None = 4) -> tuple[LoadedModel, SpotScorer]:
@@ -134,6 +145,20 @@ def test_without_a_scores_stream_only_flagged_rows_are_located() -> None:
         r.xadd("images", {"image": bytes(16)})
     build_runner(r, model=model).drain()
     assert sum(scorer.located_rows) == 1
+    assert stream(r, "anomalies")[0]["region"] == "1,2,2,3"
+
+
+def test_with_a_scores_stream_every_row_is_located_from_the_scoring_pass() -> None:
+    r = fakeredis.FakeRedis()
+    model, scorer = spot_model()
+    r.xadd("images", {"image": spot_image(x=1, y=2), "id": "spot"})
+    for _ in range(9):
+        r.xadd("images", {"image": bytes(16)})
+    build_runner(r, model=model, scores_stream="scores").drain()
+    assert scorer.located_rows == [10]  # one pass for the batch's scores and its 10 regions
+    assert scorer.scored_rows == []  # no second pass for the scores alone
+    regions = [(e["id"] == "spot", e["region"]) for e in stream(r, "scores")]
+    assert sorted(set(regions)) == [(False, "0,0,1,1"), (True, "1,2,2,3")] and len(regions) == 10
     assert stream(r, "anomalies")[0]["region"] == "1,2,2,3"
 
 
