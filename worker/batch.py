@@ -16,18 +16,21 @@ from worker.scoring import Decisions
 @dataclass(frozen=True)
 class Scored:
     """What the commit of a batch needs from the models: scores, decisions, where the error of
-    the flagged rows lies (every row's with the scores stream on), and the shadow's verdicts."""
+    the flagged rows lies (every row's with the scores stream on), and the shadow's verdicts (or
+    why the shadow had none: a candidate's failure never fails the served batch)."""
 
     scores: np.ndarray
     decisions: Decisions
     regions: dict[int, tuple[str, float]]
     shadow: ShadowBatch | None = None
+    shadow_error: str | None = None
 
 
 def score_batch(
     model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch, with_every_region: bool
 ) -> Scored:
-    """Score and decide the batch's images with `model` (and `shadow`, if any)."""
+    """Score and decide the batch's images with `model` (and `shadow`, if any). The served model's
+    errors are the batch's; the shadow's are only reported in `Scored.shadow_error`."""
     if with_every_region:
         scores, regions = model.score_and_locate(decoded.images)
         decisions = model.rule.decide(scores)
@@ -35,8 +38,9 @@ def score_batch(
         scores = model.scorer.score_batch(decoded.images)
         decisions = model.rule.decide(scores)
         regions = model.locate(decoded.images, decisions.flagged)
-    shadow_batch = None
-    if shadow is not None and len(decoded.ids):
+    if shadow is None or not len(decoded.ids):
+        return Scored(scores, decisions, regions)
+    try:
         shadow_scores = shadow.scorer.score_batch(decoded.images)
         shadow_batch = ShadowBatch(
             shadow_scores,
@@ -44,4 +48,6 @@ def score_batch(
             shadow.scorer.model_version,
             shadow.rule.threshold,
         )
+    except Exception as exc:  # a candidate under evaluation: whatever it raises, serving goes on
+        return Scored(scores, decisions, regions, shadow_error=f"{type(exc).__name__}: {exc}")
     return Scored(scores, decisions, regions, shadow_batch)

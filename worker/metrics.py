@@ -162,6 +162,12 @@ class WorkerMetrics:
             registry=r,
         )
         self.shadow_agreement.set(math.nan)
+        self.shadow_errors = Counter(
+            "anomaly_shadow_errors",
+            "Batches the shadow model failed to score; the served model's results were committed "
+            "without the shadow's.",
+            registry=r,
+        )
         self.shadow_model = Info(
             "anomaly_shadow_model", "Shadow model version and threshold (empty: no shadow).", registry=r
         )

@@ -46,6 +46,7 @@ from worker.stream import (
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_SECONDS = 60.0
+SHADOW_FAILURE_LOG_SECONDS = 60.0
 # A read that filled this share of the batch means entries arrive faster than single batches
 # are handled: read the next one while this one is scored. Below it, the read ahead would
 # mostly come back empty (one wasted round trip per small batch at low rates).
@@ -121,6 +122,8 @@ class Runner:
         self._ready: deque[Prefetched] = deque()
         self._prefetch_from = max(1, math.ceil(settings.batch_size * PREFETCH_FROM_SHARE))
         self._scoring_thread: ThreadPoolExecutor | None = None
+        self._shadow_failures = 0
+        self._next_shadow_failure_log = 0.0
         self._publish_model()
         self.health.model_loaded = True
 
@@ -343,6 +346,22 @@ class Runner:
         self._record(decoded, scored.scores, scored.decisions, handled, started)
         if shadow is not None:
             self._record_shadow(scored.decisions, shadow)
+        if scored.shadow_error is not None:
+            self._shadow_failed(scored.shadow_error)
+
+    def _shadow_failed(self, error: str) -> None:
+        self.metrics.shadow_errors.inc()
+        self._shadow_failures += 1
+        now = self.monotonic()
+        if now >= self._next_shadow_failure_log:  # at most one line a minute, with the count
+            self._next_shadow_failure_log = now + SHADOW_FAILURE_LOG_SECONDS
+            log.error(
+                "shadow model failed to score; its results are skipped, serving goes on "
+                "shadow_version=%s failed_batches=%d error=%s",
+                self.shadow.scorer.model_version if self.shadow is not None else "none",
+                self._shadow_failures,
+                error,
+            )
 
     def _record_shadow(self, decisions: Decisions, shadow: ShadowBatch) -> None:
         n = len(shadow.scores)

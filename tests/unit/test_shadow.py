@@ -70,6 +70,29 @@ def test_the_shadow_scores_stream_gets_the_candidates_decision_on_every_image(r)
     assert len(stream(r, "anomalies")) == 1
 
 
+def test_a_shadow_that_fails_to_score_never_stops_the_served_results(r, caplog) -> None:
+    shadow = candidate()
+
+    def broken(images):
+        raise FloatingPointError("candidate exploded")
+
+    shadow.scorer.score_batch = broken  # type: ignore[method-assign]
+    runner = build_runner(r, shadow=shadow, shadow_artifact=Path("cand"), shadow_scores_stream="shadow")
+    ids = push_three(r)
+    with caplog.at_level("ERROR", logger="worker.runner"):
+        runner.drain()
+        push_three(r)
+        runner.drain()
+    value = runner.metrics.registry.get_sample_value
+    assert stream(r, "anomalies")[0]["source_id"] == ids["both"].decode()
+    assert len(stream(r, "anomalies")) == 2 and pending(r) == 0  # served and acked as usual
+    assert stream(r, "shadow") == []  # the candidate's results are skipped, never half written
+    assert value("anomaly_shadow_errors_total") == 2  # one per batch
+    assert value("anomaly_shadow_messages_scored_total") == 0
+    failures = [rec.getMessage() for rec in caplog.records if "shadow model failed" in rec.getMessage()]
+    assert len(failures) == 1 and "FloatingPointError: candidate exploded" in failures[0]  # once a minute
+
+
 def test_without_a_shadow_nothing_is_reported(r) -> None:
     runner = build_runner(r)
     push_three(r)
