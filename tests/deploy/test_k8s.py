@@ -319,7 +319,10 @@ def test_replica_count_is_left_to_the_autoscaler() -> None:
     assert "replicas" not in _worker()["spec"], "KEDA owns replicas; a fixed count fights it on apply"
 
 
-@pytest.mark.parametrize("kind,name", [("Deployment", "anomaly-worker"), ("Job", "anomaly-trainer")])
+PODS = [("Deployment", "anomaly-worker"), ("Job", "anomaly-trainer"), ("Deployment", "anomaly-viewer")]
+
+
+@pytest.mark.parametrize("kind,name", PODS)
 def test_pods_run_locked_down_with_a_writable_tmp(kind: str, name: str) -> None:
     spec = pod_spec(k8s_object(kind, name))
     assert spec["securityContext"]["runAsNonRoot"] is True
@@ -336,7 +339,7 @@ def test_pods_run_locked_down_with_a_writable_tmp(kind: str, name: str) -> None:
         assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{name}: /tmp is not an emptyDir"
 
 
-@pytest.mark.parametrize("kind,name", [("Deployment", "anomaly-worker"), ("Job", "anomaly-trainer")])
+@pytest.mark.parametrize("kind,name", PODS)
 def test_every_volume_mount_has_a_volume(kind: str, name: str) -> None:
     spec = pod_spec(k8s_object(kind, name))
     volumes = {v["name"] for v in spec["volumes"]}
@@ -500,3 +503,43 @@ def test_scaler_and_worker_talk_to_the_same_redis() -> None:
     url = urlsplit(k8s_object("Secret", "anomaly-redis")["stringData"]["redis-url"])
     for trigger in k8s_object("ScaledObject")["spec"]["triggers"]:
         assert trigger["metadata"]["address"] == f"{url.hostname}:{url.port or 6379}"
+
+
+# ---------------------------------------------------------------- the viewer
+
+
+def _claims(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    volumes = pod_spec(workload)["volumes"]
+    return {v["name"]: v["persistentVolumeClaim"] for v in volumes if "persistentVolumeClaim" in v}
+
+
+def test_the_viewer_reads_the_workers_redis_streams_and_artifact(configmap_data: dict[str, str]) -> None:
+    viewer, worker = k8s_object("Deployment", "anomaly-viewer"), _worker()
+    container = pod_spec(viewer)["containers"][0]
+    assert container["envFrom"] == _worker_container()["envFrom"]  # same streams and artifact path
+    env = {e["name"]: e for e in container["env"]}
+    worker_env = {e["name"]: e for e in _worker_container()["env"]}
+    for name in ("ANOMALY_REDIS_URL", "ANOMALY_REDIS_PASSWORD_FILE"):
+        assert env[name] == worker_env[name]
+    token = env["ANOMALY_VIEWER_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token["optional"] is True, "without the token Secret the page must still start, read-only"
+    claims, worker_claims = _claims(viewer), _claims(worker)
+    assert claims == worker_claims and all(c["readOnly"] for c in claims.values())
+    artifact = PurePosixPath(configmap_data["ANOMALY_ARTIFACT"])
+    mount = next(m for m in container["volumeMounts"] if m["name"] in claims)
+    assert PurePosixPath(mount["mountPath"]) in artifact.parents and mount["readOnly"] is True
+
+
+def test_the_viewer_service_reaches_its_page_and_probes_use_that_port() -> None:
+    viewer = k8s_object("Deployment", "anomaly-viewer")
+    service = k8s_object("Service", "anomaly-viewer")
+    labels = viewer["spec"]["template"]["metadata"]["labels"]
+    assert _selects(service["spec"]["selector"], labels)
+    assert not _selects(service["spec"]["selector"], _pod_labels()), "must not select worker pods"
+    container = pod_spec(viewer)["containers"][0]
+    port = next(p for p in container["ports"] if p["name"] == "http")
+    assert port["containerPort"] == 9500  # the image's ENTRYPOINT: anomaly-viewer --port 9500
+    [service_port] = service["spec"]["ports"]
+    assert service_port["targetPort"] in {"http", 9500}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/", "port": "http"}
+    assert container["livenessProbe"]["tcpSocket"]["port"] == "http"
