@@ -264,9 +264,14 @@ class StreamClient:
         return self._read(after, count, None)
 
     def _read(self, stream_id: bytes | str, count: int, block_ms: int | None) -> list[Entry]:
-        reply = self.redis.xreadgroup(
-            self.group, self.consumer, {self.input_stream: stream_id}, count=count, block=block_ms
-        )
+        try:
+            reply = self.redis.xreadgroup(
+                self.group, self.consumer, {self.input_stream: stream_id}, count=count, block=block_ms
+            )
+        except redis.ResponseError as exc:
+            if not _key_left_while_blocked(exc):
+                raise
+            return []
         if not reply:
             return []
         # redis-py gives [[stream, [(id, fields), ...]]] (RESP2) or {stream: [[...]]} (RESP3).
@@ -430,9 +435,14 @@ def read_new_many(
     entries of each, waiting up to `block_ms` only while every one of them is empty."""
     first = streams[0]
     by_name = {s.input_stream.encode(): s for s in streams}
-    reply = first.redis.xreadgroup(
-        first.group, first.consumer, {s.input_stream: ">" for s in streams}, count=count, block=block_ms
-    )
+    try:
+        reply = first.redis.xreadgroup(
+            first.group, first.consumer, {s.input_stream: ">" for s in streams}, count=count, block=block_ms
+        )
+    except redis.ResponseError as exc:
+        if not _key_left_while_blocked(exc):
+            raise
+        return []
     if not reply:
         return []
     # [[stream, [(id, fields), ...]], ...] (RESP2) or {stream: [[...]]} (RESP3).
@@ -442,6 +452,13 @@ def read_new_many(
         if items:
             out.append((by_name[_as_bytes(name)], [(entry_id, fields or {}) for entry_id, fields in items]))
     return out
+
+
+def _key_left_while_blocked(exc: redis.ResponseError) -> bool:
+    """Redis >= 7 ends a blocking XREADGROUP whose stream was deleted with UNBLOCKED; MIGRATE deletes
+    it from the old node when it moves to another. Nothing was delivered: the next read follows
+    the key (ASK or MOVED) or, if it is really gone, gets NOGROUP and the group is recreated."""
+    return str(exc).startswith("UNBLOCKED")
 
 
 def _id_range(commit: Commit) -> tuple[bytes | str, bytes | str]:
