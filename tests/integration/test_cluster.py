@@ -238,28 +238,36 @@ def test_a_shard_caught_half_migrated_scores_every_entry_once(
 ) -> None:
     caplog.set_level(logging.INFO, logger="worker.stream")
     url = f"redis://127.0.0.1:{cluster[0].port}/0"
-    settings = WorkerSettings(
-        redis_url=url,
-        redis_cluster=True,  # type: ignore[arg-type]
-        shards=2,
-        scores_stream="scores",
-        group="half",
-        consumer="c1",
-        reload_poll_seconds=0,
-        batch_size=16,
-        block_ms=100,
-        wait_replicas=wait_replicas,  # 1 of none: WAIT times out, the pipeline path is what counts
-        wait_timeout_ms=5,
-    )
-    client = make_redis(settings)
+
+    def settings_of(consumer: str) -> WorkerSettings:
+        return WorkerSettings(
+            redis_url=url,
+            redis_cluster=True,  # type: ignore[arg-type]
+            shards=2,
+            scores_stream="scores",
+            group="half",
+            consumer=consumer,
+            reload_poll_seconds=0,
+            batch_size=16,
+            block_ms=100,
+            # Two workers, XAUTOCLAIM every 0.1 s (through ASK too): entries of a consumer that dies
+            # mid-migration are reclaimed; fencing keeps one result each; nothing turns poison.
+            claim_idle_ms=200,
+            max_deliveries=1000,
+            wait_replicas=wait_replicas,  # 1 of none: WAIT times out, the pipeline path is what counts
+            wait_timeout_ms=5,
+        )
+
+    client = make_redis(settings_of("admin"))
     for shard in range(2):
-        client.delete(*settings.for_shard(shard).stream_names())
+        client.delete(*settings_of("admin").for_shard(shard).stream_names())
     client.xadd("images:{1}", {"image": b"bad"})  # the shard's dead-letter stream exists from here
-    runner = build_runner(client, settings)
-    worker = threading.Thread(target=runner.run, daemon=True)
+    runners = [build_runner(make_redis(settings_of(c)), settings_of(c)) for c in ("c1", "c2")]
+    workers = [threading.Thread(target=runner.run, daemon=True) for runner in runners]
     producer = PacedProducer(url)
     migration = SlotMigration(cluster, "images:{1}", client)
-    worker.start()
+    for worker in workers:
+        worker.start()
     producer.thread.start()
     try:
         wait_until(lambda: client.xlen("scores:{1}") >= 20, 30, what="shard 1 scored before the migration")
@@ -273,30 +281,45 @@ def test_a_shard_caught_half_migrated_scores_every_entry_once(
         wait_until(lambda: "commit deferred" in caplog.text, 30, what="a commit refused with TRYAGAIN")
         wait_until(lambda: producer.pushed_to(1) >= pushed + 20, 30, what="pushes to the split slot")
 
-        # Still half way, every key on the target: the source answers ASK for all of them.
+        # Still half way, every key on the target: the source answers ASK for all of them. A consumer
+        # that takes entries and dies leaves them to the workers' XAUTOCLAIM.
         migration.move("images:{1}", "images:dead-letter:{1}")
         scored = client.xlen("scores:{1}")
         wait_until(lambda: client.xlen("scores:{1}") >= scored + 20, 30, what="scoring through ASK")
 
+        def held_by_the_dead() -> int:
+            return len(client.xpending_range("images:{1}", "half", "-", "+", 100, consumername="dies"))
+
+        def taken_by_the_dead() -> bool:
+            client.xreadgroup("half", "dies", {"images:{1}": ">"}, count=5)  # races the workers
+            return held_by_the_dead() >= 3
+
+        wait_until(taken_by_the_dead, 30, what="a consumer that dies took entries")
+        wait_until(lambda: held_by_the_dead() == 0, 30, what="the dead consumer's entries reclaimed")
+
         migration.finish()  # the slot is the target's now: MOVED, then served there
         pushed = producer.pushed_to(1)
         wait_until(lambda: producer.pushed_to(1) >= pushed + 20, 30, what="pushes after the migration")
-    finally:
         producer.stop.set()
         producer.thread.join(30)
+        expected = sorted(producer.acknowledged)
+
+        def every_entry_scored() -> bool:
+            return client.xlen("scores:{0}") + client.xlen("scores:{1}") >= len(expected)
+
+        wait_until(every_entry_scored, 60, what=f"{len(expected)} entries scored")
+    finally:
+        producer.stop.set()
         migration.finish()  # again after a failure: the module's other tests share the cluster
-    expected = sorted(producer.acknowledged)
-
-    def every_entry_scored() -> bool:
-        return client.xlen("scores:{0}") + client.xlen("scores:{1}") >= len(expected)
-
-    wait_until(every_entry_scored, 60, what=f"{len(expected)} entries scored")
-    runner.request_stop()
-    worker.join(30)
-    assert not worker.is_alive(), "worker loop did not stop"
+        for runner, worker in zip(runners, workers, strict=True):
+            runner.request_stop()
+            worker.join(30)
+            assert not worker.is_alive(), "worker loop did not stop"
     scored_ids = sorted(f[b"source_id"] for shard in (0, 1) for _, f in client.xrange(f"scores:{{{shard}}}"))
     assert scored_ids == expected  # each acknowledged entry exactly once, nothing else
     assert client.xlen("images:dead-letter:{1}") == 1
-    assert [s.group_state().pending for s in runner.shards.streams] == [0, 0]
+    assert [s.group_state().pending for s in runners[0].shards.streams] == [0, 0]
     assert "commit ran after the slot migration shard=1" in caplog.text
+    # Reads and commits waited the migration out without failing: the workers stayed ready.
+    assert "redis refused" not in caplog.text and "redis lost" not in caplog.text
     assert client.get_node_from_key("images:{1}").port == migration.target_port
