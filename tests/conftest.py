@@ -67,6 +67,7 @@ class RedisServer:
     extra_args: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     tls_ca: Path | None = None  # set: the server listens on `port` with TLS only (cert files in directory)
+    password: str | None = None  # set: requirepass (and masterauth, for a replica or a future one)
 
     @property
     def url(self) -> str:
@@ -81,7 +82,9 @@ class RedisServer:
             d = self.directory
             listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(d / "server.crt"),
                       "--tls-key-file", str(d / "server.key"), "--tls-ca-cert-file", str(self.tls_ca),
-                      "--tls-auth-clients", "no"]  # fmt: skip
+                      "--tls-auth-clients", "no", "--tls-replication", "yes"]  # fmt: skip
+        if self.password is not None:
+            listen += ["--requirepass", self.password, "--masterauth", self.password]
         log = str(self.directory / "redis.log")
         self.process = subprocess.Popen(
             [
@@ -131,6 +134,8 @@ class RedisServer:
         more than the test pushed). A slow reply waits up to 60 s instead; a lost one fails."""
         if self.tls_ca is not None:
             options.update(ssl=True, ssl_ca_certs=str(self.tls_ca))
+        if self.password is not None:
+            options.setdefault("password", self.password)
         options = {"socket_timeout": 60.0, "retry": Retry(NoBackoff(), 0), **options}
         return redis.Redis(port=self.port, **options)  # type: ignore[arg-type]
 

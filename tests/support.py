@@ -162,3 +162,26 @@ def start_worker(env: dict[str, str], log: Path, ready_timeout: float = 120.0) -
     if process.poll() is not None:
         raise AssertionError(f"the worker exited with {process.returncode}:\n{log.read_text()}")
     return process
+
+
+def write_test_certificates(directory: Path) -> Path:
+    """A throwaway CA (ca.crt) and a server certificate for 127.0.0.1 signed by it (server.crt,
+    server.key) in `directory`, made by openssl; returns the CA's path. Skips without openssl."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed, so no test certificates can be made")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "1", "-subj", "/CN=test-ca")  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (directory / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "1", "-extfile", "ext")  # fmt: skip
+    return directory / "ca.crt"

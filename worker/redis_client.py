@@ -37,8 +37,14 @@ def make_redis(settings: WorkerSettings, client_name: str | None = None) -> Any:
 def sentinel_primary(settings: WorkerSettings, kwargs: dict[str, Any]) -> Any:
     """A client of the primary the Sentinels name for REDIS_SENTINEL_SERVICE: redis-py's
     SentinelConnectionPool asks them again after a connection fails, so it follows a failover
-    (an old primary turned replica answers READONLY, which redis-py also treats as a lost connection)."""
-    from redis.connection import parse_url
+    (an old primary turned replica answers READONLY, which redis-py also treats as a lost connection).
+
+    A rediss:// REDIS_URL puts TLS, with the URL's ssl_* options, on both the Sentinel connections
+    and the primary's (redis-py's SentinelManagedSSLConnection); REDIS_SENTINEL_PASSWORD[_FILE]
+    is sent to the Sentinels only, the URL's password (or REDIS_PASSWORD_FILE) to the primary."""
+    from redis.backoff import NoBackoff
+    from redis.connection import SSLConnection, parse_url
+    from redis.retry import Retry
     from redis.sentinel import Sentinel
 
     url = parse_url(settings.redis_url.get_secret_value())
@@ -49,6 +55,19 @@ def sentinel_primary(settings: WorkerSettings, kwargs: dict[str, Any]) -> Any:
     for address in filter(None, (a.strip() for a in settings.redis_sentinels.split(","))):
         host, _, port = address.rpartition(":")
         addresses.append((host, int(port)))
-    timeouts = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
-    sentinel = Sentinel(addresses, sentinel_kwargs=timeouts)
+    # No retry per Sentinel: redis-py asks the next one, and the data client's Retry repeats the
+    # round. With redis-py 8.1's default (backoff, retries) a round of 3 Sentinels that refuse us
+    # (a wrong REDIS_SENTINEL_PASSWORD) took 13 s, and the first error was logged after about 50 s.
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 2.0,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if url.get("connection_class") is SSLConnection:
+        tls = {option: value for option, value in url.items() if option.startswith("ssl_")}
+        kwargs.update(ssl=True, **tls)
+        sentinel_kwargs.update(ssl=True, **tls)
+    if (password := settings.sentinel_password()) is not None:
+        sentinel_kwargs["password"] = password
+    sentinel = Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)
     return sentinel.master_for(settings.redis_sentinel_service, **kwargs)

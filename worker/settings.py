@@ -42,6 +42,16 @@ class WorkerSettings(BaseSettings):
         "database, user and TLS)",
     )
     redis_sentinel_service: str = Field("mymaster", description="the service name the Sentinels monitor")
+    redis_sentinel_password: SecretStr | None = Field(
+        None,
+        description="password of the Sentinels themselves (their requirepass), not of the data "
+        "nodes; with a rediss:// REDIS_URL the Sentinels are reached over TLS too, with its ssl_* options",
+    )
+    redis_sentinel_password_file: Path | None = Field(
+        None,
+        description="file holding that Sentinel password (a mounted secret), instead of "
+        "REDIS_SENTINEL_PASSWORD",
+    )
     shards: int = Field(
         1,
         ge=1,
@@ -218,6 +228,11 @@ class WorkerSettings(BaseSettings):
         self.shard_list()
         if self.redis_cluster and self.redis_sentinels:
             raise ValueError("ANOMALY_REDIS_CLUSTER and ANOMALY_REDIS_SENTINELS exclude each other")
+        if self.redis_sentinel_password is not None and self.redis_sentinel_password_file is not None:
+            raise ValueError(
+                "ANOMALY_REDIS_SENTINEL_PASSWORD and ANOMALY_REDIS_SENTINEL_PASSWORD_FILE are both set; "
+                "expected at most one"
+            )
         return self
 
     def shard_list(self) -> list[int]:
@@ -291,6 +306,15 @@ class WorkerSettings(BaseSettings):
         if self.redis_password_file is None:
             return None
         return self.redis_password_file.read_text().rstrip("\r\n")
+
+    def sentinel_password(self) -> str | None:
+        """The Sentinels' own password: REDIS_SENTINEL_PASSWORD, or read from its file (trailing
+        newline stripped); None when neither is set."""
+        if self.redis_sentinel_password_file is not None:
+            return self.redis_sentinel_password_file.read_text().rstrip("\r\n")
+        if self.redis_sentinel_password is not None:
+            return self.redis_sentinel_password.get_secret_value()
+        return None
 
     def redacted_redis_url(self) -> str:
         """The Redis URL with any password replaced, for logs."""

@@ -6,13 +6,16 @@ decode_responses=False and this module is the one place that speaks Redis Stream
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
 
 from worker.codec import Entry
 
@@ -24,6 +27,12 @@ log = logging.getLogger(__name__)
 # Up to this many records the commit script reads each one's owner with its own XPENDING call;
 # above, with one XPENDING over the batch's id range (the same number is in COMMIT_SCRIPT).
 FENCE_PER_ID_UP_TO = 16
+
+# While a shard's slot is half migrated (MIGRATING on one node, IMPORTING on another), the commit
+# script, which names all the shard's streams, is refused with TRYAGAIN whenever they are not all
+# on the node that answers (some moved, some not, or one not created yet). Nothing ran, so the
+# commit is retried, with backoff, for this long before the batch is given up (left pending).
+SLOT_MIGRATION_RETRY_SECONDS = 10.0
 
 # The target streams a commit can write to. KEYS[1] is the input stream; the configured targets
 # follow in this order (the optional ones only when set), and commit_batch maps each to its key.
@@ -133,6 +142,10 @@ for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return removed
 """
+
+
+class SlotMigrating(redis.exceptions.ResponseError):
+    """A commit did not run because the shard's hash slot is being migrated (TRYAGAIN)."""
 
 
 @dataclass
@@ -251,9 +264,14 @@ class StreamClient:
         return self._read(after, count, None)
 
     def _read(self, stream_id: bytes | str, count: int, block_ms: int | None) -> list[Entry]:
-        reply = self.redis.xreadgroup(
-            self.group, self.consumer, {self.input_stream: stream_id}, count=count, block=block_ms
-        )
+        try:
+            reply = self.redis.xreadgroup(
+                self.group, self.consumer, {self.input_stream: stream_id}, count=count, block=block_ms
+            )
+        except redis.ResponseError as exc:
+            if not _key_left_while_blocked(exc):
+                raise
+            return []
         if not reply:
             return []
         # redis-py gives [[stream, [(id, fields), ...]]] (RESP2) or {stream: [[...]]} (RESP3).
@@ -317,29 +335,82 @@ class StreamClient:
         return CommitResult(int(acked), int(published), int(fenced), replicas)
 
     def _run_commit(self, args: list[bytes | str | int]) -> tuple[Any, int | None]:
+        """The commit script (with WAIT_REPLICAS, followed by WAIT), retried while the shard's slot
+        is half migrated: a TRYAGAIN or redirect means the script did not run, so running it again
+        publishes and acks each entry once. Past SLOT_MIGRATION_RETRY_SECONDS, SlotMigrating."""
+        deadline = time.monotonic() + SLOT_MIGRATION_RETRY_SECONDS
+        backoff = ExponentialWithJitterBackoff(cap=0.5, base=0.02)
+        for attempt in itertools.count():
+            try:
+                result = self._run_commit_once(args)
+            except SlotMigrating:
+                if time.monotonic() >= deadline:
+                    raise
+                if attempt == 0:
+                    log.warning(
+                        "commit deferred: the slot of shard %d is being migrated, retrying stream=%s",
+                        self.shard,
+                        self.input_stream,
+                    )
+                time.sleep(backoff.compute(attempt + 1))
+                continue
+            if attempt:
+                log.info("commit ran after the slot migration shard=%d attempts=%d", self.shard, attempt + 1)
+            return result
+        raise AssertionError("unreachable")
+
+    def _run_commit_once(self, args: list[bytes | str | int]) -> tuple[Any, int | None]:
         if not self.wait_replicas:
-            return self._commit(keys=self.keys, args=args), None
+            try:
+                return self._commit(keys=self.keys, args=args), None
+            except redis.exceptions.ClusterError as exc:
+                # RedisCluster follows ASK and MOVED and retries TRYAGAIN itself, 16 times, then
+                # gives up with a plain ClusterError("TTL exhausted.") (redis-py 8.1, no own type):
+                # every one of those replies meant nothing ran. Other ClusterErrors (CLUSTERDOWN)
+                # take the usual path.
+                if type(exc) is not redis.exceptions.ClusterError or "TTL exhausted" not in str(exc):
+                    raise
+                raise self._slot_migrating(exc) from exc
         # WAIT counts the replicas that have this connection's writes, so it must follow the script
         # on the same connection: both go in one pipeline (one connection, one round trip). On a
-        # cluster that is a pipeline on the node serving the shard's slot.
-        for attempt in range(3):
-            pipe = self._node_client().pipeline(transaction=False)
+        # cluster that is a pipeline on the node serving the shard's slot, so this follows the
+        # redirects itself: MOVED refreshes the slot map, ASK sends ASKING before the script on the
+        # importing node (ASKING lets the next command only in).
+        node, asking = self._node_client(), False
+        for _ in range(5):
+            pipe = node.pipeline(transaction=False)
+            if asking:
+                pipe.execute_command("ASKING")
             self._commit(keys=self.keys, args=args, client=pipe)
             pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             try:
-                reply, replicas = pipe.execute()
-            except redis.ResponseError as exc:
-                # The slot moved (failover, resharding): nothing ran; refresh the map and retry.
-                if not str(exc).startswith(("MOVED", "ASK")) or attempt == 2:
-                    raise
+                *_, reply, replicas = pipe.execute()
+            except redis.exceptions.MovedError:
                 self.redis.nodes_manager.initialize()
+                node, asking = self._node_client(), False
                 continue
+            except redis.exceptions.AskError as exc:
+                target = self.redis.get_node(host=exc.host, port=exc.port)
+                if target is None:  # a node the slot map does not know yet
+                    self.redis.nodes_manager.initialize()
+                    target = self.redis.get_node(host=exc.host, port=exc.port)
+                node, asking = self.redis.get_redis_connection(target), True
+                continue
+            except redis.exceptions.TryAgainError as exc:
+                raise self._slot_migrating(exc) from exc
             return reply, int(replicas)
-        raise AssertionError("unreachable")
+        raise self._slot_migrating(redis.exceptions.ClusterError("5 redirects in a row"))
+
+    def _slot_migrating(self, cause: Exception) -> SlotMigrating:
+        return SlotMigrating(
+            f"the commit of shard {self.shard} did not run: the hash slot of {', '.join(self.keys)} "
+            f"is being migrated between nodes and those keys are not all on one node yet ({cause}); "
+            "its entries stay pending"
+        )
 
     def _node_client(self) -> Any:
         if hasattr(self.redis, "get_node_from_key"):  # redis.cluster.RedisCluster
-            return self.redis.get_node_from_key(self.input_stream).redis_connection
+            return self.redis.get_redis_connection(self.redis.get_node_from_key(self.input_stream))
         return self.redis
 
     def prune_consumers(self, min_idle_ms: int) -> list[str]:
@@ -364,9 +435,14 @@ def read_new_many(
     entries of each, waiting up to `block_ms` only while every one of them is empty."""
     first = streams[0]
     by_name = {s.input_stream.encode(): s for s in streams}
-    reply = first.redis.xreadgroup(
-        first.group, first.consumer, {s.input_stream: ">" for s in streams}, count=count, block=block_ms
-    )
+    try:
+        reply = first.redis.xreadgroup(
+            first.group, first.consumer, {s.input_stream: ">" for s in streams}, count=count, block=block_ms
+        )
+    except redis.ResponseError as exc:
+        if not _key_left_while_blocked(exc):
+            raise
+        return []
     if not reply:
         return []
     # [[stream, [(id, fields), ...]], ...] (RESP2) or {stream: [[...]]} (RESP3).
@@ -376,6 +452,13 @@ def read_new_many(
         if items:
             out.append((by_name[_as_bytes(name)], [(entry_id, fields or {}) for entry_id, fields in items]))
     return out
+
+
+def _key_left_while_blocked(exc: redis.ResponseError) -> bool:
+    """Redis >= 7 ends a blocking XREADGROUP whose stream was deleted with UNBLOCKED; MIGRATE deletes
+    it from the old node when it moves to another. Nothing was delivered: the next read follows
+    the key (ASK or MOVED) or, if it is really gone, gets NOGROUP and the group is recreated."""
+    return str(exc).startswith("UNBLOCKED")
 
 
 def _id_range(commit: Commit) -> tuple[bytes | str, bytes | str]:

@@ -29,7 +29,8 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from tests.chaos.fleet import Fleet
-from tests.conftest import RedisServer, free_cluster_port, free_port, mnist_sample, wait_until
+from tests.conftest import RedisServer, free_cluster_port, mnist_sample, wait_until
+from tests.sentinels import SentinelSet, sentinel_set
 from tests.support import metric_sum, metrics_text
 from worker.client import ImageProducer
 
@@ -256,61 +257,11 @@ def test_cluster_primary_killed_mid_run_every_surviving_entry_handled_once(
 
 
 # ------------------------------------------------------------------------------------- sentinel
-@dataclass
-class SentinelSet:
-    primary: RedisServer
-    replica: RedisServer
-    sentinels: list[subprocess.Popen[bytes]]
-    ports: list[int]
-
-    @property
-    def addresses(self) -> str:
-        return ",".join(f"127.0.0.1:{port}" for port in self.ports)
-
-
-@pytest.fixture
-def sentinel_set(tmp_path: Path) -> Iterator[SentinelSet]:
+@pytest.fixture(name="sentinel_set")
+def sentinel_set_fixture(tmp_path: Path) -> Iterator[SentinelSet]:
     """1 primary, 1 replica, 3 sentinels (quorum 2, primary down after 1 s)."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    primary_dir, replica_dir = tmp_path / "primary", tmp_path / "replica"
-    primary_dir.mkdir()
-    replica_dir.mkdir()
-    primary = RedisServer(free_port(), primary_dir).start()
-    replica = RedisServer(free_port(), replica_dir, ("--replicaof", "127.0.0.1", str(primary.port))).start()
-    sentinels: list[subprocess.Popen[bytes]] = []
-    ports: list[int] = []
-    try:
-        for i in range(3):
-            port = free_port()
-            config = tmp_path / f"sentinel-{i}.conf"
-            config.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\nlogfile {tmp_path}/sentinel-{i}.log\n"
-                f"sentinel monitor mymaster 127.0.0.1 {primary.port} 2\n"
-                "sentinel down-after-milliseconds mymaster 1000\n"
-                "sentinel failover-timeout mymaster 5000\n"
-            )
-            sentinels.append(subprocess.Popen([binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL))
-            ports.append(port)
-
-        def everyone_known() -> bool:
-            for port in ports:
-                try:
-                    s = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
-                    if len(s.sentinel_slaves("mymaster")) != 1 or len(s.sentinel_sentinels("mymaster")) != 2:
-                        return False
-                except redis.RedisError:
-                    return False
-            return replica.client().info("replication").get("master_link_status") == "up"
-
-        wait_until(everyone_known, 60, interval=0.2, what="sentinels know the replica and each other")
-        yield SentinelSet(primary, replica, sentinels, ports)
-    finally:
-        for process in sentinels:
-            process.kill()
-            process.wait(10)
-        primary.stop(kill=True)
-        replica.stop(kill=True)
+    with sentinel_set(tmp_path) as nodes:
+        yield nodes
 
 
 @pytest.mark.parametrize("wait_replicas", [0, 1], ids=["async", "wait-1"])

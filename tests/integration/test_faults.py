@@ -12,7 +12,7 @@ import redis
 
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
 from tests.integration.tcp_proxy import TcpProxy
-from tests.support import build_runner, push, stream
+from tests.support import build_runner, push, stream, write_test_certificates
 from worker.redis_client import make_redis
 from worker.runner import Runner
 from worker.settings import WorkerSettings
@@ -211,61 +211,7 @@ def test_password_file_is_used_and_wrong_password_is_reported_not_logged(
 @pytest.fixture
 def tls_redis(tmp_path) -> Iterator[RedisServer]:
     """A redis-server that speaks only TLS, with a throwaway CA made by openssl."""
-    import shutil
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed, so no test certificates can be made")
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test-ca",
-    )
-    run(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    )
-    (tmp_path / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "1",
-        "-extfile",
-        "ext",
-    )
-    server = RedisServer(free_port(), tmp_path, tls_ca=tmp_path / "ca.crt").start()
+    server = RedisServer(free_port(), tmp_path, tls_ca=write_test_certificates(tmp_path)).start()
     yield server
     server.stop(kill=True)
 
