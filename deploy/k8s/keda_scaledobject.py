@@ -15,7 +15,8 @@ largest: the fleet is sized for the worst shard. Measured rates (one worker, num
 BLAS thread, batch 256, uint8; benchmarks/results/score-cost.md and throughput.md):
 
     score                               msg/s per worker
-    mse (default artifact)              60,000 (dense-512-128-32) to 115,000 (dense-64-16)
+    mse+nmse+orientation (the default)  79,000-84,000 (dense-64-16; 38,000 under a load of 5-8)
+    mse                                 60,000 (dense-512-128-32) to 115,000 (dense-64-16)
     mse+transforms (rotations)          17,700
     knn, mse+knn                         6,200
     mse+transforms+knn (rotations)       5,000
@@ -31,7 +32,7 @@ import argparse
 import math
 import sys
 
-DEFAULT_RATE = 60_000  # the default artifact's lower measured rate: pods rarely get a full core
+DEFAULT_RATE = 60_000  # below the default detector's 79-84k on a quiet core: pods rarely get a full one
 DEFAULT_DRAIN_SECONDS = 10.0
 PENDING_PER_REPLICA = 1024  # 4 batches of 256: a worker holds 1-2 per shard (in hand + read ahead)
 
