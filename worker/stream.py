@@ -264,14 +264,7 @@ class StreamClient:
         return self._read(after, count, None)
 
     def _read(self, stream_id: bytes | str, count: int, block_ms: int | None) -> list[Entry]:
-        try:
-            reply = self.redis.xreadgroup(
-                self.group, self.consumer, {self.input_stream: stream_id}, count=count, block=block_ms
-            )
-        except redis.ResponseError as exc:
-            if not _key_left_while_blocked(exc):
-                raise
-            return []
+        reply = _read_group(self, {self.input_stream: stream_id}, count, block_ms)
         if not reply:
             return []
         # redis-py gives [[stream, [(id, fields), ...]]] (RESP2) or {stream: [[...]]} (RESP3).
@@ -435,14 +428,7 @@ def read_new_many(
     entries of each, waiting up to `block_ms` only while every one of them is empty."""
     first = streams[0]
     by_name = {s.input_stream.encode(): s for s in streams}
-    try:
-        reply = first.redis.xreadgroup(
-            first.group, first.consumer, {s.input_stream: ">" for s in streams}, count=count, block=block_ms
-        )
-    except redis.ResponseError as exc:
-        if not _key_left_while_blocked(exc):
-            raise
-        return []
+    reply = _read_group(first, {s.input_stream: ">" for s in streams}, count, block_ms)
     if not reply:
         return []
     # [[stream, [(id, fields), ...]], ...] (RESP2) or {stream: [[...]]} (RESP3).
@@ -454,11 +440,20 @@ def read_new_many(
     return out
 
 
-def _key_left_while_blocked(exc: redis.ResponseError) -> bool:
-    """Redis >= 7 ends a blocking XREADGROUP whose stream was deleted with UNBLOCKED; MIGRATE deletes
+def _read_group(
+    client: StreamClient, streams: Mapping[str, bytes | str], count: int, block_ms: int | None
+) -> Any:
+    """XREADGROUP as `client`'s consumer; None when a blocking read was ended by UNBLOCKED.
+
+    Redis >= 7 ends a blocking XREADGROUP whose stream was deleted with UNBLOCKED; MIGRATE deletes
     it from the old node when it moves to another. Nothing was delivered: the next read follows
     the key (ASK or MOVED) or, if it is really gone, gets NOGROUP and the group is recreated."""
-    return str(exc).startswith("UNBLOCKED")
+    try:
+        return client.redis.xreadgroup(client.group, client.consumer, streams, count=count, block=block_ms)
+    except redis.ResponseError as exc:
+        if not str(exc).startswith("UNBLOCKED"):
+            raise
+        return None
 
 
 def _id_range(commit: Commit) -> tuple[bytes | str, bytes | str]:
