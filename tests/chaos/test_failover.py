@@ -221,6 +221,19 @@ def six_node_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
             node.stop(kill=True)
 
 
+def failover_env(shards: int, wait_replicas: int) -> dict[str, str]:
+    """The worker settings both failover runs share, so their figures compare: small batches,
+    a quick reclaim, a generous poison limit, and WAIT as the run's parameter."""
+    return {
+        "ANOMALY_SHARDS": str(shards),
+        "ANOMALY_BATCH_SIZE": "64",
+        "ANOMALY_CLAIM_IDLE_MS": "3000",
+        "ANOMALY_MAX_DELIVERIES": "50",
+        "ANOMALY_WAIT_REPLICAS": str(wait_replicas),
+        "ANOMALY_WAIT_TIMEOUT_MS": "200",
+    }
+
+
 @pytest.mark.parametrize("wait_replicas", [0, 1], ids=["async", "wait-1"])
 def test_cluster_primary_killed_mid_run_every_surviving_entry_handled_once(
     six_node_cluster: list[RedisServer], tiny_artifact: Path, tmp_path: Path, wait_replicas: int
@@ -231,12 +244,7 @@ def test_cluster_primary_killed_mid_run_every_surviving_entry_handled_once(
     fleet = Fleet(seed.url, tiny_artifact, tmp_path)
     fleet.extra_env.update(
         ANOMALY_REDIS_CLUSTER="true",
-        ANOMALY_SHARDS=str(shards),
-        ANOMALY_BATCH_SIZE="64",
-        ANOMALY_CLAIM_IDLE_MS="3000",
-        ANOMALY_MAX_DELIVERIES="50",
-        ANOMALY_WAIT_REPLICAS=str(wait_replicas),
-        ANOMALY_WAIT_TIMEOUT_MS="200",
+        **failover_env(shards, wait_replicas),
     )
     producer = Producer(ImageProducer(client, shards=shards), count=3000, per_second=500)
     by_port = {node.port: node for node in six_node_cluster}
@@ -277,12 +285,7 @@ def test_sentinel_primary_killed_mid_run_every_surviving_entry_handled_once(
     fleet.extra_env.update(
         ANOMALY_REDIS_SENTINELS=sentinel_set.addresses,
         ANOMALY_REDIS_SENTINEL_SERVICE="mymaster",
-        ANOMALY_SHARDS=str(shards),
-        ANOMALY_BATCH_SIZE="64",
-        ANOMALY_CLAIM_IDLE_MS="3000",
-        ANOMALY_MAX_DELIVERIES="50",
-        ANOMALY_WAIT_REPLICAS=str(wait_replicas),
-        ANOMALY_WAIT_TIMEOUT_MS="200",
+        **failover_env(shards, wait_replicas),
     )
     producer = Producer(ImageProducer(client, shards=shards), count=3000, per_second=500)
 
