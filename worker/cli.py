@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
+from worker.allocator import keep_freed_memory
 from worker.redis_client import make_redis
 from worker.settings import WorkerSettings, unknown_variables
 
@@ -119,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     # numpy's BLAS starts one spinning thread per core; the worker scores on one of its own
     # threads and needs the other core for reading and for Redis (see ANOMALY_SCORING_THREADS).
     threadpool_limits(settings.scoring_threads, user_api="blas")
+    if settings.tune_malloc:
+        tuned = keep_freed_memory()
+        if refused := [name for name, taken in tuned.items() if not taken]:
+            log.warning("malloc refused some thresholds (left at its defaults) refused=%s", ",".join(refused))
+        log.debug("malloc thresholds %s", ",".join(tuned) or "unchanged: the C library is not glibc")
     try:
         model = load_model(settings)
         shadow = load_model(settings, shadow=True) if settings.shadow_artifact is not None else None

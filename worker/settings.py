@@ -125,6 +125,11 @@ class WorkerSettings(BaseSettings):
         description="BLAS threads of the numpy engine; 1 leaves the other cores to Redis and to "
         "the reading thread (scale out with more workers)",
     )
+    tune_malloc: bool = Field(
+        True,
+        description="keep the memory a batch frees for the next one (glibc malloc thresholds) "
+        "instead of returning it to the system and faulting it back in every batch",
+    )
     engine: Literal["auto", "numpy", "tensorflow"] = Field(
         "auto",
         description="scoring engine: numpy (dense models, no TensorFlow loaded), tensorflow (any "
