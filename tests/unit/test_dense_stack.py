@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from detector.errors import ArtifactError
-from detector.networks import DenseStack
+from detector.networks import DenseStack, activate
 from tests.conftest import mnist_sample
 
 
@@ -51,6 +51,16 @@ def test_sigmoid_saturates_without_warnings_or_nan() -> None:
     x = np.full((2, 6), 1e4, np.float32)
     out = stack.reconstruct(x)
     assert np.isfinite(out).all() and ((out >= 0) & (out <= 1)).all()
+
+
+def test_sigmoid_keeps_its_relative_precision_from_saturation_to_saturation() -> None:
+    z = np.array([-1e4, -100.0, -88.8, -40.0, -20.0, -3.0, 0.0, 3.0, 20.0, 100.0, 1e4], np.float32)
+    h = z.copy()
+    activate(h, "sigmoid")
+    with np.errstate(over="ignore"):
+        expected = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    # relative to the exact value wherever float32 has normal numbers (below them: 0 is right)
+    np.testing.assert_allclose(h, expected, rtol=1e-6, atol=float(np.finfo(np.float32).tiny))
 
 
 def test_file_round_trip_keeps_every_array() -> None:
