@@ -5,8 +5,9 @@ joined payloads, the float32 images, the reconstruction and its error. With glib
 block is either mapped and unmapped again (above the mmap threshold) or, freed at the top of the
 heap, trimmed back to the system; the next batch then faults every page in afresh. Measured on a
 256-image batch of the default detector: about 380 page faults and 1.5 ms of kernel time per batch,
-a fifth of the worker's time (benchmarks/results/throughput.md). Fixed thresholds keep the freed
-memory in the process instead, for some 10-30 MB of resident memory that stays allocated.
+a fifth of the worker's time. Fixed thresholds keep the freed memory in the process instead: up to
+the trim threshold (64 MB) may stay resident; in `make bench` the peak RSS under load stayed at
+84 MB, as before (benchmarks/results/throughput.md).
 
 Only glibc has `mallopt`; on another C library (musl, macOS) this does nothing. Operators who tune
 malloc themselves (MALLOC_*_ variables, GLIBC_TUNABLES) turn it off with ANOMALY_TUNE_MALLOC=false.
