@@ -26,9 +26,10 @@ from detector.components.reconstruction import DEFAULT_TOP_K_PERCENT
 from detector.components.transforms import TransformScorer, TransformSet, TransformSetName
 from detector.datasets import Dataset
 from detector.score import COMPARED
+from trainer.budget import DEFAULT_EPOCHS, epoch_budget
 from trainer.evaluate import ScoreModel, auroc
+from trainer.fitting import fit_autoencoder
 from trainer.models import build_model
-from trainer.multitask import train_multitask
 from trainer.splits import Splits, split_normal
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
 
@@ -49,7 +50,8 @@ class BenchmarkConfig:
     dataset: str = "mnist"
     architecture: str = "dense-512-128-32"
     classes: list[int] = field(default_factory=lambda: list(range(10)))
-    epochs: int = 30
+    epochs: int | None = 30  # None: `anomaly-trainer train`'s default (trainer.budget)
+    min_steps: int = 0  # early stopping never ends training before these steps (train's default: 2000)
     batch_size: int = 128
     learning_rate: float = 1e-3
     patience: int = 3
@@ -112,7 +114,9 @@ class BenchmarkResult:
     def file_stem(self) -> str:
         """benchmarks/results/ name: dataset, architecture, epochs, and any subset used."""
         c = self.config
-        stem = f"one-class-{c.dataset}-{c.architecture}-e{c.epochs}"
+        stem = f"one-class-{c.dataset}-{c.architecture}-e{c.epochs or 'auto'}"
+        if c.min_steps:
+            stem += f"-s{c.min_steps}"
         if c.transforms is not None:
             stem += f"-{c.transforms}"
         if c.orientation is not None:
@@ -131,7 +135,7 @@ class BenchmarkResult:
             f"# One-class {c.dataset}: {c.architecture}",
             "",
             f"Train on one class's training images, score the whole test set, the other classes are "
-            f"anomalies. Up to {c.epochs} epochs (early stopping on held-out loss, patience {c.patience}), "
+            f"anomalies. {epochs_text(c.epochs, c.min_steps)} (patience {c.patience}), "
             f"batch {c.batch_size}, Adam {c.learning_rate:g}, seed {c.seed}, "
             f"max samples {c.max_samples or 'all'}, top-k {c.top_k_percent:g}%. "
             + (
@@ -150,11 +154,21 @@ class BenchmarkResult:
         return "\n".join(lines) + "\n"
 
 
-def fit_autoencoder(
+def epochs_text(epochs: int | None, min_steps: int) -> str:
+    """How long each class trains, in words (trainer.budget's rule)."""
+    if epochs is None and min_steps:
+        limit = f"Up to {DEFAULT_EPOCHS} epochs or {min_steps:,} steps, whichever is longer"
+    else:
+        limit = f"Up to {DEFAULT_EPOCHS if epochs is None else epochs} epochs"
+    floor = f", not before {min_steps:,} steps" if min_steps else ""
+    return f"{limit}; early stopping on held-out loss{floor}"
+
+
+def fit_on_normal(
     normal: np.ndarray, config: BenchmarkConfig, verbose: int = 0
 ) -> tuple[Any, Splits, dict[str, list[float]], Orientation | None]:
-    """Split normal images as the trainer does and fit with early stopping on the validation loss
-    (with the orientation head when the config asks for it, as `anomaly-trainer train` does)."""
+    """Split normal images as the trainer does and fit them as it does (`trainer.fitting`): early
+    stopping on the validation loss, with the orientation head when the config asks for it."""
     import keras
 
     keras.utils.set_random_seed(config.seed)
@@ -163,36 +177,21 @@ def fit_autoencoder(
         normal = normal[np.sort(pick)]
     splits = split_normal(normal, config.holdout_fraction, config.seed)
     model = build_model(config.architecture, normal.shape[1])
-    if config.orientation is not None:
-        head, losses = train_multitask(
-            model,
-            splits.fit,
-            splits.validation,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            patience=config.patience,
-            seed=config.seed,
-            verbose=verbose,
-            transforms_name=config.orientation,
-        )
-        return model, splits, losses, Orientation(head, config.orientation, 0)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
-    history = model.fit(
+    head, losses = fit_autoencoder(
+        model,
         splits.fit,
-        splits.fit,
-        validation_data=(splits.validation, splits.validation),
-        epochs=config.epochs,
+        splits.validation,
+        epoch_budget(config.epochs, config.min_steps, splits.fit.shape[0], config.batch_size),
         batch_size=config.batch_size,
-        shuffle=True,
+        learning_rate=config.learning_rate,
+        patience=config.patience,
+        seed=config.seed,
         verbose=verbose,
-        callbacks=[
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=config.patience, restore_best_weights=True
-            )
-        ],
+        orientation=config.orientation,
     )
-    return model, splits, {k: [float(v) for v in vals] for k, vals in history.history.items()}, None
+    if head is None or config.orientation is None:
+        return model, splits, losses, None
+    return model, splits, losses, Orientation(head, config.orientation, 0)
 
 
 def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) -> ClassResult:
@@ -204,7 +203,7 @@ def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) 
     normal = dataset.train.x[y_train == normal_class]
     if normal.shape[0] == 0:
         raise ValueError(f"no training images of class {normal_class} in {dataset.name}")
-    model, splits, history, orientation = fit_autoencoder(normal, config)
+    model, splits, history, orientation = fit_on_normal(normal, config)
     transform_scorer = None
     if config.transforms is not None:
         classifier, _ = train_transform_classifier(

@@ -14,8 +14,9 @@ from detector.components.transforms import TRANSFORM_SETS
 from detector.datasets import Dataset
 from detector.engines.tensorflow_import import import_keras_quietly
 from detector.score import DEFAULT_SCORE, components_of
+from trainer.budget import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
-from trainer.presets import DEFAULT_EPOCHS, DEFAULT_THRESHOLD, PRESETS, resolve
+from trainer.presets import DEFAULT_THRESHOLD, PRESETS, resolve
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
 
 
@@ -35,6 +36,18 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, found {text}")
+    return value
+
+
+def _epochs(text: str) -> int | None:
+    """A positive number of epochs, or auto (None: trainer.budget's default)."""
+    return None if text == "auto" else _positive(text)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, found {text}")
     return value
 
 
@@ -75,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a reference notebook's configuration; flags given as well win over it: "
         + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
         + " (default: none, the default detector: dense-64-16 trained with its orientation head, "
-        f"score {DEFAULT_SCORE}, threshold {DEFAULT_THRESHOLD}, {DEFAULT_EPOCHS} epochs)",
+        f"score {DEFAULT_SCORE}, threshold {DEFAULT_THRESHOLD}, {DEFAULT_EPOCHS} epochs or "
+        f"{DEFAULT_MIN_STEPS:,} steps, whichever is longer)",
     )
     t.add_argument(
         "--architecture",
@@ -84,8 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--epochs",
-        type=_positive,
-        help=f"maximum epochs; early stopping on held-out loss (default: {DEFAULT_EPOCHS})",
+        type=_epochs,
+        help="maximum epochs; early stopping on held-out loss (default: auto, "
+        f"{DEFAULT_EPOCHS} or as many as --min-steps takes, whichever is more)",
+    )
+    t.add_argument(
+        "--min-steps",
+        type=_non_negative,
+        help="early stopping never ends training before this many optimizer steps (batches); with "
+        f"--epochs auto the epochs are raised to fit them: on a small data set such as one MNIST "
+        f"class, 2,000 steps are about 106 epochs (default: {DEFAULT_MIN_STEPS}; 0 in the presets)",
     )
     t.add_argument("--batch-size", type=_positive, default=256, help="(default: 256)")
     t.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
@@ -223,7 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(ARCHITECTURES),
         help="(default: dense-512-128-32)",
     )
-    b.add_argument("--epochs", type=_positive, default=30, help="maximum epochs per class (default: 30)")
+    b.add_argument(
+        "--epochs",
+        type=_epochs,
+        default=30,
+        help=f"maximum epochs per class; auto: {DEFAULT_EPOCHS} or as many as --min-steps takes, "
+        "whichever is more, as `train` does (default: 30)",
+    )
+    b.add_argument(
+        "--min-steps",
+        type=_non_negative,
+        default=0,
+        help="early stopping never ends a class's training before this many steps; the default "
+        f"detector trains with {DEFAULT_MIN_STEPS} and --epochs auto (default: 0)",
+    )
     b.add_argument("--classes", type=_classes, help="normal classes to run (default: 0,...,9)")
     b.add_argument("--max-samples", type=_positive, help="at most this many training images per class")
     b.add_argument("--batch-size", type=_positive, default=128, help="(default: 128)")
@@ -336,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "architecture": args.architecture,
                 "epochs": args.epochs,
+                "min_steps": args.min_steps,
                 "threshold": args.threshold,
                 "score": args.score,
                 "preprocessing": args.preprocessing,
@@ -444,13 +480,21 @@ def _report(args: argparse.Namespace) -> int:
 
 def _benchmark(args: argparse.Namespace) -> int:
     from detector.datasets import load_dataset
-    from trainer.benchmark import RESULTS_DIR, BenchmarkConfig, ClassResult, run_benchmark, write_results
+    from trainer.benchmark import (
+        RESULTS_DIR,
+        BenchmarkConfig,
+        ClassResult,
+        epochs_text,
+        run_benchmark,
+        write_results,
+    )
 
     config = BenchmarkConfig(
         dataset=args.dataset,
         architecture=args.architecture,
         classes=args.classes or list(range(10)),
         epochs=args.epochs,
+        min_steps=args.min_steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         patience=args.patience,
@@ -468,7 +512,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         print(f"class {r.normal_class}: AUROC {cells}  ({r.epochs_run} epochs, {r.seconds:.0f}s)", flush=True)
 
     print(
-        f"one-class benchmark: {config.dataset}, {config.architecture}, up to {config.epochs} epochs, "
+        f"one-class benchmark: {config.dataset}, {config.architecture}, "
+        f"{epochs_text(config.epochs, config.min_steps).lower()}, "
         f"classes {','.join(map(str, config.classes))}",
         flush=True,
     )

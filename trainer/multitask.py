@@ -25,6 +25,7 @@ import numpy as np
 from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
 from detector.components.transforms import TransformSet, TransformSetName
 from detector.networks import TransformClassifier
+from trainer.budget import EpochBudget
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def train_multitask(
     autoencoder: Any,
     fit_x: np.ndarray,
     validation_x: np.ndarray,
-    epochs: int,
+    budget: EpochBudget,
     batch_size: int,
     learning_rate: float,
     patience: int,
@@ -83,7 +84,9 @@ def train_multitask(
     verbose: int = 0,
     transforms_name: TransformSetName = DEFAULT_ORIENTATION_TRANSFORMS,
 ) -> tuple[TransformClassifier, dict[str, list[float]]]:
-    """Fit the autoencoder with the orientation head (early stopping on the held-out joint loss).
+    """Fit the autoencoder with the orientation head within `budget`: early stopping on the held-out
+    joint loss from the budget's `stop_from` epoch, as Keras' EarlyStopping(start_from_epoch) does
+    (the epochs before it are neither the best nor counted against patience).
 
     Returns the head in numpy and the losses (`loss`/`val_loss` are the joint ones)."""
     import keras
@@ -102,11 +105,11 @@ def train_multitask(
         "training autoencoder with orientation head transformations=%d fit=%d epochs=%d",
         len(transforms),
         fit_x.shape[0],
-        epochs,
+        budget.epochs,
     )
     losses: dict[str, list[float]] = {}
-    best, best_weights, waited = math.inf, joint.get_weights(), 0
-    for epoch in range(epochs):  # early stopping on the held-out joint loss, best weights kept
+    best, best_weights, waited = math.inf, None, 0
+    for epoch in range(budget.epochs):  # early stopping on the held-out joint loss, best weights kept
         transformed, labels = random_pairs(fit_x, transforms, seed + 2 + epoch)
         history = joint.fit(
             [fit_x, transformed],
@@ -120,12 +123,15 @@ def train_multitask(
         for name, values in history.history.items():
             losses.setdefault(name, []).extend(float(v) for v in values)
         held_out = losses["val_loss"][-1]
-        if held_out < best:
+        if epoch < budget.stop_from:
+            continue
+        if best_weights is None or held_out < best:  # the first epoch looked at is the best so far
             best, best_weights, waited = held_out, joint.get_weights(), 0
         else:
             waited += 1
             if waited >= patience:
                 break
-    joint.set_weights(best_weights)
+    if best_weights is not None:  # None: every epoch ran before stop_from, the last weights stand
+        joint.set_weights(best_weights)
     kernel, bias = (np.asarray(w, np.float32) for w in head.get_weights())
     return TransformClassifier((kernel,), (bias,), ("linear",)), losses

@@ -1,7 +1,9 @@
 """Named training configurations: the reference notebooks, one flag away (`train --preset NAME`).
 
 A preset sets some of `TrainConfig`'s fields; flags given on the command line win over it, and
-the fields it leaves alone keep their defaults (the default detector's).
+the fields it leaves alone keep their defaults (the default detector's). The notebooks trained
+for their epochs with early stopping from the first one, so their presets turn the default's step
+floor off (`min_steps` 0).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from typing import Any
 
 # The default detector (no preset): dense-64-16 trained with its orientation head, scored
 # mse+nmse+orientation (detector.score.DEFAULT_SCORE), its threshold the 99th percentile of
-# held-out normal scores. docs/detection.md has the measurements behind each choice.
-DEFAULT_EPOCHS = 20
+# held-out normal scores, trained 20 epochs or 2,000 steps, whichever is longer (trainer.budget).
+# docs/detection.md has the measurements behind each choice.
 DEFAULT_THRESHOLD = "p99"
 
 
@@ -27,15 +29,27 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "notebook-standardized": Preset(
         "dense-32 on per-feature standardised pixels, threshold p95",
-        {"architecture": "dense-32", "preprocessing": "standardize", "threshold": "p95", "score": "mse"},
+        {
+            "architecture": "dense-32",
+            "preprocessing": "standardize",
+            "threshold": "p95",
+            "score": "mse",
+            "min_steps": 0,
+        },
     ),
     "notebook-2mean": Preset(
         "dense-32, 50 epochs, threshold twice the mean error",
-        {"architecture": "dense-32", "epochs": 50, "threshold": "2mean", "score": "mse"},
+        {"architecture": "dense-32", "epochs": 50, "threshold": "2mean", "score": "mse", "min_steps": 0},
     ),
     "notebook-3std": Preset(
         "dense-64-16, 20 epochs, threshold mean + 3 std (the default before the orientation score)",
-        {"architecture": "dense-64-16", "epochs": 20, "threshold": "mean+3std", "score": "mse"},
+        {
+            "architecture": "dense-64-16",
+            "epochs": 20,
+            "threshold": "mean+3std",
+            "score": "mse",
+            "min_steps": 0,
+        },
     ),
 }
 

@@ -33,8 +33,10 @@ from detector.engines.keras_engine import encoder_layers_model
 from detector.networks import DENSE_STACK_FILE
 from detector.score import DEFAULT_SCORE, Score, ScoreName, components_of
 from detector.thresholds import calibrate, check_policy_fits_score, parse_policy, score_buckets
+from trainer.budget import DEFAULT_MIN_STEPS, epoch_budget
 from trainer.evaluate import fitted_networks
 from trainer.export import verified_dense_stack
+from trainer.fitting import fit_autoencoder
 from trainer.models import (
     DEFAULT_ARCHITECTURE,
     DENSE_ARCHITECTURES,
@@ -42,8 +44,7 @@ from trainer.models import (
     forward_pass,
     reconstruction_errors,
 )
-from trainer.multitask import train_multitask
-from trainer.presets import DEFAULT_EPOCHS, DEFAULT_THRESHOLD
+from trainer.presets import DEFAULT_THRESHOLD
 from trainer.report import write_report
 from trainer.splits import select_normal, split_normal
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
@@ -60,7 +61,8 @@ class TrainConfig:
     data_dir: str | None = None
     classes: list[int] | None = None
     architecture: str = DEFAULT_ARCHITECTURE
-    epochs: int = DEFAULT_EPOCHS
+    epochs: int | None = None  # None: DEFAULT_EPOCHS or min_steps, whichever is longer (trainer.budget)
+    min_steps: int = DEFAULT_MIN_STEPS  # early stopping never ends training before these steps
     batch_size: int = 256
     learning_rate: float = 1e-3
     threshold: str = DEFAULT_THRESHOLD
@@ -160,46 +162,29 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     input_dim = fit_x.shape[1]
     model = build_model(config.architecture, input_dim, linear_output=preprocessing.kind == "standardize")
     show_progress = sys.stdout.isatty() if config.progress is None else config.progress
+    budget = epoch_budget(config.epochs, config.min_steps, fit_x.shape[0], config.batch_size)
     log.info(
-        "training architecture=%s score=%s fit=%d validation=%d calibration=%d epochs=%d",
+        "training architecture=%s score=%s fit=%d validation=%d calibration=%d epochs=%d min_steps=%d",
         config.architecture,
         config.score,
         fit_x.shape[0],
         val_x.shape[0],
         cal_x.shape[0],
-        config.epochs,
+        budget.epochs,
+        config.min_steps,
     )
-    orientation_head = None
-    if "orientation" in components:  # the autoencoder and the head train as one network
-        orientation_head, losses = train_multitask(
-            model,
-            fit_x,
-            val_x,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            patience=config.patience,
-            seed=config.seed,
-            verbose=1 if show_progress else 0,
-            transforms_name=config.orientation_transforms,
-        )
-    else:
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss="mse")
-        history = model.fit(
-            fit_x,
-            fit_x,
-            validation_data=(val_x, val_x),
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            shuffle=True,
-            verbose=1 if show_progress else 0,
-            callbacks=[
-                keras.callbacks.EarlyStopping(
-                    monitor="val_loss", patience=config.patience, restore_best_weights=True
-                )
-            ],
-        )
-        losses = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    orientation_head, losses = fit_autoencoder(
+        model,
+        fit_x,
+        val_x,
+        budget,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        patience=config.patience,
+        seed=config.seed,
+        verbose=1 if show_progress else 0,
+        orientation=config.orientation_transforms if "orientation" in components else None,
+    )
 
     classifier = None
     if "transforms" in components:  # a network of its own, trained here; the component scores with it
@@ -234,7 +219,7 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         dataset=dataset.name,
         classes=config.classes,
         architecture=config.architecture,
-        epochs_requested=config.epochs,
+        epochs_requested=budget.epochs,
         epochs_run=len(losses.get("loss", [])),
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
