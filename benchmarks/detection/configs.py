@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer.budget import DEFAULT_MIN_STEPS
+
 
 @dataclass(frozen=True)
 class Detector:
@@ -38,7 +40,7 @@ DETECTORS: tuple[Detector, ...] = (
     ),
     Detector(
         "previous default (dense-64-16, mse, 10 epochs, mean+3std)",
-        ("--score", "mse", "--threshold", "mean+3std", "--epochs", "10"),
+        ("--score", "mse", "--threshold", "mean+3std", "--epochs", "10", "--min-steps", "0"),
         "mse",
         {},  # the notebook-3std row with fewer epochs
     ),
@@ -46,7 +48,13 @@ DETECTORS: tuple[Detector, ...] = (
         "**default** (dense-64-16 + orientation head, mse+nmse+orientation, p99)",
         (),
         "mse+nmse+orientation",
-        {"architecture": "dense-64-16", "epochs": 20, "transforms": None, "orientation": "dihedral"},
+        {  # `anomaly-trainer train`'s budget: 20 epochs or 2,000 steps, whichever is longer
+            "architecture": "dense-64-16",
+            "epochs": None,
+            "min_steps": DEFAULT_MIN_STEPS,
+            "transforms": None,
+            "orientation": "dihedral",
+        },
     ),
     Detector(
         "most accurate (dense-512-128-32, mse+transforms, rotations)",
