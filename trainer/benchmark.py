@@ -26,7 +26,7 @@ from detector.components.reconstruction import DEFAULT_TOP_K_PERCENT
 from detector.components.transforms import TransformScorer, TransformSet, TransformSetName
 from detector.datasets import Dataset
 from detector.score import COMPARED
-from trainer.budget import DEFAULT_EPOCHS, epoch_budget
+from trainer.budget import DEFAULT_EPOCHS, epoch_budget, step_floor
 from trainer.evaluate import ScoreModel, auroc
 from trainer.fitting import fit_autoencoder
 from trainer.models import build_model
@@ -51,7 +51,7 @@ class BenchmarkConfig:
     architecture: str = "dense-512-128-32"
     classes: list[int] = field(default_factory=lambda: list(range(10)))
     epochs: int | None = 30  # None: `anomaly-trainer train`'s default (trainer.budget)
-    min_steps: int = 0  # early stopping never ends training before these steps (train's default: 2000)
+    min_steps: int | None = None  # steps before early stopping looks; None: as `train` (trainer.budget)
     batch_size: int = 128
     learning_rate: float = 1e-3
     patience: int = 3
@@ -115,8 +115,8 @@ class BenchmarkResult:
         """benchmarks/results/ name: dataset, architecture, epochs, and any subset used."""
         c = self.config
         stem = f"one-class-{c.dataset}-{c.architecture}-e{c.epochs or 'auto'}"
-        if c.min_steps:
-            stem += f"-s{c.min_steps}"
+        if floor := step_floor(c.epochs, c.min_steps):
+            stem += f"-s{floor}"
         if c.transforms is not None:
             stem += f"-{c.transforms}"
         if c.orientation is not None:
@@ -154,13 +154,14 @@ class BenchmarkResult:
         return "\n".join(lines) + "\n"
 
 
-def epochs_text(epochs: int | None, min_steps: int) -> str:
+def epochs_text(epochs: int | None, min_steps: int | None) -> str:
     """How long each class trains, in words (trainer.budget's rule)."""
+    min_steps = step_floor(epochs, min_steps)
     if epochs is None and min_steps:
         limit = f"Up to {DEFAULT_EPOCHS} epochs or {min_steps:,} steps, whichever is longer"
     else:
         limit = f"Up to {DEFAULT_EPOCHS if epochs is None else epochs} epochs"
-    floor = f", not before {min_steps:,} steps" if min_steps else ""
+    floor = f", looking only at the epochs after {min_steps:,} steps" if min_steps else ""
     return f"{limit}; early stopping on held-out loss{floor}"
 
 

@@ -1,8 +1,9 @@
 """Fit an autoencoder, alone or with its orientation head, within an epoch budget.
 
 `anomaly-trainer train` and the one-class benchmark fit the same way: early stopping on the
-held-out loss (patience in epochs, best weights kept), but never before the budget's `stop_from`
-epoch (`trainer.budget`).
+held-out loss (patience in epochs, the best epoch's weights kept), looking only at the epochs from
+the budget's `stop_from` on (`trainer.budget`); when that is past the last epoch, the last weights
+stand.
 """
 
 from __future__ import annotations

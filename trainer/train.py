@@ -33,7 +33,7 @@ from detector.engines.keras_engine import encoder_layers_model
 from detector.networks import DENSE_STACK_FILE
 from detector.score import DEFAULT_SCORE, Score, ScoreName, components_of
 from detector.thresholds import calibrate, check_policy_fits_score, parse_policy, score_buckets
-from trainer.budget import DEFAULT_MIN_STEPS, epoch_budget
+from trainer.budget import epoch_budget
 from trainer.evaluate import fitted_networks
 from trainer.export import verified_dense_stack
 from trainer.fitting import fit_autoencoder
@@ -61,8 +61,10 @@ class TrainConfig:
     data_dir: str | None = None
     classes: list[int] | None = None
     architecture: str = DEFAULT_ARCHITECTURE
-    epochs: int | None = None  # None: DEFAULT_EPOCHS or min_steps, whichever is longer (trainer.budget)
-    min_steps: int = DEFAULT_MIN_STEPS  # early stopping never ends training before these steps
+    epochs: int | None = None  # None: auto, DEFAULT_EPOCHS or min_steps, whichever is longer
+    # Early stopping looks only at the epochs after these steps; None: DEFAULT_MIN_STEPS with auto
+    # epochs, 0 with an explicit count (trainer.budget).
+    min_steps: int | None = None
     batch_size: int = 256
     learning_rate: float = 1e-3
     threshold: str = DEFAULT_THRESHOLD
@@ -164,14 +166,15 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     show_progress = sys.stdout.isatty() if config.progress is None else config.progress
     budget = epoch_budget(config.epochs, config.min_steps, fit_x.shape[0], config.batch_size)
     log.info(
-        "training architecture=%s score=%s fit=%d validation=%d calibration=%d epochs=%d min_steps=%d",
+        "training architecture=%s score=%s fit=%d validation=%d calibration=%d epochs=%d "
+        "early_stopping_from_epoch=%s",
         config.architecture,
         config.score,
         fit_x.shape[0],
         val_x.shape[0],
         cal_x.shape[0],
         budget.epochs,
-        config.min_steps,
+        budget.stop_from + 1 if budget.stop_from < budget.epochs else "never",
     )
     orientation_head, losses = fit_autoencoder(
         model,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import detection
-from benchmarks.detection.configs import DETECTORS
+from benchmarks.detection.configs import DETECTORS, Detector
 from benchmarks.detection.run import datasets, one_class, score_kinds, served, train
 from benchmarks.throughput.helpers import log
 from benchmarks.throughput.plan import RESULTS, ROOT
@@ -144,6 +144,30 @@ def _earlier_one_class(rows: list[dict[str, Any]]) -> str:
     return f" One-class figures from an earlier run: {'; '.join(earlier)}." if earlier else ""
 
 
+def _one_class_measured(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, chosen: list[Detector]
+) -> set[str]:
+    """The labels of the detectors whose one-class figures this run measures; a parser error
+    naming the index for one that is unknown, not run (--only) or has no one-class settings."""
+    if args.no_one_class and args.one_class_for is not None:
+        parser.error("--no-one-class and --one-class-for exclude each other")
+    if args.no_one_class:
+        return set()
+    if args.one_class_for is None:
+        return {d.label for d in chosen if d.one_class}
+    measured = set()
+    for text in filter(None, (i.strip() for i in args.one_class_for.split(","))):
+        if not text.isdigit() or int(text) >= len(DETECTORS):
+            parser.error(f"--one-class-for: {text!r} is not a detector index (0..{len(DETECTORS) - 1})")
+        detector = DETECTORS[int(text)]
+        if detector not in chosen:
+            parser.error(f"--one-class-for: detector {text} is not among those run (--only)")
+        if not detector.one_class:
+            parser.error(f"--one-class-for: detector {text} has no one-class settings")
+        measured.add(detector.label)
+    return measured
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     parser = argparse.ArgumentParser(
@@ -175,15 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     started = time.perf_counter()
     chosen = [DETECTORS[int(i)] for i in args.only.split(",")] if args.only else list(DETECTORS)
+    measured = _one_class_measured(parser, args, chosen)
     extra = ("--max-samples", "5000", "--epochs", "2", "--transform-epochs", "1") if args.quick else ()
     mnist, fashion = datasets(args.fashion_dir)
     previous = args.out / f"detection{'-quick' if args.quick else ''}.json"
-    if args.no_one_class:
-        measured: set[str] = set()
-    elif args.one_class_for is not None:
-        measured = {DETECTORS[int(i)].label for i in args.one_class_for.split(",") if i.strip()}
-    else:
-        measured = {d.label for d in chosen}
     kept: dict[str, dict[str, Any]] = {}
     if previous.is_file():  # the one-class figures of the detectors not measured this time
         earlier = json.loads(previous.read_text())
@@ -206,15 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows[-1]["accuracy"] = score_kinds(path, mnist, fashion)
         log(f"{detector.label}: rotated AUROC {rows[-1]['accuracy']['kinds']['rotated 90°']['auroc']:.4f}")
+        if detector.label in kept:  # before any write: the previous file is rewritten below
+            rows[-1]["one_class"] = kept[detector.label]["one_class"]
+            rows[-1]["one_class_from"] = kept[detector.label]["finished"]
     if not args.no_serve:
         rates = served(artifacts, 20_000 if args.quick else 100_000, 1 if args.quick else 3)
         for row in rows:
             row["served"] = rates[row["label"]]
         write_results(rows, args.out, args.quick, started)
-    for row in rows:  # read before any write: the previous file is rewritten below
-        if row["label"] in kept:
-            row["one_class"] = kept[row["label"]]["one_class"]
-            row["one_class_from"] = kept[row["label"]]["finished"]
     classes = [0, 1] if args.quick else list(range(10))
     for row, detector in zip(rows, chosen, strict=True):
         if not detector.one_class or detector.label not in measured:

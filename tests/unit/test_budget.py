@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,20 +9,23 @@ from tests.conftest import mnist_sample
 from trainer.budget import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, EpochBudget, epoch_budget
 
 
-def test_the_default_trains_20_epochs_on_all_of_mnist_and_may_stop_after_2000_steps() -> None:
-    # 48,000 fit images at batch 256: 188 steps an epoch, so 2,000 steps end in epoch 11.
+def test_the_default_trains_20_epochs_on_all_of_mnist_and_looks_for_a_stop_after_2000_steps() -> None:
+    # 48,000 fit images at batch 256: 188 steps an epoch, so 2,000 steps end in epoch 11 and
+    # early stopping looks from the 12th (index 11) on.
     assert (DEFAULT_EPOCHS, DEFAULT_MIN_STEPS) == (20, 2000)
-    assert epoch_budget(None, 2000, 48_000, 256) == EpochBudget(epochs=20, stop_from=11)
+    assert epoch_budget(None, None, 48_000, 256) == EpochBudget(epochs=20, stop_from=11)
 
 
 def test_the_default_trains_one_mnist_class_2000_steps_instead_of_20_epochs() -> None:
-    # 4,681 fit images of one class at batch 256: 19 steps an epoch, 106 epochs for 2,000 steps,
-    # all of which run (early stopping would start after the last).
-    assert epoch_budget(None, 2000, 4_681, 256) == EpochBudget(epochs=106, stop_from=106)
+    # 4,681 fit images of class 8 at batch 256: 19 steps an epoch, 106 epochs for 2,000 steps, all
+    # of which run (early stopping would look only after the last: the last weights stand).
+    assert epoch_budget(None, None, 4_681, 256) == EpochBudget(epochs=106, stop_from=106)
 
 
-def test_an_explicit_epoch_count_is_a_hard_limit_and_the_floor_only_holds_early_stopping_back() -> None:
-    assert epoch_budget(3, 2000, 4_681, 256) == EpochBudget(epochs=3, stop_from=3)
+def test_an_explicit_epoch_count_trains_as_before_unless_a_floor_is_asked_for_as_well() -> None:
+    assert epoch_budget(3, None, 4_681, 256) == EpochBudget(epochs=3, stop_from=0)
+    assert epoch_budget(10, None, 48_000, 256) == EpochBudget(epochs=10, stop_from=0)
+    assert epoch_budget(3, 2000, 4_681, 256) == EpochBudget(epochs=3, stop_from=3)  # a hard limit
     assert epoch_budget(50, 2000, 48_000, 256) == EpochBudget(epochs=50, stop_from=11)
 
 
@@ -78,28 +79,36 @@ def test_early_stopping_does_not_end_training_before_the_floor_and_does_after_it
     assert epochs_run(EpochBudget(epochs=6, stop_from=0)) == 2
 
 
-def test_the_cli_takes_auto_or_a_count_of_epochs_and_a_step_floor_of_zero_or_more() -> None:
-    from trainer.cli import build_parser
+def test_the_cli_takes_auto_or_a_count_of_epochs_and_a_step_floor_of_zero_or_more(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from trainer.cli import build_parser, train_config
 
-    def parse(*flags: str) -> tuple[int | None, int | None]:
-        args = build_parser().parse_args(["train", "--out", "/tmp/never", *flags])
-        return args.epochs, args.min_steps
+    def config(*flags: str) -> tuple[int | None, int | None]:
+        chosen = train_config(build_parser().parse_args(["train", "--out", "/tmp/never", *flags]))
+        return chosen.epochs, chosen.min_steps
 
-    assert parse() == (None, None)  # the config's defaults: auto, DEFAULT_MIN_STEPS
-    assert parse("--epochs", "auto", "--min-steps", "0") == (None, 0)
-    assert parse("--epochs", "7", "--min-steps", "500") == (7, 500)
-    for bad in (("--epochs", "0"), ("--epochs", "many"), ("--min-steps", "-1")):
+    assert config() == (None, None)  # auto epochs, and so the default floor of 2,000 steps
+    assert config("--epochs", "AUTO", "--min-steps", "0") == (None, 0)
+    assert config("--epochs", "7", "--min-steps", "500") == (7, 500)
+    for bad in ("0", "many"):
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["train", "--out", "/tmp/never", *bad])
+            build_parser().parse_args(["train", "--out", "/tmp/never", "--epochs", bad])
+        assert f"expected a positive integer or auto, found {bad}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--out", "/tmp/never", "--min-steps", "-1"])
 
 
-def test_the_default_has_the_step_floor_and_the_notebook_presets_train_without_it() -> None:
-    from trainer.presets import PRESETS, resolve
-    from trainer.train import TrainConfig
+def test_the_notebook_presets_train_without_the_step_floor_and_flags_win_over_them() -> None:
+    from trainer.cli import build_parser, train_config
+    from trainer.presets import PRESETS
 
-    default = TrainConfig(**resolve(None, {"epochs": None, "min_steps": None}, TrainConfig), out=Path("x"))
-    assert (default.epochs, default.min_steps) == (None, DEFAULT_MIN_STEPS)
+    def config(*flags: str) -> tuple[int | None, int | None]:
+        chosen = train_config(build_parser().parse_args(["train", "--out", "/tmp/never", *flags]))
+        return chosen.epochs, chosen.min_steps
+
     for name in PRESETS:
-        chosen = TrainConfig(**resolve(name, {"min_steps": None}, TrainConfig), out=Path("x"))
-        assert chosen.min_steps == 0, name
-    assert resolve("notebook-3std", {"min_steps": 2000}, TrainConfig)["min_steps"] == 2000  # flags win
+        assert config("--preset", name)[1] == 0, name
+    assert config("--preset", "notebook-2mean") == (50, 0)
+    assert config("--preset", "notebook-2mean", "--epochs", "auto") == (None, 0)
+    assert config("--preset", "notebook-3std", "--min-steps", "2000") == (20, 2000)

@@ -61,3 +61,22 @@ def test_the_pareto_table_has_a_row_per_detector_with_its_worst_unseen_kind() ->
     table = pareto_table([_row(0.9995, 0.99, 0.011, 0.8, 100)])
     assert "| **default** (test) | 100 | 0.9995 | 99.0% (1.1%, 1.0%) | 0.9990 (inverted) | 0.9750 |" in table
     assert "90,000 (0.80)" in table
+
+
+def test_one_class_for_measures_the_detectors_named_and_refuses_what_it_cannot_measure(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks.detection.__main__ import main
+    from benchmarks.detection.configs import DETECTORS
+
+    with_one_class = [i for i, d in enumerate(DETECTORS) if d.one_class]
+    without = next(i for i, d in enumerate(DETECTORS) if not d.one_class)
+    for flags, message in (
+        (["--one-class-for", str(len(DETECTORS))], f"is not a detector index (0..{len(DETECTORS) - 1})"),
+        (["--one-class-for", str(without)], f"detector {without} has no one-class settings"),
+        (["--only", str(with_one_class[0]), "--one-class-for", str(with_one_class[1])], "is not among"),
+        (["--no-one-class", "--one-class-for", str(with_one_class[0])], "exclude each other"),
+    ):
+        with pytest.raises(SystemExit):
+            main(flags)
+        assert message in capsys.readouterr().err
