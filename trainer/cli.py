@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
 from detector.components.transforms import TRANSFORM_SETS
@@ -30,6 +30,10 @@ def _classes(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("--classes needs at least one class")
     return values
+
+
+if TYPE_CHECKING:
+    from trainer.train import TrainConfig
 
 
 def _positive(text: str) -> int:
@@ -461,7 +465,7 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_config(args: argparse.Namespace) -> Any:
+def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of parsed `train` arguments: flags given win over the preset, which wins over
     the defaults; `--epochs auto` wins over a preset's epochs too."""
     from trainer.train import TrainConfig
