@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,34 @@ class MeanPixelScorer:
         return images.mean(axis=1).astype(np.float64)
 
 
-def make_model(version: str = "fake-v1", threshold: float = 0.5) -> LoadedModel:
+class ChildScorer(MeanPixelScorer):
+    """The mean-pixel scorer as the numpy engine, so the runner sends it to a scoring process
+    (which imports this module to unpickle it). With `gate`: each call first creates
+    `gate`.entered, then waits (up to a minute) for the file `gate` to exist. With `fail`: raises
+    ValueError(fail)."""
+
+    engine = "numpy"
+
+    def __init__(self, version: str = "fake-v1", gate: Path | None = None, fail: str | None = None) -> None:
+        super().__init__(version)
+        self.gate = gate
+        self.fail = fail
+
+    def score_batch(self, images: np.ndarray) -> np.ndarray:
+        if self.gate is not None:
+            self.gate.with_suffix(".entered").touch()
+            deadline = time.monotonic() + 60
+            while not self.gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if self.fail is not None:
+            raise ValueError(self.fail)
+        return super().score_batch(images)
+
+
+def make_model(version: str = "fake-v1", threshold: float = 0.5, scorer: Any = None) -> LoadedModel:
     """A fake model: threshold 0.5 on the mean pixel; baseline mean 0.25, std 0.1."""
     rule = DecisionRule(threshold, "p95", 0.25, 0.1, 0.05, np.linspace(0, 0.6, 101))
-    return LoadedModel(MeanPixelScorer(version), rule, 1 / 255, version)
+    return LoadedModel(scorer or MeanPixelScorer(version), rule, 1 / 255, version)
 
 
 def build_runner(
@@ -54,6 +79,7 @@ def build_runner(
     registry: CollectorRegistry | None = None,
     shadow: LoadedModel | None = None,
     shadow_loader: Any = None,
+    scoring_process: Any = None,
     **overrides: Any,
 ) -> Runner:
     """A runner on `client` with the fake model; settings default to consumer w1, no reload polling."""
@@ -69,6 +95,7 @@ def build_runner(
         loader=loader,
         shadow=shadow,
         shadow_loader=shadow_loader,
+        scoring_process=scoring_process,
     )
 
 

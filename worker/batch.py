@@ -1,4 +1,4 @@
-"""One decoded batch scored by the served model (and the shadow, when one runs): no Redis, no
+"""One batch's images scored by the served model (and the shadow, when one runs): no Redis, no
 metrics, so the runner can compute it on its scoring thread while it reads or commits."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.codec import DecodedBatch
 from worker.commit import ShadowBatch
 from worker.loaded_model import LoadedModel
 from worker.scoring import Decisions
@@ -27,21 +26,21 @@ class Scored:
 
 
 def score_batch(
-    model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch, with_every_region: bool
+    model: LoadedModel, shadow: LoadedModel | None, images: np.ndarray, with_every_region: bool
 ) -> Scored:
-    """Score and decide the batch's images with `model` (and `shadow`, if any). The served model's
-    errors are the batch's; the shadow's are only reported in `Scored.shadow_error`."""
+    """Score and decide a batch's (n, D) float32 images with `model` (and `shadow`, if any). The
+    served model's errors are the batch's; the shadow's are only reported in `Scored.shadow_error`."""
     if with_every_region:
-        scores, regions = model.score_and_locate(decoded.images)
+        scores, regions = model.score_and_locate(images)
         decisions = model.rule.decide(scores)
     else:
-        scores = model.scorer.score_batch(decoded.images)
+        scores = model.scorer.score_batch(images)
         decisions = model.rule.decide(scores)
-        regions = model.locate(decoded.images, decisions.flagged)
-    if shadow is None or not len(decoded.ids):
+        regions = model.locate(images, decisions.flagged)
+    if shadow is None or not len(images):
         return Scored(scores, decisions, regions)
     try:
-        shadow_scores = shadow.scorer.score_batch(decoded.images)
+        shadow_scores = shadow.scorer.score_batch(images)
         shadow_batch = ShadowBatch(
             shadow_scores,
             shadow.rule.decide(shadow_scores),

@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.loaded_model import check_shadow_fits, load_model
     from worker.metrics import WorkerMetrics
     from worker.runner import Runner
+    from worker.scoring_process import ScoringProcess, ScoringProcessError, can_score
     from worker.shards import ShardSet
 
     registry = CollectorRegistry()
@@ -155,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             shadow.rule.threshold,
             shadow.rule.policy,
         )
+    scoring_process = None
+    if settings.prefetch and settings.scoring_process and can_score(model, shadow):
+        scoring_process = ScoringProcess(settings.batch_size, settings.scoring_threads, settings.tune_malloc)
+        try:
+            scoring_process.start(model.scorer.input_dim)
+        except (ScoringProcessError, OSError) as exc:
+            log.warning("scoring process not started, scoring on a thread instead error=%s", exc)
+            scoring_process = None
     runner = Runner(
         settings,
         stream,
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         loader=lambda: load_model(settings),
         shadow=shadow,
         shadow_loader=(lambda: load_model(settings, shadow=True)) if shadow is not None else None,
+        scoring_process=scoring_process,
     )
     install_signal_handlers(runner, settings.grace_seconds)
     # Everything loaded so far lives as long as the process: keep it out of the garbage
@@ -177,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             runner.run()
     finally:
         runner.close()
+        if runner.scoring_process is not None:
+            runner.scoring_process.close()
         server.stop()
         client.close()
     log.info("stopped")

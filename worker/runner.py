@@ -3,10 +3,12 @@
 `Runner.run_once()` is one iteration and `Runner.drain()` a burst (handle what is there, then
 return), so the real loop is tested synchronously. `run()` adds the fault handling around it.
 
-With a backlog (a read that filled a quarter of the batch or more), a second thread scores:
-batch k is scored there while this thread reads and decodes batch k+1, then k+1 is scored there
-while this thread commits and records k (ANOMALY_PREFETCH). The forward pass (numpy and
-TensorFlow release the GIL) thus overlaps both Redis round trips. The batch read ahead and its
+With a backlog (a read that filled a quarter of the batch or more), batches are scored elsewhere:
+batch k while this thread reads and decodes batch k+1, then k+1 while this thread commits and
+records k (ANOMALY_PREFETCH). Elsewhere is a child process for the numpy engine
+(worker.scoring_process, ANOMALY_SCORING_PROCESS), else a second thread (TensorFlow releases the
+GIL for its whole call; numpy only inside each operation, and this thread holds it for most of a
+batch). The forward pass thus overlaps both Redis round trips. The batch read ahead and its
 scores are only held in memory; until it is committed it stays pending in Redis like any other.
 """
 
@@ -34,6 +36,7 @@ from worker.http import Health
 from worker.loaded_model import LoadedModel, ModelLoader, check_shadow_fits, manifest_digest
 from worker.metrics import DetectionWindow, WorkerMetrics
 from worker.scoring import Decisions
+from worker.scoring_process import PendingScores, ScoringProcess, ScoringProcessError, can_score
 from worker.settings import WorkerSettings
 from worker.shards import ShardSet
 from worker.stream import (
@@ -52,6 +55,11 @@ SHADOW_FAILURE_LOG_SECONDS = 60.0
 # mostly come back empty (one wasted round trip per small batch at low rates).
 PREFETCH_FROM_SHARE = 0.25
 KNOWN_DTYPES = frozenset(d.encode() for d in DTYPES)
+# After this many scoring-process failures in a row (it died, or would not start), the worker
+# scores on its thread instead: slower, but it keeps serving.
+SCORING_PROCESS_ATTEMPTS = 3
+
+InFlight = Future[Scored] | PendingScores  # a batch's scores being computed elsewhere
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ class Prefetched:
     entries: list[Entry]
     decoded: DecodedBatch | None = None
     model: LoadedModel | None = None
-    scoring: Future[Scored] | None = None  # its scores, being computed for `decoded`
+    scoring: InFlight | None = None  # its scores, being computed for `decoded`
 
 
 def declared_dtype(fields: Mapping[bytes, bytes]) -> str:
@@ -88,6 +96,7 @@ class Runner:
         monotonic: Callable[[], float] = time.monotonic,
         shadow: LoadedModel | None = None,
         shadow_loader: ModelLoader | None = None,
+        scoring_process: ScoringProcess | None = None,
     ) -> None:
         self.settings = settings
         self.shards = stream if isinstance(stream, ShardSet) else ShardSet([stream])
@@ -100,6 +109,7 @@ class Runner:
         self.health = health or Health()
         self.loader = loader
         self.shadow_loader = shadow_loader
+        self.scoring_process = scoring_process  # where backlog batches are scored (numpy engine)
         self.clock = clock
         self.monotonic = monotonic
         self.stop_event = threading.Event()
@@ -160,7 +170,7 @@ class Runner:
                 self._pending_cursors[index] = entries[-1][0] if entries else None
         suspects = bool(entries)
         decoded: DecodedBatch | None = None
-        scoring: Future[Scored] | None = None
+        scoring: InFlight | None = None
         if not entries and self._ready:
             ready = self._ready.popleft()
             stream, entries = ready.stream, ready.entries
@@ -241,7 +251,7 @@ class Runner:
         check_deliveries: bool = False,
         decoded: DecodedBatch | None = None,
         stream: StreamClient | None = None,
-        scoring: Future[Scored] | None = None,
+        scoring: InFlight | None = None,
     ) -> None:
         """Decode, score, decide and commit one batch of one shard (default: the first) atomically,
         prefetching the next on a backlog. `scoring`: this batch's scores, already being computed
@@ -267,7 +277,7 @@ class Runner:
                 scored = scoring.result()
             else:
                 every_region = bool(self.settings.scores_stream)
-                scored = score_batch(model, shadow, decoded, every_region)
+                scored = score_batch(model, shadow, decoded.images, every_region)
             self._commit(stream, model, decoded, scored, handled, started, now_ms, id_range)
             return
         # A backlog: this batch is scored on the second thread while this one reads and decodes
@@ -285,11 +295,13 @@ class Runner:
 
     def _score_elsewhere(
         self, model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch
-    ) -> Future[Scored]:
+    ) -> InFlight:
+        every_region = bool(self.settings.scores_stream)
+        if self.scoring_process is not None and can_score(model, shadow):
+            return self.scoring_process.submit(model, shadow, decoded.images, every_region)
         if self._scoring_thread is None:
             self._scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="scoring")
-        every_region = bool(self.settings.scores_stream)
-        return self._scoring_thread.submit(score_batch, model, shadow, decoded, every_region)
+        return self._scoring_thread.submit(score_batch, model, shadow, decoded.images, every_region)
 
     def _score_next_elsewhere(self, model: LoadedModel, shadow: LoadedModel | None) -> None:
         """Start scoring the batch read ahead (decoded for this model) while this one commits."""
@@ -588,6 +600,20 @@ class Runner:
                 redis_state = False
                 self.stop_event.wait(backoff.compute(failures))
                 continue
+            except ScoringProcessError as exc:
+                self._forget_in_hand()
+                process = self.scoring_process
+                if process is not None and process.failures >= SCORING_PROCESS_ATTEMPTS:
+                    process.close()
+                    self.scoring_process = None
+                    log.error(
+                        "scoring process failed %d times in a row, scoring on a thread from now on error=%s",
+                        process.failures,
+                        exc,
+                    )
+                else:
+                    log.error("scoring process failed, starting a new one error=%s", exc)
+                continue
             if redis_state is not True:
                 log.info(
                     "redis %s url=%s",
@@ -599,7 +625,7 @@ class Runner:
         try:
             if handled := self.finish_in_hand():
                 log.info("finished the prefetched batch before stopping count=%d", handled)
-        except redis.RedisError as exc:
+        except (redis.RedisError, ScoringProcessError) as exc:
             log.warning("prefetched batch left pending (another worker will reclaim it) error=%s", exc)
         log.info("stopping consumer=%s", self.settings.consumer)
 
@@ -607,7 +633,10 @@ class Runner:
         self.metrics.redis_errors.inc()
         self.metrics.redis_up.set(0)
         self.health.redis_ok = False
-        self._started = False  # re-read own pending after reconnecting: outcomes are unknown
+        self._forget_in_hand()
+
+    def _forget_in_hand(self) -> None:
+        self._started = False  # re-read own pending (after reconnecting): outcomes are unknown
         self._ready.clear()  # still pending in Redis: the own-pending reads bring them back
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -40,20 +41,44 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def family(pid: int) -> list[int]:
+    """The process and its living descendants (a worker's scoring process), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                todo.extend(int(child) for child in children.read_text().split())
+            except OSError:  # the thread or process ended meanwhile
+                continue
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """User + system CPU time of a process and its living descendants (all threads), from /proc."""
+    total = 0
+    for member in family(pid):
+        try:
+            with open(f"/proc/{member}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:  # a descendant that ended meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """Resident memory (VmRSS, or RssAnon: the private part) of a process in MB."""
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    """Resident memory (VmRSS, or RssAnon: the private part) of a process and its living
+    descendants in MB."""
+    total = 0.0
+    for member in family(pid):
+        try:
+            with open(f"/proc/{member}/status") as handle:
+                total += next((int(line.split()[1]) for line in handle if line.startswith(field + ":")), 0)
+        except OSError:
+            continue
+    return total / 1024.0 if total else float("nan")
 
 
 def id_ms(entry_id: bytes | str) -> int:

@@ -1,0 +1,165 @@
+"""The scoring process: a child that scores what the loop would have, and whose end the loop survives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, wait_until
+from tests.support import ChildScorer, D, make_model
+from worker.batch import score_batch
+from worker.loaded_model import load_model
+from worker.scoring_process import SHARED_DIR, ScoringProcess, ScoringProcessError, can_score
+from worker.settings import WorkerSettings
+
+
+@pytest.fixture
+def process() -> Iterator[ScoringProcess]:
+    scoring = ScoringProcess(rows=64)
+    yield scoring
+    scoring.close()
+
+
+def images(n: int, brightness: float = 0.1, width: int = D) -> np.ndarray:
+    rng = np.random.default_rng(n)
+    return np.clip(rng.normal(brightness, 0.05, (n, width)), 0, 1).astype(np.float32)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_the_child_scores_a_real_artifact_as_this_process_would(process, tiny_artifact) -> None:
+    model = load_model(WorkerSettings(artifact=tiny_artifact))
+    shadow = load_model(WorkerSettings(artifact=tiny_artifact))
+    batch = images(40, 0.3, model.scorer.input_dim)
+    for with_shadow, every_region in ((None, False), (shadow, True)):
+        there = process.submit(model, with_shadow, batch, every_region).result()
+        here = score_batch(model, with_shadow, batch, every_region)
+        np.testing.assert_allclose(there.scores, here.scores, rtol=1e-5)
+        np.testing.assert_array_equal(there.decisions.flagged, here.decisions.flagged)
+        assert there.regions.keys() == here.regions.keys()
+        assert (there.shadow is None) == (with_shadow is None)
+        if there.shadow is not None and here.shadow is not None:
+            np.testing.assert_allclose(there.shadow.scores, here.shadow.scores, rtol=1e-5)
+
+
+def test_a_reloaded_model_is_sent_before_the_next_batch(process) -> None:
+    batch = images(10, 0.3)  # mean pixel about 0.3
+    strict = make_model("v1", threshold=0.5, scorer=ChildScorer("v1"))
+    lenient = make_model("v2", threshold=0.1, scorer=ChildScorer("v2"))
+    assert not process.submit(strict, None, batch, False).result().decisions.flagged.any()
+    assert process.submit(lenient, None, batch, False).result().decisions.flagged.all()
+    assert not process.submit(strict, None, batch, False).result().decisions.flagged.any()
+
+
+def test_a_scoring_error_is_raised_where_the_scores_are_collected_and_the_child_goes_on(process) -> None:
+    broken = make_model(scorer=ChildScorer(fail="weights are NaN"))
+    pending = process.submit(broken, None, images(5), False)
+    with pytest.raises(ValueError, match="weights are NaN"):
+        pending.result()
+    pid = process.pid
+    fine = make_model(scorer=ChildScorer())
+    assert process.submit(fine, None, images(5), False).result().scores.shape == (5,)
+    assert process.pid == pid
+
+
+def test_a_child_killed_while_scoring_fails_that_batch_and_the_next_batch_starts_a_new_one(
+    process, tmp_path
+) -> None:
+    gate = tmp_path / "gate"
+    pending = process.submit(make_model(scorer=ChildScorer(gate=gate)), None, images(5), False)
+    wait_until(gate.with_suffix(".entered").exists, 30, what="the child scoring the batch")
+    first = process.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    died = rf"pid {first}\) exited with code -9 while scoring a batch"
+    with pytest.raises(ScoringProcessError, match=died):
+        pending.result()
+    gate.touch()
+    scored = process.submit(make_model(scorer=ChildScorer(gate=gate)), None, images(5, 0.9), False).result()
+    assert scored.decisions.flagged.all()
+    assert process.pid not in (None, first)
+
+
+def test_the_child_ignores_sigint_and_sigterm_and_leaves_when_its_socket_closes(process) -> None:
+    process.start(D)
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)  # Ctrl-C in a terminal reaches the whole process group
+    os.kill(pid, signal.SIGINT)
+    fine = make_model(scorer=ChildScorer())
+    assert process.submit(fine, None, images(3), False).result().scores.shape == (3,)
+    process.close()
+    assert gone(pid)
+
+
+def test_the_child_exits_when_the_worker_is_killed(tmp_path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from worker.scoring_process import ScoringProcess
+        scoring = ScoringProcess(rows=8)
+        scoring.start(16)
+        print(scoring.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    worker = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert worker.stdout is not None
+        child = int(worker.stdout.readline())
+        assert not gone(child)
+        worker.kill()  # kill -9: no finally, no atexit
+        worker.wait(10)
+        wait_until(lambda: gone(child), 10, what=f"scoring process {child} to exit after its parent")
+    finally:
+        worker.kill()
+        worker.wait(10)
+        if worker.stdout is not None:
+            worker.stdout.close()
+
+
+def test_no_file_is_left_behind_in_shared_memory(process) -> None:
+    def ours() -> set[Path]:
+        return set(SHARED_DIR.glob("anomaly-scoring-*")) if SHARED_DIR.is_dir() else set()
+
+    before = ours()
+    process.start(D)
+    assert ours() == before  # unlinked once the child mapped it: nothing to leak, whatever dies
+    process.close()
+    assert ours() == before
+
+
+def test_a_batch_larger_than_the_buffer_is_refused_with_both_sizes(process) -> None:
+    with pytest.raises(ValueError, match="a batch of 65 rows does not fit the scoring process's 64"):
+        process.submit(make_model(scorer=ChildScorer()), None, images(65), False)
+
+
+def test_a_child_that_cannot_start_is_an_error_naming_its_exit_code() -> None:
+    scoring = ScoringProcess(rows=8, python="/bin/false")
+    with pytest.raises(ScoringProcessError, match="exited with code 1 while starting"):
+        scoring.start(D)
+    missing = ScoringProcess(rows=8, python="/nonexistent/python")
+    with pytest.raises(ScoringProcessError, match="could not be started with /nonexistent/python"):
+        missing.start(D)
+
+
+def test_only_numpy_engines_are_sent_to_the_child() -> None:
+    numpy_model = make_model(scorer=ChildScorer())
+    other = make_model()  # engine "fake": like the TensorFlow engine, scored on the thread
+    assert can_score(numpy_model, None) and can_score(numpy_model, numpy_model)
+    assert not can_score(other, None) and not can_score(numpy_model, other)
