@@ -298,7 +298,7 @@ class Runner:
     ) -> InFlight:
         every_region = bool(self.settings.scores_stream)
         if self.scoring_process is not None and can_score(model, shadow):
-            return self.scoring_process.submit(model, shadow, decoded.images, every_region)
+            return self.scoring_process.submit(model, shadow, decoded.pixels, decoded.scale, every_region)
         if self._scoring_thread is None:
             self._scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="scoring")
         return self._scoring_thread.submit(score_batch, model, shadow, decoded.images, every_region)

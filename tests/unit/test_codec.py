@@ -197,6 +197,15 @@ def test_whole_batch_fast_path_gives_what_entry_by_entry_decoding_gives(batch: l
     ]
 
 
+def test_an_all_uint8_batch_keeps_its_raw_pixels_and_scales_them_on_first_use() -> None:
+    batch = decode_batch(_uniform_batch("uint8"), D, MAX, 1 / 255)
+    assert batch.pixels.dtype == np.uint8 and batch.scale == 1 / 255  # what a scoring process gets
+    np.testing.assert_array_equal(batch.images, batch.pixels * np.float32(1 / 255))
+    assert batch.images is batch.images  # scaled once
+    floats = decode_batch(_uniform_batch("float32"), D, MAX)
+    assert floats.scale is None and floats.images is floats.pixels
+
+
 def test_the_fast_path_takes_clean_uniform_batches_and_leaves_the_rest() -> None:
     from worker.codec import _decode_uniform
 

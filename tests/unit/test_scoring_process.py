@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import ROOT, wait_until
 from tests.support import ChildScorer, D, make_model
 from worker.batch import score_batch
+from worker.codec import scale_pixels
 from worker.loaded_model import load_model
 from worker.scoring_process import SHARED_DIR, ScoringProcess, ScoringProcessError, can_score
 from worker.settings import WorkerSettings
@@ -47,7 +48,7 @@ def test_the_child_scores_a_real_artifact_as_this_process_would(process, tiny_ar
     shadow = load_model(WorkerSettings(artifact=tiny_artifact))
     batch = images(40, 0.3, model.scorer.input_dim)
     for with_shadow, every_region in ((None, False), (shadow, True)):
-        there = process.submit(model, with_shadow, batch, every_region).result()
+        there = process.submit(model, with_shadow, batch, None, every_region).result()
         here = score_batch(model, with_shadow, batch, every_region)
         np.testing.assert_allclose(there.scores, here.scores, rtol=1e-5)
         np.testing.assert_array_equal(there.decisions.flagged, here.decisions.flagged)
@@ -57,23 +58,33 @@ def test_the_child_scores_a_real_artifact_as_this_process_would(process, tiny_ar
             np.testing.assert_allclose(there.shadow.scores, here.shadow.scores, rtol=1e-5)
 
 
+def test_raw_uint8_pixels_are_scaled_in_the_child_as_the_codec_scales_them(process, tiny_artifact) -> None:
+    model = load_model(WorkerSettings(artifact=tiny_artifact))
+    pixels = np.random.default_rng(0).integers(0, 256, (30, model.scorer.input_dim), dtype=np.uint8)
+    there = process.submit(model, None, pixels, model.uint8_scale, False).result()
+    here = score_batch(model, None, scale_pixels(pixels, model.uint8_scale), False)
+    np.testing.assert_allclose(there.scores, here.scores, rtol=1e-5)
+    with pytest.raises(ValueError, match="pixels are float32, expected uint8 with scale"):
+        process.submit(model, None, pixels.astype(np.float32), model.uint8_scale, False)
+
+
 def test_a_reloaded_model_is_sent_before_the_next_batch(process) -> None:
     batch = images(10, 0.3)  # mean pixel about 0.3
     strict = make_model("v1", threshold=0.5, scorer=ChildScorer("v1"))
     lenient = make_model("v2", threshold=0.1, scorer=ChildScorer("v2"))
-    assert not process.submit(strict, None, batch, False).result().decisions.flagged.any()
-    assert process.submit(lenient, None, batch, False).result().decisions.flagged.all()
-    assert not process.submit(strict, None, batch, False).result().decisions.flagged.any()
+    assert not process.submit(strict, None, batch, None, False).result().decisions.flagged.any()
+    assert process.submit(lenient, None, batch, None, False).result().decisions.flagged.all()
+    assert not process.submit(strict, None, batch, None, False).result().decisions.flagged.any()
 
 
 def test_a_scoring_error_is_raised_where_the_scores_are_collected_and_the_child_goes_on(process) -> None:
     broken = make_model(scorer=ChildScorer(fail="weights are NaN"))
-    pending = process.submit(broken, None, images(5), False)
+    pending = process.submit(broken, None, images(5), None, False)
     with pytest.raises(ValueError, match="weights are NaN"):
         pending.result()
     pid = process.pid
     fine = make_model(scorer=ChildScorer())
-    assert process.submit(fine, None, images(5), False).result().scores.shape == (5,)
+    assert process.submit(fine, None, images(5), None, False).result().scores.shape == (5,)
     assert process.pid == pid
 
 
@@ -81,7 +92,8 @@ def test_a_child_killed_while_scoring_fails_that_batch_and_the_next_batch_starts
     process, tmp_path
 ) -> None:
     gate = tmp_path / "gate"
-    pending = process.submit(make_model(scorer=ChildScorer(gate=gate)), None, images(5), False)
+    gated = make_model(scorer=ChildScorer(gate=gate))
+    pending = process.submit(gated, None, images(5), None, False)
     wait_until(gate.with_suffix(".entered").exists, 30, what="the child scoring the batch")
     first = process.pid
     assert first is not None
@@ -90,7 +102,8 @@ def test_a_child_killed_while_scoring_fails_that_batch_and_the_next_batch_starts
     with pytest.raises(ScoringProcessError, match=died):
         pending.result()
     gate.touch()
-    scored = process.submit(make_model(scorer=ChildScorer(gate=gate)), None, images(5, 0.9), False).result()
+    gated = make_model(scorer=ChildScorer(gate=gate))
+    scored = process.submit(gated, None, images(5, 0.9), None, False).result()
     assert scored.decisions.flagged.all()
     assert process.pid not in (None, first)
 
@@ -102,7 +115,7 @@ def test_the_child_ignores_sigint_and_sigterm_and_leaves_when_its_socket_closes(
     os.kill(pid, signal.SIGTERM)  # Ctrl-C in a terminal reaches the whole process group
     os.kill(pid, signal.SIGINT)
     fine = make_model(scorer=ChildScorer())
-    assert process.submit(fine, None, images(3), False).result().scores.shape == (3,)
+    assert process.submit(fine, None, images(3), None, False).result().scores.shape == (3,)
     process.close()
     assert gone(pid)
 
@@ -146,7 +159,7 @@ def test_no_file_is_left_behind_in_shared_memory(process) -> None:
 
 def test_a_batch_larger_than_the_buffer_is_refused_with_both_sizes(process) -> None:
     with pytest.raises(ValueError, match="a batch of 65 rows does not fit the scoring process's 64"):
-        process.submit(make_model(scorer=ChildScorer()), None, images(65), False)
+        process.submit(make_model(scorer=ChildScorer()), None, images(65), None, False)
 
 
 def test_a_child_that_cannot_start_is_an_error_naming_its_exit_code() -> None:
