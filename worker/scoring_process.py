@@ -118,53 +118,56 @@ class ScoringProcess:
 
     def start(self, width: int) -> None:
         """Start the child with room for `rows` x `width` float32 values; ScoringProcessError if
-        it does not answer within the start timeout."""
+        it cannot be, or does not answer within the start timeout."""
         self.close()
         self.failures += 1  # until it has scored a batch
+        size = self.rows * width * 4
         where = SHARED_DIR if SHARED_DIR.is_dir() else None
         try:
             fd, path = tempfile.mkstemp(prefix="anomaly-scoring-", dir=where)
         except OSError as exc:
             raise ScoringProcessError(f"no file for the scoring process's shared buffer: {exc}") from exc
         parent_end, child_end = socket.socketpair()
-        try:
-            size = self.rows * width * 4
-            os.ftruncate(fd, size)
-            buffer = mmap.mmap(fd, size)
-            argv = [self.python, "-m", "worker.scoring_process", str(child_end.fileno()), path]
-            argv += [str(self.rows), str(width), str(self.blas_threads), "1" if self.tune_malloc else "0"]
+        with contextlib.ExitStack() as undo:  # unwound on failure; emptied once the child answered
+            # Unlinked whatever happens: once the child has mapped it (it says "ready"), or never.
+            undo.callback(_unlink, path)
+            undo.callback(parent_end.close)
             try:
+                # Reserved now: a full /dev/shm fails here, not as SIGBUS on a later write.
+                os.posix_fallocate(fd, 0, size)
+                buffer = undo.enter_context(mmap.mmap(fd, size))
+                argv = [self.python, "-m", "worker.scoring_process", str(child_end.fileno()), path]
+                argv += [str(self.rows), str(width), str(self.blas_threads), str(int(self.tune_malloc))]
                 child = subprocess.Popen(argv, pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
             except OSError as exc:
-                buffer.close()
-                parent_end.close()
                 raise ScoringProcessError(
-                    f"the scoring process could not be started with {self.python}: {exc}"
+                    f"the scoring process could not be started ({self.python}, a {size}-byte buffer "
+                    f"in {path}): {exc}"
                 ) from exc
-            child_end.close()
+            finally:
+                os.close(fd)
+                child_end.close()
+            undo.callback(child.wait)
+            undo.callback(child.kill)
             conn = Connection(parent_end.detach())
-            if not conn.poll(self.start_timeout):
-                child.kill()
-                child.wait()
-                buffer.close()
-                conn.close()
-                raise ScoringProcessError(
-                    f"the scoring process (pid {child.pid}) did not answer within {self.start_timeout:g} s"
-                )
+            undo.callback(conn.close)
             try:
+                if not conn.poll(self.start_timeout):
+                    waited = f"{self.start_timeout:g} s"
+                    raise ScoringProcessError(
+                        f"the scoring process (pid {child.pid}) did not answer within {waited}"
+                    )
                 conn.recv()  # "ready": it has mapped the buffer
             except (EOFError, OSError) as exc:
-                code = child.wait()
-                buffer.close()
-                conn.close()
+                try:
+                    code: int | str = child.wait(STOP_TIMEOUT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    code = "unknown"
                 raise ScoringProcessError(
                     f"the scoring process exited with code {code} while starting; its output above says why"
                 ) from exc
-        finally:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # both have it mapped: the memory lives until both let go
-            child_end.close()
+            undo.pop_all()
+            _unlink(path)
         self._child, self._conn, self._buffer, self._width = child, conn, buffer, width
         self._sent, self._pending = None, None
         log.info("scoring process started pid=%d rows=%d width=%d", child.pid, self.rows, width)
@@ -263,6 +266,11 @@ class ScoringProcess:
             with contextlib.suppress(BufferError):  # a view of it still alive: the GC frees it later
                 self._buffer.close()
         self._child, self._conn, self._buffer, self._sent, self._pending = None, None, None, None, None
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 # -- the child -----------------------------------------------------------------------------------

@@ -162,13 +162,31 @@ def test_a_batch_larger_than_the_buffer_is_refused_with_both_sizes(process) -> N
         process.submit(make_model(scorer=ChildScorer()), None, images(65), None, False)
 
 
-def test_a_child_that_cannot_start_is_an_error_naming_its_exit_code() -> None:
+def test_a_child_that_cannot_start_is_an_error_naming_its_exit_code(monkeypatch, tmp_path) -> None:
+    import worker.scoring_process as scoring_process
+
+    monkeypatch.setattr(scoring_process, "SHARED_DIR", tmp_path)
     scoring = ScoringProcess(rows=8, python="/bin/false")
     with pytest.raises(ScoringProcessError, match="exited with code 1 while starting"):
         scoring.start(D)
     missing = ScoringProcess(rows=8, python="/nonexistent/python")
-    with pytest.raises(ScoringProcessError, match="could not be started with /nonexistent/python"):
+    cannot = r"could not be started \(/nonexistent/python, a 512-byte buffer in .*No such file"
+    with pytest.raises(ScoringProcessError, match=cannot):
         missing.start(D)
+    assert list(tmp_path.iterdir()) == []  # no buffer file left behind by either
+
+
+def test_a_full_shared_memory_is_an_error_at_start_not_a_crash_later(monkeypatch, tmp_path) -> None:
+    import worker.scoring_process as scoring_process
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(scoring_process, "SHARED_DIR", tmp_path)
+    monkeypatch.setattr(scoring_process.os, "posix_fallocate", full)
+    with pytest.raises(ScoringProcessError, match=r"a 512-byte buffer in .*No space left on device"):
+        ScoringProcess(rows=8).start(D)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
 def test_only_numpy_engines_are_sent_to_the_child() -> None:
