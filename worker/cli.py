@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from worker.loaded_model import check_shadow_fits, load_model
     from worker.metrics import WorkerMetrics
     from worker.runner import Runner
-    from worker.scoring_process import ScoringProcess, ScoringProcessError, can_score
+    from worker.scoring_process import ScoringProcess, ScoringProcessError
     from worker.shards import ShardSet
 
     registry = CollectorRegistry()
@@ -157,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
             shadow.rule.policy,
         )
     scoring_process = None
-    if settings.prefetch and settings.scoring_process and can_score(model, shadow):
+    if settings.prefetch and settings.scoring_process:
         scoring_process = ScoringProcess(settings.batch_size, settings.scoring_threads, settings.tune_malloc)
         try:
-            scoring_process.start(model.scorer.input_dim)
-        except (ScoringProcessError, OSError) as exc:
+            if scoring_process.accepts(model, shadow):  # else started if a reload brings such a model
+                scoring_process.start(model.scorer.input_dim)
+        except ScoringProcessError as exc:
             log.warning("scoring process not started, scoring on a thread instead error=%s", exc)
             scoring_process = None
     runner = Runner(
@@ -187,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
             runner.run()
     finally:
         runner.close()
-        if runner.scoring_process is not None:
-            runner.scoring_process.close()
         server.stop()
         client.close()
     log.info("stopped")

@@ -36,7 +36,7 @@ from worker.http import Health
 from worker.loaded_model import LoadedModel, ModelLoader, check_shadow_fits, manifest_digest
 from worker.metrics import DetectionWindow, WorkerMetrics
 from worker.scoring import Decisions
-from worker.scoring_process import PendingScores, ScoringProcess, ScoringProcessError, can_score
+from worker.scoring_process import PendingScores, ScoringProcess, ScoringProcessError
 from worker.settings import WorkerSettings
 from worker.shards import ShardSet
 from worker.stream import (
@@ -109,7 +109,7 @@ class Runner:
         self.health = health or Health()
         self.loader = loader
         self.shadow_loader = shadow_loader
-        self.scoring_process = scoring_process  # where backlog batches are scored (numpy engine)
+        self.scoring_process = scoring_process  # where backlog batches are scored; closed by close()
         self.clock = clock
         self.monotonic = monotonic
         self.stop_event = threading.Event()
@@ -197,7 +197,11 @@ class Runner:
         total = 0
         self._next_claim = self.monotonic()
         while True:
-            handled = self.run_once(block_ms=None)
+            try:
+                handled = self.run_once(block_ms=None)
+            except ScoringProcessError as exc:
+                self._scoring_failed(exc)  # the batches in hand come back from own pending
+                continue
             if handled == 0 and all(c is None for c in self._pending_cursors) and not self._ready:
                 return total
             total += handled
@@ -210,10 +214,12 @@ class Runner:
         return handled
 
     def close(self) -> None:
-        """Stop the scoring thread."""
+        """Stop the scoring thread and the scoring process."""
         if self._scoring_thread is not None:
             self._scoring_thread.shutdown(wait=True)
             self._scoring_thread = None
+        if self.scoring_process is not None:
+            self.scoring_process.close()
 
     def _reclaim(self) -> tuple[StreamClient, list[Entry]]:
         index = self._claim_shard
@@ -297,7 +303,7 @@ class Runner:
         self, model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch
     ) -> InFlight:
         every_region = bool(self.settings.scores_stream)
-        if self.scoring_process is not None and can_score(model, shadow):
+        if self.scoring_process is not None and self.scoring_process.accepts(model, shadow):
             return self.scoring_process.submit(model, shadow, decoded.pixels, decoded.scale, every_region)
         if self._scoring_thread is None:
             self._scoring_thread = ThreadPoolExecutor(1, thread_name_prefix="scoring")
@@ -309,13 +315,14 @@ class Runner:
             return
         ready = self._ready[0]
         if ready.model is model and ready.decoded is not None and ready.scoring is None:
-            self._ready[0] = Prefetched(
-                ready.stream,
-                ready.entries,
-                ready.decoded,
-                model,
-                self._score_elsewhere(model, shadow, ready.decoded),
-            )
+            try:
+                scoring = self._score_elsewhere(model, shadow, ready.decoded)
+            except ScoringProcessError as exc:
+                # This batch is scored: commit it. The next one is scored in its turn (and fails
+                # there, in the loop's hands, if the process still cannot take it).
+                log.warning("scoring process could not take the next batch error=%s", exc)
+                return
+            self._ready[0] = Prefetched(ready.stream, ready.entries, ready.decoded, model, scoring)
 
     def _commit(
         self,
@@ -601,18 +608,7 @@ class Runner:
                 self.stop_event.wait(backoff.compute(failures))
                 continue
             except ScoringProcessError as exc:
-                self._forget_in_hand()
-                process = self.scoring_process
-                if process is not None and process.failures >= SCORING_PROCESS_ATTEMPTS:
-                    process.close()
-                    self.scoring_process = None
-                    log.error(
-                        "scoring process failed %d times in a row, scoring on a thread from now on error=%s",
-                        process.failures,
-                        exc,
-                    )
-                else:
-                    log.error("scoring process failed, starting a new one error=%s", exc)
+                self._scoring_failed(exc)
                 continue
             if redis_state is not True:
                 log.info(
@@ -628,6 +624,22 @@ class Runner:
         except (redis.RedisError, ScoringProcessError) as exc:
             log.warning("prefetched batch left pending (another worker will reclaim it) error=%s", exc)
         log.info("stopping consumer=%s", self.settings.consumer)
+
+    def _scoring_failed(self, error: ScoringProcessError) -> None:
+        """The batches in hand were not committed: read them again; after SCORING_PROCESS_ATTEMPTS
+        failures in a row, score on the thread from now on."""
+        self._forget_in_hand()
+        process = self.scoring_process
+        if process is not None and process.failures >= SCORING_PROCESS_ATTEMPTS:
+            process.close()
+            self.scoring_process = None
+            log.error(
+                "scoring process failed %d times in a row, scoring on a thread from now on error=%s",
+                process.failures,
+                error,
+            )
+        else:
+            log.error("scoring process failed, starting a new one error=%s", error)
 
     def _redis_failed(self) -> None:
         self.metrics.redis_errors.inc()

@@ -6,18 +6,20 @@ its numpy calls, so the two barely overlapped and a worker used about one core. 
 scores in parallel for real. The pixels of a batch go through shared memory (one copy; raw uint8
 ones are scaled to float32 there, not in the loop); the models are pickled to the child once per
 (re)load; the scores come back over a socket (a few KB).
-Measured on 2 cores with the default detector (uint8, batch 256): 1.33 times the msg/s of the
-scoring thread.
+Measured on 2 cores with the default detector (uint8, batch 256): 1.31-1.52 times the msg/s of
+the scoring thread.
 
-The child is `python -m worker.scoring_process FD PATH`. FD is its end of a socket pair and PATH
-the shared buffer, a file in /dev/shm that the parent unlinks once the child has mapped it, so
-nothing is left behind whatever kills either process. The child ignores SIGINT and SIGTERM: the
-parent finishes the batches in hand at a warm stop, then closes the socket. It exits when the
-socket closes, including when the parent was killed.
+The child is `python -m worker.scoring_process SOCKET_FD BUFFER_FD ...`, in a session of its own
+(a Ctrl-C in a terminal reaches the worker, which finishes the batches in hand, not the child).
+SOCKET_FD is its end of a socket pair; BUFFER_FD the shared buffer, a file in /dev/shm unlinked
+before the child starts: only the two processes' descriptors and mappings hold it, so nothing is
+left behind whatever kills either of them. The child ignores SIGINT and SIGTERM and exits when
+the socket closes, including when the parent was killed.
 
 One batch is scored at a time. `submit` collects the previous batch's result first, so the shared
-buffer is never rewritten while the child reads it. Only the numpy engine's models go to the
-child (`can_score`); the runner scores the others, and any model it cannot send, on its thread.
+buffer is never rewritten while the child reads it. Only the numpy engine's models that pickle go
+to the child (`accepts`); the runner scores the others on its thread. A child that does not answer
+within `score_timeout` seconds is killed: its batch fails like one whose child died.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -48,18 +49,13 @@ from worker.loaded_model import LoadedModel
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 120.0  # importing numpy and the detector on a busy, slow node
+SCORE_TIMEOUT_SECONDS = 60.0  # a batch takes milliseconds; this long means the child is stuck
 STOP_TIMEOUT_SECONDS = 5.0
 SHARED_DIR = Path("/dev/shm")  # memory-backed where it exists; else the temporary directory
 
 
 class ScoringProcessError(AnomalyScorerError):
-    """The scoring process died, or could not be started: the batch was not scored."""
-
-
-def can_score(model: LoadedModel, shadow: LoadedModel | None) -> bool:
-    """Whether the child can score for these models: numpy engines only (a TensorFlow model is
-    neither cheap to pickle nor safe to run in a second copy)."""
-    return model.scorer.engine == "numpy" and (shadow is None or shadow.scorer.engine == "numpy")
+    """The scoring process died, hung, or could not be started: the batch was not scored."""
 
 
 class PendingScores:
@@ -85,8 +81,8 @@ class PendingScores:
 
 
 class ScoringProcess:
-    """A child process that scores batches of up to `rows` rows; started on the first batch (or
-    `start`), restarted on the next batch after it died."""
+    """A child process that scores batches of up to `rows` rows; started by `start` or the first
+    batch, and again by the next batch after it died."""
 
     def __init__(
         self,
@@ -94,6 +90,7 @@ class ScoringProcess:
         blas_threads: int = 1,
         tune_malloc: bool = True,
         start_timeout: float = START_TIMEOUT_SECONDS,
+        score_timeout: float = SCORE_TIMEOUT_SECONDS,
         python: str = sys.executable,
     ) -> None:
         if rows < 1:
@@ -102,60 +99,98 @@ class ScoringProcess:
         self.blas_threads = blas_threads
         self.tune_malloc = tune_malloc
         self.start_timeout = start_timeout
+        self.score_timeout = score_timeout
         self.python = python
         self._child: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._buffer: mmap.mmap | None = None
         self._width = 0
-        self._sent: tuple[LoadedModel, LoadedModel | None] | None = None
+        self._models: tuple[LoadedModel, LoadedModel | None] | None = None  # what `_payload` holds
+        self._payload = b""  # those models pickled, sent after every (re)start
+        self._refused: tuple[LoadedModel, LoadedModel | None] | None = None  # did not pickle
+        self._sent = False  # the child has the current models
         self._pending: PendingScores | None = None
-        self.failures = 0  # in a row: failed starts and deaths since a batch last came back
+        self.failures = 0  # in a row: failed starts, deaths and timeouts since a batch came back
 
     @property
     def pid(self) -> int | None:
         """The child's process id, while one runs."""
         return self._child.pid if self._child is not None and self._child.poll() is None else None
 
+    def accepts(self, model: LoadedModel, shadow: LoadedModel | None) -> bool:
+        """Whether the child can score for these models: numpy engines (a TensorFlow model is
+        neither cheap to pickle nor safe to run in a second copy) that pickle (tried once per
+        pair of models)."""
+        if model.scorer.engine != "numpy" or (shadow is not None and shadow.scorer.engine != "numpy"):
+            return False
+        pair = (model, shadow)
+        if self._refused is not None and self._refused[0] is model and self._refused[1] is shadow:
+            return False
+        if self._models is None or self._models[0] is not model or self._models[1] is not shadow:
+            try:
+                payload = pickle.dumps(("models", model, shadow), protocol=pickle.HIGHEST_PROTOCOL)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                log.warning(
+                    "model cannot be sent to the scoring process, scoring it on a thread "
+                    "model_version=%s error=%s",
+                    model.scorer.model_version,
+                    exc,
+                )
+                self._refused = pair
+                return False
+            self._models, self._payload, self._sent = pair, payload, False
+        return True
+
     def start(self, width: int) -> None:
         """Start the child with room for `rows` x `width` float32 values; ScoringProcessError if
         it cannot be, or does not answer within the start timeout."""
         self.close()
-        self.failures += 1  # until it has scored a batch
-        size = self.rows * width * 4
-        where = SHARED_DIR if SHARED_DIR.is_dir() else None
         try:
-            fd, path = tempfile.mkstemp(prefix="anomaly-scoring-", dir=where)
-        except OSError as exc:
-            raise ScoringProcessError(f"no file for the scoring process's shared buffer: {exc}") from exc
-        parent_end, child_end = socket.socketpair()
+            child, conn, buffer = self._spawn(width)
+        except ScoringProcessError:
+            self.failures += 1
+            raise
+        self._child, self._conn, self._buffer, self._width = child, conn, buffer, width
+        self._sent, self._pending = False, None
+        log.info("scoring process started pid=%d rows=%d width=%d", child.pid, self.rows, width)
+
+    def _spawn(self, width: int) -> tuple[subprocess.Popen[bytes], Connection, mmap.mmap]:
+        size = self.rows * width * 4
         with contextlib.ExitStack() as undo:  # unwound on failure; emptied once the child answered
-            # Unlinked whatever happens: once the child has mapped it (it says "ready"), or never.
-            undo.callback(_unlink, path)
-            undo.callback(parent_end.close)
             try:
-                # Reserved now: a full /dev/shm fails here, not as SIGBUS on a later write.
-                os.posix_fallocate(fd, 0, size)
+                where = SHARED_DIR if SHARED_DIR.is_dir() else None
+                fd, path = tempfile.mkstemp(prefix="anomaly-scoring-", dir=where)
+                undo.callback(os.close, fd)  # the child has its own copy once started
+                os.unlink(path)  # only descriptors and mappings hold it from now on
+                if hasattr(os, "posix_fallocate"):  # reserved now: a full /dev/shm fails here,
+                    os.posix_fallocate(fd, 0, size)  # not as SIGBUS on a later write
+                else:
+                    os.ftruncate(fd, size)
                 buffer = undo.enter_context(mmap.mmap(fd, size))
-                argv = [self.python, "-m", "worker.scoring_process", str(child_end.fileno()), path]
-                argv += [str(self.rows), str(width), str(self.blas_threads), str(int(self.tune_malloc))]
-                child = subprocess.Popen(argv, pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL)
+                parent_end, child_end = socket.socketpair()
+                undo.callback(parent_end.close)
+                with child_end:
+                    argv = [self.python, "-m", "worker.scoring_process", str(child_end.fileno()), str(fd)]
+                    argv += [str(self.rows), str(width), str(self.blas_threads), str(int(self.tune_malloc))]
+                    child = subprocess.Popen(
+                        argv,
+                        pass_fds=(child_end.fileno(), fd),
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )
             except OSError as exc:
                 raise ScoringProcessError(
                     f"the scoring process could not be started ({self.python}, a {size}-byte buffer "
-                    f"in {path}): {exc}"
+                    f"in {where or tempfile.gettempdir()}): {exc}"
                 ) from exc
-            finally:
-                os.close(fd)
-                child_end.close()
-            undo.callback(child.wait)
-            undo.callback(child.kill)
+            undo.callback(_stop, child)
             conn = Connection(parent_end.detach())
             undo.callback(conn.close)
             try:
                 if not conn.poll(self.start_timeout):
-                    waited = f"{self.start_timeout:g} s"
                     raise ScoringProcessError(
-                        f"the scoring process (pid {child.pid}) did not answer within {waited}"
+                        f"the scoring process (pid {child.pid}) did not answer within "
+                        f"{self.start_timeout:g} s of its start"
                     )
                 conn.recv()  # "ready": it has mapped the buffer
             except (EOFError, OSError) as exc:
@@ -167,10 +202,8 @@ class ScoringProcess:
                     f"the scoring process exited with code {code} while starting; its output above says why"
                 ) from exc
             undo.pop_all()
-            _unlink(path)
-        self._child, self._conn, self._buffer, self._width = child, conn, buffer, width
-        self._sent, self._pending = None, None
-        log.info("scoring process started pid=%d rows=%d width=%d", child.pid, self.rows, width)
+        os.close(fd)
+        return child, conn, buffer
 
     def submit(
         self,
@@ -180,34 +213,29 @@ class ScoringProcess:
         scale: float | None,
         every_region: bool,
     ) -> PendingScores:
-        """Score a batch's (n, D) `pixels` with `model` (and `shadow`) in the child: float32
-        images, or uint8 ones that the child multiplies by `scale` (codec.scale_pixels). The result
-        is collected later, by `result()` of what this returns."""
+        """Score a batch's (n, D) `pixels` with `model` (and `shadow`; `accepts` them first) in
+        the child: float32 images, or uint8 ones that the child multiplies by `scale`
+        (codec.scale_pixels). The result is collected later, by `result()` of what this returns."""
         expected = np.uint8 if scale is not None else np.float32
         if pixels.dtype != expected:
             raise ValueError(f"pixels are {pixels.dtype}, expected {np.dtype(expected)} with scale {scale}")
-        images = pixels
-        if len(images) > self.rows:
-            raise ValueError(f"a batch of {len(images)} rows does not fit the scoring process's {self.rows}")
+        if len(pixels) > self.rows:
+            raise ValueError(f"a batch of {len(pixels)} rows does not fit the scoring process's {self.rows}")
+        if not self.accepts(model, shadow):
+            raise ValueError(f"model {model.scorer.model_version} cannot be scored in a child process")
         if self._pending is not None and not self._pending.done:
             with contextlib.suppress(Exception):  # its owner dropped it; its error was not this batch's
                 self._pending.result()
-        if self.pid is None or self._width != images.shape[1]:
-            self.start(images.shape[1])
+        if self.pid is None or self._width != pixels.shape[1]:
+            self.start(pixels.shape[1])
         assert self._conn is not None and self._buffer is not None
         pending = PendingScores(self)
         try:
-            if self._sent is None or self._sent[0] is not model or self._sent[1] is not shadow:
-                try:
-                    self._conn.send(("models", model, shadow))  # pickled whole before anything is sent
-                except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                    raise ScoringProcessError(
-                        f"the models cannot be sent to the scoring process: {exc}"
-                    ) from exc
-                self._sent = (model, shadow)
-            rows = len(images)
-            shared = np.ndarray((rows, self._width), images.dtype, buffer=self._buffer)
-            shared[...] = images
+            if not self._sent:
+                self._conn.send_bytes(self._payload)
+                self._sent = True
+            rows = len(pixels)
+            np.ndarray((rows, self._width), pixels.dtype, buffer=self._buffer)[...] = pixels
             self._conn.send(("score", rows, scale, every_region))
         except OSError as exc:
             raise self._died("receiving a batch") from exc
@@ -220,29 +248,26 @@ class ScoringProcess:
             pending._settle(None, stale)
             return
         try:
+            if not self._conn.poll(self.score_timeout):
+                assert self._child is not None
+                self._child.kill()  # stuck: a new one scores the next batch
+                error = self._died(f"scoring a batch: no answer within {self.score_timeout:g} s, killed")
+                pending._settle(None, error)
+                raise error
             kind, value = self._conn.recv()
         except (EOFError, OSError) as exc:
             error = self._died("scoring a batch")
             pending._settle(None, error)
             raise error from exc
         self.failures = 0
-        if kind == "scored":
-            pending._settle(value, None)
-        else:
-            pending._settle(None, value)
+        pending._settle(value if kind == "scored" else None, None if kind == "scored" else value)
 
     def _died(self, doing: str) -> ScoringProcessError:
         self.failures += 1
         child = self._child
-        code = None
-        if child is not None:
-            try:
-                code = child.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                code = child.wait()
         pid = child.pid if child is not None else None
-        self._release()
+        self._release()  # first: a child still alive exits when its socket closes
+        code = _stop(child) if child is not None else None
         return ScoringProcessError(
             f"the scoring process (pid {pid}) exited with code {code} while {doing}; "
             "the batches in hand were not committed and stay pending"
@@ -253,11 +278,7 @@ class ScoringProcess:
         child = self._child
         self._release()
         if child is not None:
-            try:
-                child.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            _stop(child)
 
     def _release(self) -> None:
         if self._conn is not None:
@@ -265,12 +286,17 @@ class ScoringProcess:
         if self._buffer is not None:
             with contextlib.suppress(BufferError):  # a view of it still alive: the GC frees it later
                 self._buffer.close()
-        self._child, self._conn, self._buffer, self._sent, self._pending = None, None, None, None, None
+        self._child, self._conn, self._buffer, self._pending = None, None, None, None
+        self._sent = False
 
 
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def _stop(child: subprocess.Popen[bytes]) -> int:
+    """Its exit code, after waiting a little for it to leave on its own and killing it if not."""
+    try:
+        return child.wait(STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
 
 
 # -- the child -----------------------------------------------------------------------------------
@@ -312,18 +338,16 @@ def _sendable(exc: Exception) -> Exception:
 
 
 def main(argv: list[str], configure: Callable[[int, bool], None] | None = None) -> int:
-    """Entry point of the child: FD PATH ROWS WIDTH BLAS_THREADS TUNE_MALLOC."""
+    """Entry point of the child: SOCKET_FD BUFFER_FD ROWS WIDTH BLAS_THREADS TUNE_MALLOC."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when scoring ends
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    fd, path, rows, width, blas_threads, tune_malloc = argv
+    socket_fd, buffer_fd, rows, width, blas_threads, tune_malloc = argv
     (configure or _configure)(int(blas_threads), tune_malloc == "1")
-    conn = Connection(int(fd))
-    with open(path, "r+b") as handle:
-        buffer = mmap.mmap(handle.fileno(), int(rows) * int(width) * 4)
+    conn = Connection(int(socket_fd))
+    buffer = mmap.mmap(int(buffer_fd), int(rows) * int(width) * 4)
+    os.close(int(buffer_fd))  # the mapping keeps the memory
     conn.send("ready")
-    started = time.monotonic()
     serve(conn, buffer, int(rows), int(width))
-    log.debug("scoring process done after %.0f s", time.monotonic() - started)
     return 0
 
 
@@ -338,4 +362,8 @@ def _configure(blas_threads: int, tune_malloc: bool) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    # Run the functions of the importable module, not of __main__: an exception the child sends
+    # back must unpickle in the parent as worker.scoring_process.ScoringProcessError.
+    from worker.scoring_process import main as module_main
+
+    raise SystemExit(module_main(sys.argv[1:]))

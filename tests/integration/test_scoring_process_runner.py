@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import wait_until
 from tests.support import ChildScorer, build_runner, make_model, pending, push, stream
 from worker.runner import Runner
-from worker.scoring_process import ScoringProcess
+from worker.scoring_process import ScoringProcess, ScoringProcessError
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +28,7 @@ def running() -> Iterator[list[tuple[Runner, threading.Thread]]]:
     for runner, thread in started:
         runner.request_stop()
         thread.join(60)
-        runner.close()
-        if runner.scoring_process is not None:
-            runner.scoring_process.close()
+        runner.close()  # and its scoring process
 
 
 def start(started: list[tuple[Runner, threading.Thread]], runner: Runner) -> None:
@@ -61,7 +59,7 @@ def test_a_backlog_scored_in_the_child_publishes_each_flagged_entry_once(redis_c
         assert scoring.pid is not None  # the backlog went to the child
     finally:
         runner.close()
-        scoring.close()
+    assert scoring.pid is None  # the runner's close stopped it
     assert published_once(redis_client, 50)
     assert runner.model.scorer.calls == []  # type: ignore[attr-defined]  # none scored here
 
@@ -87,7 +85,7 @@ def test_when_the_child_dies_the_batches_in_hand_are_read_again_and_committed_on
     gate.touch()
     wait_until(lambda: published_once(redis_client, 20), 60, what="every flagged entry published once")
     assert "scoring process failed, starting a new one" in caplog.text
-    assert scoring.pid not in (None, killed)
+    wait_until(lambda: scoring.pid not in (None, killed), 30, what="a new scoring process")
 
 
 def test_a_child_that_keeps_failing_leaves_the_scoring_to_the_thread(redis_client, running, caplog) -> None:
@@ -100,3 +98,83 @@ def test_a_child_that_keeps_failing_leaves_the_scoring_to_the_thread(redis_clien
     wait_until(lambda: published_once(redis_client, 20), 60, what="every flagged entry published once")
     assert runner.scoring_process is None
     assert "scoring process failed 3 times in a row, scoring on a thread from now on" in caplog.text
+
+
+def test_a_batch_scored_in_the_child_is_finished_at_a_warm_stop(redis_client) -> None:
+    model = make_model(scorer=ChildScorer())
+    runner = build_runner(redis_client, batch_size=10, model=model, scoring_process=ScoringProcess(10))
+    push_half_bright(redis_client, 25)
+    try:
+        runner.run_once()  # commits the first 10, reads the next 10 and starts scoring them
+        assert pending(redis_client) == 10
+        runner.request_stop()
+        runner.run()  # stop already requested: no new reads, only the batch in hand
+    finally:
+        runner.close()
+    assert pending(redis_client) == 0 and published_once(redis_client, 10)
+
+
+def test_a_batch_scored_ahead_by_the_old_model_is_scored_again_by_the_reloaded_one(redis_client) -> None:
+    runner = build_runner(
+        redis_client,
+        batch_size=5,
+        model=make_model("fake-v1", scorer=ChildScorer("fake-v1")),
+        loader=lambda: make_model("fake-v2", scorer=ChildScorer("fake-v2")),
+        scoring_process=ScoringProcess(5),
+    )
+    for _ in range(10):
+        push(redis_client, 0.9)
+    try:
+        runner.run_once()  # scores 5 with v1 in the child and reads the next 5 meanwhile
+        runner.reload_event.set()
+        runner.run_once()
+    finally:
+        runner.close()
+    versions = [entry["model_version"] for entry in stream(redis_client, "anomalies")]
+    assert versions == ["fake-v1"] * 5 + ["fake-v2"] * 5
+
+
+def test_a_model_that_does_not_pickle_is_scored_on_the_thread(redis_client) -> None:
+    scorer = ChildScorer()
+    scorer.lock = threading.Lock()  # type: ignore[attr-defined]
+    scoring = ScoringProcess(rows=10)
+    model = make_model(scorer=scorer)
+    runner = build_runner(redis_client, batch_size=10, model=model, scoring_process=scoring)
+    push_half_bright(redis_client, 40)
+    try:
+        assert runner.drain() == 40
+        assert scoring.pid is None  # never started
+    finally:
+        runner.close()
+    assert published_once(redis_client, 20)
+    assert scorer.calls == [10, 10, 10, 10]  # scored here, on the thread
+
+
+def test_when_the_next_batch_cannot_be_sent_the_scored_one_is_still_committed(
+    redis_client, monkeypatch, caplog
+) -> None:
+    scoring = ScoringProcess(rows=10)
+    runner = build_runner(
+        redis_client, batch_size=10, model=make_model(scorer=ChildScorer()), scoring_process=scoring
+    )
+    push_half_bright(redis_client, 30)
+    submit = scoring.submit
+    calls: list[int] = []
+
+    def failing_second(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(calls) + 1)
+        if len(calls) == 2:  # the batch read ahead, sent while the first one is about to commit
+            raise ScoringProcessError(
+                "the scoring process (pid 1) exited with code -9 while receiving a batch"
+            )
+        return submit(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "submit", failing_second)
+    try:
+        assert runner.run_once() == 10
+        assert pending(redis_client) == 10  # the first batch committed; the second read, in hand
+        assert "scoring process could not take the next batch" in caplog.text
+        assert runner.drain() == 20  # the second one is sent again in its turn
+    finally:
+        runner.close()
+    assert published_once(redis_client, 15)

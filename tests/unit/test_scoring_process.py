@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +19,23 @@ from tests.support import ChildScorer, D, make_model
 from worker.batch import score_batch
 from worker.codec import scale_pixels
 from worker.loaded_model import load_model
-from worker.scoring_process import SHARED_DIR, ScoringProcess, ScoringProcessError, can_score
+from worker.scoring_process import ScoringProcess, ScoringProcessError
 from worker.settings import WorkerSettings
 
 
 @pytest.fixture
-def process() -> Iterator[ScoringProcess]:
+def shared_dir(monkeypatch, tmp_path: Path) -> Path:
+    """Where the scoring processes of this test put their buffer files (never left there)."""
+    import worker.scoring_process as scoring_process
+
+    directory = tmp_path / "shm"
+    directory.mkdir()
+    monkeypatch.setattr(scoring_process, "SHARED_DIR", directory)
+    return directory
+
+
+@pytest.fixture
+def process(shared_dir: Path) -> Iterator[ScoringProcess]:
     scoring = ScoringProcess(rows=64)
     yield scoring
     scoring.close()
@@ -112,12 +124,48 @@ def test_the_child_ignores_sigint_and_sigterm_and_leaves_when_its_socket_closes(
     process.start(D)
     pid = process.pid
     assert pid is not None
-    os.kill(pid, signal.SIGTERM)  # Ctrl-C in a terminal reaches the whole process group
+    os.kill(pid, signal.SIGTERM)  # what a supervisor might send the worker's whole group
     os.kill(pid, signal.SIGINT)
     fine = make_model(scorer=ChildScorer())
     assert process.submit(fine, None, images(3), None, False).result().scores.shape == (3,)
+    assert process.pid == pid  # the same child scored it
     process.close()
     assert gone(pid)
+
+
+def test_a_child_stuck_on_a_batch_is_killed_after_the_timeout_and_replaced(shared_dir, tmp_path) -> None:
+    scoring = ScoringProcess(rows=8, score_timeout=1.0)
+    try:
+        gate = tmp_path / "gate"  # never opened while the first child scores
+        pending = scoring.submit(make_model(scorer=ChildScorer(gate=gate)), None, images(4), None, False)
+        stuck = scoring.pid
+        with pytest.raises(ScoringProcessError, match=r"no answer within 1 s, killed"):
+            pending.result()
+        assert stuck is not None and gone(stuck)
+        fine = make_model(scorer=ChildScorer())
+        assert scoring.submit(fine, None, images(4), None, False).result().scores.shape == (4,)
+        assert scoring.pid not in (None, stuck)
+    finally:
+        scoring.close()
+
+
+def test_a_child_silent_at_start_is_killed_after_the_start_timeout(shared_dir, tmp_path) -> None:
+    silent = tmp_path / "silent-python"
+    silent.write_text('#!/bin/sh\necho $$ > "$0.pid"\nexec sleep 60\n')
+    silent.chmod(0o755)
+    scoring = ScoringProcess(rows=8, start_timeout=0.5, python=str(silent))
+    with pytest.raises(ScoringProcessError, match=r"did not answer within 0.5 s of its start"):
+        scoring.start(D)
+    assert gone(int(Path(f"{silent}.pid").read_text()))
+    assert scoring.failures == 1
+
+
+def test_a_new_width_starts_a_child_with_a_buffer_that_fits(process) -> None:
+    fine = make_model(scorer=ChildScorer())
+    assert process.submit(fine, None, images(4, width=D), None, False).result().scores.shape == (4,)
+    first = process.pid
+    assert process.submit(fine, None, images(4, width=2 * D), None, False).result().scores.shape == (4,)
+    assert process.pid not in (None, first)
 
 
 def test_the_child_exits_when_the_worker_is_killed(tmp_path) -> None:
@@ -146,15 +194,13 @@ def test_the_child_exits_when_the_worker_is_killed(tmp_path) -> None:
             worker.stdout.close()
 
 
-def test_no_file_is_left_behind_in_shared_memory(process) -> None:
-    def ours() -> set[Path]:
-        return set(SHARED_DIR.glob("anomaly-scoring-*")) if SHARED_DIR.is_dir() else set()
-
-    before = ours()
+def test_no_file_is_left_behind_in_shared_memory(process, shared_dir) -> None:
     process.start(D)
-    assert ours() == before  # unlinked once the child mapped it: nothing to leak, whatever dies
+    assert list(shared_dir.iterdir()) == []  # unlinked before the child started: nothing can leak
+    fine = make_model(scorer=ChildScorer())
+    assert process.submit(fine, None, images(3), None, False).result().scores.shape == (3,)
     process.close()
-    assert ours() == before
+    assert list(shared_dir.iterdir()) == []
 
 
 def test_a_batch_larger_than_the_buffer_is_refused_with_both_sizes(process) -> None:
@@ -162,10 +208,7 @@ def test_a_batch_larger_than_the_buffer_is_refused_with_both_sizes(process) -> N
         process.submit(make_model(scorer=ChildScorer()), None, images(65), None, False)
 
 
-def test_a_child_that_cannot_start_is_an_error_naming_its_exit_code(monkeypatch, tmp_path) -> None:
-    import worker.scoring_process as scoring_process
-
-    monkeypatch.setattr(scoring_process, "SHARED_DIR", tmp_path)
+def test_a_child_that_cannot_start_is_an_error_naming_its_exit_code(shared_dir) -> None:
     scoring = ScoringProcess(rows=8, python="/bin/false")
     with pytest.raises(ScoringProcessError, match="exited with code 1 while starting"):
         scoring.start(D)
@@ -173,24 +216,34 @@ def test_a_child_that_cannot_start_is_an_error_naming_its_exit_code(monkeypatch,
     cannot = r"could not be started \(/nonexistent/python, a 512-byte buffer in .*No such file"
     with pytest.raises(ScoringProcessError, match=cannot):
         missing.start(D)
-    assert list(tmp_path.iterdir()) == []  # no buffer file left behind by either
+    assert list(shared_dir.iterdir()) == []  # no buffer file left behind by either
+    assert (scoring.failures, missing.failures) == (1, 1)
 
 
-def test_a_full_shared_memory_is_an_error_at_start_not_a_crash_later(monkeypatch, tmp_path) -> None:
+def test_a_full_shared_memory_is_an_error_at_start_not_a_crash_later(monkeypatch, shared_dir) -> None:
     import worker.scoring_process as scoring_process
 
     def full(fd: int, offset: int, size: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(scoring_process, "SHARED_DIR", tmp_path)
     monkeypatch.setattr(scoring_process.os, "posix_fallocate", full)
     with pytest.raises(ScoringProcessError, match=r"a 512-byte buffer in .*No space left on device"):
         ScoringProcess(rows=8).start(D)
-    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    assert list(shared_dir.iterdir()) == []  # nothing left behind
 
 
-def test_only_numpy_engines_are_sent_to_the_child() -> None:
+def test_only_numpy_engines_that_pickle_are_sent_to_the_child(caplog) -> None:
+    scoring = ScoringProcess(rows=8)  # never started: accepts only looks at the models
     numpy_model = make_model(scorer=ChildScorer())
     other = make_model()  # engine "fake": like the TensorFlow engine, scored on the thread
-    assert can_score(numpy_model, None) and can_score(numpy_model, numpy_model)
-    assert not can_score(other, None) and not can_score(numpy_model, other)
+    assert scoring.accepts(numpy_model, None) and scoring.accepts(numpy_model, numpy_model)
+    assert not scoring.accepts(other, None) and not scoring.accepts(numpy_model, other)
+    locked = ChildScorer("v-locked")
+    locked.lock = threading.Lock()  # type: ignore[attr-defined]  # a lock does not pickle
+    unsendable = make_model("v-locked", scorer=locked)
+    assert not scoring.accepts(unsendable, None)
+    assert "model cannot be sent to the scoring process, scoring it on a thread model_version=v-locked" in (
+        caplog.text
+    )
+    with pytest.raises(ValueError, match="model v-locked cannot be scored in a child process"):
+        scoring.submit(unsendable, None, images(2), None, False)
