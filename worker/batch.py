@@ -1,5 +1,6 @@
 """One batch's images scored by the served model (and the shadow, when one runs): no Redis, no
-metrics, so the runner can compute it on its scoring thread while it reads or commits."""
+metrics, so the runner can have it computed in its scoring process (or on its scoring thread) while
+it reads or commits."""
 
 from __future__ import annotations
 

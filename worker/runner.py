@@ -55,7 +55,7 @@ SHADOW_FAILURE_LOG_SECONDS = 60.0
 # mostly come back empty (one wasted round trip per small batch at low rates).
 PREFETCH_FROM_SHARE = 0.25
 KNOWN_DTYPES = frozenset(d.encode() for d in DTYPES)
-# After this many scoring-process failures in a row (it died, or would not start), the worker
+# After this many scoring-process failures in a row (it died, hung, or would not start), the worker
 # scores on its thread instead: slower, but it keeps serving.
 SCORING_PROCESS_ATTEMPTS = 3
 
@@ -286,8 +286,9 @@ class Runner:
                 scored = score_batch(model, shadow, decoded.images, every_region)
             self._commit(stream, model, decoded, scored, handled, started, now_ms, id_range)
             return
-        # A backlog: this batch is scored on the second thread while this one reads and decodes
-        # the next; then the next is scored there while this one commits and records this batch.
+        # A backlog: this batch is scored elsewhere (the scoring process or thread) while this one
+        # reads and decodes the next; then the next is scored there while this one commits and
+        # records this batch.
         # This batch is committed (or has failed) when handle_batch returns; the next one's scores
         # are only held in memory, like its entries, until its turn.
         if scoring is None:

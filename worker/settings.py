@@ -114,9 +114,9 @@ class WorkerSettings(BaseSettings):
     )
     prefetch: bool = Field(
         True,
-        description="with a backlog (a read that filled a quarter of the batch or more), score on a "
-        "second thread: this batch while the next is read and decoded, then the next while this one "
-        "is committed",
+        description="with a backlog (a read that filled a quarter of the batch or more), score "
+        "elsewhere (the scoring process, or a second thread): this batch while the next is read "
+        "and decoded, then the next while this one is committed",
     )
     scoring_process: bool = Field(
         True,
