@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         shadow_loader=(lambda: load_model(settings, shadow=True)) if shadow is not None else None,
         scoring_process=scoring_process,
     )
+    # One read of runner.scoring_process: the loop may drop it while a scrape reads it.
+    metrics.watch_scoring_process(lambda: getattr(runner.scoring_process, "pid", None))
     install_signal_handlers(runner, settings.grace_seconds)
     # Everything loaded so far lives as long as the process: keep it out of the garbage
     # collector's full passes, which otherwise stop the loop for about 20 ms every few seconds.

@@ -59,9 +59,13 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry, with_process: bool = True) -> None:
         self.registry = registry
         r = registry
+        self._scoring_pid: Callable[[], int | None] = lambda: None
         if with_process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+            # anomaly_scoring_process_{resident_memory_bytes,cpu_seconds_total,...}: the child the
+            # worker scores in (worker.scoring_process), read at scrape time; none without one.
+            ProcessCollector(namespace="anomaly_scoring", pid=lambda: str(self._scoring_pid()), registry=r)
         self.scored = Counter("anomaly_messages_scored", "Images scored.", registry=r)
         self.flagged = Counter("anomaly_messages_flagged", "Images flagged as anomalies.", registry=r)
         self.invalid = Counter(
@@ -162,6 +166,12 @@ class WorkerMetrics:
             registry=r,
         )
         self.shadow_agreement.set(math.nan)
+        self.scoring_process_failures = Counter(
+            "anomaly_scoring_process_failures",
+            "Scoring process deaths, hangs and failed starts; the batches in hand were read again "
+            "(after 3 in a row the worker scores on its thread).",
+            registry=r,
+        )
         self.shadow_errors = Counter(
             "anomaly_shadow_errors",
             "Batches the shadow model failed to score; the served model's results were committed "
@@ -208,6 +218,10 @@ class WorkerMetrics:
     def set_shadow_model(self, model_version: str, policy: str, threshold: float, engine: str) -> None:
         """Publish the shadow model in use."""
         self.shadow_model.info(model_labels(model_version, policy, threshold, engine))
+
+    def watch_scoring_process(self, pid: Callable[[], int | None]) -> None:
+        """Export the process metrics of the scoring process whose pid `pid()` gives (None: none)."""
+        self._scoring_pid = pid
 
     def observe_scores(self, scores: Iterable[float] | np.ndarray) -> None:
         """Add scores to the histogram (one call per batch)."""

@@ -319,6 +319,7 @@ class Runner:
             try:
                 scoring = self._score_elsewhere(model, shadow, ready.decoded)
             except ScoringProcessError as exc:
+                self.metrics.scoring_process_failures.inc()
                 # This batch is scored: commit it. The next one is scored in its turn (and fails
                 # there, in the loop's hands, if the process still cannot take it).
                 log.warning("scoring process could not take the next batch error=%s", exc)
@@ -629,6 +630,7 @@ class Runner:
     def _scoring_failed(self, error: ScoringProcessError) -> None:
         """The batches in hand were not committed: read them again; after SCORING_PROCESS_ATTEMPTS
         failures in a row, score on the thread from now on."""
+        self.metrics.scoring_process_failures.inc()
         self._forget_in_hand()
         process = self.scoring_process
         if process is not None and process.failures >= SCORING_PROCESS_ATTEMPTS:

@@ -114,8 +114,9 @@ class ScoringProcess:
 
     @property
     def pid(self) -> int | None:
-        """The child's process id, while one runs."""
-        return self._child.pid if self._child is not None and self._child.poll() is None else None
+        """The child's process id, while one runs (also read by the metrics' HTTP thread)."""
+        child = self._child
+        return child.pid if child is not None and child.poll() is None else None
 
     def accepts(self, model: LoadedModel, shadow: LoadedModel | None) -> bool:
         """Whether the child can score for these models: numpy engines (a TensorFlow model is

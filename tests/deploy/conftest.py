@@ -334,6 +334,8 @@ def exported_metric_names() -> set[str]:
     # The process_* names, also if a later WorkerMetrics stops registering them itself.
     process_registry = CollectorRegistry()
     ProcessCollector(registry=process_registry)
+    # The scoring process's, exported only while one runs (worker.scoring_process).
+    ProcessCollector(namespace="anomaly_scoring", registry=process_registry)
 
     suffixes = {
         "counter": ("_total", "_created"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,11 +151,27 @@ def test_worker_scores_flags_dead_letters_and_stops_cleanly(worker, redis_server
         what="lag 0",
     )
 
+    text = metrics_text(port)
+    assert (metric_value(text, "anomaly_scoring_process_resident_memory_bytes") or 0) > 0  # scored there
+    assert metric_value(text, "anomaly_scoring_process_failures_total") == 0
+
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
     log = log_path.read_text()
     assert "stop requested signal=SIGTERM" in log and "stopped" in log
     assert "model loaded model_version=" in log
+    started = re.search(r"scoring process started pid=(\d+)", log)
+    assert started is not None, log
+    child = Path(f"/proc/{started.group(1)}/stat")
+    wait_until(lambda: exited(child), 10, what="the scoring process to exit with the worker")
+
+
+def exited(stat: Path) -> bool:
+    """The process of /proc/PID/stat has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def test_invalid_setting_stops_the_worker_at_start_naming_it(cli_artifact: Path) -> None:

@@ -42,6 +42,10 @@ def push_half_bright(client: Any, n: int) -> None:
         push(client, 0.9 if i % 2 else 0.1, f"img-{i}")
 
 
+def failures(runner: Runner) -> float | None:
+    return runner.metrics.registry.get_sample_value("anomaly_scoring_process_failures_total")
+
+
 def published_once(client: Any, expected: int) -> bool:
     ids = [entry["id"] for entry in stream(client, "anomalies")]
     assert len(ids) == len(set(ids)), f"an entry was published twice: {sorted(ids)}"
@@ -85,6 +89,7 @@ def test_when_the_child_dies_the_batches_in_hand_are_read_again_and_committed_on
     gate.touch()
     wait_until(lambda: published_once(redis_client, 20), 60, what="every flagged entry published once")
     assert "scoring process failed, starting a new one" in caplog.text
+    assert failures(runner) == 1
     wait_until(lambda: scoring.pid not in (None, killed), 30, what="a new scoring process")
 
 
@@ -98,6 +103,7 @@ def test_a_child_that_keeps_failing_leaves_the_scoring_to_the_thread(redis_clien
     wait_until(lambda: published_once(redis_client, 20), 60, what="every flagged entry published once")
     assert runner.scoring_process is None
     assert "scoring process failed 3 times in a row, scoring on a thread from now on" in caplog.text
+    assert failures(runner) == 3
 
 
 def test_a_batch_scored_in_the_child_is_finished_at_a_warm_stop(redis_client) -> None:
@@ -178,3 +184,4 @@ def test_when_the_next_batch_cannot_be_sent_the_scored_one_is_still_committed(
     finally:
         runner.close()
     assert published_once(redis_client, 15)
+    assert failures(runner) == 1

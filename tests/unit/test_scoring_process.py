@@ -247,3 +247,19 @@ def test_only_numpy_engines_that_pickle_are_sent_to_the_child(caplog) -> None:
     )
     with pytest.raises(ValueError, match="model v-locked cannot be scored in a child process"):
         scoring.submit(unsendable, None, images(2), None, False)
+
+
+def test_the_worker_metrics_show_the_childs_memory_and_cpu_while_it_runs(process) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from worker.metrics import WorkerMetrics
+
+    registry = CollectorRegistry()
+    WorkerMetrics(registry).watch_scoring_process(lambda: process.pid)
+    value = registry.get_sample_value
+    assert value("anomaly_scoring_process_resident_memory_bytes") is None  # no child yet
+    process.start(D)
+    assert value("anomaly_scoring_process_resident_memory_bytes") > 10 * 2**20  # numpy and the detector
+    assert value("anomaly_scoring_process_cpu_seconds_total") > 0
+    process.close()
+    assert value("anomaly_scoring_process_resident_memory_bytes") is None
