@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 #      score_buckets (the anomaly_score histogram's bounds); 1.2 artifacts load as they are.
 # 1.4: `retune`, written only by `anomaly-trainer retune` (where a re-tuned threshold came from);
 #      an artifact without it is read by a 1.3 worker with a warning, a re-tuned one is refused.
-SCHEMA_VERSION = "1.4"
+# 1.5: the hidden-knn component (hidden_knn_prototypes.npy), in the default score since
+#      2026-11-30; a 1.4 worker refuses a score that names it, and reads the others as they are.
+SCHEMA_VERSION = "1.5"
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
@@ -201,7 +203,7 @@ class Baseline(_Strict):
     score: ScoreName = Field(
         "mse",
         description="what the threshold applies to: mse, nmse, top-k, mahalanobis, transforms, orientation, "
-        "knn, "
+        "knn, hidden-knn, "
         "or several joined by '+' (standardised and summed)",
     )
     score_parameters: ScoreParameters | None = None

@@ -11,7 +11,9 @@ A score name is one component or several joined by "+" (components are registere
   orientation  -log p(identity | x) from a head the autoencoder was trained with, on its first
                encoder layer: the transforms score's catch at about 0.5% of the autoencoder's cost
   knn          cosine distance to the k nearest normal training images
-  a+b[+c]      e.g. mse+nmse+orientation (the default) or mse+transforms+knn: each component
+  hidden-knn   cosine distance to the k nearest normal prototypes in the encoder's first layer:
+               a nearest-neighbour view at about a third of the autoencoder's cost
+  a+b[+c]      e.g. mse+orientation+hidden-knn (the default) or mse+transforms+knn: each component
                standardised by its mean and std on held-out normal images, then summed: views of
                "not normal" that fail on different images
 The trainer fits and calibrates the score it was asked for (`--score`) and the worker computes
@@ -41,8 +43,10 @@ COMPARED: tuple[str, ...] = (
     "nmse+transforms+knn",
     "mse+orientation",
     "mse+nmse+orientation",
+    "mse+hidden-knn",
+    "mse+orientation+hidden-knn",
 )
-DEFAULT_SCORE: ScoreName = "mse+nmse+orientation"
+DEFAULT_SCORE: ScoreName = "mse+orientation+hidden-knn"
 MAX_COMPONENTS = 4
 
 

@@ -219,6 +219,7 @@ def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) 
         knn_reference=knn_reference_of(splits.fit, DEFAULT_KNN_REFERENCE_ROWS, config.seed),
         orientation=orientation,
     )
+    scorer.fit_hidden_knn(splits.fit, config.seed)
     scorer.fit_latent(splits.validation)
     scorer.fit_combination(splits.validation)
     scores = scorer.scores(dataset.test.x)

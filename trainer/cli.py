@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
+from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
 from detector.components.transforms import TRANSFORM_SETS
 from detector.datasets import Dataset
 from detector.engines.tensorflow_import import import_keras_quietly
@@ -144,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "doubt about which rotation/flip/shift was applied; square images), orientation (-log "
         "p(identity | x) from a head trained with the autoencoder on its first layer; dense "
         "architectures, square images), knn (cosine distance to the nearest normal training "
-        "images), or several joined by '+', each standardised on held-out normal images and "
-        "summed, e.g. mse+nmse+orientation or mse+transforms+knn (docs/detection.md); `evaluate` "
+        "images), hidden-knn (cosine distance to the nearest normal prototypes in the encoder's "
+        "first layer), or several joined by '+', each standardised on held-out normal images and "
+        "summed, e.g. mse+orientation+hidden-knn or mse+transforms+knn (docs/detection.md); `evaluate` "
         "compares them",
     )
     t.add_argument(
@@ -159,10 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--orientation-transforms",
         choices=list(TRANSFORM_SETS),
-        default="dihedral",
-        help="the orientation score's set, which its head learns with the autoencoder: dihedral (8: "
-        "rotations x mirror, the default), rotations (4) or geometric (72, with shifts); scoring "
-        "costs the same for each (only the image as given is classified)",
+        default=DEFAULT_ORIENTATION_TRANSFORMS,
+        help="the orientation score's set, which its head learns with the autoencoder: geometric "
+        "(72: rotations x mirror x 4-pixel shifts, the default), dihedral (8: rotations x mirror, "
+        "the default before 2026-11-30) or rotations (4); scoring costs the same for each (only "
+        "the image as given is classified)",
     )
     t.add_argument(
         "--knn-k",
@@ -302,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[*TRANSFORM_SETS, "none"],
         default="none",
         help="train each autoencoder with the orientation head on this set, as the default detector "
-        "is (dihedral), and compare the orientation scores (orientation, mse+orientation, "
-        "mse+nmse+orientation; default: none)",
+        "is (geometric), and compare the orientation scores (orientation, mse+orientation, "
+        "mse+nmse+orientation, mse+orientation+hidden-knn; default: none)",
     )
     b.add_argument(
         "--out-dir",

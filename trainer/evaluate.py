@@ -21,6 +21,8 @@ from typing import Any, TypedDict
 import numpy as np
 
 from detector.artifact import Baseline, LoadedArtifact, load_artifact
+from detector.components.base import NormalData
+from detector.components.hidden_knn import HiddenKnn
 from detector.components.knn import (
     DEFAULT_KNN_K,
     DEFAULT_KNN_REFERENCE_ROWS,
@@ -76,8 +78,9 @@ def _labelled(normal_scores: np.ndarray, anomaly_scores: np.ndarray) -> tuple[np
 
 class ScoreModel:
     """An autoencoder plus what the other scores need: the normal code Gaussian (mahalanobis), the
-    transformation classifier (transforms), normal reference images (knn), and each component's
-    mean and std on normal images (combined scores)."""
+    transformation classifier (transforms), normal reference images (knn), normal prototypes of
+    the first encoder layer (hidden-knn), and each component's mean and std on normal images
+    (combined scores)."""
 
     def __init__(
         self,
@@ -90,6 +93,7 @@ class ScoreModel:
         knn_k: int = DEFAULT_KNN_K,
         also: tuple[str, ...] = (),
         orientation: Orientation | None = None,
+        hidden_knn: HiddenKnn | None = None,
     ) -> None:
         self.model = model
         self.encoder = model.get_layer("encoder")
@@ -100,6 +104,7 @@ class ScoreModel:
         self.knn_reference = None if knn_reference is None else unit_rows(knn_reference)
         self.knn_k = knn_k
         self.orientation = orientation
+        self.hidden_knn = hidden_knn
         self.encoder_layers = encoder_layers_model(model)
         self.names = COMPARED + tuple(n for n in also if n not in COMPARED)
         # Per combined score: each component's (means, stds) on normal images.
@@ -116,9 +121,11 @@ class ScoreModel:
         transform_scorer: TransformScorer | None = None,
         knn_reference: np.ndarray | None = None,
         orientation: Orientation | None = None,
+        hidden_knn: HiddenKnn | None = None,
     ) -> ScoreModel:
         """Every score of an artifact's model, fitted on its held-out splits as the trainer fits
-        them; `knn_reference` (model space) defaults to the trainer's draw from the fit split."""
+        them; `knn_reference` (model space) defaults to the trainer's draw from the fit split, and
+        `hidden_knn` to prototypes fitted as the trainer fits them."""
         if knn_reference is None:
             knn_reference = knn_reference_of(
                 transform(splits.fit), DEFAULT_KNN_REFERENCE_ROWS, baseline.training.seed
@@ -133,7 +140,10 @@ class ScoreModel:
             knn_k=(params.knn_k if params is not None else None) or DEFAULT_KNN_K,
             also=(baseline.score,),
             orientation=orientation,
+            hidden_knn=hidden_knn,
         )
+        if hidden_knn is None:
+            scorer.fit_hidden_knn(splits.fit, baseline.training.seed)
         scorer.fit_latent(splits.validation)
         scorer.fit_combination(splits.validation)
         return scorer
@@ -146,6 +156,18 @@ class ScoreModel:
         """Fit the code-space Gaussian on normal (held-out) images."""
         self.latent = LatentGaussian.fit(self.codes(normal))
 
+    def fit_hidden_knn(self, fit: np.ndarray, seed: int) -> None:
+        """Fit the first encoder layer's normal prototypes on the fit split, as the trainer does."""
+        z = self.transform(fit)
+        self.hidden_knn = HiddenKnn.fit(
+            NormalData(
+                fit=z,
+                validation=z[:0],
+                forward=lambda x: forward_pass(self.model, x, self.encoder_layers),
+                seed=seed,
+            )
+        )
+
     def fit_combination(self, normal: np.ndarray) -> None:
         """Measure each component's mean and std on normal (held-out) images, for the combined scores."""
         scores = self.scores(normal)
@@ -157,7 +179,7 @@ class ScoreModel:
     def scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every score of every row of raw images `x`; errors in model space, as the worker does."""
         z = self.transform(x)
-        needs_encoder = self.latent is not None or self.orientation is not None
+        needs_encoder = any(s is not None for s in (self.latent, self.orientation, self.hidden_knn))
         batch = forward_pass(self.model, z, self.encoder_layers if needs_encoder else None)
         recon = batch.reconstructions
         out = {
@@ -173,6 +195,8 @@ class ScoreModel:
             out["transforms"] = self.transform_scorer(z)
         if self.knn_reference is not None:
             out["knn"] = knn_distances(z, self.knn_reference, self.knn_k)
+        if self.hidden_knn is not None:
+            out["hidden-knn"] = self.hidden_knn.score(batch)
         for name, (mean, std) in self.combination.items():
             out[name] = combine([out[c] for c in components_of(name)], mean, std)
         return out
@@ -339,10 +363,19 @@ def evaluate_model(
     transform_scorer: TransformScorer | None = None,
     knn_reference: np.ndarray | None = None,
     orientation: Orientation | None = None,
+    hidden_knn: HiddenKnn | None = None,
 ) -> tuple[Evaluation, ScoreModel, dict[str, dict[str, np.ndarray]]]:
     """Evaluate a trained model on `dataset`'s test split; also returns the scores for the report."""
     scorer = ScoreModel.fitted(
-        model, baseline, splits, transform, top_k_percent, transform_scorer, knn_reference, orientation
+        model,
+        baseline,
+        splits,
+        transform,
+        top_k_percent,
+        transform_scorer,
+        knn_reference,
+        orientation,
+        hidden_knn,
     )
     calibration = scorer.scores(splits.calibration)
     thresholds = thresholds_for(
@@ -413,15 +446,17 @@ class _Fitted(TypedDict):
     transform_scorer: TransformScorer | None
     knn_reference: np.ndarray | None
     orientation: Orientation | None
+    hidden_knn: HiddenKnn | None
 
 
 def fitted_networks(score: Score) -> _Fitted:
     """What a stored score brings that the evaluation cannot refit: its classifier, orientation
-    head and reference images."""
+    head, reference images and prototypes."""
     transforms, knn = score.component("transforms"), score.component("knn")
-    orientation = score.component("orientation")
+    orientation, hidden_knn = score.component("orientation"), score.component("hidden-knn")
     return {
         "transform_scorer": transforms.scorer if isinstance(transforms, Transforms) else None,
         "knn_reference": knn.reference if isinstance(knn, Knn) else None,
         "orientation": orientation if isinstance(orientation, Orientation) else None,
+        "hidden_knn": hidden_knn if isinstance(hidden_knn, HiddenKnn) else None,
     }

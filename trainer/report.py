@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from detector.artifact import MODEL_FILE, Baseline, load_artifact, model_version_of
+from detector.components.hidden_knn import HiddenKnn
 from detector.components.orientation import Orientation
 from detector.components.transforms import TransformScorer
 from detector.datasets import Dataset
@@ -66,6 +67,7 @@ def write_report(
     transform_scorer: TransformScorer | None = None,
     knn_reference: np.ndarray | None = None,
     orientation: Orientation | None = None,
+    hidden_knn: HiddenKnn | None = None,
 ) -> Path | None:
     """Draw out_dir/report.png and report.html; skip with a log line when matplotlib is absent."""
     try:
@@ -90,6 +92,7 @@ def write_report(
             transform_scorer=transform_scorer,
             knn_reference=knn_reference,
             orientation=orientation,
+            hidden_knn=hidden_knn,
         )
     except ValueError as exc:  # e.g. an unlabelled, non-square .npy dataset has no anomaly sets
         log.warning("report without evaluation reason=%s", exc)
@@ -101,6 +104,7 @@ def write_report(
             transform_scorer=transform_scorer,
             knn_reference=knn_reference,
             orientation=orientation,
+            hidden_knn=hidden_knn,
         )
     png = _draw_png(out_dir / REPORT_FILE, baseline, dataset, splits, scorer, evaluation, n_examples)
     _write_html(out_dir / REPORT_HTML, baseline, evaluation)

@@ -45,15 +45,27 @@ DETECTORS: tuple[Detector, ...] = (
         {},  # the notebook-3std row with fewer epochs
     ),
     Detector(
-        "**default** (dense-64-16 + orientation head, mse+nmse+orientation, p99)",
-        (),
+        "default until 2026-11-30 (dense-64-16 + dihedral head, mse+nmse+orientation, p99)",
+        ("--score", "mse+nmse+orientation", "--orientation-transforms", "dihedral"),
         "mse+nmse+orientation",
-        {  # `anomaly-trainer train`'s budget: 20 epochs or 2,000 steps, whichever is longer
+        {
             "architecture": "dense-64-16",
             "epochs": None,
             "min_steps": DEFAULT_MIN_STEPS,
             "transforms": None,
             "orientation": "dihedral",
+        },
+    ),
+    Detector(
+        "**default** (dense-64-16 + orientation head, mse+orientation+hidden-knn, p99)",
+        (),
+        "mse+orientation+hidden-knn",
+        {  # `anomaly-trainer train`'s budget: 20 epochs or 2,000 steps, whichever is longer
+            "architecture": "dense-64-16",
+            "epochs": None,
+            "min_steps": DEFAULT_MIN_STEPS,
+            "transforms": None,
+            "orientation": "geometric",
         },
     ),
     Detector(
@@ -63,4 +75,4 @@ DETECTORS: tuple[Detector, ...] = (
         {"architecture": "dense-512-128-32", "epochs": 20, "transforms": "rotations"},
     ),
 )
-DEFAULT = DETECTORS[4]
+DEFAULT = DETECTORS[5]

@@ -78,7 +78,7 @@ class NormalData:
     classifier: TransformClassifier | None = None  # trained by the trainer (a network of its own)
     # Trained by the trainer together with the autoencoder, on its first encoder layer.
     orientation_head: TransformClassifier | None = None
-    orientation_transforms: str = "dihedral"  # the set the head tells apart
+    orientation_transforms: str = "geometric"  # the set the head tells apart (the trainer's default)
 
 
 class Component(ABC):

@@ -34,7 +34,9 @@ from detector.components.transforms import (
 from detector.networks import TransformClassifier
 
 ORIENTATION_HEAD_FILE = "orientation_head.npz"
-DEFAULT_ORIENTATION_TRANSFORMS: TransformSetName = "dihedral"
+DEFAULT_ORIENTATION_TRANSFORMS: TransformSetName = "geometric"
+# What an artifact without `orientation_transforms` meant (the set of the first orientation heads).
+LEGACY_ORIENTATION_TRANSFORMS: TransformSetName = "dihedral"
 
 
 def identity_nll(head: TransformClassifier, layer: np.ndarray) -> np.ndarray:
@@ -90,7 +92,7 @@ class Orientation(Component):
         """The head from its file; the set and layer from score_parameters."""
         if data is None:
             raise ValueError("the orientation score needs the orientation head")
-        transforms = parameters.get("orientation_transforms") or DEFAULT_ORIENTATION_TRANSFORMS
+        transforms = parameters.get("orientation_transforms") or LEGACY_ORIENTATION_TRANSFORMS
         if transforms not in TRANSFORM_SETS:
             raise ValueError(
                 f"orientation_transforms must be one of {', '.join(TRANSFORM_SETS)}, found {transforms!r}"

@@ -147,8 +147,18 @@ def test_a_model_of_ones_separates_other_digits_and_rotated_ones(digit_one: tupl
     evaluation, *_ = evaluate_artifact(path, dataset)
     by_key = {(r.anomaly_set, r.score): r for r in evaluation.rows}
     assert {s for s, _ in by_key} == {UNSEEN_CLASSES, ROTATED_90}
-    # Without a transformation classifier in the artifact: every score that needs none.
-    assert {s for _, s in by_key} == {"mse", "nmse", "top-k", "mahalanobis", "knn", "mse+knn"}
+    # Without a transformation classifier or orientation head in the artifact: every score that
+    # needs neither (hidden-knn fits its prototypes on the fit split, as the trainer does).
+    assert {s for _, s in by_key} == {
+        "mse",
+        "nmse",
+        "top-k",
+        "mahalanobis",
+        "knn",
+        "hidden-knn",
+        "mse+knn",
+        "mse+hidden-knn",
+    }
     unseen = by_key[(UNSEEN_CLASSES, "mse")]
     assert unseen.auroc > 0.9  # far above chance (0.5) after 4 short epochs
     assert unseen.average_precision > 0.9  # chance would be the anomaly share, about 0.89

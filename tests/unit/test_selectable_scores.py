@@ -14,7 +14,16 @@ from detector.engines.keras_engine import KerasScorer
 from detector.engines.numpy_engine import NumpyScorer
 from tests.conftest import mnist_sample
 
-ALTERNATIVES = ["nmse", "top-k", "mahalanobis", "transforms", "knn", "nmse+transforms", "mse+transforms+knn"]
+ALTERNATIVES = [
+    "nmse",
+    "top-k",
+    "mahalanobis",
+    "transforms",
+    "knn",
+    "hidden-knn",
+    "nmse+transforms",
+    "mse+transforms+knn",
+]
 
 
 def _sample_dataset():  # type: ignore[no-untyped-def]
@@ -156,6 +165,12 @@ def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[
             lambda d: d["score_parameters"].update(transforms="geometric"),
             r"to 4 transformations, expected 784 to 72 \(geometric\)",
         ),
+        (  # the prototypes left out
+            "hidden-knn",
+            "manifest.json",
+            lambda d: d["files"].pop("hidden_knn_prototypes.npy"),
+            r"score 'hidden-knn' needs hidden_knn_prototypes\.npy",
+        ),
         (  # one std short
             "mse+transforms+knn",
             BASELINE_FILE,
@@ -163,7 +178,13 @@ def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[
             r"has 3 components, found 3 combine_mean and 2 combine_std",
         ),
     ],
-    ids=["knn-without-reference", "transforms-without-classifier", "classifier-of-another-set", "std-short"],
+    ids=[
+        "knn-without-reference",
+        "transforms-without-classifier",
+        "classifier-of-another-set",
+        "hidden-knn-without-prototypes",
+        "std-short",
+    ],
 )
 def test_an_artifact_missing_what_its_score_needs_is_refused(
     trained: dict[str, Path], tmp_path: Path, score: str, file: str, change: Any, expected: str

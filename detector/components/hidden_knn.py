@@ -1,0 +1,133 @@
+"""`hidden-knn`: cosine distance to the nearest normal prototypes in the encoder's first layer.
+
+What the autoencoder blurs away (an 8 from a 3, a sandal from a sneaker), a nearest neighbour
+still sees; the pixel-space `knn` sees it too, at about 80 times the autoencoder's cost. Here the
+neighbours live in the encoder's first layer, which the default trains both to reconstruct and to
+tell which way up an image is (`trainer.multitask`), and they are prototypes: the centres of a
+k-means of normal images' layer outputs (cosine, 256 centres by default), fitted by the trainer.
+Scoring one image costs one 64 x 256 matrix product on a layer the autoencoder computes anyway
+(about a sixth of dense-64-16's multiply-adds) and the k largest of 256 similarities.
+
+The prototypes are kept in the artifact as `hidden_knn_prototypes.npy` (unit rows, float32). Pure
+numpy at serving time; the fit uses scikit-learn's KMeans (a training dependency).
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import Field
+
+from detector.components.base import Component, ForwardPass, NormalData
+from detector.components.knn import knn_distances, unit_rows
+
+HIDDEN_KNN_FILE = "hidden_knn_prototypes.npy"
+DEFAULT_HIDDEN_KNN_K = 3
+DEFAULT_HIDDEN_KNN_PROTOTYPES = 256
+# Normal images whose layer outputs the k-means sees: enough for 256 centres, fast to fit.
+HIDDEN_KNN_FIT_ROWS = 20_000
+
+
+def fit_prototypes(layer: np.ndarray, prototypes: int, seed: int) -> np.ndarray:
+    """Unit-length centres of a k-means of the unit rows of `layer` (spherical k-means, one run).
+
+    With fewer rows than `prototypes`, the rows themselves are the prototypes."""
+    # scikit-learn is a training dependency (the `train` extra): the worker never fits.
+    from sklearn.cluster import KMeans
+
+    rows = unit_rows(layer)
+    if rows.ndim != 2 or rows.shape[0] == 0:
+        raise ValueError(f"need N x D layer outputs to fit prototypes, found shape {rows.shape}")
+    if prototypes < 1:
+        raise ValueError(f"prototypes must be at least 1, found {prototypes}")
+    if rows.shape[0] <= prototypes:
+        return rows
+    centres = KMeans(prototypes, n_init=1, random_state=seed).fit(rows).cluster_centers_
+    return unit_rows(np.asarray(centres, np.float32))
+
+
+class HiddenKnn(Component):
+    """`hidden-knn`: how far an image's first encoder layer is from the nearest normal prototypes."""
+
+    name = "hidden-knn"
+    needs_encoder = True
+    parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
+        "hidden_knn_k": (
+            int | None,
+            Field(None, ge=1, description="hidden-knn: nearest prototypes averaged"),
+        ),
+        "hidden_knn_layer": (
+            int | None,
+            Field(None, ge=0, description="hidden-knn: the encoder layer compared (0: the first)"),
+        ),
+    }
+    required_parameters = ("hidden_knn_k", "hidden_knn_layer")
+    file = HIDDEN_KNN_FILE
+    file_holds = "the normal prototypes of the encoder's first layer"
+
+    def __init__(self, prototypes: np.ndarray, k: int = DEFAULT_HIDDEN_KNN_K, layer: int = 0) -> None:
+        if not 1 <= k <= prototypes.shape[0]:
+            raise ValueError(f"hidden_knn_k must be in 1..{prototypes.shape[0]} (prototypes), found {k}")
+        self.prototypes = unit_rows(prototypes)
+        self.k = k
+        self.layer = layer
+
+    @classmethod
+    def fit(cls, normal: NormalData) -> HiddenKnn:
+        """Prototypes of the fit split's first-layer outputs (a seeded draw of at most 20,000)."""
+        fit = normal.fit
+        if fit.shape[0] > HIDDEN_KNN_FIT_ROWS:
+            pick = np.random.default_rng(normal.seed).choice(fit.shape[0], HIDDEN_KNN_FIT_ROWS, replace=False)
+            fit = fit[np.sort(pick)]
+        layer = normal.forward(fit).encoder_layer(0)
+        prototypes = fit_prototypes(layer, DEFAULT_HIDDEN_KNN_PROTOTYPES, normal.seed)
+        return cls(prototypes, min(DEFAULT_HIDDEN_KNN_K, prototypes.shape[0]), 0)
+
+    @classmethod
+    def from_parameters(
+        cls, parameters: Mapping[str, Any], data: bytes | None, input_dim: int, where: str
+    ) -> HiddenKnn:
+        """The prototypes: (n, width) finite floats, n >= k."""
+        if data is None:
+            raise ValueError(f"the hidden-knn score needs {cls.file_holds}")
+        k = int(parameters.get("hidden_knn_k") or DEFAULT_HIDDEN_KNN_K)
+        try:
+            prototypes = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{where} is unreadable: {exc}") from exc
+        if not isinstance(prototypes, np.ndarray):
+            raise ValueError(f"{where} must be one .npy array, found {type(prototypes).__name__}")
+        if prototypes.ndim != 2 or prototypes.shape[0] < k:
+            raise ValueError(
+                f"{where} holds an array of shape {prototypes.shape}, expected (n, width) with "
+                f"n >= hidden_knn_k {k}"
+            )
+        if prototypes.dtype.kind != "f" or not np.isfinite(prototypes).all():
+            raise ValueError(
+                f"{where} must hold finite floats, found dtype {prototypes.dtype} or non-finite values"
+            )
+        return cls(prototypes, k, int(parameters.get("hidden_knn_layer") or 0))
+
+    def parameters(self) -> dict[str, Any]:
+        """k and the layer compared."""
+        return {"hidden_knn_k": self.k, "hidden_knn_layer": self.layer}
+
+    def file_bytes(self) -> bytes:
+        """hidden_knn_prototypes.npy."""
+        buffer = io.BytesIO()
+        np.save(buffer, self.prototypes, allow_pickle=False)
+        return buffer.getvalue()
+
+    def score(self, batch: ForwardPass) -> np.ndarray:
+        """Per-row cosine distance to the k nearest prototypes."""
+        layer = batch.encoder_layer(self.layer)
+        if layer.shape[1] != self.prototypes.shape[1]:
+            raise ValueError(
+                f"the hidden-knn prototypes have {self.prototypes.shape[1]} values, encoder layer "
+                f"{self.layer} gives {layer.shape[1]}"
+            )
+        return knn_distances(layer, self.prototypes, self.k)
