@@ -2,7 +2,7 @@
 
 A score name is one component or several joined by "+" (components are registered in
 `detector.components`):
-  mse          mean squared reconstruction error (the default)
+  mse          mean squared reconstruction error
   nmse         mse divided by the image's mean squared intensity (plus epsilon)
   top-k        mean of the k% largest squared pixel errors (localised defects)
   mahalanobis  distance of the encoder's code to a Gaussian fitted on held-out normal codes
@@ -12,7 +12,7 @@ A score name is one component or several joined by "+" (components are registere
                encoder layer: the transforms score's catch at about 0.5% of the autoencoder's cost
   knn          cosine distance to the k nearest normal training images
   hidden-knn   cosine distance to the k nearest normal prototypes in the encoder's first layer:
-               a nearest-neighbour view at about a third of the autoencoder's cost
+               a nearest-neighbour view at about a sixth of the autoencoder's cost
   a+b[+c]      e.g. mse+orientation+hidden-knn (the default) or mse+transforms+knn: each component
                standardised by its mean and std on held-out normal images, then summed: views of
                "not normal" that fail on different images

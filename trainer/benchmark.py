@@ -61,7 +61,7 @@ class BenchmarkConfig:
     top_k_percent: float = DEFAULT_TOP_K_PERCENT
     transforms: str | None = "geometric"  # the transformation classifier's set; None: no classifier
     transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
-    # Train the autoencoder with the orientation head on this set (the default detector: dihedral)
+    # Train the autoencoder with the orientation head on this set (the default detector: geometric)
     # and compare the orientation scores; None: the autoencoder alone.
     orientation: TransformSetName | None = None
 

@@ -223,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="AUROC, average precision and flag rates of an artifact on a test set",
         description="Score the test split: normal-class images against unseen classes (when the "
         "artifact was trained with --classes) and against the normal images rotated 90 degrees, "
-        "with the mse, nmse, top-k and latent Mahalanobis scores. Prints a table and writes JSON.",
+        "with every score the artifact's networks allow (mse, nmse, top-k, mahalanobis, knn, "
+        "hidden-knn, their combinations, and transforms or orientation when the artifact has the "
+        "classifier or the head; the knn references and hidden-knn prototypes are drawn from the "
+        "training split as the trainer draws them). Prints a table and writes JSON.",
     )
     e.add_argument("artifact", type=Path, help="artifact directory written by `anomaly-trainer train`")
     _add_dataset_args(e, default=None)

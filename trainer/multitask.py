@@ -1,7 +1,8 @@
 """Train the autoencoder and the `orientation` head together: one multi-task network.
 
-The head is a linear layer on the encoder's first Dense layer; it learns which of the `dihedral`
-transformations (4 rotations x {no flip, mirror}) was applied to a normal image. Each batch holds
+The head is a linear layer on the encoder's first Dense layer; it learns which of a set of
+transformations (the default's: the 72 `geometric` ones, 4 rotations x {no flip, mirror} x 9
+shifts) was applied to a normal image. Each batch holds
 normal images, which the autoencoder reconstructs (mean squared error), and one random
 transformation of each, which the head classifies (cross-entropy); the loss is their sum. The
 shared layer so serves both: what reconstruction needs, and which way up and which way round a

@@ -132,10 +132,11 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         TransformSet.named(config.transforms, normal.shape[1])  # square images only
     if "orientation" in components:
         TransformSet.named(config.orientation_transforms, normal.shape[1])  # square images only
-        if config.architecture not in DENSE_ARCHITECTURES:
+    for reads_first_layer in ("orientation", "hidden-knn"):
+        if reads_first_layer in components and config.architecture not in DENSE_ARCHITECTURES:
             raise ValueError(
-                f"the orientation score needs a dense architecture ({', '.join(DENSE_ARCHITECTURES)}), "
-                f"found {config.architecture}"
+                f"the {reads_first_layer} score needs a dense architecture "
+                f"({', '.join(DENSE_ARCHITECTURES)}), found {config.architecture}"
             )
     if "knn" in components and config.knn_k > min(config.knn_reference_rows, splits.fit.shape[0]):
         raise ValueError(

@@ -61,6 +61,10 @@ class ForwardPass:
         return self.encoder_layers[index]
 
 
+# The set the trainer's orientation head learns unless told otherwise (detector.components.orientation).
+DEFAULT_ORIENTATION_TRANSFORMS = "geometric"
+
+
 @dataclass(frozen=True)
 class NormalData:
     """What components fit on: normal images in model space and the trained networks' views of them.
@@ -78,7 +82,7 @@ class NormalData:
     classifier: TransformClassifier | None = None  # trained by the trainer (a network of its own)
     # Trained by the trainer together with the autoencoder, on its first encoder layer.
     orientation_head: TransformClassifier | None = None
-    orientation_transforms: str = "geometric"  # the set the head tells apart (the trainer's default)
+    orientation_transforms: str = DEFAULT_ORIENTATION_TRANSFORMS  # the set the head tells apart
 
 
 class Component(ABC):

@@ -2,13 +2,14 @@
 
 The trainer trains the autoencoder and a small linear head together (one multi-task network,
 `trainer.multitask`): the head reads the encoder's first layer and learns, from normal images only,
-which of the 8 `dihedral` transformations (4 rotations x {no flip, mirror}) was applied. The
-shared layer so learns where the ink of an upright, unmirrored normal image sits, which
+which of a set of transformations was applied: in the default the 72 `geometric` ones (4 rotations
+x {no flip, mirror} x 9 shifts of 0 or 4 pixels; `dihedral`, the 8 without shifts, before
+2026-11-30). The shared layer so learns where the ink of an upright, unmirrored normal image sits, which
 reconstruction alone does not: an autoencoder of all digits reconstructs a rotated 1 (a horizontal
 stroke) well.
 
 At serving time only the image as given is classified: `score(x) = -log p(identity | x)`, one
-64 x 8 matrix product on a layer the autoencoder computes anyway (about 0.5% of dense-64-16's
+64 x 72 matrix product on a layer the autoencoder computes anyway (about 4.5% of dense-64-16's
 multiply-adds), where the `transforms` score runs a separate 784-512-256 classifier on every
 transformed copy (about 20 times the autoencoder). Pure numpy.
 
@@ -19,11 +20,12 @@ The head is stored as `orientation_head.npz`, a chain of Dense layers in the for
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 from pydantic import Field
 
+from detector.components.base import DEFAULT_ORIENTATION_TRANSFORMS as TRAINER_ORIENTATION_TRANSFORMS
 from detector.components.base import Component, ForwardPass, NormalData
 from detector.components.transforms import (
     TRANSFORM_SET_SIZES,
@@ -34,7 +36,8 @@ from detector.components.transforms import (
 from detector.networks import TransformClassifier
 
 ORIENTATION_HEAD_FILE = "orientation_head.npz"
-DEFAULT_ORIENTATION_TRANSFORMS: TransformSetName = "geometric"
+# The trainer's set (kept in `base`, which NormalData's default needs; checked in TRANSFORM_SETS by a test).
+DEFAULT_ORIENTATION_TRANSFORMS = cast(TransformSetName, TRAINER_ORIENTATION_TRANSFORMS)
 # What an artifact without `orientation_transforms` meant (the set of the first orientation heads).
 LEGACY_ORIENTATION_TRANSFORMS: TransformSetName = "dihedral"
 
@@ -52,7 +55,7 @@ class Orientation(Component):
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "orientation_transforms": (
             TransformSetName | None,
-            Field(None, description="orientation: the set the head tells apart (dihedral in the default)"),
+            Field(None, description="orientation: the set the head tells apart (geometric in the default)"),
         ),
         "orientation_layer": (
             int | None,

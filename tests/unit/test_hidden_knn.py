@@ -115,7 +115,7 @@ def test_the_component_fits_on_the_first_encoder_layer_of_the_fit_split() -> Non
     component = HiddenKnn.fit(NormalData(fit=fit, validation=fit[:10], forward=forward))
     assert seen == [40]  # the fit split, not the validation split
     assert component.prototypes.shape == (40, 5) and component.k == DEFAULT_HIDDEN_KNN_K
-    # Fewer images than prototypes (40 < 512): each image's layer output is a prototype.
+    # Fewer images than prototypes (40 < 256): each image's layer output is a prototype.
     np.testing.assert_allclose(component.prototypes, unit_rows(np.maximum(fit @ weights, 0)), atol=1e-6)
 
 

@@ -13,7 +13,11 @@ from prometheus_client.exposition import generate_latest
 from detector.artifact import SCHEMA_VERSION, load_artifact
 from detector.components.base import ForwardPass
 from detector.components.hidden_knn import HIDDEN_KNN_FILE
-from detector.components.orientation import ORIENTATION_HEAD_FILE, Orientation
+from detector.components.orientation import (
+    DEFAULT_ORIENTATION_TRANSFORMS,
+    ORIENTATION_HEAD_FILE,
+    Orientation,
+)
 from detector.components.transforms import TRANSFORM_SET_SIZES, TRANSFORM_SETS, TransformSet, log_softmax
 from detector.networks import DenseStack, TransformClassifier
 from detector.score import DEFAULT_SCORE, Score
@@ -62,6 +66,18 @@ def test_orientation_round_trips_through_its_parameters_and_file() -> None:
     rebuilt = Orientation.from_parameters(component.parameters(), component.file_bytes(), 16, "x.npz")
     assert rebuilt.parameters() == {"orientation_transforms": "dihedral", "orientation_layer": 0}
     np.testing.assert_array_equal(rebuilt.head.kernels[0], component.head.kernels[0])
+
+
+def test_the_trainers_head_learns_the_geometric_set_by_default() -> None:
+    assert DEFAULT_ORIENTATION_TRANSFORMS == "geometric" in TRANSFORM_SETS
+    assert TrainConfig(out=Path("unused")).orientation_transforms == "geometric"
+
+
+def test_stored_parameters_without_a_set_are_read_as_the_first_heads_dihedral_set() -> None:
+    """What schema 1.3 artifacts meant before the set was required: the default changing since
+    must not change how such a head is read."""
+    rebuilt = Orientation.from_parameters({}, _head(6, 8).to_bytes(), 16, "h.npz")
+    assert (rebuilt.transforms, rebuilt.layer) == ("dihedral", 0)
 
 
 def test_a_head_with_the_wrong_number_of_logits_is_refused_naming_the_set() -> None:

@@ -276,6 +276,14 @@ def test_a_corrupt_transformation_classifier_is_refused_naming_the_file(
         ({"score": "transforms"}, r"need square images .* found D=780"),
         ({"score": "mse+knn", "knn_k": 50, "knn_reference_rows": 20}, r"--knn-k 50 needs at least"),
         ({"score": "mse+knn", "threshold": "2mean"}, r"'2mean' scales the mean held-out score"),
+        (
+            {"score": "mse+hidden-knn", "architecture": "conv"},
+            r"the hidden-knn score needs a dense architecture \(dense-32, .*\), found conv",
+        ),
+        (
+            {"score": "mse+orientation", "architecture": "conv"},
+            r"the orientation score needs a dense architecture \(dense-32, .*\), found conv",
+        ),
     ],
 )
 def test_settings_a_score_cannot_use_fail_before_any_training(
