@@ -61,6 +61,16 @@ def test_orientation_scores_minus_log_p_identity_of_the_first_encoder_layer() ->
     np.testing.assert_allclose(Orientation(head, "dihedral", 0).score(batch), expected)
 
 
+def test_orientation_stays_finite_and_exact_for_logits_far_beyond_float32_exp() -> None:
+    kernel = np.array([[400.0, -300.0, 0.0, 100.0]], np.float32)  # logits of +-400 for a layer of 1
+    head = TransformClassifier((kernel,), (np.zeros(4, np.float32),), ("linear",))
+    layer = np.array([[1.0], [-1.0], [0.0]], np.float32)
+    batch = ForwardPass(np.zeros((3, 4)), np.zeros((3, 4)), (layer,))
+    # -log p(identity): 0 when identity dominates, its gap to the largest logit when it does not.
+    expected = [0.0, 300.0 + 400.0, np.log(4.0)]
+    np.testing.assert_allclose(Orientation(head, "rotations", 0).score(batch), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_orientation_round_trips_through_its_parameters_and_file() -> None:
     component = Orientation(_head(6, 8), "dihedral", 0)
     rebuilt = Orientation.from_parameters(component.parameters(), component.file_bytes(), 16, "x.npz")
