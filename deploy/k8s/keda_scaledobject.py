@@ -15,7 +15,11 @@ largest: the fleet is sized for the worst shard. Measured rates (one worker, num
 BLAS thread, batch 256, uint8; benchmarks/results/score-cost.md and throughput.md):
 
     score                               msg/s per worker
-    mse+nmse+orientation (the default)  79,000-84,000 (dense-64-16; 38,000 under a load of 5-8)
+    mse+orientation+hidden-knn          118,000-120,000 (the default since 2026-11-30, dense-64-16,
+                                        scoring process, a 2-core AMD EPYC; 0.9 times the previous
+                                        default's 128,000-132,000 in the same runs)
+    mse+nmse+orientation                79,000-84,000 (dense-64-16, scoring thread, a quiet Intel
+                                        Xeon core; 38,000 under a load of 5-8)
     mse                                 60,000 (dense-512-128-32) to 115,000 (dense-64-16)
     mse+transforms (rotations)          17,700
     knn, mse+knn                         6,200
@@ -32,7 +36,7 @@ import argparse
 import math
 import sys
 
-DEFAULT_RATE = 60_000  # below the default detector's 79-84k on a quiet core: pods rarely get a full one
+DEFAULT_RATE = 60_000  # half the default's 118-120k with two cores: pods rarely get two quiet ones
 DEFAULT_DRAIN_SECONDS = 10.0
 PENDING_PER_REPLICA = 1024  # 4 batches of 256: a worker holds 1-2 per shard (in hand + read ahead)
 
