@@ -15,7 +15,6 @@ numpy at serving time; the fit uses scikit-learn's KMeans (a training dependency
 from __future__ import annotations
 
 import io
-import zipfile
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -23,7 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from detector.components.base import Component, ForwardPass, NormalData
-from detector.components.knn import mean_of_largest, unit_rows
+from detector.components.knn import mean_of_largest, read_rows, unit_rows
 
 HIDDEN_KNN_FILE = "hidden_knn_prototypes.npy"
 DEFAULT_HIDDEN_KNN_K = 3
@@ -95,21 +94,7 @@ class HiddenKnn(Component):
         if data is None:
             raise ValueError(f"the hidden-knn score needs {cls.file_holds}")
         k = int(parameters.get("hidden_knn_k") or DEFAULT_HIDDEN_KNN_K)
-        try:
-            prototypes = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{where} is unreadable: {exc}") from exc
-        if not isinstance(prototypes, np.ndarray):
-            raise ValueError(f"{where} must be one .npy array, found {type(prototypes).__name__}")
-        if prototypes.ndim != 2 or prototypes.shape[0] < k:
-            raise ValueError(
-                f"{where} holds an array of shape {prototypes.shape}, expected (n, width) with "
-                f"n >= hidden_knn_k {k}"
-            )
-        if prototypes.dtype.kind != "f" or not np.isfinite(prototypes).all():
-            raise ValueError(
-                f"{where} must hold finite floats, found dtype {prototypes.dtype} or non-finite values"
-            )
+        prototypes = read_rows(data, where, k, f"hidden_knn_k {k}")
         return cls(prototypes, k, int(parameters.get("hidden_knn_layer") or 0))
 
     def parameters(self) -> dict[str, Any]:

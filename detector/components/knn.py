@@ -54,6 +54,24 @@ def mean_of_largest(values: np.ndarray, k: int) -> np.ndarray:
     return total / k
 
 
+def read_rows(data: bytes, where: str, min_rows: int, why: str, width: int | None = None) -> np.ndarray:
+    """One .npy array of (n >= min_rows, width) finite floats (`width` None: any); ValueError
+    names the file `where`, what it holds and what was expected (`why` says why min_rows)."""
+    try:
+        rows = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{where} is unreadable: {exc}") from exc
+    if not isinstance(rows, np.ndarray):
+        raise ValueError(f"{where} must be one .npy array, found {type(rows).__name__}")
+    if rows.ndim != 2 or (width is not None and rows.shape[1] != width) or rows.shape[0] < min_rows:
+        raise ValueError(
+            f"{where} holds an array of shape {rows.shape}, expected (n, {width or 'width'}) with n >= {why}"
+        )
+    if rows.dtype.kind != "f" or not np.isfinite(rows).all():
+        raise ValueError(f"{where} must hold finite floats, found dtype {rows.dtype} or non-finite values")
+    return rows
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32); an all-zero row stays zero."""
     x = np.asarray(x, np.float32)
@@ -104,21 +122,7 @@ class Knn(Component):
         if data is None:
             raise ValueError("the knn score needs the normal reference images")
         k = parameters.get("knn_k")
-        try:
-            reference = np.load(io.BytesIO(data), allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{where} is unreadable: {exc}") from exc
-        if not isinstance(reference, np.ndarray):
-            raise ValueError(f"{where} must be one .npy array, found {type(reference).__name__}")
-        if reference.ndim != 2 or reference.shape[1] != input_dim or reference.shape[0] < (k or 1):
-            raise ValueError(
-                f"{where} holds an array of shape {reference.shape}, expected (n, {input_dim}) "
-                f"with n >= knn_k {k}"
-            )
-        if reference.dtype.kind != "f" or not np.isfinite(reference).all():
-            raise ValueError(
-                f"{where} must hold finite floats, found dtype {reference.dtype} or non-finite values"
-            )
+        reference = read_rows(data, where, k or 1, f"knn_k {k}", input_dim)
         # Cosine distance needs only the directions: one copy in memory.
         return cls(unit_rows(reference), int(k or DEFAULT_KNN_K))
 
