@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 
 from detector.components.knn import DEFAULT_KNN_REFERENCE_ROWS, knn_reference_of
-from detector.components.orientation import Orientation
+from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS, Orientation
 from detector.components.reconstruction import DEFAULT_TOP_K_PERCENT
 from detector.components.transforms import TransformScorer, TransformSet, TransformSetName
 from detector.datasets import Dataset
 from detector.score import COMPARED
-from trainer.budget import DEFAULT_EPOCHS, epoch_budget, step_floor
+from trainer.budget import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, epoch_budget, step_floor
 from trainer.evaluate import ScoreModel, auroc
 from trainer.fitting import fit_autoencoder
-from trainer.models import build_model
+from trainer.models import DEFAULT_ARCHITECTURE, build_model
 from trainer.splits import Splits, split_normal
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
 
@@ -45,25 +45,28 @@ PUBLISHED = {
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    """Everything `anomaly-trainer benchmark` can set."""
+    """Everything `anomaly-trainer benchmark` can set; the defaults train the default detector, as
+    `anomaly-trainer train` does (its architecture, budget, batch size and orientation head)."""
 
     dataset: str = "mnist"
-    architecture: str = "dense-512-128-32"
+    architecture: str = DEFAULT_ARCHITECTURE
     classes: list[int] = field(default_factory=lambda: list(range(10)))
-    epochs: int | None = 30  # None: `anomaly-trainer train`'s default (trainer.budget)
+    epochs: int | None = None  # None: `anomaly-trainer train`'s default (trainer.budget)
     min_steps: int | None = None  # steps before early stopping looks; None: as `train` (trainer.budget)
-    batch_size: int = 128
+    batch_size: int = DEFAULT_BATCH_SIZE
     learning_rate: float = 1e-3
     patience: int = 3
     seed: int = 0
     holdout_fraction: float = 0.2
     max_samples: int | None = None
     top_k_percent: float = DEFAULT_TOP_K_PERCENT
-    transforms: str | None = "geometric"  # the transformation classifier's set; None: no classifier
+    # Also train the transformation classifier on this set and compare its scores; None: none (the
+    # default detector has none).
+    transforms: str | None = None
     transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
-    # Train the autoencoder with the orientation head on this set (the default detector: geometric)
-    # and compare the orientation scores; None: the autoencoder alone.
-    orientation: TransformSetName | None = None
+    # Train the autoencoder with the orientation head on this set and compare the orientation
+    # scores; None: the autoencoder alone.
+    orientation: TransformSetName | None = DEFAULT_ORIENTATION_TRANSFORMS
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 DEFAULT_EPOCHS = 20
 DEFAULT_MIN_STEPS = 2000
+DEFAULT_BATCH_SIZE = 256  # `train`'s and the one-class benchmark's: the steps above count these
 
 
 @dataclass(frozen=True)

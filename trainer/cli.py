@@ -15,7 +15,7 @@ from detector.components.transforms import TRANSFORM_SETS
 from detector.datasets import Dataset
 from detector.engines.tensorflow_import import import_keras_quietly
 from detector.score import DEFAULT_SCORE, components_of
-from trainer.budget import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS
+from trainer.budget import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_MIN_STEPS
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
 from trainer.presets import DEFAULT_THRESHOLD, PRESETS, resolve
 from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
@@ -34,6 +34,7 @@ def _classes(text: str) -> list[int]:
 
 
 if TYPE_CHECKING:
+    from trainer.benchmark import BenchmarkConfig
     from trainer.train import TrainConfig
 
 
@@ -128,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         "MNIST class (17-22 steps an epoch) then trains 91-118 epochs, keeping the last weights "
         f"(default: {DEFAULT_MIN_STEPS} with --epochs auto, 0 with an explicit count or a preset)",
     )
-    t.add_argument("--batch-size", type=_positive, default=256, help="(default: 256)")
+    t.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help=f"(default: {DEFAULT_BATCH_SIZE})"
+    )
     t.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     t.add_argument(
         "--threshold",
@@ -254,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmark",
         help="the one-class benchmark: per-class AUROC table",
         description="Train on one class's training images, score the whole test set (the other "
-        "classes are anomalies), for each class; print the AUROC table and write JSON and markdown.",
+        "classes are anomalies), for each class; print the AUROC table and write JSON and markdown. "
+        "The defaults train the default detector, as `train` does: the dense-64-16 autoencoder "
+        "with the geometric orientation head, its epoch budget and batch size, and no "
+        "transformation classifier.",
     )
     _add_dataset_args(b, default="mnist")
     b.add_argument(
@@ -265,16 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--architecture",
-        default="dense-512-128-32",
+        default=DEFAULT_ARCHITECTURE,
         choices=sorted(ARCHITECTURES),
-        help="(default: dense-512-128-32)",
+        help=f"(default: {DEFAULT_ARCHITECTURE}, as `train`)",
     )
     b.add_argument(
         "--epochs",
         type=_epochs,
-        default=30,
+        default=AUTO,
         help=f"maximum epochs per class; auto: {DEFAULT_EPOCHS}, or as many as --min-steps takes "
-        "when that is more, as `train` does (default: 30)",
+        "when that is more, as `train` does (default: auto)",
     )
     b.add_argument(
         "--min-steps",
@@ -284,7 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--classes", type=_classes, help="normal classes to run (default: 0,...,9)")
     b.add_argument("--max-samples", type=_positive, help="at most this many training images per class")
-    b.add_argument("--batch-size", type=_positive, default=128, help="(default: 128)")
+    b.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"(default: {DEFAULT_BATCH_SIZE}, as `train`)",
+    )
     b.add_argument("--learning-rate", type=float, default=1e-3, help="(default: 0.001)")
     b.add_argument("--patience", type=_positive, default=3, help="early-stopping patience (default: 3)")
     b.add_argument("--seed", type=int, default=0, help="(default: 0)")
@@ -292,10 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--transforms",
         choices=[*TRANSFORM_SETS, "none"],
-        default="geometric",
+        default="none",
         help="also train the self-supervised transformation classifier on this set and compare the "
         "scores with transforms (transforms, mse+transforms, nmse+transforms, mse+transforms+knn, "
-        "nmse+transforms+knn; default: geometric; none skips the classifier and those scores)",
+        "nmse+transforms+knn; default: none, as the default detector has no classifier)",
     )
     b.add_argument(
         "--transform-epochs",
@@ -306,10 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--orientation",
         choices=[*TRANSFORM_SETS, "none"],
-        default="none",
-        help="train each autoencoder with the orientation head on this set, as the default detector "
-        "is (geometric), and compare the orientation scores (orientation, mse+orientation, "
-        "mse+nmse+orientation, mse+orientation+hidden-knn; default: none)",
+        default=DEFAULT_ORIENTATION_TRANSFORMS,
+        help="train each autoencoder with the orientation head on this set and compare the "
+        "orientation scores (orientation, mse+orientation, mse+nmse+orientation, "
+        f"mse+orientation+hidden-knn; default: {DEFAULT_ORIENTATION_TRANSFORMS}, as the default "
+        "detector; none: the autoencoder alone)",
     )
     b.add_argument(
         "--out-dir",
@@ -511,18 +523,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def _benchmark(args: argparse.Namespace) -> int:
-    from detector.datasets import load_dataset
-    from trainer.benchmark import (
-        RESULTS_DIR,
-        BenchmarkConfig,
-        ClassResult,
-        epochs_text,
-        run_benchmark,
-        write_results,
-    )
+def benchmark_config(args: argparse.Namespace) -> BenchmarkConfig:
+    """The BenchmarkConfig of parsed `benchmark` arguments."""
+    from trainer.benchmark import BenchmarkConfig
 
-    config = BenchmarkConfig(
+    return BenchmarkConfig(
         dataset=args.dataset,
         architecture=args.architecture,
         classes=args.classes or list(range(10)),
@@ -538,6 +543,13 @@ def _benchmark(args: argparse.Namespace) -> int:
         transform_epochs=args.transform_epochs,
         orientation=None if args.orientation == "none" else args.orientation,
     )
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from detector.datasets import load_dataset
+    from trainer.benchmark import RESULTS_DIR, ClassResult, epochs_text, run_benchmark, write_results
+
+    config = benchmark_config(args)
     dataset = load_dataset(args.dataset, args.data_dir)
 
     def progress(r: ClassResult) -> None:

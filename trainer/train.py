@@ -33,7 +33,7 @@ from detector.engines.keras_engine import encoder_layers_model
 from detector.networks import DENSE_STACK_FILE
 from detector.score import DEFAULT_SCORE, Score, ScoreName, components_of
 from detector.thresholds import calibrate, check_policy_fits_score, parse_policy, score_buckets
-from trainer.budget import epoch_budget
+from trainer.budget import DEFAULT_BATCH_SIZE, epoch_budget
 from trainer.evaluate import fitted_networks
 from trainer.export import verified_dense_stack
 from trainer.fitting import fit_autoencoder
@@ -65,7 +65,7 @@ class TrainConfig:
     # Early stopping looks only at the epochs after these steps; None: DEFAULT_MIN_STEPS with auto
     # epochs, 0 with an explicit count (trainer.budget).
     min_steps: int | None = None
-    batch_size: int = 256
+    batch_size: int = DEFAULT_BATCH_SIZE
     learning_rate: float = 1e-3
     threshold: str = DEFAULT_THRESHOLD
     score: ScoreName = DEFAULT_SCORE

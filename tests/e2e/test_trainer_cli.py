@@ -120,6 +120,8 @@ def test_benchmark_one_class_prints_the_auroc_table_and_writes_results(tmp_path:
         "rotations",
         "--transform-epochs",
         "1",
+        "--orientation",
+        "none",
         "--out-dir",
         str(tmp_path),
         cwd=tmp_path,
@@ -136,6 +138,39 @@ def test_benchmark_one_class_prints_the_auroc_table_and_writes_results(tmp_path:
     assert written["config"]["transforms"] == "rotations"
     assert written["wall_seconds"] > 0
     assert (tmp_path / "one-class-mnist-dense-32-e1-rotations-c1-n500.md").is_file()
+
+
+def test_benchmark_one_class_trains_the_default_detector_by_default(tmp_path: Path) -> None:
+    # Only the budget is cut (one epoch, no step floor, 500 images): the rest is the default's.
+    result = run_trainer(
+        "benchmark",
+        "--one-class",
+        "--classes",
+        "1",
+        "--epochs",
+        "1",
+        "--min-steps",
+        "0",
+        "--max-samples",
+        "500",
+        "--out-dir",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
+    assert "one-class benchmark: mnist, dense-64-16," in result.stdout
+    assert "| AUROC mse+orientation+hidden-knn |" in result.stdout
+    assert "transforms" not in result.stdout.split("| normal class |")[1].split("\n")[0]
+    written = json.loads(
+        (tmp_path / "one-class-mnist-dense-64-16-e1-orientation-geometric-c1-n500.json").read_text()
+    )
+    config = written["config"]
+    assert (config["architecture"], config["batch_size"], config["orientation"], config["transforms"]) == (
+        "dense-64-16",
+        256,
+        "geometric",
+        None,
+    )
+    assert set(written["mean_auroc"]) >= {"mse", "orientation", "hidden-knn", "mse+orientation+hidden-knn"}
 
 
 def test_a_transformation_score_is_trained_evaluated_and_drawn(tmp_path: Path) -> None:

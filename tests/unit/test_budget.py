@@ -112,3 +112,43 @@ def test_the_notebook_presets_train_without_the_step_floor_and_flags_win_over_th
     assert config("--preset", "notebook-2mean") == (50, 0)
     assert config("--preset", "notebook-2mean", "--epochs", "auto") == (None, 0)
     assert config("--preset", "notebook-3std", "--min-steps", "2000") == (20, 2000)
+
+
+def test_the_one_class_benchmark_trains_the_default_detector_unless_told_otherwise() -> None:
+    from trainer.cli import benchmark_config, build_parser, train_config
+
+    default = train_config(build_parser().parse_args(["train", "--out", "/tmp/never"]))
+    config = benchmark_config(build_parser().parse_args(["benchmark", "--one-class"]))
+    trained_as = ("architecture", "epochs", "min_steps", "batch_size", "learning_rate", "patience", "seed")
+    assert {name: getattr(config, name) for name in trained_as} == {
+        name: getattr(default, name) for name in trained_as
+    }
+    assert config.orientation == default.orientation_transforms == "geometric"
+    assert config.transforms is None  # the default detector has no transformation classifier
+    assert config.classes == list(range(10))
+
+    other = benchmark_config(
+        build_parser().parse_args(
+            [
+                "benchmark",
+                "--one-class",
+                "--architecture",
+                "dense-512-128-32",
+                "--epochs",
+                "30",
+                "--transforms",
+                "geometric",
+                "--orientation",
+                "none",
+                "--batch-size",
+                "128",
+            ]
+        )
+    )
+    assert (other.architecture, other.epochs, other.transforms, other.orientation, other.batch_size) == (
+        "dense-512-128-32",
+        30,
+        "geometric",
+        None,
+        128,
+    )
