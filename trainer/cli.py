@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from detector.components.hidden_knn import DEFAULT_HIDDEN_KNN_K, DEFAULT_HIDDEN_KNN_PROTOTYPES
 from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
 from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
 from detector.components.transforms import TRANSFORM_SETS
@@ -182,6 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_KNN_REFERENCE_ROWS,
         help="knn: at most this many normal training images are kept in the artifact; each costs "
         f"the worker D multiply-adds per scored image of D pixels (default: {DEFAULT_KNN_REFERENCE_ROWS})",
+    )
+    t.add_argument(
+        "--hidden-knn-k",
+        type=_positive,
+        default=DEFAULT_HIDDEN_KNN_K,
+        help="hidden-knn: how many nearest normal prototypes are averaged; 1 takes one max per "
+        f"image instead of {DEFAULT_HIDDEN_KNN_K} argmax passes (default: {DEFAULT_HIDDEN_KNN_K})",
+    )
+    t.add_argument(
+        "--hidden-knn-prototypes",
+        type=_positive,
+        default=DEFAULT_HIDDEN_KNN_PROTOTYPES,
+        help="hidden-knn: k-means centres of the first encoder layer kept in the artifact; each "
+        "costs the worker one multiply-add per layer value per scored image "
+        f"(default: {DEFAULT_HIDDEN_KNN_PROTOTYPES})",
     )
     t.add_argument(
         "--transform-epochs",
@@ -514,6 +530,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         transform_epochs=args.transform_epochs,
         knn_k=args.knn_k,
         knn_reference_rows=args.knn_reference,
+        hidden_knn_k=args.hidden_knn_k,
+        hidden_knn_prototypes=args.hidden_knn_prototypes,
         seed=args.seed,
         holdout_fraction=args.holdout_fraction,
         max_samples=args.max_samples,

@@ -25,6 +25,7 @@ from detector.artifact import (
     write_artifact,
 )
 from detector.components.base import NormalData
+from detector.components.hidden_knn import DEFAULT_HIDDEN_KNN_K, DEFAULT_HIDDEN_KNN_PROTOTYPES
 from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
 from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
 from detector.components.transforms import TransformSet, TransformSetName
@@ -74,6 +75,8 @@ class TrainConfig:
     orientation_transforms: TransformSetName = DEFAULT_ORIENTATION_TRANSFORMS  # the head's set
     knn_k: int = DEFAULT_KNN_K
     knn_reference_rows: int = DEFAULT_KNN_REFERENCE_ROWS
+    hidden_knn_k: int = DEFAULT_HIDDEN_KNN_K
+    hidden_knn_prototypes: int = DEFAULT_HIDDEN_KNN_PROTOTYPES
     seed: int = 0
     holdout_fraction: float = 0.2
     max_samples: int | None = None
@@ -143,6 +146,11 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
             f"--knn-k {config.knn_k} needs at least as many reference images, found "
             f"min(--knn-reference {config.knn_reference_rows}, fit split {splits.fit.shape[0]})"
         )
+    if "hidden-knn" in components and config.hidden_knn_k > config.hidden_knn_prototypes:
+        raise ValueError(
+            f"--hidden-knn-k {config.hidden_knn_k} needs at least as many prototypes, found "
+            f"--hidden-knn-prototypes {config.hidden_knn_prototypes}"
+        )
 
     preprocessing = Preprocessing()
     transform: Any = lambda a: a  # noqa: E731
@@ -210,6 +218,8 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         seed=config.seed,
         knn_k=config.knn_k,
         knn_reference_rows=config.knn_reference_rows,
+        hidden_knn_k=config.hidden_knn_k,
+        hidden_knn_prototypes=config.hidden_knn_prototypes,
         transforms=config.transforms,
         classifier=classifier,
         orientation_head=orientation_head,

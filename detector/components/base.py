@@ -78,6 +78,8 @@ class NormalData:
     seed: int = 0
     knn_k: int | None = None
     knn_reference_rows: int | None = None
+    hidden_knn_k: int | None = None  # None: the component's defaults
+    hidden_knn_prototypes: int | None = None
     transforms: str | None = None
     classifier: TransformClassifier | None = None  # trained by the trainer (a network of its own)
     # Trained by the trainer together with the autoencoder, on its first encoder layer.

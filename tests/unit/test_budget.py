@@ -152,3 +152,15 @@ def test_the_one_class_benchmark_trains_the_default_detector_unless_told_otherwi
         None,
         128,
     )
+
+
+def test_the_hidden_knn_flags_reach_the_trainer_and_default_to_the_components_defaults() -> None:
+    from detector.components.hidden_knn import DEFAULT_HIDDEN_KNN_K, DEFAULT_HIDDEN_KNN_PROTOTYPES
+    from trainer.cli import build_parser, train_config
+
+    def config(*flags: str) -> tuple[int, int]:
+        chosen = train_config(build_parser().parse_args(["train", "--out", "/tmp/never", *flags]))
+        return chosen.hidden_knn_k, chosen.hidden_knn_prototypes
+
+    assert config() == (DEFAULT_HIDDEN_KNN_K, DEFAULT_HIDDEN_KNN_PROTOTYPES) == (3, 256)
+    assert config("--hidden-knn-k", "1", "--hidden-knn-prototypes", "128") == (1, 128)

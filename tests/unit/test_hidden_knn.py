@@ -119,6 +119,26 @@ def test_the_component_fits_on_the_first_encoder_layer_of_the_fit_split() -> Non
     np.testing.assert_allclose(component.prototypes, unit_rows(np.maximum(fit @ weights, 0)), atol=1e-6)
 
 
+def test_the_trainer_chooses_how_many_prototypes_are_fitted_and_how_many_nearest_are_averaged() -> None:
+    rng = np.random.default_rng(3)
+    fit = rng.random((300, 16)).astype(np.float32)
+    weights = rng.normal(size=(16, 5)).astype(np.float32)
+
+    def forward(x: np.ndarray) -> ForwardPass:
+        layer = np.maximum(x @ weights, 0)
+        return ForwardPass(x, x, (layer, layer[:, :2]))
+
+    normal = NormalData(
+        fit=fit, validation=fit[:10], forward=forward, hidden_knn_k=1, hidden_knn_prototypes=32
+    )
+    component = HiddenKnn.fit(normal)
+    assert component.prototypes.shape == (32, 5) and component.k == 1
+    assert component.parameters()["hidden_knn_k"] == 1
+    layer = np.maximum(fit[:7] @ weights, 0)
+    nearest = (unit_rows(layer) @ component.prototypes.T).max(axis=1)
+    np.testing.assert_allclose(component.score(_batch(layer)), 1.0 - nearest, atol=1e-6)
+
+
 def test_the_default_score_is_mse_orientation_and_hidden_knn_with_the_prototypes_file() -> None:
     assert components_of(DEFAULT_SCORE) == ("mse", "orientation", "hidden-knn")
     assert REGISTRY["hidden-knn"] is HiddenKnn and HiddenKnn.file == HIDDEN_KNN_FILE

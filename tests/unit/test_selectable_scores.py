@@ -51,11 +51,26 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             score=score,  # type: ignore[arg-type]
             transforms="rotations",  # the 4-transformation set: quick to train and to score
             transform_epochs=2,
+            hidden_knn_k=2,  # not the defaults (3 of 256): the flags reach the artifact
+            hidden_knn_prototypes=64,
             report=False,
             progress=False,
         )
         out[score] = train(config, dataset).artifact
     return out
+
+
+def test_the_hidden_knn_artifact_keeps_the_prototypes_and_k_it_was_trained_with(
+    trained: dict[str, Path],
+) -> None:
+    hidden = [score for score in ALTERNATIVES if "hidden-knn" in score]
+    assert hidden
+    for score in hidden:
+        artifact = load_artifact(trained[score])
+        assert artifact.baseline.score_parameters is not None
+        assert artifact.baseline.score_parameters.hidden_knn_k == 2
+        component = artifact.score.component("hidden-knn")
+        assert component is not None and component.prototypes.shape == (64, 32)  # dense-32's first layer
 
 
 @pytest.mark.parametrize("score", ALTERNATIVES)
@@ -275,6 +290,10 @@ def test_a_corrupt_transformation_classifier_is_refused_naming_the_file(
     [
         ({"score": "transforms"}, r"need square images .* found D=780"),
         ({"score": "mse+knn", "knn_k": 50, "knn_reference_rows": 20}, r"--knn-k 50 needs at least"),
+        (
+            {"score": "mse+hidden-knn", "hidden_knn_k": 9, "hidden_knn_prototypes": 8},
+            r"--hidden-knn-k 9 needs at least as many prototypes, found --hidden-knn-prototypes 8",
+        ),
         ({"score": "mse+knn", "threshold": "2mean"}, r"'2mean' scales the mean held-out score"),
         (
             {"score": "mse+hidden-knn", "architecture": "conv"},
