@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden-knn-k",
         type=_positive,
         default=DEFAULT_HIDDEN_KNN_K,
-        help="hidden-knn: how many nearest normal prototypes are averaged; 1 takes one max per "
+        help="hidden-knn: how many nearest normal prototypes are averaged; 1 takes one argmax pass per "
         f"image instead of {DEFAULT_HIDDEN_KNN_K} argmax passes (default: {DEFAULT_HIDDEN_KNN_K})",
     )
     t.add_argument(
