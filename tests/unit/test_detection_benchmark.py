@@ -80,3 +80,18 @@ def test_one_class_for_measures_the_detectors_named_and_refuses_what_it_cannot_m
         with pytest.raises(SystemExit):
             main(flags)
         assert message in capsys.readouterr().err
+
+
+def test_each_measured_detector_spells_out_its_one_class_training_and_the_default_is_the_benchmarks() -> None:
+    from dataclasses import asdict
+
+    from benchmarks.detection.configs import DEFAULT, DETECTORS
+    from trainer.benchmark import BenchmarkConfig
+
+    for detector in DETECTORS:
+        if detector.one_class:  # not left to the benchmark's defaults, which follow the default detector
+            assert {"architecture", "epochs", "transforms", "orientation"} <= set(detector.one_class), (
+                detector.label
+            )
+    trained_as = asdict(BenchmarkConfig(**DEFAULT.one_class))
+    assert trained_as == asdict(BenchmarkConfig()) | {"min_steps": DEFAULT.one_class["min_steps"]}
