@@ -351,7 +351,13 @@ class Runner:
             regions=scored.regions,
         )
         commit.id_range = id_range
-        result = stream.commit_batch(commit)
+        # The batch's metrics are recorded while Redis runs the commit script. A commit that
+        # fails (the batch comes back and is scored again) is then counted twice, as a fenced
+        # batch always was: the counters count scoring, the output streams what was published.
+        pending = stream.send_commit(commit)
+        sent_ms = self._record(decoded, scored.scores, scored.decisions)
+        result = pending.result()
+        self._record_committed(sent_ms, handled, started)
         if result.fenced:
             # Another consumer owns them now (it reclaimed them while we were slow): it publishes.
             self.metrics.fenced.inc(result.fenced)
@@ -364,7 +370,6 @@ class Runner:
                 self.settings.wait_replicas,
                 self.settings.wait_timeout_ms,
             )
-        self._record(decoded, scored.scores, scored.decisions, handled, started)
         if shadow is not None:
             self._record_shadow(scored.decisions, shadow)
         if scored.shadow_error is not None:
@@ -427,14 +432,9 @@ class Runner:
                 keep.append((entry_id, fields))
         return keep, poison
 
-    def _record(
-        self,
-        decoded: DecodedBatch,
-        scores: np.ndarray,
-        decisions: Decisions,
-        n: int,
-        started: float,
-    ) -> None:
+    def _record(self, decoded: DecodedBatch, scores: np.ndarray, decisions: Decisions) -> np.ndarray:
+        """The batch's counts and score metrics; returns when its entries were sent (ms), for
+        `_record_committed`."""
         m = self.metrics
         flagged = int(np.count_nonzero(decisions.flagged))
         scored = len(decoded.ids)
@@ -462,12 +462,17 @@ class Runner:
         rate = self.window.add(scored, flagged)
         if not math.isnan(rate):
             m.detection_rate.set(rate)
+        return entry_timestamps_ms(decoded.ids) if scored else np.empty(0)
+
+    def _record_committed(self, sent_ms: np.ndarray, n: int, started: float) -> None:
+        """What the commit ends: the batch's duration, the time of the last batch, and each
+        entry's latency from XADD to its commit."""
+        m = self.metrics
         m.batch_size.observe(n)
         now = self.clock()
         m.batch_duration.observe(self.monotonic() - started)
         m.last_batch.set(now)
-        if scored:
-            sent_ms = entry_timestamps_ms(decoded.ids)
+        if sent_ms.size:
             m.observe_latencies(np.maximum(0.0, (now * 1000.0 - sent_ms) / 1000.0))
 
     # -- periodic work ---------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -173,6 +173,40 @@ class CommitResult:
     replicas: int | None = None  # replicas WAIT confirmed (None: WAIT_REPLICAS is off)
 
 
+class PendingCommit:
+    """A commit script call on its way: `result()` waits for Redis's answer (call it once).
+
+    Sent on a connection of its own, taken from the client's pool until the answer is read, so
+    the caller can do other work meanwhile (the runner records the batch's metrics while Redis
+    runs the script). If the connection fails before the answer, the call is made again through
+    the client, with its retries: the commit script is safe to repeat, as those retries already
+    assume (an entry the first call acked is no longer pending to us, so the second fences it and
+    publishes nothing)."""
+
+    def __init__(self, answer: Callable[[], Any], again: Callable[[], Any]) -> None:
+        self._answer = answer
+        self._again = again
+
+    @classmethod
+    def answered(cls, result: CommitResult) -> PendingCommit:
+        """A commit already made (no split: a cluster, WAIT_REPLICAS, or nothing to commit)."""
+        return cls(lambda: result, lambda: result)
+
+    def result(self) -> CommitResult:
+        """The script's counts, once Redis has answered."""
+        try:
+            answer = self._answer()
+        except redis.exceptions.NoScriptError:  # the server lost its scripts: nothing ran
+            answer = self._again()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.info("commit connection failed before the answer, committing again error=%s", exc)
+            answer = self._again()
+        if isinstance(answer, CommitResult):
+            return answer
+        acked, published, fenced = answer
+        return CommitResult(int(acked), int(published), int(fenced), None)
+
+
 @dataclass(frozen=True)
 class GroupState:
     """Sampled consumer-group figures; lag is None on Redis < 7."""
@@ -305,8 +339,40 @@ class StreamClient:
 
     def commit_batch(self, commit: Commit) -> CommitResult:
         """Ack the batch and publish its results in one atomic script call."""
+        return self.send_commit(commit).result()
+
+    def send_commit(self, commit: Commit) -> PendingCommit:
+        """Send the batch's commit script call and return before Redis answers (`PendingCommit`).
+
+        On one server without WAIT_REPLICAS; on a cluster (redirects, slot migrations) or with
+        WAIT (a pipeline) the call is made here and the result is already in."""
         if not len(commit):
-            return CommitResult(0, 0, 0, None)
+            return PendingCommit.answered(CommitResult(0, 0, 0, None))
+        args = self._commit_args(commit)
+        if self.wait_replicas or hasattr(self.redis, "get_node_from_key"):
+            (acked, published, fenced), replicas = self._run_commit(args)
+            return PendingCommit.answered(CommitResult(int(acked), int(published), int(fenced), replicas))
+        pool = self.redis.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_command("EVALSHA", self._commit.sha, len(self.keys), *self.keys, *args)
+        except BaseException:
+            pool.release(connection)
+            raise  # nothing was sent, or part of a command Redis cannot run: the caller's error
+
+        def answer() -> Any:
+            try:
+                return connection.read_response()
+            except BaseException:
+                connection.disconnect()  # an unread answer must not reach the pool's next user
+                raise
+            finally:
+                pool.release(connection)
+
+        return PendingCommit(answer, lambda: self._run_commit(args)[0])
+
+    def _commit_args(self, commit: Commit) -> list[bytes | str | int]:
+        """The commit script's ARGV for `commit` (its layout is described above COMMIT_SCRIPT)."""
         checked = sum(1 for entry_id, _ in commit.records if entry_id)
         low, high = (commit.id_range or _id_range(commit)) if checked > FENCE_PER_ID_UP_TO else ("", "")
         args: list[bytes | str | int] = [self.group, self.consumer, checked, low, high]
@@ -324,8 +390,7 @@ class StreamClient:
                 args.append(self._key_of[target])
                 args.append(len(flat))
                 args.extend(flat)
-        (acked, published, fenced), replicas = self._run_commit(args)
-        return CommitResult(int(acked), int(published), int(fenced), replicas)
+        return args
 
     def _run_commit(self, args: list[bytes | str | int]) -> tuple[Any, int | None]:
         """The commit script (with WAIT_REPLICAS, followed by WAIT), retried while the shard's slot

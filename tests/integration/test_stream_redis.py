@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import redis
 
+from tests.conftest import wait_until
 from tests.support import build_runner, push, stream
 from worker.runner import Runner
 from worker.stream import DEAD_LETTER, OUTPUT, Commit, StreamClient
@@ -70,6 +71,64 @@ def test_a_failing_script_leaves_nothing_half_done(redis_client: redis.Redis) ->
     assert redis_client.xlen("dl") == 0
     pending_ids = {p["message_id"] for p in redis_client.xpending_range("in", "g", "-", "+", 10)}
     assert pending_ids == {first, second}
+
+
+def test_a_sent_commit_is_answered_later_on_its_own_connection_which_goes_back_to_the_pool(
+    redis_client: redis.Redis,
+) -> None:
+    s = plain_stream(redis_client)
+    s.ensure_group("0")
+    ids = [redis_client.xadd("in", {"image": b"x"}) for _ in range(3)]
+    s.read_new(10, None)
+    pool = redis_client.connection_pool
+    pending = s.send_commit(Commit(plain_ids=ids[:2], records=[(ids[2], [(OUTPUT, ["k", "v"])])]))
+    assert len(pool._in_use_connections) == 1  # held until the answer is read
+    assert redis_client.xlen("in") == 3  # the client's other connections serve meanwhile
+    result = pending.result()
+    assert (result.acked, result.published, result.fenced, result.replicas) == (3, 1, 0, None)
+    assert not pool._in_use_connections and redis_client.xlen("out") == 1
+    assert s.group_state().pending == 0
+
+
+def test_a_sent_commit_survives_the_server_forgetting_its_scripts(redis_client: redis.Redis) -> None:
+    s = plain_stream(redis_client)
+    s.ensure_group("0")
+    entry = redis_client.xadd("in", {"image": b"x"})
+    s.read_new(10, None)
+    redis_client.script_flush()  # a restarted server: NOSCRIPT, and nothing ran
+    result = s.send_commit(Commit(records=[(entry, [(OUTPUT, ["k", "v"])])])).result()
+    assert (result.acked, result.published, result.fenced) == (1, 1, 0)
+    assert redis_client.xlen("out") == 1
+
+
+def test_a_commit_whose_answer_is_lost_is_made_again_and_publishes_once(redis_client: redis.Redis) -> None:
+    s = plain_stream(redis_client)
+    s.ensure_group("0")
+    ids = [redis_client.xadd("in", {"image": b"x"}) for _ in range(2)]
+    s.read_new(10, None)
+    pool = redis_client.connection_pool
+    pending = s.send_commit(Commit(plain_ids=[ids[0]], records=[(ids[1], [(OUTPUT, ["k", "v"])])]))
+    (held,) = pool._in_use_connections
+    wait_until(lambda: redis_client.xlen("out") == 1, 5, what="the sent script to run")
+    held.disconnect()  # the answer is lost: the script ran, the caller cannot know
+    result = pending.result()
+    # Made again, with the client's retries: the first call acked both, so the second fences them.
+    assert (result.acked, result.published, result.fenced) == (0, 0, 2)
+    assert redis_client.xlen("out") == 1 and s.group_state().pending == 0
+    assert not pool._in_use_connections
+
+
+def test_a_refused_sent_commit_raises_and_leaves_no_connection_behind(redis_client: redis.Redis) -> None:
+    s = plain_stream(redis_client)
+    s.ensure_group("0")
+    entry = redis_client.xadd("in", {"a": 1})
+    s.read_new(10, None)
+    redis_client.set("out", "not a stream")
+    pending = s.send_commit(Commit(records=[(entry, [(OUTPUT, ["k", "v"])])]))
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE key out is a string"):
+        pending.result()
+    assert not redis_client.connection_pool._in_use_connections
+    assert redis_client.ping()
 
 
 def test_partial_batch_is_returned_at_once_not_after_block_ms(redis_client: redis.Redis) -> None:

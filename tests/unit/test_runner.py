@@ -330,7 +330,7 @@ def test_slow_output_never_makes_the_worker_read_further_ahead(r, make_runner, p
     for i in range(200):
         push(r, 0.9 if i % 2 else 0.1)
     seen_pending: list[int] = []
-    commit, read_new = runner.stream.commit_batch, runner.stream.read_new
+    commit, read_new = runner.stream.send_commit, runner.stream.read_new
     reads = {"done": 0}
 
     def counted_read(*args: Any) -> Any:
@@ -347,7 +347,7 @@ def test_slow_output_never_makes_the_worker_read_further_ahead(r, make_runner, p
         seen_pending.append(pending(r))
         return commit(batch)
 
-    runner.stream.commit_batch = slow_commit  # type: ignore[method-assign]
+    runner.stream.send_commit = slow_commit  # type: ignore[method-assign]
     runner.stream.read_new = counted_read  # type: ignore[method-assign]
     runner.drain()
     # The batch being committed, plus (with prefetch) the next one read meanwhile; never more.
@@ -374,7 +374,7 @@ def test_with_a_backlog_the_next_batch_is_scored_while_this_one_is_committed(r, 
     runner = make_runner(batch_size=20)
     for i in range(100):
         push(r, 0.9 if i % 2 else 0.1)
-    commit = runner.stream.commit_batch
+    commit = runner.stream.send_commit
     scorer = runner.model.scorer
     committed: list[int] = []
 
@@ -390,7 +390,7 @@ def test_with_a_backlog_the_next_batch_is_scored_while_this_one_is_committed(r, 
         committed.append(k)
         return commit(batch)
 
-    runner.stream.commit_batch = commit_once_the_next_is_scored  # type: ignore[method-assign]
+    runner.stream.send_commit = commit_once_the_next_is_scored  # type: ignore[method-assign]
     runner.drain()
     assert committed == [1, 2, 3, 4, 5]
     assert scorer.calls == [20] * 5  # type: ignore[attr-defined]  # each batch scored once
