@@ -355,8 +355,10 @@ class Runner:
         # fails (the batch comes back and is scored again) is then counted twice, as a fenced
         # batch always was: the counters count scoring, the output streams what was published.
         pending = stream.send_commit(commit)
-        sent_ms = self._record(decoded, scored.scores, scored.decisions)
-        result = pending.result()
+        try:
+            sent_ms = self._record(decoded, scored.scores, scored.decisions)
+        finally:
+            result = pending.result()  # whatever happened meanwhile: never leave the answer unread
         self._record_committed(sent_ms, handled, started)
         if result.fenced:
             # Another consumer owns them now (it reclaimed them while we were slow): it publishes.

@@ -370,6 +370,22 @@ def test_with_a_backlog_the_next_batch_is_read_while_this_one_is_committed(r, ma
     assert len(set(sources)) == 40  # each flagged entry published once
 
 
+def test_a_batch_whose_metrics_fail_is_still_committed_and_its_connection_returned(r, make_runner) -> None:
+    runner = make_runner(batch_size=10)
+    for i in range(4):
+        push(r, 0.9 if i % 2 else 0.1)
+
+    def broken_record(*args: Any) -> Any:
+        raise RuntimeError("metrics broke")
+
+    runner._record = broken_record  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="metrics broke"):
+        runner.run_once()
+    # The commit was sent before the metrics were recorded: its answer was still read.
+    assert pending(r) == 0 and len(stream(r, "anomalies")) == 2
+    assert not runner.stream.redis.connection_pool._in_use_connections
+
+
 def test_with_a_backlog_the_next_batch_is_scored_while_this_one_is_committed(r, make_runner) -> None:
     runner = make_runner(batch_size=20)
     for i in range(100):
