@@ -173,6 +173,12 @@ class CommitResult:
     replicas: int | None = None  # replicas WAIT confirmed (None: WAIT_REPLICAS is off)
 
 
+def _commit_result(counts: Any, replicas: int | None) -> CommitResult:
+    """The commit script's answer (acked, published, fenced) as a CommitResult."""
+    acked, published, fenced = counts
+    return CommitResult(int(acked), int(published), int(fenced), replicas)
+
+
 class PendingCommit:
     """A commit script call on its way: `result()` waits for Redis's answer (call it once).
 
@@ -203,8 +209,7 @@ class PendingCommit:
             answer = self._again()
         if isinstance(answer, CommitResult):
             return answer
-        acked, published, fenced = answer
-        return CommitResult(int(acked), int(published), int(fenced), None)
+        return _commit_result(answer, None)
 
 
 @dataclass(frozen=True)
@@ -350,15 +355,20 @@ class StreamClient:
             return PendingCommit.answered(CommitResult(0, 0, 0, None))
         args = self._commit_args(commit)
         if self.wait_replicas or hasattr(self.redis, "get_node_from_key"):
-            (acked, published, fenced), replicas = self._run_commit(args)
-            return PendingCommit.answered(CommitResult(int(acked), int(published), int(fenced), replicas))
+            return PendingCommit.answered(_commit_result(*self._run_commit(args)))
         pool = self.redis.connection_pool
         connection = pool.get_connection()
         try:
             connection.send_command("EVALSHA", self._commit.sha, len(self.keys), *self.keys, *args)
-        except BaseException:
+        except BaseException as exc:
+            connection.disconnect()  # part of a command may have gone: never reuse this socket as is
             pool.release(connection)
-            raise  # nothing was sent, or part of a command Redis cannot run: the caller's error
+            if not isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+                raise
+            # A connection that died while idle (a restarted server): the client's retries
+            # reconnect, as they did for every commit before the split.
+            log.info("commit connection failed before sending, committing through the client error=%s", exc)
+            return PendingCommit.answered(_commit_result(*self._run_commit(args)))
 
         def answer() -> Any:
             try:

@@ -118,6 +118,34 @@ def test_a_commit_whose_answer_is_lost_is_made_again_and_publishes_once(redis_cl
     assert not pool._in_use_connections
 
 
+def test_a_commit_that_cannot_be_sent_is_made_through_the_client_with_its_retries(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = plain_stream(redis_client)
+    s.ensure_group("0")
+    entry = redis_client.xadd("in", {"image": b"x"})
+    s.read_new(10, None)
+    pool = redis_client.connection_pool
+    get_connection, broken = pool.get_connection, []
+
+    def first_one_broken(*args: Any, **kwargs: Any) -> Any:
+        connection = get_connection(*args, **kwargs)
+        if not broken:  # the first connection's socket died while idle in the pool
+
+            def dead(*_: Any, **__: Any) -> None:
+                del connection.send_command  # the connection object itself is fine afterwards
+                raise redis.ConnectionError("Error 32 writing to socket: Broken pipe")
+
+            connection.send_command = dead
+            broken.append(connection)
+        return connection
+
+    monkeypatch.setattr(pool, "get_connection", first_one_broken)
+    result = s.send_commit(Commit(records=[(entry, [(OUTPUT, ["k", "v"])])])).result()
+    assert broken and (result.acked, result.published, result.fenced) == (1, 1, 0)
+    assert redis_client.xlen("out") == 1 and not pool._in_use_connections
+
+
 def test_a_refused_sent_commit_raises_and_leaves_no_connection_behind(redis_client: redis.Redis) -> None:
     s = plain_stream(redis_client)
     s.ensure_group("0")
