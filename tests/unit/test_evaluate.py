@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detector.artifact import load_artifact
-from detector.components.mahalanobis import LatentGaussian
+from detector.components.mahalanobis import LatentGaussian, mahalanobis_distances
 from detector.components.reconstruction import mse_scores, nmse_scores, top_k_scores
 from detector.datasets import Dataset, Split
 from detector.thresholds import flag_rate, parse_policy
@@ -92,6 +92,15 @@ def test_mahalanobis_distance_uses_the_normal_covariance() -> None:
     d = gaussian.distance(np.array([[5.0, -1.0], [9.0, -1.0], [5.0, 0.0]]))
     # 4 along the wide axis (std 2) and 1 along the narrow one (std 0.5) are both 2 std away.
     np.testing.assert_allclose(d, [0.0, 2.0, 2.0], atol=0.06)
+
+
+def test_mahalanobis_distance_of_each_row_is_the_quadratic_form_of_its_offset() -> None:
+    rng = np.random.default_rng(4)
+    half = rng.normal(size=(16, 16))
+    precision = half @ half.T + np.eye(16)  # correlated, symmetric, positive definite
+    mean, codes = rng.normal(size=16), rng.normal(size=(300, 16)).astype(np.float32)
+    expected = [np.sqrt((c - mean) @ precision @ (c - mean)) for c in codes.astype(np.float64)]
+    np.testing.assert_allclose(mahalanobis_distances(codes, mean, precision), expected, rtol=1e-12)
 
 
 # --- thresholds keep their promise on held-out data ---------------------------------------------
