@@ -95,3 +95,30 @@ def test_each_measured_detector_spells_out_its_one_class_training_and_the_defaul
             )
     trained_as = asdict(BenchmarkConfig(**DEFAULT.one_class))
     assert trained_as == asdict(BenchmarkConfig()) | {"min_steps": DEFAULT.one_class["min_steps"]}
+
+
+def test_detectors_trained_alike_share_one_one_class_run_and_each_reads_its_own_score(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import trainer.benchmark
+    from benchmarks.detection import run
+    from benchmarks.detection.configs import DEFAULT, DETECTORS
+    from trainer.benchmark import BenchmarkResult, ClassResult
+
+    twin = next(d for d in DETECTORS if d is not DEFAULT and d.one_class == DEFAULT.one_class)
+    calls: list[Any] = []
+
+    def fake_run(config: Any, dataset: Any) -> BenchmarkResult:
+        calls.append(config)
+        auroc = {DEFAULT.score: 0.9 + config.classes[0] / 100, twin.score: 0.8}
+        results = [ClassResult(c, auroc, 1, 10, 1.0) for c in config.classes]
+        return BenchmarkResult(config, results, 1.0, "now", {})
+
+    monkeypatch.setattr(trainer.benchmark, "run_benchmark", fake_run)
+    monkeypatch.setattr(run, "_ONE_CLASS_RUNS", {})
+    dataset = type("D", (), {"name": "mnist"})()
+    default = run.one_class(DEFAULT, dataset, [3], None)
+    shared = run.one_class(twin, dataset, [3], None)
+    other_classes = run.one_class(twin, dataset, [4], None)
+    assert len(calls) == 2  # [3] once for both detectors, then [4]
+    assert (default["mean"], shared["mean"], other_classes["mean"]) == pytest.approx((0.93, 0.8, 0.8))
