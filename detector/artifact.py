@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 #      an artifact without it is read by a 1.3 worker with a warning, a re-tuned one is refused.
 # 1.5: the hidden-knn component (hidden_knn_prototypes.npy), in the default score since
 #      2026-11-30; a 1.4 worker refuses a score that names it, and reads the others as they are.
-SCHEMA_VERSION = "1.5"
+# 1.6: the hidden-mahalanobis component (hidden_gaussian.npz), in the default score since
+#      2026-11-30 (evening); a 1.5 worker refuses a score that names it, and reads the others as they are.
+SCHEMA_VERSION = "1.6"
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
@@ -203,7 +205,7 @@ class Baseline(_Strict):
     score: ScoreName = Field(
         "mse",
         description="what the threshold applies to: mse, nmse, top-k, mahalanobis, transforms, orientation, "
-        "knn, hidden-knn, "
+        "knn, hidden-knn, hidden-mahalanobis, "
         "or several joined by '+' (standardised and summed)",
     )
     score_parameters: ScoreParameters | None = None

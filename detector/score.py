@@ -13,9 +13,12 @@ A score name is one component or several joined by "+" (components are registere
   knn          cosine distance to the k nearest normal training images
   hidden-knn   cosine distance to the k nearest normal prototypes in the encoder's first layer:
                a nearest-neighbour view at about a sixth of the autoencoder's cost
-  a+b[+c]      e.g. mse+orientation+hidden-knn (the default) or mse+transforms+knn: each component
-               standardised by its mean and std on held-out normal images, then summed: views of
-               "not normal" that fail on different images
+  hidden-mahalanobis
+               distance of the encoder's first layer to a Gaussian of normal images' outputs:
+               how strongly, not only which way, its units fire (about 3% of the autoencoder's cost)
+  a+b[+c[+d]]  e.g. mse+orientation+hidden-knn+hidden-mahalanobis (the default) or
+               mse+transforms+knn: each component standardised by its mean and std on held-out
+               normal images, then summed: views of "not normal" that fail on different images
 The trainer fits and calibrates the score it was asked for (`--score`) and the worker computes
 the same one (`baseline.json` names it); the evaluation compares them (`COMPARED`).
 """
@@ -45,8 +48,9 @@ COMPARED: tuple[str, ...] = (
     "mse+nmse+orientation",
     "mse+hidden-knn",
     "mse+orientation+hidden-knn",
+    "mse+orientation+hidden-knn+hidden-mahalanobis",
 )
-DEFAULT_SCORE: ScoreName = "mse+orientation+hidden-knn"
+DEFAULT_SCORE: ScoreName = "mse+orientation+hidden-knn+hidden-mahalanobis"
 MAX_COMPONENTS = 4
 
 

@@ -223,6 +223,7 @@ def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) 
         orientation=orientation,
     )
     scorer.fit_hidden_knn(splits.fit, config.seed)
+    scorer.fit_hidden_mahalanobis(splits.fit, config.seed)
     scorer.fit_latent(splits.validation)
     scorer.fit_combination(splits.validation)
     scores = scorer.scores(dataset.test.x)

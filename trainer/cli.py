@@ -150,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
         "p(identity | x) from a head trained with the autoencoder on its first layer; dense "
         "architectures, square images), knn (cosine distance to the nearest normal training "
         "images), hidden-knn (cosine distance to the nearest normal prototypes in the encoder's "
-        "first layer), or several joined by '+', each standardised on held-out normal images and "
-        "summed, e.g. mse+orientation+hidden-knn or mse+transforms+knn (docs/detection.md); `evaluate` "
-        "compares them",
+        "first layer), hidden-mahalanobis (distance of that layer to a Gaussian of normal images' "
+        "outputs), or up to four joined by '+', each standardised on held-out normal images and "
+        "summed, e.g. mse+orientation+hidden-knn+hidden-mahalanobis or mse+transforms+knn "
+        "(docs/detection.md); `evaluate` compares them",
     )
     t.add_argument(
         "--transforms",
@@ -243,9 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score the test split: normal-class images against unseen classes (when the "
         "artifact was trained with --classes) and against the normal images rotated 90 degrees, "
         "with every score the artifact's networks allow (mse, nmse, top-k, mahalanobis, knn, "
-        "hidden-knn, their combinations, and transforms or orientation when the artifact has the "
-        "classifier or the head; the knn references and hidden-knn prototypes are drawn from the "
-        "training split as the trainer draws them). Prints a table and writes JSON.",
+        "hidden-knn, hidden-mahalanobis, their combinations, and transforms or orientation when the "
+        "artifact has the classifier or the head; the knn references, hidden-knn prototypes and "
+        "hidden-mahalanobis Gaussian are the artifact's own, or fitted on the training split as the "
+        "trainer fits them). Prints a table and writes JSON.",
     )
     e.add_argument("artifact", type=Path, help="artifact directory written by `anomaly-trainer train`")
     _add_dataset_args(e, default=None)
@@ -336,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_ORIENTATION_TRANSFORMS,
         help="train each autoencoder with the orientation head on this set and compare the "
         "orientation scores (orientation, mse+orientation, mse+nmse+orientation, "
-        f"mse+orientation+hidden-knn; default: {DEFAULT_ORIENTATION_TRANSFORMS}, as the default "
+        f"mse+orientation+hidden-knn, {DEFAULT_SCORE}; default: {DEFAULT_ORIENTATION_TRANSFORMS}, as "
+        "the default "
         "detector; none: the autoencoder alone)",
     )
     b.add_argument(

@@ -23,6 +23,7 @@ import numpy as np
 from detector.artifact import Baseline, LoadedArtifact, load_artifact
 from detector.components.base import NormalData
 from detector.components.hidden_knn import HiddenKnn
+from detector.components.hidden_mahalanobis import HiddenMahalanobis
 from detector.components.knn import (
     DEFAULT_KNN_K,
     DEFAULT_KNN_REFERENCE_ROWS,
@@ -78,9 +79,9 @@ def _labelled(normal_scores: np.ndarray, anomaly_scores: np.ndarray) -> tuple[np
 
 class ScoreModel:
     """An autoencoder plus what the other scores need: the normal code Gaussian (mahalanobis), the
-    transformation classifier (transforms), normal reference images (knn), normal prototypes of
-    the first encoder layer (hidden-knn), and each component's mean and std on normal images
-    (combined scores)."""
+    transformation classifier (transforms), normal reference images (knn), normal prototypes and
+    the Gaussian of the first encoder layer (hidden-knn, hidden-mahalanobis), and each component's
+    mean and std on normal images (combined scores)."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class ScoreModel:
         also: tuple[str, ...] = (),
         orientation: Orientation | None = None,
         hidden_knn: HiddenKnn | None = None,
+        hidden_mahalanobis: HiddenMahalanobis | None = None,
     ) -> None:
         self.model = model
         self.encoder = model.get_layer("encoder")
@@ -105,6 +107,7 @@ class ScoreModel:
         self.knn_k = knn_k
         self.orientation = orientation
         self.hidden_knn = hidden_knn
+        self.hidden_mahalanobis = hidden_mahalanobis
         self.encoder_layers = encoder_layers_model(model)
         self.names = COMPARED + tuple(n for n in also if n not in COMPARED)
         # Per combined score: each component's (means, stds) on normal images.
@@ -122,10 +125,12 @@ class ScoreModel:
         knn_reference: np.ndarray | None = None,
         orientation: Orientation | None = None,
         hidden_knn: HiddenKnn | None = None,
+        hidden_mahalanobis: HiddenMahalanobis | None = None,
     ) -> ScoreModel:
         """Every score of an artifact's model, fitted on its held-out splits as the trainer fits
         them; `knn_reference` (model space) defaults to the trainer's draw from the fit split, and
-        `hidden_knn` to prototypes fitted as the trainer fits them."""
+        `hidden_knn` and `hidden_mahalanobis` to prototypes and a Gaussian fitted as the trainer
+        fits them."""
         if knn_reference is None:
             knn_reference = knn_reference_of(
                 transform(splits.fit), DEFAULT_KNN_REFERENCE_ROWS, baseline.training.seed
@@ -141,9 +146,12 @@ class ScoreModel:
             also=(baseline.score,),
             orientation=orientation,
             hidden_knn=hidden_knn,
+            hidden_mahalanobis=hidden_mahalanobis,
         )
         if hidden_knn is None:
             scorer.fit_hidden_knn(splits.fit, baseline.training.seed)
+        if hidden_mahalanobis is None:
+            scorer.fit_hidden_mahalanobis(splits.fit, baseline.training.seed)
         scorer.fit_latent(splits.validation)
         scorer.fit_combination(splits.validation)
         return scorer
@@ -158,14 +166,19 @@ class ScoreModel:
 
     def fit_hidden_knn(self, fit: np.ndarray, seed: int) -> None:
         """Fit the first encoder layer's normal prototypes on the fit split, as the trainer does."""
+        self.hidden_knn = HiddenKnn.fit(self._normal_fit(fit, seed))
+
+    def fit_hidden_mahalanobis(self, fit: np.ndarray, seed: int) -> None:
+        """Fit the first encoder layer's normal Gaussian on the fit split, as the trainer does."""
+        self.hidden_mahalanobis = HiddenMahalanobis.fit(self._normal_fit(fit, seed))
+
+    def _normal_fit(self, fit: np.ndarray, seed: int) -> NormalData:
         z = self.transform(fit)
-        self.hidden_knn = HiddenKnn.fit(
-            NormalData(
-                fit=z,
-                validation=z[:0],
-                forward=lambda x: forward_pass(self.model, x, self.encoder_layers),
-                seed=seed,
-            )
+        return NormalData(
+            fit=z,
+            validation=z[:0],
+            forward=lambda x: forward_pass(self.model, x, self.encoder_layers),
+            seed=seed,
         )
 
     def fit_combination(self, normal: np.ndarray) -> None:
@@ -179,7 +192,9 @@ class ScoreModel:
     def scores(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every score of every row of raw images `x`; errors in model space, as the worker does."""
         z = self.transform(x)
-        needs_encoder = any(s is not None for s in (self.latent, self.orientation, self.hidden_knn))
+        needs_encoder = any(
+            s is not None for s in (self.latent, self.orientation, self.hidden_knn, self.hidden_mahalanobis)
+        )
         batch = forward_pass(self.model, z, self.encoder_layers if needs_encoder else None)
         recon = batch.reconstructions
         out = {
@@ -197,6 +212,8 @@ class ScoreModel:
             out["knn"] = knn_distances(z, self.knn_reference, self.knn_k)
         if self.hidden_knn is not None:
             out["hidden-knn"] = self.hidden_knn.score(batch)
+        if self.hidden_mahalanobis is not None:
+            out["hidden-mahalanobis"] = self.hidden_mahalanobis.score(batch)
         for name, (mean, std) in self.combination.items():
             out[name] = combine([out[c] for c in components_of(name)], mean, std)
         return out
@@ -364,6 +381,7 @@ def evaluate_model(
     knn_reference: np.ndarray | None = None,
     orientation: Orientation | None = None,
     hidden_knn: HiddenKnn | None = None,
+    hidden_mahalanobis: HiddenMahalanobis | None = None,
 ) -> tuple[Evaluation, ScoreModel, dict[str, dict[str, np.ndarray]]]:
     """Evaluate a trained model on `dataset`'s test split; also returns the scores for the report."""
     scorer = ScoreModel.fitted(
@@ -376,6 +394,7 @@ def evaluate_model(
         knn_reference,
         orientation,
         hidden_knn,
+        hidden_mahalanobis,
     )
     calibration = scorer.scores(splits.calibration)
     thresholds = thresholds_for(
@@ -447,16 +466,21 @@ class _Fitted(TypedDict):
     knn_reference: np.ndarray | None
     orientation: Orientation | None
     hidden_knn: HiddenKnn | None
+    hidden_mahalanobis: HiddenMahalanobis | None
 
 
 def fitted_networks(score: Score) -> _Fitted:
-    """What a stored score brings that the evaluation cannot refit: its classifier, orientation
-    head, reference images and prototypes."""
+    """What a stored score brings that the evaluation would otherwise refit: its classifier,
+    orientation head, reference images, prototypes and first-layer Gaussian."""
     transforms, knn = score.component("transforms"), score.component("knn")
     orientation, hidden_knn = score.component("orientation"), score.component("hidden-knn")
+    hidden_mahalanobis = score.component("hidden-mahalanobis")
     return {
         "transform_scorer": transforms.scorer if isinstance(transforms, Transforms) else None,
         "knn_reference": knn.reference if isinstance(knn, Knn) else None,
         "orientation": orientation if isinstance(orientation, Orientation) else None,
         "hidden_knn": hidden_knn if isinstance(hidden_knn, HiddenKnn) else None,
+        "hidden_mahalanobis": hidden_mahalanobis
+        if isinstance(hidden_mahalanobis, HiddenMahalanobis)
+        else None,
     }

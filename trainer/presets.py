@@ -12,8 +12,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 # The default detector (no preset): dense-64-16 trained with its orientation head, scored
-# mse+orientation+hidden-knn (detector.score.DEFAULT_SCORE), its threshold the 99th percentile of
-# held-out normal scores, trained 20 epochs or 2,000 steps, whichever is longer (trainer.budget).
+# mse+orientation+hidden-knn+hidden-mahalanobis (detector.score.DEFAULT_SCORE), its threshold the
+# 99th percentile of held-out normal scores, trained 20 epochs or 2,000 steps, whichever is longer
+# (trainer.budget).
 # docs/detection.md has the measurements behind each choice.
 DEFAULT_THRESHOLD = "p99"
 

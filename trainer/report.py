@@ -19,6 +19,7 @@ import numpy as np
 
 from detector.artifact import MODEL_FILE, Baseline, load_artifact, model_version_of
 from detector.components.hidden_knn import HiddenKnn
+from detector.components.hidden_mahalanobis import HiddenMahalanobis
 from detector.components.orientation import Orientation
 from detector.components.transforms import TransformScorer
 from detector.datasets import Dataset
@@ -68,6 +69,7 @@ def write_report(
     knn_reference: np.ndarray | None = None,
     orientation: Orientation | None = None,
     hidden_knn: HiddenKnn | None = None,
+    hidden_mahalanobis: HiddenMahalanobis | None = None,
 ) -> Path | None:
     """Draw out_dir/report.png and report.html; skip with a log line when matplotlib is absent."""
     try:
@@ -93,6 +95,7 @@ def write_report(
             knn_reference=knn_reference,
             orientation=orientation,
             hidden_knn=hidden_knn,
+            hidden_mahalanobis=hidden_mahalanobis,
         )
     except ValueError as exc:  # e.g. an unlabelled, non-square .npy dataset has no anomaly sets
         log.warning("report without evaluation reason=%s", exc)
@@ -105,6 +108,7 @@ def write_report(
             knn_reference=knn_reference,
             orientation=orientation,
             hidden_knn=hidden_knn,
+            hidden_mahalanobis=hidden_mahalanobis,
         )
     png = _draw_png(out_dir / REPORT_FILE, baseline, dataset, splits, scorer, evaluation, n_examples)
     _write_html(out_dir / REPORT_HTML, baseline, evaluation)

@@ -23,8 +23,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = ROOT / "artifacts" / "demo"
 # The default detector (dense-64-16 trained with its orientation head, score
-# mse+orientation+hidden-knn, threshold p99), with half its epochs to keep the demo quick: a
-# rotated 1 reconstructs well, but the head knows no digit is written lying down
+# mse+orientation+hidden-knn+hidden-mahalanobis, threshold p99), with half its epochs to keep the
+# demo quick: a rotated 1 reconstructs well, but the head knows no digit is written lying down
 # (docs/detection.md).
 DEMO_EPOCHS = 10
 N_NORMAL = 1000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from detector.components.base import Component
 from detector.components.hidden_knn import HiddenKnn
+from detector.components.hidden_mahalanobis import HiddenMahalanobis
 from detector.components.knn import Knn
 from detector.components.mahalanobis import Mahalanobis
 from detector.components.orientation import Orientation
@@ -13,5 +14,15 @@ from detector.components.transforms import Transforms
 # The order is the one error messages list and `detector.score.COMPARED` starts with.
 REGISTRY: dict[str, type[Component]] = {
     component.name: component
-    for component in (Mse, Nmse, TopK, Mahalanobis, Transforms, Orientation, Knn, HiddenKnn)
+    for component in (
+        Mse,
+        Nmse,
+        TopK,
+        Mahalanobis,
+        Transforms,
+        Orientation,
+        Knn,
+        HiddenKnn,
+        HiddenMahalanobis,
+    )
 }

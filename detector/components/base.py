@@ -86,6 +86,13 @@ class NormalData:
     orientation_head: TransformClassifier | None = None
     orientation_transforms: str = DEFAULT_ORIENTATION_TRANSFORMS  # the set the head tells apart
 
+    def fit_sample(self, rows: int) -> np.ndarray:
+        """The fit split, or a seeded draw of `rows` of it (in order) when it has more."""
+        if self.fit.shape[0] <= rows:
+            return self.fit
+        pick = np.random.default_rng(self.seed).choice(self.fit.shape[0], rows, replace=False)
+        return self.fit[np.sort(pick)]
+
 
 class Component(ABC):
     """One view of "not normal", scored per image."""

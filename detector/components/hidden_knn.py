@@ -80,11 +80,7 @@ class HiddenKnn(Component):
         """Prototypes of the fit split's first-layer outputs (a seeded draw of at most 20,000):
         `normal.hidden_knn_prototypes` of them, scored by the mean of the `hidden_knn_k` nearest
         (the defaults when None). k is capped by the prototypes found (a tiny fit split)."""
-        fit = normal.fit
-        if fit.shape[0] > HIDDEN_KNN_FIT_ROWS:
-            pick = np.random.default_rng(normal.seed).choice(fit.shape[0], HIDDEN_KNN_FIT_ROWS, replace=False)
-            fit = fit[np.sort(pick)]
-        layer = normal.forward(fit).encoder_layer(0)
+        layer = normal.forward(normal.fit_sample(HIDDEN_KNN_FIT_ROWS)).encoder_layer(0)
         count = normal.hidden_knn_prototypes or DEFAULT_HIDDEN_KNN_PROTOTYPES
         prototypes = fit_prototypes(layer, count, normal.seed)
         return cls(prototypes, min(normal.hidden_knn_k or DEFAULT_HIDDEN_KNN_K, prototypes.shape[0]), 0)

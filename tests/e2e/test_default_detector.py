@@ -80,7 +80,8 @@ def test_the_default_detector_catches_rotated_digits_when_served(
     artifact = tmp_path / "default"
     train(artifact, "--epochs", "6", "--max-samples", "10000")
     baseline = load_artifact(artifact).baseline
-    assert baseline.score == "mse+orientation+hidden-knn" and baseline.threshold.policy == "p99"
+    assert baseline.score == "mse+orientation+hidden-knn+hidden-mahalanobis"
+    assert baseline.threshold.policy == "p99"
     test = load_dataset("mnist").test.x[:200]
     scores, flagged, text = serve(
         artifact, redis_server, tmp_path / "worker.log", {"normal": test, "rotated": rotate90(test)}

@@ -128,7 +128,7 @@ def test_benchmark_one_class_prints_the_auroc_table_and_writes_results(tmp_path:
     )
     assert (
         "| normal class | AUROC mse | AUROC nmse | AUROC top-k | AUROC mahalanobis | AUROC transforms "
-        "| AUROC knn | AUROC hidden-knn | AUROC mse+transforms | AUROC nmse+transforms | AUROC mse+knn "
+        "| AUROC knn | AUROC hidden-knn | AUROC hidden-mahalanobis | AUROC mse+transforms | AUROC nmse+transforms | AUROC mse+knn "
         "| AUROC mse+transforms+knn | AUROC nmse+transforms+knn | AUROC mse+hidden-knn |" in result.stdout
     )
     assert "| **mean** |" in result.stdout
@@ -158,7 +158,7 @@ def test_benchmark_one_class_trains_the_default_detector_by_default(tmp_path: Pa
         cwd=tmp_path,
     )
     assert "one-class benchmark: mnist, dense-64-16," in result.stdout
-    assert "| AUROC mse+orientation+hidden-knn |" in result.stdout
+    assert "| AUROC mse+orientation+hidden-knn+hidden-mahalanobis |" in result.stdout
     assert "transforms" not in result.stdout.split("| normal class |")[1].split("\n")[0]
     written = json.loads(
         (tmp_path / "one-class-mnist-dense-64-16-e1-orientation-geometric-c1-n500.json").read_text()
@@ -170,7 +170,14 @@ def test_benchmark_one_class_trains_the_default_detector_by_default(tmp_path: Pa
         "geometric",
         None,
     )
-    assert set(written["mean_auroc"]) >= {"mse", "orientation", "hidden-knn", "mse+orientation+hidden-knn"}
+    assert set(written["mean_auroc"]) >= {
+        "mse",
+        "orientation",
+        "hidden-knn",
+        "hidden-mahalanobis",
+        "mse+orientation+hidden-knn",
+        "mse+orientation+hidden-knn+hidden-mahalanobis",
+    }
 
 
 def test_a_transformation_score_is_trained_evaluated_and_drawn(tmp_path: Path) -> None:

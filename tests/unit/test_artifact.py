@@ -145,7 +145,7 @@ def _rewrite(path: Path, name: str, change) -> None:
 def test_schema_major_version_mismatch_is_refused(tmp_path: Path) -> None:
     path = write_fake(tmp_path / "a")
     _rewrite(path, BASELINE_FILE, lambda d: d.update(schema_version="2.0"))
-    with pytest.raises(ArtifactError, match=r"schema version '2\.0' is not supported, expected '1\.5'"):
+    with pytest.raises(ArtifactError, match=r"schema version '2\.0' is not supported, expected '1\.6'"):
         load_artifact(path)
 
 

@@ -157,7 +157,8 @@ def test_a_model_of_ones_separates_other_digits_and_rotated_ones(digit_one: tupl
     by_key = {(r.anomaly_set, r.score): r for r in evaluation.rows}
     assert {s for s, _ in by_key} == {UNSEEN_CLASSES, ROTATED_90}
     # Without a transformation classifier or orientation head in the artifact: every score that
-    # needs neither (hidden-knn fits its prototypes on the fit split, as the trainer does).
+    # needs neither (hidden-knn and hidden-mahalanobis fit their prototypes and Gaussian on the
+    # fit split, as the trainer does).
     assert {s for _, s in by_key} == {
         "mse",
         "nmse",
@@ -165,6 +166,7 @@ def test_a_model_of_ones_separates_other_digits_and_rotated_ones(digit_one: tupl
         "mahalanobis",
         "knn",
         "hidden-knn",
+        "hidden-mahalanobis",
         "mse+knn",
         "mse+hidden-knn",
     }

@@ -13,6 +13,7 @@ from prometheus_client.exposition import generate_latest
 from detector.artifact import SCHEMA_VERSION, load_artifact
 from detector.components.base import ForwardPass
 from detector.components.hidden_knn import HIDDEN_KNN_FILE
+from detector.components.hidden_mahalanobis import HIDDEN_GAUSSIAN_FILE
 from detector.components.orientation import (
     DEFAULT_ORIENTATION_TRANSFORMS,
     ORIENTATION_HEAD_FILE,
@@ -197,16 +198,17 @@ def test_the_default_detector_is_the_orientation_score_with_its_buckets_recorded
 ) -> None:
     artifact = load_artifact(default_artifact)
     baseline = artifact.baseline
-    assert baseline.schema_version == SCHEMA_VERSION == "1.5"
+    assert baseline.schema_version == SCHEMA_VERSION == "1.6"
     assert (baseline.score, baseline.threshold.policy, baseline.training.architecture) == (
         DEFAULT_SCORE,
         "p99",
         "dense-64-16",
     )
-    assert {ORIENTATION_HEAD_FILE, HIDDEN_KNN_FILE} <= set(artifact.manifest.files)
+    assert {ORIENTATION_HEAD_FILE, HIDDEN_KNN_FILE, HIDDEN_GAUSSIAN_FILE} <= set(artifact.manifest.files)
     params = baseline.score_parameters
     assert params is not None and params.orientation_transforms == "geometric"
     assert params.hidden_knn_k == 3 and params.hidden_knn_layer == 0
+    assert params.hidden_mahalanobis_layer == 0
     assert baseline.score_buckets == list(
         score_buckets(artifact.calibration_errors, baseline.threshold.value)
     )
