@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml requirements/dev.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m worker.demo
+	$(PY) -m tools.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

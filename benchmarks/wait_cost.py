@@ -24,7 +24,7 @@ import redis
 from benchmarks.throughput.helpers import load_mnist_uint8, log, wait_for
 from benchmarks.throughput.plan import RESULTS
 from benchmarks.throughput.processes import RedisProcess
-from worker.codec import encode_image
+from contract.codec import encode_image
 from worker.stream import OUTPUT, Commit, StreamClient
 
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import zipfile
@@ -269,6 +270,9 @@ class LoadedArtifact:
     calibration_errors: np.ndarray  # sorted ascending, float64
     score: Score  # the score the threshold was calibrated on, with its components' parameters and files
     dense_stack: DenseStack | None = None  # the model as numpy arrays, when the trainer wrote them
+    # sha256 of the manifest.json that was verified: a reload compares it with the file on disk, so
+    # an update that lands while this one loads is seen at the next check.
+    manifest_digest: str = ""
 
 
 def sha256_hex(data: bytes) -> str:
@@ -317,30 +321,103 @@ def _minor(version: str) -> int:
     return int(minor) if minor.isdigit() else 0
 
 
-def _read_json(path: Path) -> object:
+def _parse_json(data: bytes, where: Path) -> object:
     try:
-        return json.loads(path.read_bytes())
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"artifact file {path} is missing") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"artifact file {path} is not valid JSON: {exc}") from exc
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"artifact file {where} is not valid JSON: {exc}") from exc
+
+
+# Files of an artifact are opened without following symlinks and without blocking (a FIFO would
+# otherwise hang the worker), and must be regular files.
+_OPEN_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+)
+
+
+class _ArtifactReader:
+    """Reads the files of one artifact directory, opened once: every file comes from that directory
+    even if a symlink to it is swapped meanwhile."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            self._fd = os.open(
+                root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+            )
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise ArtifactError(f"artifact directory {root} does not exist or is not a directory") from exc
+
+    def close(self) -> None:
+        """Release the directory."""
+        os.close(self._fd)
+
+    def read(self, name: str) -> bytes:
+        """The bytes of `name`, a regular file of the directory; ArtifactError names what it is otherwise."""
+        where = self.root / name
+        try:
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._fd)
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"artifact file {where} is missing") from exc
+        except OSError as exc:  # ELOOP: a symlink (O_NOFOLLOW)
+            if os.path.islink(where):
+                raise ArtifactError(
+                    f"artifact file {where} is a symbolic link; expected a regular file (links inside "
+                    "an artifact are refused, link the artifact directory instead)"
+                ) from exc
+            raise ArtifactError(f"artifact file {where} cannot be opened: {exc}") from exc
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                kind = (
+                    "a FIFO"
+                    if stat.S_ISFIFO(info.st_mode)
+                    else "a directory"
+                    if stat.S_ISDIR(info.st_mode)
+                    else "not a regular file"
+                )
+                raise ArtifactError(f"artifact file {where} is {kind}; expected a regular file")
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+
+def manifest_digest(artifact_dir: str | os.PathLike[str]) -> str:
+    """sha256 of manifest.json: it changes whenever any file of the artifact does."""
+    reader = _ArtifactReader(Path(artifact_dir))
+    try:
+        return sha256_hex(reader.read(MANIFEST_FILE))
+    finally:
+        reader.close()
 
 
 def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
     """Read and verify an artifact directory; raise ArtifactError naming what is wrong."""
-    root = Path(path)
-    if not root.is_dir():
-        raise ArtifactError(f"artifact directory {root} does not exist or is not a directory")
-    manifest = _versioned(Manifest, _read_json(root / MANIFEST_FILE), root / MANIFEST_FILE)
+    reader = _ArtifactReader(Path(path))
+    try:
+        return _load(reader)
+    finally:
+        reader.close()
+
+
+def _load(reader: _ArtifactReader) -> LoadedArtifact:
+    root = reader.root
+    manifest_bytes = reader.read(MANIFEST_FILE)
+    manifest = _versioned(Manifest, _parse_json(manifest_bytes, root / MANIFEST_FILE), root / MANIFEST_FILE)
 
     contents: dict[str, bytes] = {}
     for name, expected in manifest.files.items():
-        if Path(name).name != name:
+        if Path(name).name != name or name in (".", ".."):
             raise ArtifactError(f"manifest names {name!r}: only plain file names are allowed")
         try:
-            data = (root / name).read_bytes()
-        except FileNotFoundError as exc:
-            raise ArtifactError(f"artifact file {root / name} listed in the manifest is missing") from exc
+            data = reader.read(name)
+        except ArtifactError as exc:
+            if "is missing" in str(exc):
+                raise ArtifactError(f"artifact file {root / name} listed in the manifest is missing") from exc
+            raise
         found = sha256_hex(data)
         if found != expected:
             raise ArtifactError(
@@ -352,12 +429,8 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
         if required not in contents:
             raise ArtifactError(f"manifest of {root} does not list required file {required!r}")
 
-    try:
-        raw_baseline = json.loads(contents[BASELINE_FILE])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{root / BASELINE_FILE} is not valid JSON: {exc}") from exc
+    raw_baseline = _parse_json(contents[BASELINE_FILE], root / BASELINE_FILE)
     baseline = _versioned(Baseline, raw_baseline, root / BASELINE_FILE)
-
     model_bytes = contents[MODEL_FILE]
     if model_version_of(model_bytes) != baseline.model_version:
         raise ArtifactError(
@@ -387,7 +460,8 @@ def load_artifact(path: str | os.PathLike[str]) -> LoadedArtifact:
                 f"{baseline.input_dim}"
             )
     score = _score(root, baseline, contents)
-    return LoadedArtifact(root, baseline, manifest, model_bytes, errors, score, dense_stack)
+    digest = sha256_hex(manifest_bytes)
+    return LoadedArtifact(root, baseline, manifest, model_bytes, errors, score, dense_stack, digest)
 
 
 def _read_errors(where: Path, data: bytes) -> np.ndarray:

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from worker.codec import encode_image
+from contract.codec import encode_image
+from runtime.settings import WorkerSettings
 from worker.http import Health
 from worker.loaded_model import LoadedModel
 from worker.metrics import WorkerMetrics
 from worker.runner import Runner
 from worker.scoring import DecisionRule
-from worker.settings import WorkerSettings
 from worker.shards import ShardSet
 
 D = 16  # tiny images: the fake scorer does not care about 28x28

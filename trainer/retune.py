@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from contract.labels import LabelSet, latest_labels
 from detector.artifact import (
     BASELINE_FILE,
     MANIFEST_FILE,
@@ -29,7 +30,6 @@ from detector.artifact import (
     load_artifact,
     write_artifact,
 )
-from detector.labels import LabelSet, latest_labels
 from detector.retune import Estimate, Interval, Retuned, Target, retune
 
 PAGE = 1000
@@ -58,7 +58,7 @@ def stream_entries(client: Any, stream: str) -> Iterator[tuple[bytes, dict[bytes
 
 
 def read_labels(client: Any, stream: str) -> LabelSet:
-    """The labels stream, parsed: the latest label per source_id (see detector.labels)."""
+    """The labels stream, parsed: the latest label per source_id (see contract.labels)."""
     return latest_labels(stream_entries(client, stream))
 
 

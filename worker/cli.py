@@ -13,15 +13,21 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
+from runtime.cli import (
+    EXIT_CONFIG,
+    SettingsRefused,
+    add_settings_flags,
+    configure_logging,
+    load_settings,
+    refuse,
+)
+from runtime.connection import make_redis
+from runtime.settings import WorkerSettings
 from worker.allocator import keep_freed_memory
-from worker.redis_client import make_redis
-from worker.settings import WorkerSettings, unknown_variables
 
 log = logging.getLogger("worker")
-EXIT_CONFIG = 2
 EXIT_FORCED = 1
 
 
@@ -33,18 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         "anomalies. Every flag can also be set as an environment variable ANOMALY_<NAME>; "
         "flags win.",
     )
-    for name, info in WorkerSettings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        default = info.default if info.default_factory is None else "hostname-pid"
-        if hasattr(default, "get_secret_value"):
-            default = "redis://localhost:6379/0"
-        parser.add_argument(
-            flag,
-            dest=name,
-            default=None,
-            metavar=name.upper(),
-            help=f"{info.description} [env ANOMALY_{name.upper()}, default: {default!r}]",
-        )
+    add_settings_flags(parser, WorkerSettings)
     parser.add_argument(
         "--burst",
         action="store_true",
@@ -53,40 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings(args: argparse.Namespace) -> WorkerSettings:
-    """Environment first, then the flags that were given."""
-    overrides = {k: v for k, v in vars(args).items() if k in WorkerSettings.model_fields and v is not None}
-    return WorkerSettings(**overrides)
-
-
-def explain(exc: ValidationError) -> str:
-    """One line per invalid setting, naming the variable."""
-    lines = []
-    for error in exc.errors():
-        name = ".".join(str(p) for p in error["loc"]) or "settings"
-        env = f"ANOMALY_{name.upper()}" if name != "settings" else "settings"
-        value = error.get("input")
-        shown = "" if name == "redis_url" or isinstance(value, dict) else f" (found {value!r})"
-        lines.append(f"invalid setting {env}: {error['msg']}{shown}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of anomaly-worker."""
     args = build_parser().parse_args(argv)
-    if unknown := unknown_variables(dict(os.environ)):
-        print("anomaly-worker: " + "\n".join(unknown), file=sys.stderr)
-        return EXIT_CONFIG
     try:
-        settings = load_settings(args)
-    except ValidationError as exc:
-        print(f"anomaly-worker: {explain(exc)}", file=sys.stderr)
-        return EXIT_CONFIG
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
+        settings = load_settings(WorkerSettings, args)
+    except SettingsRefused as exc:
+        return refuse("anomaly-worker", str(exc))
+    configure_logging(settings)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     log.info("starting %s", settings.summary())
 
@@ -146,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         rule.expected_flag_rate,
     )
 
-    client = make_redis(settings)
+    client = make_redis(settings, settings.consumer, settings.block_ms / 1000.0 + 10.0)
     stream = ShardSet.from_settings(client, settings)
     if shadow is not None:
         log.info(

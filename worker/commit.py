@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from worker.codec import DecodedBatch, Rejected
+from contract.codec import DecodedBatch, Rejected
 from worker.scoring import Decisions
 from worker.stream import DEAD_LETTER, OUTPUT, SCORES, SHADOW_SCORES, Commit, flat_fields
 

@@ -4,21 +4,18 @@ broken artifact is an `ArtifactError` and a reload can keep the old model."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from detector.artifact import MANIFEST_FILE
 from detector.errors import AnomalyScorerError, ArtifactError
 from detector.loading import load_scorer
 from detector.region import locate_regions, square_side
 from detector.thresholds import score_buckets
+from runtime.settings import WorkerSettings
 from worker.scoring import DecisionRule
-from worker.settings import WorkerSettings
 
 
 class BatchScorer(Protocol):
@@ -90,11 +87,6 @@ def check_shadow_fits(served: LoadedModel, shadow: LoadedModel) -> None:
         )
 
 
-def manifest_digest(artifact_dir: Path) -> str:
-    """sha256 of manifest.json: it changes whenever any file of the artifact does."""
-    return hashlib.sha256((artifact_dir / MANIFEST_FILE).read_bytes()).hexdigest()
-
-
 def load_model(settings: WorkerSettings, shadow: bool = False) -> LoadedModel:
     """Verify the artifact (or the shadow artifact), load and warm up its scorer, build the
     decision rule. ANOMALY_THRESHOLD applies to the served model only: a shadow keeps its own."""
@@ -105,7 +97,6 @@ def load_model(settings: WorkerSettings, shadow: bool = False) -> LoadedModel:
     settings.check_artifact_path()  # again at every reload: a symlink may have been swapped
     artifact, scorer = load_scorer(path, settings.engine, settings.batch_size, settings.jit)
     rule = DecisionRule.from_artifact(artifact, None if shadow else settings.threshold or None)
-    digest = manifest_digest(path)
     recorded = artifact.baseline.score_buckets
     if recorded and rule.threshold == artifact.baseline.threshold.value:
         buckets = tuple(recorded)
@@ -115,7 +106,7 @@ def load_model(settings: WorkerSettings, shadow: bool = False) -> LoadedModel:
         scorer,
         rule,
         artifact.baseline.preprocessing.uint8_scale,
-        digest,
+        artifact.manifest_digest,  # of the manifest that was verified, not of the one on disk now
         buckets,
         region_side=square_side(scorer.input_dim),
     )

@@ -27,17 +27,18 @@ import numpy as np
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
+from contract.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
+from detector.artifact import manifest_digest
 from detector.errors import AnomalyScorerError
+from runtime.settings import WorkerSettings
 from worker.batch import Scored, score_batch
-from worker.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
 from worker.commit import DELETED_REASON, ShadowBatch, build_commit, dead_letter_fields
 from worker.drift import ScoreDrift
 from worker.http import Health
-from worker.loaded_model import LoadedModel, ModelLoader, check_shadow_fits, manifest_digest
+from worker.loaded_model import LoadedModel, ModelLoader, check_shadow_fits
 from worker.metrics import DetectionWindow, WorkerMetrics
 from worker.scoring import Decisions
 from worker.scoring_process import PendingScores, ScoringProcess, ScoringProcessError
-from worker.settings import WorkerSettings
 from worker.shards import ShardSet
 from worker.stream import (
     DEAD_LETTER,

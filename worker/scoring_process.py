@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from contract.codec import scale_pixels
 from detector.errors import AnomalyScorerError
 from worker.batch import Scored, score_batch
-from worker.codec import scale_pixels
 from worker.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from worker.codec import Entry
-from worker.settings import WorkerSettings
+from contract.codec import Entry
+from runtime.settings import WorkerSettings
 from worker.stream import StreamClient, read_new_many
 
 CLUSTER_BLOCK_SLICE_MS = 50

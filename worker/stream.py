@@ -17,10 +17,10 @@ import numpy as np
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
-from worker.codec import Entry
+from contract.codec import Entry
 
 if TYPE_CHECKING:
-    from worker.settings import WorkerSettings
+    from runtime.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from contract.codec import encode_image
 from detector.artifact import load_artifact
 from detector.engines.keras_engine import KerasScorer
 from detector.engines.numpy_engine import NumpyScorer
 from detector.region import square_side
 from trainer.models import reconstruction_errors
-from worker.codec import encode_image
 from worker.loaded_model import LoadedModel
 from worker.scoring import DecisionRule
 
@@ -27,5 +27,5 @@ __all__ = [
 
 
 def payloads(images: np.ndarray, dtype: str) -> list[bytes]:
-    """Encoded `image` fields, as producers send them (worker.codec.encode_image)."""
+    """Encoded `image` fields, as producers send them (contract.codec.encode_image)."""
     return [encode_image(image, dtype)["image"] for image in images]

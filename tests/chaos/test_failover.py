@@ -28,11 +28,11 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
+from producer.client import ImageProducer
 from tests.chaos.fleet import Fleet
 from tests.conftest import RedisServer, free_cluster_port, mnist_sample, wait_until
 from tests.sentinels import SentinelSet, sentinel_set
 from tests.support import metric_sum, metrics_text
-from worker.client import ImageProducer
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

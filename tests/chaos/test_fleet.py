@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import redis
 
+from contract.codec import encode_image
 from tests.chaos.fleet import Fleet
 from tests.conftest import RedisServer, mnist_sample, wait_until
 from tests.support import metric_sum, metrics_text
-from worker.codec import encode_image
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -358,7 +358,7 @@ def exported_metric_names() -> set[str]:
 @pytest.fixture(scope="session")
 def worker_settings_env_names() -> set[str]:
     """ANOMALY_<FIELD> for every field of worker.settings.WorkerSettings."""
-    from worker.settings import WorkerSettings  # lazily, as the settings module may import more
+    from runtime.settings import WorkerSettings  # lazily, as the settings module may import more
 
     prefix = WorkerSettings.model_config.get("env_prefix", "")
     assert prefix == ENV_PREFIX, f"WorkerSettings env_prefix is {prefix!r}, deploy files use {ENV_PREFIX!r}"

@@ -20,7 +20,7 @@ def _trainer_parse(argv: list[str]) -> Any:
 
 
 def _producer_parse(argv: list[str]) -> Any:
-    from worker.producer_cli import build_parser
+    from producer.cli import build_parser
 
     return build_parser().parse_args(argv)
 
@@ -82,7 +82,7 @@ def test_trainer_parser_rejects_an_unknown_flag() -> None:
 
 
 def test_viewer_image_entrypoint_is_accepted_by_the_viewer() -> None:
-    from worker.viewer_cli import build_parser
+    from viewer.cli import build_parser
 
     steps = instructions_of("viewer")
     entrypoint = json.loads([args for kw, args in steps if kw == "ENTRYPOINT"][-1])

@@ -25,9 +25,9 @@ import pytest
 import redis
 import yaml
 
+from producer.client import ImageProducer
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
 from tests.support import metric_sum, metrics_text, start_worker
-from worker.client import ImageProducer
 
 from .conftest import PROMETHEUS, WORKER_JOB, alerting_rules, load_yaml, require_tool
 

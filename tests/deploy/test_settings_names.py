@@ -1,4 +1,4 @@
-"""Settings names in deploy files are fields of worker.settings.WorkerSettings, so they cannot drift."""
+"""Settings names in deploy files are fields of runtime.settings.WorkerSettings, so they cannot drift."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def _clear_anomaly_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_kubernetes_worker_settings_are_accepted_by_the_worker(
     configmap_data: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.settings import WorkerSettings
+    from runtime.settings import WorkerSettings
 
     _clear_anomaly_env(monkeypatch)
     secret = k8s_object("Secret", "anomaly-redis")["stringData"]
@@ -104,7 +104,7 @@ def test_kubernetes_worker_settings_are_accepted_by_the_worker(
 def test_compose_worker_settings_are_accepted_by_the_worker(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.settings import WorkerSettings
+    from runtime.settings import WorkerSettings
 
     _clear_anomaly_env(monkeypatch)
     for name, value in {**_dockerfile_worker_env(), **_compose_worker_env(compose)}.items():

@@ -13,10 +13,10 @@ import pytest
 
 from detector.artifact import load_artifact
 from detector.datasets import load_dataset, rotate90
+from producer.client import ImageProducer
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
 from tests.e2e.test_end_to_end import ENV
 from tests.support import metrics_text, start_worker
-from worker.client import ImageProducer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

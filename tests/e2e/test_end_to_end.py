@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from producer.client import ImageProducer
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
 from tests.support import metric_value, metrics_text, start_worker, wait_for_metrics
-from worker.client import ImageProducer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
@@ -214,7 +214,7 @@ def test_producer_cli_pushes_normal_and_rotated_digits(redis_server: RedisServer
         [
             sys.executable,
             "-m",
-            "worker.producer_cli",
+            "producer.cli",
             "--redis-url",
             redis_server.url,
             "--stream",

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.labels import Label
 from detector.artifact import load_artifact
-from detector.labels import Label
+from producer.client import ImageProducer
 from tests.browser import Chromium, find_chromium
 from tests.conftest import ROOT, RedisServer, free_port, mnist_sample, wait_until
 from tests.support import http_status, metric_value, metrics_text, start_worker, wait_for_metrics
-from worker.client import ImageProducer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ def loop(served: Path, redis_server: RedisServer, tmp_path: Path) -> Iterator[tu
     viewer_env = dict(os.environ, ANOMALY_VIEWER_TOKEN=TOKEN, PYTHONUNBUFFERED="1", **env)
     with (tmp_path / "viewer.log").open("w") as log:
         viewer = subprocess.Popen(
-            [sys.executable, "-m", "worker.viewer_cli", "--port", str(viewer_port)],
+            [sys.executable, "-m", "viewer", "--port", str(viewer_port)],
             env=viewer_env,
             cwd=ROOT,
             stderr=log,

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from producer.client import ImageProducer
 from tests.conftest import RedisServer, free_port, mnist_sample, wait_until
 from tests.support import metric_sum, metric_value, metrics_text, start_worker, wait_for_metrics
-from worker.client import ImageProducer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from producer.client import ImageProducer
 from tests.conftest import ROOT, RedisServer, mnist_sample
-from worker.client import ImageProducer
 
 # Creating the venv downloads and unpacks wheels: minutes on a busy machine, counted in one test.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]

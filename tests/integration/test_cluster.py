@@ -16,12 +16,12 @@ import pytest
 from pydantic import ValidationError
 from redis.crc import key_slot
 
+from contract.codec import encode_image
+from producer.client import ImageProducer
+from runtime.connection import make_redis
+from runtime.settings import WorkerSettings
 from tests.conftest import RedisServer, free_cluster_port, wait_until
 from tests.support import build_runner, stream
-from worker.client import ImageProducer
-from worker.codec import encode_image
-from worker.redis_client import make_redis
-from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 

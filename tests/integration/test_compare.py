@@ -10,9 +10,9 @@ import pytest
 
 from detector.artifact import load_artifact
 from detector.engines.numpy_engine import NumpyScorer
+from producer.client import ImageProducer
 from tests.conftest import RedisServer, mnist_sample
-from worker.client import ImageProducer
-from worker.compare import compare_decisions, main
+from tools.compare import compare_decisions, main
 from worker.scoring import DecisionRule
 
 pytestmark = pytest.mark.integration

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import redis
 
+from runtime.connection import make_redis
+from runtime.settings import WorkerSettings
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
 from tests.integration.tcp_proxy import TcpProxy
 from tests.support import build_runner, push, stream, write_test_certificates
-from worker.redis_client import make_redis
 from worker.runner import Runner
-from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 

@@ -9,10 +9,10 @@ import pytest
 import redis
 from pydantic import ValidationError
 
+from runtime.connection import make_redis
+from runtime.settings import WorkerSettings
 from tests.sentinels import SentinelSet, sentinel_set
 from tests.support import build_runner, push, stream, write_test_certificates
-from worker.redis_client import make_redis
-from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,11 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
+from contract.codec import encode_image
+from runtime.settings import WorkerSettings
 from tests.conftest import wait_until
 from tests.support import D, build_runner, stream
-from worker.codec import encode_image
 from worker.runner import Runner
-from worker.settings import WorkerSettings
 from worker.stream import OUTPUT, Commit, StreamClient
 
 pytestmark = pytest.mark.integration

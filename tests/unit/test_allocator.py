@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from runtime.settings import WorkerSettings
 from worker.allocator import (
     BATCH_LOOP_SETTINGS,
     M_MMAP_THRESHOLD,
@@ -16,7 +17,6 @@ from worker.allocator import (
     glibc_mallopt,
     keep_freed_memory,
 )
-from worker.settings import WorkerSettings
 
 # A batch's allocations in miniature: the joined payloads, the float32 images, a reconstruction
 # and its error; prints the page faults per batch once the loop is warm.

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from worker.codec import decode_batch, default_max_payload_bytes, encode_image
+from contract.codec import decode_batch, default_max_payload_bytes, encode_image
 
 D = 784
 MAX = default_max_payload_bytes(D)
@@ -186,7 +186,7 @@ def _spoil(batch: list, index: int, **fields: bytes) -> list:
     ],
 )
 def test_whole_batch_fast_path_gives_what_entry_by_entry_decoding_gives(batch: list) -> None:
-    from worker.codec import _decode_any
+    from contract.codec import _decode_any
 
     fast, slow = decode_batch(batch, D, MAX), _decode_any(batch, D, MAX, 1 / 255)
     assert fast.ids == slow.ids and fast.dtypes == slow.dtypes
@@ -207,7 +207,7 @@ def test_an_all_uint8_batch_keeps_its_raw_pixels_and_scales_them_on_first_use() 
 
 
 def test_the_fast_path_takes_clean_uniform_batches_and_leaves_the_rest() -> None:
-    from worker.codec import _decode_uniform
+    from contract.codec import _decode_uniform
 
     for dtype in ("uint8", "float32"):
         assert _decode_uniform(_uniform_batch(dtype), D, MAX, 1 / 255) is not None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from runtime.settings import WorkerSettings
 from tests.conftest import ROOT
 from worker.metrics import WorkerMetrics
-from worker.settings import WorkerSettings
 
 README = (ROOT / "README.md").read_text()
 

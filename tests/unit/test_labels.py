@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from detector.labels import InvalidLabel, Label, latest_labels, parse_label
+from contract.labels import InvalidLabel, Label, latest_labels, parse_label
 
 
 def entry(**overrides: str) -> dict[bytes, bytes]:

@@ -21,10 +21,10 @@ import pytest
 from detector.artifact import BASELINE_FILE, MANIFEST_FILE, MODEL_FILE, load_artifact
 from detector.errors import ArtifactError
 from detector.loading import load_scorer, probe_batch
+from runtime.settings import WorkerSettings
 from tests.conftest import ROOT
 from tests.support import build_runner
 from worker.loaded_model import load_model
-from worker.settings import WorkerSettings
 
 OLD = ROOT / "tests" / "fixtures" / "artifact-1.2"
 Corruption = Callable[[bytes], bytes]

@@ -11,8 +11,8 @@ import fakeredis
 import numpy as np
 import pytest
 
+from contract.labels import Label
 from detector.artifact import load_artifact
-from detector.labels import Label
 from detector.retune import MIN_LABELS, Target, TargetUnreachable, TooFewLabels, retune, wilson
 from trainer.cli import main as trainer_main
 from trainer.retune import read_labels, retune_artifact

@@ -250,7 +250,7 @@ def test_broken_new_artifact_is_refused_and_the_old_model_keeps_serving(r, make_
 
 
 def test_build_commit_acks_normal_entries_without_publishing() -> None:
-    from worker.codec import DecodedBatch
+    from contract.codec import DecodedBatch
     from worker.scoring import Decisions
 
     decoded = DecodedBatch(

@@ -71,7 +71,7 @@ def test_the_numpy_engine_never_imports_tensorflow(tiny_artifact: Path) -> None:
     code = (
         "import sys\n"
         "from worker.loaded_model import load_model\n"
-        "from worker.settings import WorkerSettings\n"
+        "from runtime.settings import WorkerSettings\n"
         f"model = load_model(WorkerSettings(artifact={str(tiny_artifact)!r}, engine='numpy'))\n"
         "import numpy as np\n"
         "print(model.scorer.engine, model.scorer.score_batch(np.zeros((3, 784), np.float32)).shape)\n"
@@ -129,8 +129,8 @@ def test_threshold_policy_can_be_switched_without_retraining(tiny_artifact: Path
 def test_anomaly_threshold_setting_reaches_the_workers_decision_rule(
     tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from runtime.settings import WorkerSettings
     from worker.loaded_model import load_model
-    from worker.settings import WorkerSettings
 
     monkeypatch.setenv("ANOMALY_ARTIFACT", str(tiny_artifact))
     monkeypatch.setenv("ANOMALY_THRESHOLD", "p50")

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.codec import scale_pixels
+from runtime.settings import WorkerSettings
 from tests.conftest import ROOT, wait_until
 from tests.support import ChildScorer, D, make_model
 from worker.batch import score_batch
-from worker.codec import scale_pixels
 from worker.loaded_model import load_model
 from worker.scoring_process import ScoringProcess, ScoringProcessError
-from worker.settings import WorkerSettings
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from worker.cli import build_parser, explain, load_settings
-from worker.settings import WorkerSettings
+from runtime.settings import WorkerSettings
+from runtime.cli import explain, load_settings
+from worker.cli import build_parser
 
 
 def test_defaults_match_the_documented_contract(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,7 +37,7 @@ def test_environment_variables_use_the_anomaly_prefix(monkeypatch: pytest.Monkey
 
 def test_cli_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ANOMALY_BATCH_SIZE", "32")
-    s = load_settings(build_parser().parse_args(["--batch-size", "64", "--group", "g2"]))
+    s = load_settings(WorkerSettings, build_parser().parse_args(["--batch-size", "64", "--group", "g2"]))
     assert (s.batch_size, s.group) == (64, "g2")
 
 
@@ -62,7 +63,7 @@ def test_invalid_setting_fails_naming_the_variable(
     monkeypatch.setenv(env, value)
     with pytest.raises(ValidationError) as info:
         WorkerSettings()
-    assert message in explain(info.value)
+    assert message in explain(info.value, WorkerSettings)
 
 
 def test_invalid_redis_url_is_not_echoed_because_it_may_hold_a_password(
@@ -71,7 +72,7 @@ def test_invalid_redis_url_is_not_echoed_because_it_may_hold_a_password(
     monkeypatch.setenv("ANOMALY_REDIS_URL", "http://user:hunter2@host")
     with pytest.raises(ValidationError) as info:
         WorkerSettings()
-    assert "hunter2" not in explain(info.value)
+    assert "hunter2" not in explain(info.value, WorkerSettings)
 
 
 def test_streams_must_differ() -> None:
@@ -104,10 +105,11 @@ def test_help_lists_a_flag_for_every_setting() -> None:
 
 
 def test_misspelt_variable_is_reported_with_a_suggestion() -> None:
-    from worker.settings import unknown_variables
+    from runtime.settings import KNOWN_VARIABLES, unknown_variables
 
     found = unknown_variables(
-        {"ANOMALY_BATCHSIZE": "8", "ANOMALY_DATA_DIR": "/d", "ANOMALY_GROUP": "g", "HOME": "/"}
+        {"ANOMALY_BATCHSIZE": "8", "ANOMALY_DATA_DIR": "/d", "ANOMALY_GROUP": "g", "HOME": "/"},
+        KNOWN_VARIABLES,
     )
     assert found == ["unknown setting ANOMALY_BATCHSIZE; did you mean ANOMALY_BATCH_SIZE?"]
 

@@ -10,9 +10,9 @@ import fakeredis
 import pytest
 
 from detector.errors import ArtifactError
+from runtime.settings import WorkerSettings
 from tests.support import build_runner, make_model, pending, push, stream
 from worker.loaded_model import LoadedModel
-from worker.settings import WorkerSettings
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from contract.codec import encode_image
+from producer.client import ImageProducer
+from runtime.settings import WorkerSettings
 from tests.support import D, build_runner, stream
-from worker.client import ImageProducer
-from worker.codec import encode_image
-from worker.settings import WorkerSettings
 from worker.stream import StreamClient
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
+from contract.labels import parse_label
 from detector.artifact import load_artifact
-from detector.labels import parse_label
 from tests.conftest import mnist_sample
-from worker.viewer import ModelSource, ViewerStore, build_app
-from worker.viewer_images import png
+from viewer.app import ModelSource, ViewerStore, build_app
+from viewer.pictures import png
 
 TOKEN = "s3cret-token"
 EVIL = '<script>alert("id")</script><img src=x onerror=alert(1)>'

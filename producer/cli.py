@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     import redis
 
     from detector.datasets import DatasetError, load_dataset, rotate90
-    from worker.client import ImageProducer
+    from producer.client import ImageProducer
 
     try:
         test = load_dataset(args.dataset, args.data_dir).test.x

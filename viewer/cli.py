@@ -1,21 +1,25 @@
-"""anomaly-viewer: the operator's page of the latest anomalies, from the same ANOMALY_* settings as
-the worker (Redis, streams, artifact) plus ANOMALY_LABELS_STREAM and ANOMALY_VIEWER_TOKEN."""
+"""anomaly-viewer: the operator's page of the latest anomalies, from ANOMALY_* settings
+(runtime.settings.ViewerSettings: Redis, streams, artifact, ANOMALY_VIEWER_TOKEN)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-from pydantic import ValidationError
-
 from detector.errors import AnomalyScorerError
-from worker.redis_client import make_redis
-from worker.settings import WorkerSettings, unknown_variables
+from runtime.cli import (
+    EXIT_CONFIG,
+    SettingsRefused,
+    add_settings_flags,
+    configure_logging,
+    load_settings,
+    refuse,
+)
+from runtime.connection import make_redis
+from runtime.settings import ViewerSettings
 
-log = logging.getLogger("worker.viewer")
-EXIT_CONFIG = 2
+log = logging.getLogger("viewer")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anomaly-viewer",
         description="Serve a page of the latest anomalies (original, reconstruction, error heatmap, "
         "region) that updates live, and label them with one click (with ANOMALY_VIEWER_TOKEN). "
-        "Reads ANOMALY_REDIS_URL, ANOMALY_INPUT_STREAM, ANOMALY_OUTPUT_STREAM, ANOMALY_ARTIFACT, "
-        "ANOMALY_LABELS_STREAM and ANOMALY_VIEWER_TOKEN like the worker does.",
+        "Every flag but --host and --port can also be set as an environment variable "
+        "ANOMALY_<NAME>; flags win.",
     )
+    add_settings_flags(parser, ViewerSettings)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9500, help="port to listen on (default: 9500)")
     return parser
@@ -35,21 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of anomaly-viewer."""
     args = build_parser().parse_args(argv)
-    if unknown := unknown_variables(dict(os.environ)):
-        print("anomaly-viewer: " + "\n".join(unknown), file=sys.stderr)
-        return EXIT_CONFIG
     try:
-        settings = WorkerSettings()
-    except ValidationError as exc:
-        for error in exc.errors():
-            name = "ANOMALY_" + ".".join(str(p) for p in error["loc"]).upper()
-            print(f"anomaly-viewer: invalid setting {name}: {error['msg']}", file=sys.stderr)
-        return EXIT_CONFIG
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
+        settings = load_settings(ViewerSettings, args)
+    except SettingsRefused as exc:
+        return refuse("anomaly-viewer", str(exc))
+    configure_logging(settings)
     if settings.artifact is None:
         print(
             "anomaly-viewer: ANOMALY_ARTIFACT is not set; expected the served artifact directory",
@@ -59,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from worker.viewer import ModelSource, ViewerStore, build_app
+        from viewer.app import ModelSource, ViewerStore, build_app
     except ImportError as exc:
         print(
             f"anomaly-viewer: {exc.name} is not installed; "
@@ -74,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"anomaly-viewer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     store = ViewerStore(
-        make_redis(settings, client_name="anomaly-viewer"),
+        make_redis(settings, "anomaly-viewer"),
         settings.input_stream,
         settings.output_stream,
         settings.labels_stream,

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from contract.codec import Entry, decode_batch, default_max_payload_bytes
 from detector.errors import AnomalyScorerError
 from detector.loading import load_scorer
-from worker.codec import Entry, decode_batch, default_max_payload_bytes
 from worker.scoring import DecisionRule
 
 EXIT_ERROR = 2

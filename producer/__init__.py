@@ -1,0 +1,1 @@
+"""The producer side of the input stream: `ImageProducer` and `anomaly-producer`."""
