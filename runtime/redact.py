@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 MASK = "***"
 # Query parameters that carry secrets (redis-py passes every query parameter to the connection:
@@ -25,7 +25,11 @@ def redact_url(url: str) -> str:
             query = urlencode(
                 [(name, MASK if _is_secret(name) else value) for name, value in pairs], safe="*"
             )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        if netloc == parts.netloc and query == parts.query:
+            return url
+        # Rebuilt by hand: urlunsplit drops the // of an empty authority (unix:///path).
+        text = f"{parts.scheme}://{netloc}{parts.path}"
+        return text + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
     except ValueError:  # not a URL at all (a bad port, brackets): show nothing of it
         return MASK
 
