@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from runtime.settings import WorkerSettings
 from runtime.cli import explain, load_settings
+from runtime.settings import WorkerSettings
 from worker.cli import build_parser
 
 
