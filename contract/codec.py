@@ -11,12 +11,13 @@ Any other field is kept (and copied to the dead-letter stream when the entry is 
 from __future__ import annotations
 
 import json
-import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import simdjson
 
 from detector.errors import InvalidMessage
 
@@ -59,6 +60,24 @@ class DecodedBatch:
     def images(self) -> np.ndarray:
         """(len(ids), D) float32 in [0, 1]: the pixels, scaled on first use."""
         return self.pixels if self.scale is None else scale_pixels(self.pixels, self.scale)
+
+    def reject_rows(self, reasons: Mapping[int, str], code: str) -> DecodedBatch:
+        """This batch without the rows in `reasons` (row -> reason), which join its rejects."""
+        if not reasons:
+            return self
+        keep = [row for row in range(len(self.ids)) if row not in reasons]
+        rejected = [*self.rejected]
+        rejected.extend(
+            Rejected(self.ids[row], self.fields[row], code, reason) for row, reason in reasons.items()
+        )
+        return DecodedBatch(
+            ids=[self.ids[row] for row in keep],
+            fields=[self.fields[row] for row in keep],
+            dtypes=[self.dtypes[row] for row in keep],
+            pixels=self.pixels[keep],
+            rejected=rejected,
+            scale=self.scale,
+        )
 
 
 def scale_pixels(pixels: np.ndarray, scale: float) -> np.ndarray:
@@ -106,29 +125,65 @@ def _check_floats(values: np.ndarray, dtype: str) -> None:
         )
 
 
+_NUMBER = re.compile(rb"\s*-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\s*")
+
+
 def _decode_json(payload: bytes, dim: int) -> np.ndarray:
-    try:
-        values = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidMessage("bad_json", f"image is not valid JSON: {exc}") from exc
-    if not isinstance(values, list):
+    """A flat JSON array of `dim` numbers in [0, 1], parsed without recursion and without a Python
+    object per value (simdjson hands the array over as one buffer of doubles)."""
+    text = payload.strip()
+    if not text.startswith(b"["):
+        kind = {b"{": "an object", b'"': "a string"}.get(text[:1], "not an array")
+        raise InvalidMessage("bad_json", f"image JSON is {kind}, expected an array of {dim} numbers")
+    if text.count(b"[") != 1 or b"{" in text:
         raise InvalidMessage(
-            "bad_json",
-            f"image JSON is a {type(values).__name__}, expected an array of {dim} numbers",
+            "bad_json", f"image JSON array is nested, expected a flat array of {dim} numbers"
         )
+    document = None
+    try:
+        document = simdjson.Parser().parse(text)
+        if not isinstance(document, simdjson.Array):  # the brackets above make this unreachable
+            raise TypeError(f"a JSON {type(document).__name__}, not an array")
+        values = np.frombuffer(document.as_buffer(of_type="d"), dtype=np.float64)
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage("bad_json", f"image is not valid JSON: it is not UTF-8 ({exc.reason})") from exc
+    except TypeError as exc:  # INCORRECT_TYPE: a value that is not a number
+        index, token = _first_non_number(text)
+        raise InvalidMessage(
+            "not_numeric", f"image JSON value {index} is {_kind_of(token)} {token[:40]}, expected a number"
+        ) from exc
+    except Exception as exc:  # simdjson's ValueError/RuntimeError: malformed, NaN, too big a number
+        if b"NaN" in text or b"Infinity" in text:
+            raise InvalidMessage(
+                "non_finite", "image JSON holds NaN or Infinity; expected finite values for dtype json"
+            ) from exc
+        raise InvalidMessage("bad_json", f"image is not valid JSON: {_first_line(exc)}") from exc
+    finally:
+        del document  # the parser's buffer is released with its document
     if len(values) != dim:
         raise InvalidMessage("bad_length", f"image JSON array has {len(values)} values, expected {dim}")
-    for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise InvalidMessage(
-                "not_numeric",
-                f"image JSON value {i} is {type(v).__name__} {v!r:.40}, expected a number",
-            )
-        if isinstance(v, float) and not math.isfinite(v):
-            raise InvalidMessage("non_finite", f"pixel {i} is {v!r}; expected finite values for dtype json")
-    array = np.asarray(values, dtype=np.float64)
-    _check_floats(array, "json")
-    return array.astype(np.float32)
+    _check_floats(values, "json")
+    return values.astype(np.float32)
+
+
+def _first_non_number(text: bytes) -> tuple[int, str]:
+    """Where a flat JSON array stops holding numbers (only on the error path): index and token."""
+    for index, token in enumerate(text.strip()[1:-1].split(b",")):
+        if not _NUMBER.fullmatch(token):
+            return index, token.strip().decode("utf-8", "replace")
+    return -1, ""
+
+
+def _kind_of(token: str) -> str:
+    if token.startswith('"'):
+        return "a string"
+    if token in ("true", "false"):
+        return "a boolean"
+    return "null" if token == "null" else "not a number:"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).split(".")[0][:200] or type(exc).__name__
 
 
 def validate_entry(fields: Mapping[bytes, bytes], dim: int, max_payload_bytes: int) -> str:
@@ -158,9 +213,43 @@ def validate_entry(fields: Mapping[bytes, bytes], dim: int, max_payload_bytes: i
 def decode_batch(
     entries: Sequence[Entry], dim: int, max_payload_bytes: int, uint8_scale: float = 1.0 / 255.0
 ) -> DecodedBatch:
-    """Decode a batch into one (n, D) float32 matrix; uint8 and float32 in one numpy call each."""
-    fast = _decode_uniform(entries, dim, max_payload_bytes, uint8_scale)
-    return fast if fast is not None else _decode_any(entries, dim, max_payload_bytes, uint8_scale)
+    """Decode a batch into one (n, D) matrix; uint8 and float32 in one numpy call each. Total: an
+    entry that cannot be decoded, whatever it holds, becomes a `Rejected` with a reason; nothing
+    raises out of the batch."""
+    try:
+        fast = _decode_uniform(entries, dim, max_payload_bytes, uint8_scale)
+    except Exception:  # an entry of an unforeseen shape: the long way refuses it alone
+        fast = None
+    if fast is not None:
+        return fast
+    try:
+        return _decode_any(entries, dim, max_payload_bytes, uint8_scale)
+    except Exception:  # a bug of the batch path: entry by entry, so only what fails is refused
+        return _decode_one_by_one(entries, dim, max_payload_bytes, uint8_scale)
+
+
+def _decode_one_by_one(
+    entries: Sequence[Entry], dim: int, max_payload_bytes: int, uint8_scale: float
+) -> DecodedBatch:
+    ids: list[bytes] = []
+    kept: list[Mapping[bytes, bytes]] = []
+    dtypes: list[str] = []
+    rows: list[np.ndarray] = []
+    rejected: list[Rejected] = []
+    for entry_id, fields in entries:
+        try:
+            one = _decode_any([(entry_id, fields)], dim, max_payload_bytes, uint8_scale)
+        except Exception as exc:
+            rejected.append(_unexpected(entry_id, fields, exc))
+            continue
+        rejected.extend(one.rejected)
+        if one.ids:
+            ids.append(entry_id)
+            kept.append(fields)
+            dtypes.extend(one.dtypes)
+            rows.append(one.images[0])
+    images = np.stack(rows) if rows else np.empty((0, dim), np.float32)
+    return DecodedBatch(ids=ids, fields=kept, dtypes=dtypes, pixels=images, rejected=rejected)
 
 
 def _decode_uniform(
@@ -220,6 +309,8 @@ def _decode_any(
             accepted.append(index)
         except InvalidMessage as exc:
             rejected.append(Rejected(entry_id, fields, exc.code, exc.reason))
+        except Exception as exc:  # a field shape nobody foresaw: this entry's dead letter, not the batch's
+            rejected.append(_unexpected(entry_id, fields, exc))
 
     images = np.empty((len(accepted), dim), dtype=np.float32)
     rows_by_dtype: dict[str, list[int]] = {name: [] for name in DTYPES}
@@ -256,6 +347,8 @@ def _decode_any(
             images[r] = _decode_json(entries[accepted[r]][1][b"image"], dim)
         except InvalidMessage as json_error:
             bad_rows[r] = json_error
+        except Exception as exc:  # anything else the parser raised: this entry alone is refused
+            bad_rows[r] = InvalidMessage("decode_error", _unexpected_reason(exc))
 
     if bad_rows:
         for r, problem in bad_rows.items():
@@ -273,6 +366,14 @@ def _decode_any(
         pixels=images,
         rejected=rejected,
     )
+
+
+def _unexpected_reason(exc: BaseException) -> str:
+    return f"the entry could not be decoded ({type(exc).__name__}: {str(exc)[:200]})"
+
+
+def _unexpected(entry_id: bytes, fields: Mapping[bytes, bytes], exc: BaseException) -> Rejected:
+    return Rejected(entry_id, fields, "decode_error", _unexpected_reason(exc))
 
 
 def encode_image(image: np.ndarray, dtype: str = "uint8") -> dict[str, bytes]:

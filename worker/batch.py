@@ -51,3 +51,65 @@ def score_batch(
     except Exception as exc:  # a candidate under evaluation: whatever it raises, serving goes on
         return Scored(scores, decisions, regions, shadow_error=f"{type(exc).__name__}: {exc}")
     return Scored(scores, decisions, regions, shadow_batch)
+
+
+def select_rows(scored: Scored, rows: np.ndarray) -> Scored:
+    """The part of `scored` for these row indices (ascending), renumbered from 0."""
+    renumber = {int(old): new for new, old in enumerate(rows.tolist())}
+    shadow = scored.shadow
+    if shadow is not None:
+        shadow = ShadowBatch(
+            shadow.scores[rows],
+            _decisions_rows(shadow.decisions, rows),
+            shadow.model_version,
+            shadow.threshold,
+        )
+    return Scored(
+        scored.scores[rows],
+        _decisions_rows(scored.decisions, rows),
+        {renumber[row]: region for row, region in scored.regions.items() if row in renumber},
+        shadow,
+        scored.shadow_error,
+    )
+
+
+def concatenate(parts: list[Scored]) -> Scored:
+    """Scored batches one after the other, as one (rows renumbered in order)."""
+    if len(parts) == 1:
+        return parts[0]
+    regions: dict[int, tuple[str, float]] = {}
+    offset = 0
+    for part in parts:
+        regions.update({offset + row: region for row, region in part.regions.items()})
+        offset += len(part.scores)
+    shadows = [part.shadow for part in parts]
+    shadow = None
+    if parts and all(s is not None for s in shadows):
+        first = shadows[0]
+        assert first is not None
+        shadow = ShadowBatch(
+            np.concatenate([s.scores for s in shadows if s is not None]),
+            _concatenate_decisions([s.decisions for s in shadows if s is not None]),
+            first.model_version,
+            first.threshold,
+        )
+    errors = [part.shadow_error for part in parts if part.shadow_error is not None]
+    return Scored(
+        np.concatenate([part.scores for part in parts]),
+        _concatenate_decisions([part.decisions for part in parts]),
+        regions,
+        shadow,
+        errors[0] if errors and shadow is None else None,
+    )
+
+
+def _decisions_rows(decisions: Decisions, rows: np.ndarray) -> Decisions:
+    return Decisions(decisions.flagged[rows], decisions.z[rows], decisions.p_value[rows])
+
+
+def _concatenate_decisions(parts: list[Decisions]) -> Decisions:
+    return Decisions(
+        np.concatenate([d.flagged for d in parts]),
+        np.concatenate([d.z for d in parts]),
+        np.concatenate([d.p_value for d in parts]),
+    )

@@ -6,12 +6,7 @@ import argparse
 import gc
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable
-from types import FrameType
-from typing import Any
 
 from threadpoolctl import threadpool_limits
 
@@ -26,9 +21,9 @@ from runtime.cli import (
 from runtime.connection import make_redis
 from runtime.settings import WorkerSettings
 from worker.allocator import keep_freed_memory
+from worker.signals import Signals
 
 log = logging.getLogger("worker")
-EXIT_FORCED = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,15 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of anomaly-worker."""
+    signals = Signals().install()  # first: a signal during start-up is remembered, never fatal
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(WorkerSettings, args)
     except SettingsRefused as exc:
         return refuse("anomaly-worker", str(exc))
+    signals.grace_seconds = settings.grace_seconds
     configure_logging(settings)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     log.info("starting %s", settings.summary())
+    return serve(settings, signals, burst=args.burst)
 
+
+def serve(settings: WorkerSettings, signals: Signals, burst: bool = False) -> int:
+    """Build the worker's parts (metrics and health server, model, Redis client, scoring process,
+    runner) and run it until stopped; a stop requested while building ends it with 0."""
     from prometheus_client import CollectorRegistry
 
     from detector.errors import AnomalyScorerError
@@ -114,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         rule.policy,
         rule.expected_flag_rate,
     )
-
-    client = make_redis(settings, settings.consumer, settings.block_ms / 1000.0 + 10.0)
-    stream = ShardSet.from_settings(client, settings)
     if shadow is not None:
         log.info(
             "shadow model loaded model_version=%s engine=%s threshold=%.6g policy=%s",
@@ -125,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             shadow.rule.threshold,
             shadow.rule.policy,
         )
+    if signals.stop_requested.is_set():
+        log.info("stopped during start-up, before the first read")
+        server.stop()
+        return 0
     scoring_process = None
     if settings.prefetch and settings.scoring_process:
         scoring_process = ScoringProcess(settings.batch_size, settings.scoring_threads, settings.tune_malloc)
@@ -134,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         except ScoringProcessError as exc:
             log.warning("scoring process not started, scoring on a thread instead error=%s", exc)
             scoring_process = None
+    client = make_redis(settings, settings.consumer, settings.block_ms / 1000.0 + 10.0)
     runner = Runner(
         settings,
-        stream,
+        ShardSet.from_settings(client, settings),
         model,
         metrics,
         health,
@@ -147,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     # One read of runner.scoring_process: the loop may drop it while a scrape reads it.
     metrics.watch_scoring_process(lambda: getattr(runner.scoring_process, "pid", None))
-    install_signal_handlers(runner, settings.grace_seconds)
+    signals.attach(runner)  # a stop or reload that came during start-up applies now
     # Everything loaded so far lives as long as the process: keep it out of the garbage
     # collector's full passes, which otherwise stop the loop for about 20 ms every few seconds.
     gc.freeze()
     try:
-        if args.burst:
+        if burst:
             handled = runner.drain()
             log.info("burst done handled=%d", handled)
         else:
@@ -163,33 +167,3 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
     log.info("stopped")
     return 0
-
-
-def install_signal_handlers(
-    runner: Any, grace_seconds: float, exit_now: Callable[[int], None] = os._exit
-) -> None:
-    """SIGTERM/SIGINT: warm stop (finish the batch), forced after grace; again: exit now. SIGHUP: reload."""
-    state = {"signals": 0}
-
-    def hard_exit(reason: str) -> None:
-        log.error("exiting now reason=%s", reason)
-        logging.shutdown()
-        exit_now(EXIT_FORCED)
-
-    def on_stop(signum: int, _frame: FrameType | None) -> None:
-        state["signals"] += 1
-        if state["signals"] > 1:
-            hard_exit(f"second signal {signal.Signals(signum).name}")
-        log.info("stop requested signal=%s grace_seconds=%g", signal.Signals(signum).name, grace_seconds)
-        runner.request_stop()
-        timer = threading.Timer(grace_seconds, hard_exit, args=("grace time exceeded",))
-        timer.daemon = True
-        timer.start()
-
-    def on_reload(_signum: int, _frame: FrameType | None) -> None:
-        log.info("reload requested signal=SIGHUP")
-        runner.reload_event.set()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_reload)

@@ -172,6 +172,12 @@ class WorkerMetrics:
             "(after 3 in a row the worker scores on its thread).",
             registry=r,
         )
+        self.unscored_batches = Counter(
+            "anomaly_batches_unscored",
+            "Batches the model could not score at all (every image raised, or none scored finitely): "
+            "nothing was committed, their entries are read again one at a time until MAX_DELIVERIES.",
+            registry=r,
+        )
         self.shadow_errors = Counter(
             "anomaly_shadow_errors",
             "Batches the shadow model failed to score; the served model's results were committed "

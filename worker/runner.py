@@ -31,7 +31,7 @@ from contract.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, 
 from detector.artifact import manifest_digest
 from detector.errors import AnomalyScorerError
 from runtime.settings import WorkerSettings
-from worker.batch import Scored, score_batch
+from worker.batch import Scored, concatenate, score_batch, select_rows
 from worker.commit import DELETED_REASON, ShadowBatch, build_commit, dead_letter_fields
 from worker.drift import ScoreDrift
 from worker.http import Health
@@ -59,8 +59,15 @@ KNOWN_DTYPES = frozenset(d.encode() for d in DTYPES)
 # After this many scoring-process failures in a row (it died, hung, or would not start), the worker
 # scores on its thread instead: slower, but it keeps serving.
 SCORING_PROCESS_ATTEMPTS = 3
+# Entries delivered before and never committed are handled this many at a time (see run_once).
+SUSPECTS_AT_A_TIME = 1
 
 InFlight = Future[Scored] | PendingScores  # a batch's scores being computed elsewhere
+
+
+class ScoringFailed(AnomalyScorerError):
+    """The model could not score any image of a batch: nothing was committed, the entries stay
+    pending and are read again (one at a time, so MAX_DELIVERIES ends each)."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +174,11 @@ class Runner:
         for index, cursor in enumerate(self._pending_cursors):
             if cursor is not None and not entries:
                 stream = self.shards.streams[index]
-                entries = stream.read_own_pending(cursor, self.settings.batch_size)
+                # One at a time: these were delivered before and never committed (this worker
+                # crashed, lost Redis, or failed to score them). Each read counts a delivery of
+                # that entry alone, so an entry that kills the worker reaches MAX_DELIVERIES by
+                # itself, and its neighbours are scored.
+                entries = stream.read_own_pending(cursor, SUSPECTS_AT_A_TIME)
                 self._pending_cursors[index] = entries[-1][0] if entries else None
         suspects = bool(entries)
         decoded: DecodedBatch | None = None
@@ -203,7 +214,18 @@ class Runner:
             except ScoringProcessError as exc:
                 self._scoring_failed(exc)  # the batches in hand come back from own pending
                 continue
-            if handled == 0 and all(c is None for c in self._pending_cursors) and not self._ready:
+            except ScoringFailed as exc:  # read again one at a time: MAX_DELIVERIES ends each
+                self.metrics.unscored_batches.inc()
+                log.error("batch not scored error=%s", exc)
+                self._forget_in_hand()
+                continue
+            reclaiming = self.monotonic() >= self._next_claim  # a claim cycle not finished yet
+            if (
+                handled == 0
+                and all(c is None for c in self._pending_cursors)
+                and not self._ready
+                and not reclaiming
+            ):
                 return total
             total += handled
 
@@ -225,32 +247,39 @@ class Runner:
     def _reclaim(self) -> tuple[StreamClient, list[Entry]]:
         index = self._claim_shard
         stream = self.shards.streams[index]
-        cursor, entries, deleted = stream.reclaim_stale(
-            self.settings.claim_idle_ms, self._claim_cursors[index], self.settings.batch_size
+        # One at a time, like own pending: a stale entry may be what killed its last owner.
+        found = stream.reclaim_stale(
+            self.settings.claim_idle_ms, self._claim_cursors[index], SUSPECTS_AT_A_TIME
         )
-        self._claim_cursors[index] = cursor
-        if _is_zero_id(cursor):  # this shard done: the next one, or rest after the last
+        self._claim_cursors[index] = found.cursor
+        if _is_zero_id(found.cursor):  # this shard done: the next one, or rest after the last
             self._claim_shard = (index + 1) % len(self.shards)
             if self._claim_shard == 0:
                 self._next_claim = self.monotonic() + self._claim_interval
-        if deleted:
-            # Trimmed while pending: Redis >= 7 already dropped them from the group; dead-letter
-            # their ids (the data is gone) so the loss is visible.
-            log.warning("reclaimed entries were trimmed from the stream count=%d", len(deleted))
-            commit = Commit()
-            for entry_id in deleted:
-                rejected = Rejected(entry_id, {}, "deleted", DELETED_REASON)
-                fields = dead_letter_fields(
-                    rejected, int(self.clock() * 1000), self.model.scorer.model_version
-                )
-                commit.records.append((b"", [(DEAD_LETTER, fields)]))
-                self.metrics.invalid.labels("deleted").inc()
-                self.metrics.messages.labels("unknown", "dead_letter").inc()
-            stream.commit_batch(commit)
-        if entries:
-            self.metrics.reclaimed.inc(len(entries))
-            log.info("reclaimed stale entries count=%d shard=%d", len(entries), stream.shard)
-        return stream, entries
+        if found.trimmed:
+            self._dead_letter_trimmed(stream, found.trimmed)
+        if found.unnamed_trimmed:
+            # Redis 6.2: they are ours now, pending; our own pending read names them, and
+            # _split_poison dead-letters and acks each (else they would come back at every claim).
+            self._pending_cursors[index] = b"0"
+        if found.entries:
+            self.metrics.reclaimed.inc(len(found.entries))
+            log.info("reclaimed stale entries count=%d shard=%d", len(found.entries), stream.shard)
+        return stream, found.entries
+
+    def _dead_letter_trimmed(self, stream: StreamClient, trimmed: list[bytes]) -> None:
+        """Dead-letter the ids of entries trimmed while pending (their data is lost; the loss is
+        visible). Redis >= 7 already dropped them from the group: published without an ack."""
+        log.warning("reclaimed entries were trimmed from the stream count=%d", len(trimmed))
+        commit = Commit()
+        now_ms = int(self.clock() * 1000)
+        version = self.model.scorer.model_version
+        for entry_id in trimmed:
+            fields = dead_letter_fields(Rejected(entry_id, {}, "deleted", DELETED_REASON), now_ms, version)
+            commit.records.append((b"", [(DEAD_LETTER, fields)]))
+            self.metrics.invalid.labels("deleted").inc()
+            self.metrics.messages.labels("unknown", "dead_letter").inc()
+        stream.commit_batch(commit)
 
     def handle_batch(
         self,
@@ -280,11 +309,14 @@ class Runner:
         backlog = len(entries) >= self._prefetch_from and not check_deliveries
         shadow = self.shadow
         if not (backlog and self.settings.prefetch and not self.stop_event.is_set()):
-            if scoring is not None:
-                scored = scoring.result()
-            else:
-                every_region = bool(self.settings.scores_stream)
-                scored = score_batch(model, shadow, decoded.images, every_region)
+            every_region = bool(self.settings.scores_stream)
+            here = decoded
+            compute = (
+                scoring.result
+                if scoring is not None
+                else lambda: score_batch(model, shadow, here.images, every_region)
+            )
+            scored, decoded = self._scored(compute, model, shadow, decoded)
             self._commit(stream, model, decoded, scored, handled, started, now_ms, id_range)
             return
         # A backlog: this batch is scored elsewhere (the scoring process or thread) while this one
@@ -297,9 +329,80 @@ class Runner:
         try:
             self._prefetch(model)
         finally:
-            scored = scoring.result()  # its error, if any, is this batch's; never leave it running
+            # Its error, if any, is this batch's; never leave it running.
+            scored, decoded = self._scored(scoring.result, model, shadow, decoded)
         self._score_next_elsewhere(model, shadow)
         self._commit(stream, model, decoded, scored, handled, started, now_ms, id_range)
+
+    def _scored(
+        self,
+        compute: Callable[[], Scored],
+        model: LoadedModel,
+        shadow: LoadedModel | None,
+        decoded: DecodedBatch,
+    ) -> tuple[Scored, DecodedBatch]:
+        """The batch's scores, and the batch without the images its model could not score: those
+        raised (when the whole batch raised, each image is scored alone to find which) or got a
+        score that is not finite; they go to the dead-letter stream (reason_code score_error).
+        When no image of the batch can be scored, the model is at fault, not its input:
+        ScoringFailed, nothing is committed and the entries stay pending."""
+        try:
+            scored = compute()
+        except (redis.RedisError, ScoringProcessError):
+            raise
+        except Exception as exc:  # the model raised on this batch: which of its images?
+            scored, failures = self._score_rows_alone(model, shadow, decoded, exc)
+        else:
+            failures = {}
+        finite = np.isfinite(scored.scores)
+        if not finite.all():
+            if not finite.any() and not failures:
+                raise ScoringFailed(
+                    f"model {model.scorer.model_version} scored none of the {len(finite)} images of "
+                    f"the batch finitely (scores like {float(scored.scores[0])!r}); its entries stay pending"
+                )
+            kept = np.flatnonzero(finite)
+            bad = {
+                int(row): f"the model's score is {float(scored.scores[row])!r}, expected a finite number"
+                for row in np.flatnonzero(~finite)
+            }
+            rows_left = [row for row in range(len(decoded.ids)) if row not in failures]
+            failures.update({rows_left[row]: reason for row, reason in bad.items()})
+            scored = select_rows(scored, kept)
+        if failures:  # counted with the other rejects: anomaly_messages_invalid_total{reason="score_error"}
+            log.warning(
+                "images the model could not score go to the dead-letter stream count=%d first=%s",
+                len(failures),
+                next(iter(failures.values())),
+            )
+        return scored, decoded.reject_rows(failures, "score_error")
+
+    def _score_rows_alone(
+        self, model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch, error: Exception
+    ) -> tuple[Scored, dict[int, str]]:
+        """Score each image of a batch whose scoring raised `error` on its own, on this thread."""
+        if len(decoded.ids) <= 1:
+            raise ScoringFailed(
+                f"model {model.scorer.model_version} failed to score the batch: "
+                f"{type(error).__name__}: {error}; its entries stay pending"
+            ) from error
+        every_region = bool(self.settings.scores_stream)
+        images = decoded.images
+        parts: list[Scored] = []
+        failures: dict[int, str] = {}
+        for row in range(len(decoded.ids)):
+            try:
+                parts.append(score_batch(model, shadow, images[row : row + 1], every_region))
+            except Exception as exc:
+                failures[row] = (
+                    f"the model failed to score this image: {type(exc).__name__}: {str(exc)[:300]}"
+                )
+        if not parts:
+            raise ScoringFailed(
+                f"model {model.scorer.model_version} failed to score every image of the batch alone "
+                f"({len(failures)}): {type(error).__name__}: {error}; its entries stay pending"
+            ) from error
+        return concatenate(parts), failures
 
     def _score_elsewhere(
         self, model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch
@@ -619,6 +722,13 @@ class Runner:
                 continue
             except ScoringProcessError as exc:
                 self._scoring_failed(exc)
+                continue
+            except ScoringFailed as exc:
+                failures += 1
+                self.metrics.unscored_batches.inc()
+                log.error("batch not scored error=%s; retrying with backoff", exc)
+                self._forget_in_hand()
+                self.stop_event.wait(backoff.compute(failures))
                 continue
             if redis_state is not True:
                 log.info(

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Up to this many records the commit script reads each one's owner with its own XPENDING call;
-# above, with one XPENDING over the batch's id range (the same number is in COMMIT_SCRIPT).
+# Up to this many ids the commit script reads each one's owner with its own XPENDING call; above,
+# with one XPENDING over the batch's id range (the same number is in COMMIT_SCRIPT).
 FENCE_PER_ID_UP_TO = 16
 
 # While a shard's slot is half migrated (MIGRATING on one node, IMPORTING on another), the commit
@@ -38,19 +38,20 @@ SLOT_MIGRATION_RETRY_SECONDS = 10.0
 # follow in this order (the optional ones only when set), and commit_batch maps each to its key.
 OUTPUT, DEAD_LETTER, SCORES, SHADOW_SCORES = 2, 3, 4, 5
 
-# Fencing: a result is published, and its entry acked, only if the entry is pending to this
-# consumer (ARGV[2]) when the script runs. Another consumer that reclaimed it from us while we were
-# slow (a paused process, a lost connection), or a group that lost our delivery in a failover, owns
-# it now: our copy is fenced (counted, nothing written) and the owner publishes. Ownership is read
-# with XPENDING filtered by consumer: one call per id for a few records, else one range call over
-# the batch's ids (ARGV[3], ARGV[4]; pages of 1000). Plain ids (nothing to publish) are acked
-# without the check: whoever commits one first acks it, and nothing is published either way.
+# Fencing: an entry is acked, and its results published, only if it is pending to this consumer
+# (ARGV[2]) when the script runs. Another consumer that reclaimed it from us while we were slow (a
+# paused process, a lost connection), or a group that lost our delivery in a failover, owns it now:
+# our copy is fenced (counted, nothing written or acked) and the owner publishes. That holds for
+# plain ids (scored normal, nothing to publish) too: a stale worker's ack would otherwise take an
+# entry off the pending list while its owner flagged it, and the owner's anomaly would be fenced.
+# Ownership is read with XPENDING filtered by consumer: one call per id for a few ids, else one
+# range call over the batch's ids (ARGV[4], ARGV[5]; pages of 1000).
 # One script call is atomic, so a crash never acks an unpublished result nor publishes an
 # unacked one. Scripts are not rolled back on error, so every key's type is checked before
 # the first write: a command that could fail midway fails here, with nothing done.
-# Plain ids are acked in chunks (unpack has a stack limit). A record with an empty id is published
-# without an ack: XAUTOCLAIM on Redis >= 7 already removed the trimmed entries it reports from the
-# group, and only the one consumer that claimed them sees their ids.
+# Owned plain ids are acked in chunks (unpack has a stack limit). A record with an empty id is
+# published without an ack: XAUTOCLAIM on Redis >= 7 already removed the trimmed entries it
+# reports from the group, and only the one consumer that claimed them sees their ids.
 COMMIT_SCRIPT = """
 for _, key in ipairs(KEYS) do
   local t = redis.call('TYPE', key)['ok']
@@ -60,15 +61,15 @@ for _, key in ipairs(KEYS) do
   end
 end
 local group, consumer = ARGV[1], ARGV[2]
-local nrecords = tonumber(ARGV[3])
+local nchecked = tonumber(ARGV[3])
 local owned = {}
 local function owns(id)
-  if nrecords <= 16 then
+  if nchecked <= 16 then
     return #redis.call('XPENDING', KEYS[1], group, id, id, 1, consumer) == 1
   end
   return owned[id] == true
 end
-if nrecords > 16 then
+if nchecked > 16 then
   local from = ARGV[4]
   while true do
     local page = redis.call('XPENDING', KEYS[1], group, from, ARGV[5], 1000, consumer)
@@ -84,12 +85,13 @@ local nplain = tonumber(ARGV[7 + ntargets])
 local i = 8 + ntargets
 local acked, published, fenced = 0, 0, 0
 local last = i + nplain - 1
-while i <= last do
-  local stop = math.min(i + 999, last)
-  local n = redis.call('XACK', KEYS[1], group, unpack(ARGV, i, stop))
-  acked = acked + n
-  fenced = fenced + (stop - i + 1 - n)
-  i = stop + 1
+local mine = {}
+for p = i, last do
+  if owns(ARGV[p]) then mine[#mine + 1] = ARGV[p] else fenced = fenced + 1 end
+end
+i = last + 1
+for first = 1, #mine, 1000 do
+  acked = acked + redis.call('XACK', KEYS[1], group, unpack(mine, first, math.min(first + 999, #mine)))
 end
 while i <= #ARGV do
   local id = ARGV[i]
@@ -213,6 +215,19 @@ class PendingCommit:
 
 
 @dataclass(frozen=True)
+class Reclaimed:
+    """What one XAUTOCLAIM call returned: the next cursor, the entries claimed, and the entries
+    trimmed from the stream while pending. Redis >= 7 names those (`trimmed`) and has removed them
+    from the group; 6.2 answers a nil without the id (`unnamed_trimmed` counts them) and keeps them
+    pending, now to us: reading our own pending names them."""
+
+    cursor: bytes | str
+    entries: list[Entry]
+    trimmed: list[bytes]
+    unnamed_trimmed: int = 0
+
+
+@dataclass(frozen=True)
 class GroupState:
     """Sampled consumer-group figures; lag is None on Redis < 7."""
 
@@ -310,22 +325,15 @@ class StreamClient:
         items = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
         return [(entry_id, fields or {}) for entry_id, fields in items]
 
-    def reclaim_stale(
-        self, min_idle_ms: int, start: bytes | str, count: int
-    ) -> tuple[bytes | str, list[Entry], list[bytes]]:
-        """XAUTOCLAIM entries idle longer than `min_idle_ms`; returns (next cursor, entries, deleted ids)."""
+    def reclaim_stale(self, min_idle_ms: int, start: bytes | str, count: int) -> Reclaimed:
+        """XAUTOCLAIM up to `count` entries idle longer than `min_idle_ms`, from cursor `start`."""
         reply = self.redis.xautoclaim(
             self.input_stream, self.group, self.consumer, min_idle_ms, start_id=start, count=count
         )
         cursor, claimed = reply[0], reply[1]
-        deleted = list(reply[2]) if len(reply) > 2 else []  # Redis >= 7 reports trimmed entries
-        entries: list[Entry] = []
-        for entry_id, fields in claimed:
-            if fields:
-                entries.append((entry_id, fields))
-            else:  # Redis 6.2 returns a nil entry for one trimmed away
-                deleted.append(entry_id)
-        return cursor, entries, deleted
+        trimmed = list(reply[2]) if len(reply) > 2 else []  # Redis >= 7 reports trimmed entries
+        entries = [(entry_id, fields) for entry_id, fields in claimed if entry_id is not None and fields]
+        return Reclaimed(cursor, entries, trimmed, len(claimed) - len(entries))
 
     def delivery_counts(self, ids: Sequence[bytes]) -> dict[bytes, int]:
         """How often each of `ids` has been delivered (from XPENDING)."""
@@ -383,7 +391,7 @@ class StreamClient:
 
     def _commit_args(self, commit: Commit) -> list[bytes | str | int]:
         """The commit script's ARGV for `commit` (its layout is described above COMMIT_SCRIPT)."""
-        checked = sum(1 for entry_id, _ in commit.records if entry_id)
+        checked = len(commit.plain_ids) + sum(1 for entry_id, _ in commit.records if entry_id)
         low, high = (commit.id_range or _id_range(commit)) if checked > FENCE_PER_ID_UP_TO else ("", "")
         args: list[bytes | str | int] = [self.group, self.consumer, checked, low, high]
         args.extend((len(self.maxlens), *self.maxlens, len(commit.plain_ids)))
@@ -532,7 +540,7 @@ def _read_group(
 
 
 def _id_range(commit: Commit) -> tuple[bytes | str, bytes | str]:
-    ids = [entry_id for entry_id, _ in commit.records if entry_id]
+    ids = [*commit.plain_ids, *(entry_id for entry_id, _ in commit.records if entry_id)]
     return (min(ids, key=_id_key), max(ids, key=_id_key)) if ids else ("", "")
 
 

@@ -286,3 +286,36 @@ def test_pruning_idle_consumers_works_on_real_servers(
     time.sleep(0.15)
     assert make_runner(client, consumer="new").stream.prune_consumers(100) == ["old"]
     assert [c["name"] for c in client.xinfo_consumers("images", "anomaly-scorer")] == []
+
+
+@pytest.mark.parametrize("server", ["redis7", "redis62"])
+def test_an_entry_trimmed_while_pending_is_dead_lettered_once_not_at_every_claim(
+    server: str, redis_client: redis.Redis, request
+) -> None:
+    client = (
+        redis_client
+        if server == "redis7"
+        else redis.Redis(unix_socket_path=request.getfixturevalue("redis62").socket_file)
+    )
+    client.delete("images", "anomalies", "images:dead-letter")
+    dead = make_runner(client, consumer="dead")
+    dead.start()
+    lost, kept = push(client, 0.9), push(client, 0.9)
+    dead.stream.read_new(10, None)
+    client.xdel("images", lost)  # trimmed while pending (XDEL stands for MAXLEN here)
+    alive = make_runner(client, consumer="alive", claim_idle_ms=100)
+
+    def both_handled() -> bool:
+        alive.drain()
+        return bool(stream(client, "images:dead-letter")) and bool(stream(client, "anomalies"))
+
+    wait_until(both_handled, 5, what="both entries reclaimed (the kept one once idle 100 ms)")
+    assert [(e["source_id"], e["reason_code"]) for e in stream(client, "images:dead-letter")] == [
+        (lost.decode(), "deleted")
+    ]
+    assert [e["source_id"] for e in stream(client, "anomalies")] == [kept.decode()]
+    # Several claim intervals later, nothing is pending and the loss was reported once.
+    time.sleep(0.3)
+    alive.drain()
+    assert len(stream(client, "images:dead-letter")) == 1
+    assert client.xpending("images", "anomaly-scorer")["pending"] == 0

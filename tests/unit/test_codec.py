@@ -72,14 +72,14 @@ def test_mixed_batch_keeps_entry_order_and_separates_rejects() -> None:
         ({"image": b"\x00" * D, "dtype": "int16"}, "unknown_dtype", "dtype 'int16' is not supported"),
         ({"image": b"\x00" * D, "dtype": b"\xff\xfe"}, "unknown_dtype", "not supported"),
         ({"image": "[0.1, 0.2", "dtype": "json"}, "bad_json", "not valid JSON"),
-        ({"image": '{"a": 1}', "dtype": "json"}, "bad_json", "is a dict, expected an array of 784"),
+        ({"image": '{"a": 1}', "dtype": "json"}, "bad_json", "is an object, expected an array of 784"),
         ({"image": json.dumps([0.5] * 10), "dtype": "json"}, "bad_length", "has 10 values, expected 784"),
-        ({"image": json.dumps(["x"] * D), "dtype": "json"}, "not_numeric", "value 0 is str"),
-        ({"image": json.dumps([True] * D), "dtype": "json"}, "not_numeric", "value 0 is bool"),
+        ({"image": json.dumps(["x"] * D), "dtype": "json"}, "not_numeric", "value 0 is a string"),
+        ({"image": json.dumps([True] * D), "dtype": "json"}, "not_numeric", "value 0 is a boolean"),
         (
             {"image": "[" + ",".join(["NaN"] + ["0"] * (D - 1)) + "]", "dtype": "json"},
             "non_finite",
-            "pixel 0 is nan",
+            "holds NaN or Infinity",
         ),
         ({"image": json.dumps([2.0] * D), "dtype": "json"}, "out_of_range", "expected values in [0, 1]"),
         ({"image": b"\xff" * (MAX + 1), "dtype": "json"}, "oversize", f"more than the limit of {MAX}"),
@@ -215,3 +215,103 @@ def test_the_fast_path_takes_clean_uniform_batches_and_leaves_the_rest() -> None
     bad = _spoil(_uniform_batch("float32"), 1, image=np.full(D, np.nan, "<f4").tobytes())
     assert _decode_uniform(bad, D, MAX, 1 / 255) is None
     assert _decode_uniform(_uniform_batch("json"), D, MAX, 1 / 255) is None
+
+
+# -- hostile input: every way an entry can be wrong is that entry's dead letter, with a reason --------
+ZEROS = ",".join(["0"] * (D - 1))
+HOSTILE_JSON = {
+    "deep-nesting": ("[" * 5000, "bad_json", "nested"),
+    "deep-balanced-nesting": ("[" * 2000 + "0" + "]" * 2000, "bad_json", "nested"),
+    "4400-digit-integer": ("[" + ZEROS + "," + "9" * 4400 + "]", "bad_json", "not valid JSON"),
+    "1e999": ("[" + ZEROS + ",1e999]", "bad_json", "not valid JSON"),
+    "negative-huge": ("[" + ZEROS + ",-" + "9" * 30 + "]", "bad_json", "not valid JSON"),
+    "infinity-literal": ("[" + ZEROS + ",Infinity]", "non_finite", "NaN or Infinity"),
+    "object": ('{"image": [0]}', "bad_json", "is an object"),
+    "string": ('"0,0,0"', "bad_json", "is a string"),
+    "number": ("0.5", "bad_json", "not an array"),
+    "nested-array": ("[[" + ZEROS + ",0]]", "bad_json", "nested"),
+    "object-in-array": ("[" + ZEROS + ",{}]", "bad_json", "nested"),
+    "null-in-array": ("[" + ZEROS + ",null]", "not_numeric", f"value {D - 1} is null"),
+    "trailing-garbage": ("[" + ZEROS + ",0] x", "bad_json", "not valid JSON"),
+    "trailing-comma": ("[" + ZEROS + ",0,]", "bad_json", "not valid JSON"),
+    "empty": ("", "bad_json", "not an array"),
+    "empty-array": ("[]", "bad_length", "has 0 values"),
+}
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "reason_part"), list(HOSTILE_JSON.values()), ids=list(HOSTILE_JSON)
+)
+def test_hostile_json_image_is_rejected_alone_with_a_reason(
+    payload: str, code: str, reason_part: str
+) -> None:
+    good = json.dumps([0.25] * D)
+    batch = decode_batch(
+        [
+            entry(1, image=good, dtype="json"),
+            entry(2, image=payload, dtype="json"),
+            entry(3, image=good, dtype="json"),
+        ],
+        D,
+        MAX,
+    )
+    assert batch.ids == [b"1-0", b"3-0"]
+    [rejected] = batch.rejected
+    assert (rejected.entry_id, rejected.code) == (b"2-0", code), rejected.reason
+    assert reason_part in rejected.reason
+
+
+def test_json_image_that_is_not_utf8_is_rejected() -> None:
+    batch = decode_one(image=b"[\xff\xfe" + b",0" * (D - 1) + b"]", dtype="json")
+    assert batch.rejected[0].code == "bad_json"
+    assert "not UTF-8" in batch.rejected[0].reason
+
+
+def test_json_image_accepts_every_number_form_json_allows() -> None:
+    values = ["0", "1", "0.5", "5e-1", "5E-1", "1.25e-1", "-0", "-0.0", "1.0"] + ["0"] * (D - 9)
+    batch = decode_one(image=" [ " + " , ".join(values) + " ]\n", dtype="json")
+    assert batch.rejected == []
+    np.testing.assert_allclose(batch.images[0][:9], [0, 1, 0.5, 0.5, 0.5, 0.125, 0, 0, 1])
+
+
+def test_an_unexpected_error_inside_one_entry_becomes_its_decode_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import contract.codec as codec
+
+    real = codec._decode_json
+
+    def flaky(payload: bytes, dim: int) -> np.ndarray:
+        if payload.startswith(b"[0.5"):
+            raise MemoryError("simulated: the parser ran out of memory")
+        return real(payload, dim)
+
+    monkeypatch.setattr(codec, "_decode_json", flaky)
+    good, bad = json.dumps([0.25] * D), json.dumps([0.5] * D)
+    batch = decode_batch([entry(1, image=good, dtype="json"), entry(2, image=bad, dtype="json")], D, MAX)
+    assert batch.ids == [b"1-0"]
+    assert batch.rejected[0].code == "decode_error"
+    assert "MemoryError: simulated" in batch.rejected[0].reason
+
+
+def test_a_failure_of_the_batch_path_falls_back_to_entry_by_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    import contract.codec as codec
+
+    real = codec._decode_any
+
+    def fails_on_batches(entries, dim, max_payload, scale):  # type: ignore[no-untyped-def]
+        if len(entries) > 1:
+            raise IndexError("simulated: a bug of the batch path")
+        if entries[0][0] == b"2-0":
+            raise KeyError("simulated: this entry's own failure")
+        return real(entries, dim, max_payload, scale)
+
+    monkeypatch.setattr(codec, "_decode_any", fails_on_batches)
+    entries = [
+        entry(i, image=image(i).tobytes(), dtype="uint8", id="x" * 300 if i == 3 else "p")
+        for i in (1, 2, 3, 4)
+    ]
+    batch = decode_batch(entries, D, MAX)
+    assert batch.ids == [b"1-0", b"4-0"]
+    assert {(r.entry_id, r.code) for r in batch.rejected} == {(b"2-0", "decode_error"), (b"3-0", "bad_id")}
+    np.testing.assert_allclose(batch.images[1], image(4) / 255.0, rtol=1e-6)

@@ -18,7 +18,7 @@ from tests.conftest import wait_until
 from tests.support import D, build_runner, make_model, pending, push, stream
 from worker.commit import build_commit
 from worker.loaded_model import LoadedModel
-from worker.runner import Runner
+from worker.runner import Runner, ScoringFailed
 from worker.stream import OUTPUT, SCORES
 
 
@@ -197,6 +197,24 @@ def test_a_result_is_not_published_when_another_consumer_already_acked_the_entry
     r.xack("images", "anomaly-scorer", entry)  # another worker reclaimed and committed it meanwhile
     slow.handle_batch(entries)
     assert stream(r, "anomalies") == []
+
+
+@pytest.mark.parametrize("n", [1, 40], ids=["per-id-check", "range-check"])
+def test_a_stale_workers_ack_of_a_normal_entry_leaves_it_to_its_new_owner(r, make_runner, n: int) -> None:
+    slow = make_runner(consumer="slow")  # scores the entries normal (brightness 0.1 < 0.5)
+    slow.start()
+    ids = [push(r, 0.1) for _ in range(n)]
+    entries = slow.stream.read_new(100, None)
+    # While "slow" was paused, another worker took the entries over (as XAUTOCLAIM does)...
+    r.xclaim("images", "anomaly-scorer", "owner", 0, ids)
+    slow.handle_batch(entries)  # ...so the stale worker's plain acks are fenced, not applied
+    assert slow.metrics.registry.get_sample_value("anomaly_messages_fenced_total") == n
+    owners = {row["consumer"] for row in r.xpending_range("images", "anomaly-scorer", "-", "+", 100)}
+    assert owners == {b"owner"} and pending(r) == n
+    # The owner's model flags them (a stricter threshold): its anomalies are published.
+    make_runner(consumer="owner", model=make_model(threshold=0.05)).drain()
+    assert sorted(e["source_id"] for e in stream(r, "anomalies")) == sorted(i.decode() for i in ids)
+    assert pending(r) == 0
 
 
 def test_poison_entry_delivered_too_often_goes_to_dead_letter_with_count(r, make_runner) -> None:
@@ -478,7 +496,7 @@ def test_a_prefetched_batch_is_scored_by_the_model_loaded_since(r, make_runner) 
     assert versions == ["fake-v1"] * 5 + ["fake-v2"] * 5
 
 
-def test_a_scoring_error_on_the_second_thread_reaches_the_caller_and_commits_nothing(r, make_runner) -> None:
+def test_a_model_that_fails_every_image_on_the_second_thread_commits_nothing(r, make_runner) -> None:
     runner = make_runner(batch_size=5)
     for _ in range(10):
         push(r, 0.9)
@@ -487,7 +505,7 @@ def test_a_scoring_error_on_the_second_thread_reaches_the_caller_and_commits_not
         raise RuntimeError("scorer exploded")
 
     runner.model.scorer.score_batch = broken  # type: ignore[method-assign]
-    with pytest.raises(RuntimeError, match="scorer exploded"):
+    with pytest.raises(ScoringFailed, match="scorer exploded"):
         runner.run_once()
     assert r.xlen("anomalies") == 0 and pending(r) == 10  # nothing acked: redelivered later
     runner.close()
