@@ -55,11 +55,12 @@ def test_a_commit_publishes_only_entries_this_consumer_owns(redis_client: redis.
         plain_ids=[ids[0], ids[2]], records=[(i, [(OUTPUT, ["n", "1"])]) for i in (ids[1], ids[3])]
     )
     late = slow.commit_batch(commit)
-    # Plain ids (nothing to publish) are acked by whoever commits first; records only by their owner.
-    assert (late.acked, late.published, late.fenced) == (3, 1, 1)
+    # Only the owner acks, plain ids (nothing to publish) as much as records: slow's ack of ids[0]
+    # would otherwise take it off the pending list and fence the owner's result for it.
+    assert (late.acked, late.published, late.fenced) == (2, 1, 2)
     assert [f[b"n"] for _, f in redis_client.xrange("out")] == [b"1"]  # only ids[3], slow's own
     owner = fast.commit_batch(Commit(plain_ids=[ids[0]], records=[(ids[1], [(OUTPUT, ["n", "2"])])]))
-    assert (owner.acked, owner.published, owner.fenced) == (1, 1, 1)
+    assert (owner.acked, owner.published, owner.fenced) == (2, 1, 0)
     assert redis_client.xlen("out") == 2 and slow.group_state().pending == 0
 
 
@@ -74,6 +75,18 @@ def test_ownership_of_a_large_batch_is_read_with_one_range(redis_client: redis.R
     again = fast.commit_batch(Commit(records=[(i, [(OUTPUT, ["n", "2"])]) for i in ids[690:910]]))
     assert (again.acked, again.published, again.fenced) == (200, 200, 20)
     assert redis_client.xlen("out") == 1500 and slow.group_state().pending == 0
+
+
+def test_plain_acks_of_a_large_batch_are_fenced_by_owner_too(redis_client: redis.Redis) -> None:
+    slow, fast = consumer_of(redis_client, "slow"), consumer_of(redis_client, "fast")
+    slow.ensure_group("0")
+    ids = [redis_client.xadd("in", {"image": b"x"}) for _ in range(1500)]  # two XPENDING pages
+    slow.read_new(2000, None)
+    redis_client.xclaim("in", "g", "fast", 0, ids[1100:1300])  # in the second page
+    result = slow.commit_batch(Commit(plain_ids=ids))
+    assert (result.acked, result.published, result.fenced) == (1300, 0, 200)
+    owners = {row["consumer"] for row in redis_client.xpending_range("in", "g", "-", "+", 2000)}
+    assert owners == {b"fast"} and slow.group_state().pending == 200
 
 
 def test_a_paused_runner_resumed_after_its_batch_was_reclaimed_publishes_nothing(

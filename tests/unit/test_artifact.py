@@ -185,3 +185,46 @@ def test_manifest_cannot_point_outside_the_artifact(tmp_path: Path) -> None:
     _rewrite(path, MANIFEST_FILE, lambda d: d["files"].update({"../outside": d["files"][MODEL_FILE]}))
     with pytest.raises(ArtifactError, match="only plain file names"):
         load_artifact(path)
+
+
+# -- what the artifact's files may be: regular files, read once, never through a link or a FIFO -----
+@pytest.mark.parametrize("name", [MODEL_FILE, MANIFEST_FILE, ERRORS_FILE])
+def test_a_file_that_is_a_symlink_is_refused_even_when_its_target_matches(tmp_path: Path, name: str) -> None:
+    path = write_fake(tmp_path / "a")
+    target = tmp_path / f"elsewhere-{name}"
+    shutil.copy(path / name, target)
+    (path / name).unlink()
+    (path / name).symlink_to(target)
+    with pytest.raises(ArtifactError, match=f"{name} is a symbolic link; expected a regular file"):
+        load_artifact(path)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("name", [MANIFEST_FILE, ERRORS_FILE])
+def test_a_fifo_in_place_of_a_file_is_refused_without_blocking(tmp_path: Path, name: str) -> None:
+    import os
+
+    path = write_fake(tmp_path / "a")
+    (path / name).unlink()
+    os.mkfifo(path / name)  # opened for reading, it would wait for a writer forever
+    with pytest.raises(ArtifactError, match=f"{name} is a FIFO; expected a regular file"):
+        load_artifact(path)
+
+
+def test_an_artifact_directory_reached_through_a_symlink_loads(tmp_path: Path) -> None:
+    real = write_fake(tmp_path / "v3")
+    (tmp_path / "current").symlink_to(real)  # a common deployment: current -> v3
+    assert (
+        load_artifact(tmp_path / "current").baseline.model_version
+        == load_artifact(real).baseline.model_version
+    )
+
+
+def test_the_loaded_artifact_carries_the_digest_of_the_manifest_it_verified(tmp_path: Path) -> None:
+    import hashlib
+
+    from detector.artifact import manifest_digest
+
+    path = write_fake(tmp_path / "a")
+    expected = hashlib.sha256((path / MANIFEST_FILE).read_bytes()).hexdigest()
+    assert load_artifact(path).manifest_digest == expected == manifest_digest(path)
