@@ -212,3 +212,42 @@ def write_test_certificates(directory: Path) -> Path:
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
         "-out", "server.crt", "-days", "1", "-extfile", "ext")  # fmt: skip
     return directory / "ca.crt"
+
+
+def push_alert(
+    r: Any,
+    model_version: str,
+    pid: str,
+    *,
+    shard: int | None = None,
+    score: float = 0.5,
+    image: dict[str, bytes] | None = None,
+    source_id: str = "*",
+    **extra: str,
+) -> tuple[str, str]:
+    """An input entry (a real digit, or the fields `image`) and the output entry a worker would
+    write for it, in the streams of `shard` (`images:{i}`, `anomalies:{i}`; None: unsharded names);
+    returns (source_id, the alert's entry id)."""
+    from contract.shards import shard_key
+    from tests.conftest import mnist_sample
+
+    inputs = "images" if shard is None else shard_key("images", shard)
+    outputs = "anomalies" if shard is None else shard_key("anomalies", shard)
+    if image is None:
+        digit = mnist_sample(1, seed=int(r.xlen(inputs)) + 100 * (shard or 0))[0][0]
+        image = {"image": (digit * 255).round().astype(np.uint8).tobytes()}
+    source = r.xadd(inputs, {**image, "id": pid}, id=source_id).decode()
+    fields = {
+        "id": pid,
+        "source_id": source,
+        "score": repr(score),
+        "threshold": "0.1",
+        "z": "4.2",
+        "p_value": "0.001",
+        "model_version": model_version,
+        "scored_at_ms": "1700000000000",
+        "region": "7,7,14,14",
+        "region_share": "0.4",
+    } | extra
+    alert = r.xadd(outputs, fields).decode()
+    return source, alert

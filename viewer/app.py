@@ -1,22 +1,29 @@
 """anomaly-viewer's web app: the latest anomalies with their pictures, and one-click labels.
 
 Design: the output stream carries no image, so the viewer reads the original from the input stream
-by `source_id` (while the producers' MAXLEN still keeps it) and recomputes the reconstruction and
-the error heatmap itself with the artifact's numpy network: the worker stays as cheap as it is.
-Labels go to the labels stream (`contract.labels` is the contract). Everything shown is escaped
-by Jinja2's autoescape, and the page's Content-Security-Policy allows no inline script, so text a
-producer supplied (ids, any field) can never run.
+by the alert's `source_id` (while the producers' MAXLEN still keeps it) and recomputes the
+reconstruction and the error heatmap itself with the artifact's numpy network: the worker stays as
+cheap as it is. Labels go to the labels stream (`contract.labels` is the contract). Everything
+shown is escaped by Jinja2's autoescape, and the page's Content-Security-Policy allows no inline
+script, so text a producer supplied (ids, any field) can never run.
 
-I/O is in `ViewerStore` (Redis) and `ModelSource` (the artifact on disk); `build_app` takes them.
+Every endpoint that reads Redis or runs numpy is a plain function, which Starlette runs in its
+threadpool: a slow Redis or a large picture never stalls the event loop. A Redis error becomes a
+503 page. Requests must name an allowed host (DNS rebinding); labels need a session and its CSRF
+token (`viewer.sessions`) or the token as a bearer.
+
+I/O is in `ViewerStore` (Redis, `viewer.store`) and `ModelSource` (the artifact on disk);
+`build_app` takes them.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
+import re
+import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -25,144 +32,38 @@ import numpy as np
 import redis
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from contract.codec import decode_batch, default_max_payload_bytes
-from contract.labels import LABEL_VALUES, Label, latest_labels
+from contract.labels import LABEL_VALUES, Label, LabelValue
 from detector.artifact import load_artifact, manifest_digest
 from detector.errors import AnomalyScorerError
+from runtime.connection import make_redis
+from runtime.settings.viewer import DEFAULT_ALLOWED_HOSTS, ViewerSettings, host_patterns
 from viewer.pictures import Pictures, Reconstructor
+from viewer.sessions import Sessions
+from viewer.store import LATEST, Anomaly, ViewerStore
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).with_name("templates")
-TOKEN_COOKIE = "anomaly_viewer_token"
-LATEST = 50  # anomalies on the page
-SCAN = 1000  # output entries read to find them (filtering by model version)
-LABELS_SCAN = 10_000
-PICTURES = ("original", "reconstruction", "heatmap")  # label entries read to show what is labelled already
+SESSION_COOKIE = "anomaly_viewer_session"
+PICTURES = ("original", "reconstruction", "heatmap")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 
 
-def _text(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-@dataclass(frozen=True)
-class Anomaly:
-    """One output entry as the page shows it (every field as the worker or producer wrote it)."""
-
-    entry_id: str
-    id: str
-    source_id: str
-    score: str
-    threshold: str
-    z: str
-    p_value: str
-    model_version: str
-    scored_at_ms: str
-    region: str
-    region_share: str
-    label: str = ""  # the latest label, if any
-
-    @classmethod
-    def from_entry(cls, entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> Anomaly:
-        """An output-stream entry; missing fields are empty."""
-
-        def get(name: str) -> str:
-            return _text(fields.get(name.encode()))
-
-        return cls(
-            entry_id=_text(entry_id),
-            id=get("id"),
-            source_id=get("source_id"),
-            score=get("score"),
-            threshold=get("threshold"),
-            z=get("z"),
-            p_value=get("p_value"),
-            model_version=get("model_version"),
-            scored_at_ms=get("scored_at_ms"),
-            region=get("region"),
-            region_share=get("region_share"),
-        )
-
-    def number(self, name: str, digits: int = 4) -> str:
-        """A numeric field rounded for people; the raw text when it is not a number."""
-        raw = getattr(self, name)
-        try:
-            return f"{float(raw):.{digits}g}"
-        except ValueError:
-            return raw
-
-    @property
-    def scored_at(self) -> str:
-        """UTC time of scoring, or the raw field."""
-        try:
-            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(self.scored_at_ms) / 1000))
-        except (ValueError, OverflowError, OSError):
-            return self.scored_at_ms
-
-
-class ViewerStore:
-    """The viewer's Redis reads and its one write (a label). Read-only on every other stream."""
-
-    def __init__(self, client: Any, input_stream: str, output_stream: str, labels_stream: str) -> None:
-        self.client = client
-        self.input_stream = input_stream
-        self.output_stream = output_stream
-        self.labels_stream = labels_stream
-
-    def latest(self, model_version: str = "", count: int = LATEST) -> list[Anomaly]:
-        """The newest anomalies first, optionally of one model version, with their latest labels."""
-        entries = self.client.xrevrange(self.output_stream, count=SCAN)
-        anomalies = [Anomaly.from_entry(entry_id, fields) for entry_id, fields in entries]
-        if model_version:
-            anomalies = [a for a in anomalies if a.model_version == model_version]
-        anomalies = anomalies[:count]
-        labels = self.labels()
-        return [
-            Anomaly(**{**a.__dict__, "label": labels[a.source_id].label}) if a.source_id in labels else a
-            for a in anomalies
-        ]
-
-    def model_versions(self) -> list[str]:
-        """Model versions among the latest output entries, for the filter."""
-        entries = self.client.xrevrange(self.output_stream, count=SCAN)
-        return sorted({_text(fields.get(b"model_version")) for _, fields in entries} - {""})
-
-    def anomaly(self, source_id: str) -> Anomaly | None:
-        """The newest output entry for an input entry id."""
-        for entry_id, fields in self.client.xrevrange(self.output_stream, count=SCAN):
-            if _text(fields.get(b"source_id")) == source_id:
-                return Anomaly.from_entry(entry_id, fields)
-        return None
-
-    def original(self, source_id: str) -> tuple[bytes, dict[bytes, bytes]] | None:
-        """The input entry, while the input stream still holds it."""
-        try:
-            found = self.client.xrange(self.input_stream, min=source_id, max=source_id, count=1)
-        except redis.ResponseError as exc:  # an id Redis refuses (not an entry id): nothing to show
-            if "Invalid stream ID" in str(exc):
-                return None
-            raise
-        return (found[0][0], found[0][1]) if found else None
-
-    def labels(self) -> dict[str, Label]:
-        """The latest label per source_id among the last LABELS_SCAN label entries."""
-        entries = list(reversed(self.client.xrevrange(self.labels_stream, count=LABELS_SCAN)))
-        return {label.source_id: label for label in latest_labels(entries).labels}
-
-    def add_label(self, label: Label) -> str:
-        """XADD the label; returns its entry id."""
-        return _text(self.client.xadd(self.labels_stream, label.fields()))
+class PictureUnavailable(AnomalyScorerError):
+    """An alert whose pictures cannot be drawn; the message says why (the 404's text)."""
 
 
 class ModelSource:
@@ -173,37 +74,116 @@ class ModelSource:
         self._digest = ""
         self._reconstructor: Reconstructor | None = None
         self._uint8_scale = 1.0 / 255.0
+        self._lock = threading.Lock()  # pictures are drawn on several threadpool threads at once
 
     def current(self) -> tuple[Reconstructor, float]:
         """The reconstructor and the uint8 scale of the artifact as it is on disk now."""
-        digest = manifest_digest(self.path)
-        if self._reconstructor is None or digest != self._digest:
-            artifact = load_artifact(self.path)
-            self._reconstructor = Reconstructor(artifact)
-            self._uint8_scale = artifact.baseline.preprocessing.uint8_scale
-            self._digest = digest
-            log.info("viewer model loaded model_version=%s", artifact.baseline.model_version)
-        return self._reconstructor, self._uint8_scale
+        with self._lock:
+            digest = manifest_digest(self.path)
+            if self._reconstructor is None or digest != self._digest:
+                artifact = load_artifact(self.path)
+                self._reconstructor = Reconstructor(artifact)
+                self._uint8_scale = artifact.baseline.preprocessing.uint8_scale
+                self._digest = digest
+                log.info("viewer model loaded model_version=%s", artifact.baseline.model_version)
+            return self._reconstructor, self._uint8_scale
 
 
-def pictures_of(store: ViewerStore, model: ModelSource, source_id: str) -> Pictures | None:
-    """The pictures of an anomaly, or None when its input entry is gone or cannot be decoded."""
-    entry = store.original(source_id)
+class PictureCache:
+    """The pictures of the last `limit` alerts drawn, by (manifest digest, shard, alert id): a new
+    artifact redraws them. Shared by the threadpool's threads."""
+
+    def __init__(self, limit: int = 4 * LATEST) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[tuple[str, int, str], Pictures] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, str]) -> Pictures | None:
+        """The cached pictures, or None."""
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[str, int, str], pictures: Pictures) -> None:
+        """Keep `pictures`, dropping the least recently used beyond the limit."""
+        with self._lock:
+            self._entries[key] = pictures
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.limit:
+                self._entries.popitem(last=False)
+
+
+class RedisHealth:
+    """Whether the last Redis call worked: one log line when Redis is lost, one when it is back."""
+
+    def __init__(self) -> None:
+        self._ok = True
+        self._lock = threading.Lock()
+
+    def lost(self, exc: redis.RedisError) -> None:
+        """Record a failed call (logged once per outage)."""
+        with self._lock:
+            was_ok, self._ok = self._ok, False
+        if was_ok:
+            log.warning("viewer lost redis error=%s message=%s", type(exc).__name__, exc)
+
+    def reached(self) -> None:
+        """Record a call that worked (logged once after an outage)."""
+        with self._lock:
+            was_ok, self._ok = self._ok, True
+        if not was_ok:
+            log.info("viewer redis back")
+
+
+def redis_problem(exc: redis.RedisError) -> str:
+    """What the 503 page tells the operator about a Redis error."""
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return (
+            f"Redis refused a command of the viewer's user: {exc} "
+            "(its ACL: deploy/README.md, Least privilege in Redis)"
+        )
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return (
+            f"Redis refused the viewer's credentials: {exc} "
+            "(the user of ANOMALY_REDIS_URL, the password of ANOMALY_REDIS_PASSWORD_FILE)"
+        )
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return f"Redis is unreachable: {exc}"
+    return f"Redis answered with an error: {exc}"
+
+
+def pictures_of(store: ViewerStore, model: ModelSource, alert: Anomaly) -> Pictures:
+    """The pictures of an alert, drawn from the input entry it names in its shard's input stream;
+    PictureUnavailable says why not (trimmed, or an entry that cannot be decoded or drawn)."""
+    stream = store.input_streams[alert.shard]
+    entry = store.original(alert.shard, alert.source_id)
     if entry is None:
-        return None
+        raise PictureUnavailable(
+            f"input entry {alert.source_id!r} is not in {stream} (trimmed by the producers' MAXLEN, "
+            "or not a full entry id)"
+        )
     reconstructor, scale = model.current()
     dim = reconstructor.input_dim
-    decoded = decode_batch([entry], dim, default_max_payload_bytes(dim), scale)
-    if not decoded.ids:
-        return None
-    anomaly = store.anomaly(source_id)
-    return reconstructor.pictures(decoded.images[0], anomaly.region if anomaly else None)
-
-
-def _token_ok(expected: str | None, given: str | None) -> bool:
-    if not expected or given is None:
-        return False
-    return hmac.compare_digest(expected.encode(), given.encode())
+    try:
+        decoded = decode_batch([entry], dim, default_max_payload_bytes(dim), scale)
+    except Exception as exc:
+        # The codec's whole failure surface on hostile input (deep JSON nesting: RecursionError; a
+        # 4,400-digit integer: ValueError; ...): whatever a writer put there, the answer is
+        # "cannot be drawn", never a 500.
+        raise PictureUnavailable(
+            f"input entry {alert.source_id!r} of {stream} cannot be drawn: decoding it raised "
+            f"{type(exc).__name__}"
+        ) from exc
+    if decoded.rejected:
+        raise PictureUnavailable(
+            f"input entry {alert.source_id!r} of {stream} cannot be drawn: {decoded.rejected[0].reason}"
+        )
+    try:
+        return reconstructor.pictures(decoded.images[0], alert.region or None)
+    except ValueError as exc:
+        raise PictureUnavailable(f"input entry {alert.source_id!r} cannot be drawn: {exc}") from exc
 
 
 def build_app(
@@ -212,23 +192,37 @@ def build_app(
     token: str | None,
     clock: Callable[[], float] = time.time,
     by: str = "anomaly-viewer",
+    *,
+    allowed_hosts: Sequence[str] = tuple(host_patterns(DEFAULT_ALLOWED_HOSTS)),
+    trusted_proxies: Sequence[str] = (),
+    sessions: Sessions | None = None,
 ) -> Starlette:
-    """The viewer: `/` the page, `/anomalies` its live list, `/image/...` the pictures, `/label`."""
+    """The viewer: `/` the page, `/anomalies` its live list, `/image/...` the pictures, `/label`.
+
+    `allowed_hosts` are the Host header values it answers (TrustedHostMiddleware's patterns);
+    `trusted_proxies` the addresses whose X-Forwarded-Proto/-For it believes (none by default)."""
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     templates = Jinja2Templates(env=env)
-    cache: dict[tuple[str, str], Pictures | None] = {}  # (manifest digest, source_id): a reload redraws
+    cache = PictureCache()
+    health = RedisHealth()
+    sessions = sessions or Sessions(token)
 
     def can_label(request: Request) -> bool:
-        return _token_ok(token, request.cookies.get(TOKEN_COOKIE))
+        return sessions.session_ok(request.cookies.get(SESSION_COOKIE))
 
     def context(request: Request) -> dict[str, Any]:
         version = request.query_params.get("model_version", "")
+        recent = store.recent()
+        labels = store.labels()
+        health.reached()
+        shown = [a for a in recent if not version or a.model_version == version][:LATEST]
         return {
-            "anomalies": store.latest(version),
-            "model_versions": store.model_versions(),
+            "anomalies": [a.labelled(labels) for a in shown],
+            "model_versions": sorted({a.model_version for a in recent} - {""}),
             "model_version": version,
             "can_label": can_label(request),
-            "labelling_configured": bool(token),
+            "csrf": sessions.csrf_token(request.cookies.get(SESSION_COOKIE)),
+            "labelling_configured": sessions.configured,
             "labels": LABEL_VALUES,
         }
 
@@ -238,63 +232,95 @@ def build_app(
         response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
-    async def page(request: Request) -> Response:
+    def text(message: str, status: int) -> Response:
+        return secured(PlainTextResponse(message, status_code=status))
+
+    # The endpoints below that touch Redis or numpy are plain functions: Starlette runs them in its
+    # threadpool, off the event loop.
+    def page(request: Request) -> Response:
         given = request.query_params.get("token")
-        if given is not None:  # ?token=... once: kept in a cookie, dropped from the address bar
+        if given is not None:  # ?token=... once: a session cookie, the token dropped from the address bar
             version = request.query_params.get("model_version")
             target = "/" + (f"?{urlencode({'model_version': version})}" if version else "")
             response = RedirectResponse(target, status_code=303)
-            if _token_ok(token, given):
-                response.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict")
+            if sessions.token_ok(given):
+                response.set_cookie(
+                    SESSION_COOKIE,
+                    sessions.new_session(),
+                    httponly=True,
+                    samesite="strict",
+                    # The scheme is the connection's, or a trusted proxy's X-Forwarded-Proto.
+                    secure=request.url.scheme == "https",
+                )
             return secured(response)
         return secured(templates.TemplateResponse(request, "page.html", context(request)))
 
-    async def fragment(request: Request) -> Response:
+    def fragment(request: Request) -> Response:
         return secured(templates.TemplateResponse(request, "list.html", context(request)))
 
-    async def image(request: Request) -> Response:
+    def image(request: Request) -> Response:
         kind = request.path_params["kind"]
-        source_id = request.path_params["source_id"]
+        shard = request.path_params["shard"]
+        alert_id = request.path_params["alert_id"]
         if kind not in PICTURES:
-            return secured(
-                PlainTextResponse("pictures are original, reconstruction or heatmap", status_code=404)
-            )
+            return text("pictures are original, reconstruction or heatmap", 404)
         try:
-            key = (manifest_digest(model.path), source_id)
-            if key not in cache:
-                cache[key] = pictures_of(store, model, source_id)
-                if len(cache) > 4 * LATEST:
-                    cache.pop(next(iter(cache)))
-        except (AnomalyScorerError, ValueError, OSError) as exc:
-            return secured(PlainTextResponse(f"no picture: {exc}", status_code=404))
-        pictures = cache[key]
-        data = None if pictures is None else getattr(pictures, kind, None)
-        if not isinstance(data, bytes):
-            return secured(
-                PlainTextResponse("no such picture (the input entry may be trimmed)", status_code=404)
-            )
+            key = (manifest_digest(model.path), shard, alert_id)
+            pictures = cache.get(key)
+            if pictures is None:
+                alert = store.alert(shard, alert_id)
+                health.reached()
+                if alert is None:
+                    where = store.output_streams[shard] if shard < store.shards else f"shard {shard}"
+                    return text(f"no alert {alert_id!r} in {where}", 404)
+                pictures = pictures_of(store, model, alert)
+                cache.put(key, pictures)
+        except PictureUnavailable as exc:
+            return text(str(exc), 404)
+        except (AnomalyScorerError, OSError) as exc:
+            return text(f"no picture: {exc}", 404)
+        data = getattr(pictures, kind)
+        if data is None:
+            return text(f"no {kind}: the artifact is not a dense model, only the original is drawn", 404)
         return secured(Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"}))
 
     async def label(request: Request) -> Response:
-        if not token:
-            return secured(
-                PlainTextResponse("labelling is off: ANOMALY_VIEWER_TOKEN is not set", status_code=403)
+        if not sessions.configured:
+            return text("labelling is off: ANOMALY_VIEWER_TOKEN is not set", 403)
+        bearer = _bearer(request)
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if bearer is not None and not sessions.token_ok(bearer):
+            return text("the Authorization bearer token is not the viewer token", 403)
+        if bearer is None and not sessions.session_ok(cookie):
+            return text(
+                "labelling needs the viewer token: open /?token=... once, or send Authorization: Bearer",
+                403,
             )
-        if not can_label(request) and not _token_ok(token, _bearer(request)):
-            return secured(PlainTextResponse("labelling needs the viewer token", status_code=403))
         form = await _small_form(request)
         if form is None:
-            return secured(PlainTextResponse("a label is a small url-encoded form", status_code=400))
+            return text("a label is a small url-encoded form", 400)
+        # A cookie is sent with any request the browser makes; the CSRF token only by our page.
+        if bearer is None and not sessions.csrf_ok(cookie, form.get("csrf")):
+            return text("the label has no valid CSRF token (field csrf): reload the page, click again", 403)
+        value = next((v for v in LABEL_VALUES if v == form.get("label")), None)
+        if value is None:
+            return text(f"label must be anomaly or normal, found {form.get('label', '')!r}", 400)
+        shard: int | None = None
+        if form.get("shard"):
+            shard_text = form["shard"]
+            if not re.fullmatch(r"[0-9]{1,4}", shard_text) or int(shard_text) >= store.shards:
+                return text(f"shard must be 0 to {store.shards - 1}, found {shard_text!r}", 400)
+            shard = int(shard_text)
+        wants_json = request.headers.get("accept", "").startswith("application/json")
+        return await run_in_threadpool(write_label, form, value, shard, wants_json)
+
+    def write_label(form: dict[str, str], value: LabelValue, shard: int | None, wants_json: bool) -> Response:
         source_id = form.get("source_id", "")
-        value = form.get("label", "")
-        if value not in LABEL_VALUES:
-            return secured(
-                PlainTextResponse(f"label must be anomaly or normal, found {value!r}", status_code=400)
-            )
-        anomaly = store.anomaly(source_id)
+        anomaly = store.alert_of(source_id, shard)
+        health.reached()
         if anomaly is None:
-            return secured(
-                PlainTextResponse("no anomaly with that source_id in the output stream", status_code=404)
+            return text(
+                f"no alert with source_id {source_id!r} among the newest entries of the output stream", 404
             )
         try:
             score: float | None = float(anomaly.score)
@@ -302,7 +328,7 @@ def build_app(
             score = None
         entry = Label(
             source_id=source_id,
-            label=value,  # checked against LABEL_VALUES above
+            label=value,
             model_version=anomaly.model_version,
             score=score if score is not None and np.isfinite(score) else None,
             labelled_at_ms=int(clock() * 1000),
@@ -310,28 +336,60 @@ def build_app(
         )
         entry_id = store.add_label(entry)
         log.info("labelled source_id=%s label=%s entry=%s", source_id, value, entry_id)
-        if request.headers.get("accept", "").startswith("application/json"):
+        if wants_json:
             return secured(JSONResponse({"entry_id": entry_id, **entry.fields()}))
         back = form.get("back", "/")
         return secured(
             RedirectResponse(back if back.startswith("/") and not back.startswith("//") else "/", 303)
         )
 
-    async def script(request: Request) -> Response:
+    def script(request: Request) -> Response:
         return secured(Response((TEMPLATES / "viewer.js").read_bytes(), media_type="text/javascript"))
 
-    async def style(request: Request) -> Response:
+    def style(request: Request) -> Response:
         return secured(Response((TEMPLATES / "viewer.css").read_bytes(), media_type="text/css"))
 
+    def unavailable(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, redis.RedisError)  # registered for RedisError only
+        health.lost(exc)
+        return secured(
+            templates.TemplateResponse(
+                request,
+                "unavailable.html",
+                {"message": redis_problem(exc)},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+        )
+
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)]
+    if trusted_proxies:  # outermost: the host check and the endpoints see the client's scheme
+        middleware.insert(0, Middleware(ProxyHeadersMiddleware, trusted_hosts=list(trusted_proxies)))
     return Starlette(
         routes=[
             Route("/", page),
             Route("/anomalies", fragment),
-            Route("/image/{kind:str}/{source_id:str}.png", image),
+            Route("/image/{kind:str}/{shard:int}/{alert_id:str}.png", image),
             Route("/label", label, methods=["POST"]),
             Route("/viewer.js", script),
             Route("/viewer.css", style),
-        ]
+        ],
+        middleware=middleware,
+        exception_handlers={redis.RedisError: unavailable},
+    )
+
+
+def build_viewer(settings: ViewerSettings, model: ModelSource) -> Starlette:
+    """The viewer app of these settings: the Redis client every program uses, the streams of every
+    shard, labelling, the allowed hosts and trusted proxies (what `anomaly-viewer` serves)."""
+    store = ViewerStore.from_settings(make_redis(settings, "anomaly-viewer"), settings)
+    token = settings.viewer_token.get_secret_value() if settings.viewer_token else None
+    return build_app(
+        store,
+        model,
+        token,
+        allowed_hosts=settings.allowed_hosts(),
+        trusted_proxies=settings.trusted_proxies(),
     )
 
 

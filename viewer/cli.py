@@ -1,5 +1,6 @@
 """anomaly-viewer: the operator's page of the latest anomalies, from ANOMALY_* settings
-(runtime.settings.ViewerSettings: Redis, streams, artifact, ANOMALY_VIEWER_TOKEN)."""
+(runtime.settings.ViewerSettings: Redis, streams and shards, artifact, ANOMALY_VIEWER_TOKEN, the
+allowed hosts and trusted proxies)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from runtime.cli import (
     load_settings,
     refuse,
 )
-from runtime.connection import make_redis
 from runtime.settings import ViewerSettings
 
 log = logging.getLogger("viewer")
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anomaly-viewer",
         description="Serve a page of the latest anomalies (original, reconstruction, error heatmap, "
         "region) that updates live, and label them with one click (with ANOMALY_VIEWER_TOKEN). "
+        "With ANOMALY_SHARDS=N it shows the anomalies of every shard. It answers only requests "
+        "for the hosts of --viewer-allowed-hosts. "
         "Every flag but --host and --port can also be set as an environment variable "
         "ANOMALY_<NAME>; flags win.",
     )
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from viewer.app import ModelSource, ViewerStore, build_app
+        from viewer.app import ModelSource, build_viewer
     except ImportError as exc:
         print(
             f"anomaly-viewer: {exc.name} is not installed; "
@@ -68,24 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     except (AnomalyScorerError, OSError) as exc:
         print(f"anomaly-viewer: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    store = ViewerStore(
-        make_redis(settings, "anomaly-viewer"),
-        settings.input_stream,
-        settings.output_stream,
-        settings.labels_stream,
-    )
-    token = settings.viewer_token.get_secret_value() if settings.viewer_token else None
-    app = build_app(store, model, token)
+    app = build_viewer(settings, model)
+    token = settings.viewer_token
     log.info(
-        "viewer starting url=http://%s:%d/ redis=%s output=%s labels=%s labelling=%s",
+        "viewer starting url=http://%s:%d/ redis=%s output=%s shards=%d labels=%s labelling=%s "
+        "allowed_hosts=%s trusted_proxies=%s",
         args.host,
         args.port,
         settings.redacted_redis_url(),
         settings.output_stream,
+        settings.shards,
         settings.labels_stream,
         "on" if token else "off",
+        ",".join(settings.allowed_hosts()),
+        ",".join(settings.trusted_proxies()) or "none",
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # proxy_headers off: the app applies X-Forwarded-* itself, from VIEWER_TRUSTED_PROXIES only.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=False)
     return 0
 
 

@@ -513,14 +513,11 @@ def _claims(workload: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {v["name"]: v["persistentVolumeClaim"] for v in volumes if "persistentVolumeClaim" in v}
 
 
-def test_the_viewer_reads_the_workers_redis_streams_and_artifact(configmap_data: dict[str, str]) -> None:
+def test_the_viewer_reads_the_workers_streams_and_artifact(configmap_data: dict[str, str]) -> None:
     viewer, worker = k8s_object("Deployment", "anomaly-viewer"), _worker()
     container = pod_spec(viewer)["containers"][0]
-    assert container["envFrom"] == _worker_container()["envFrom"]  # same streams and artifact path
+    assert container["envFrom"] == _worker_container()["envFrom"]  # same streams, shards, artifact path
     env = {e["name"]: e for e in container["env"]}
-    worker_env = {e["name"]: e for e in _worker_container()["env"]}
-    for name in ("ANOMALY_REDIS_URL", "ANOMALY_REDIS_PASSWORD_FILE"):
-        assert env[name] == worker_env[name]
     token = env["ANOMALY_VIEWER_TOKEN"]["valueFrom"]["secretKeyRef"]
     assert token["optional"] is True, "without the token Secret the page must still start, read-only"
     claims, worker_claims = _claims(viewer), _claims(worker)
@@ -528,6 +525,32 @@ def test_the_viewer_reads_the_workers_redis_streams_and_artifact(configmap_data:
     artifact = PurePosixPath(configmap_data["ANOMALY_ARTIFACT"])
     mount = next(m for m in container["volumeMounts"] if m["name"] in claims)
     assert PurePosixPath(mount["mountPath"]) in artifact.parents and mount["readOnly"] is True
+
+
+def test_the_viewer_logs_in_to_the_workers_redis_as_its_own_user() -> None:
+    viewer = k8s_object("Deployment", "anomaly-viewer")
+    container = pod_spec(viewer)["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    secret = k8s_object("Secret", "anomaly-viewer-redis")
+    keys = set(secret["stringData"])
+    assert env["ANOMALY_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "anomaly-viewer-redis",
+        "key": "redis-url",
+    }
+    url = urlsplit(secret["stringData"]["redis-url"])
+    worker_url = urlsplit(k8s_object("Secret", "anomaly-redis")["stringData"]["redis-url"])
+    assert (url.hostname, url.port, url.path) == (worker_url.hostname, worker_url.port, worker_url.path)
+    assert url.username == "anomaly-viewer" != worker_url.username, "the ACL user of deploy/README.md"
+    assert url.password is None, "the password is mounted as a file, not written into the URL"
+    assert "data" not in secret and secret["stringData"]["redis-password"] == "CHANGE-ME"
+    # The password file is the mounted Secret's item.
+    path = PurePosixPath(env["ANOMALY_REDIS_PASSWORD_FILE"]["value"])
+    volumes = {v["name"]: v["secret"] for v in pod_spec(viewer)["volumes"] if "secret" in v}
+    assert {v["secretName"] for v in volumes.values()} == {"anomaly-viewer-redis"}
+    mount = next(m for m in container["volumeMounts"] if m["name"] in volumes)
+    items = {i["path"] for i in volumes[mount["name"]]["items"]}
+    assert {i["key"] for i in volumes[mount["name"]]["items"]} <= keys
+    assert path.parent == PurePosixPath(mount["mountPath"]) and path.name in items
 
 
 def test_the_viewer_service_reaches_its_page_and_probes_use_that_port() -> None:
@@ -541,5 +564,18 @@ def test_the_viewer_service_reaches_its_page_and_probes_use_that_port() -> None:
     assert port["containerPort"] == 9500  # the image's ENTRYPOINT: anomaly-viewer --port 9500
     [service_port] = service["spec"]["ports"]
     assert service_port["targetPort"] in {"http", 9500}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/", "port": "http"}
+    probe = container["readinessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/", "http")
     assert container["livenessProbe"]["tcpSocket"]["port"] == "http"
+
+
+def test_the_viewers_probe_and_port_forward_use_host_names_it_allows() -> None:
+    from runtime.settings import ViewerSettings
+
+    container = pod_spec(k8s_object("Deployment", "anomaly-viewer"))["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    allowed = ViewerSettings(viewer_allowed_hosts=env["ANOMALY_VIEWER_ALLOWED_HOSTS"]).allowed_hosts()
+    # Without a Host header the kubelet sends the pod IP, which the viewer answers with 400.
+    headers = {h["name"].lower(): h["value"] for h in container["readinessProbe"]["httpGet"]["httpHeaders"]}
+    assert headers["host"] in allowed
+    assert {"localhost", "127.0.0.1"} <= set(allowed), "kubectl port-forward: http://localhost:9500"
