@@ -13,7 +13,19 @@ import pytest
 
 from contract.labels import Label
 from detector.artifact import load_artifact
-from detector.retune import MIN_LABELS, Target, TargetUnreachable, TooFewLabels, retune, wilson
+from detector.retune import (
+    BOUND_FINITE,
+    BOUND_FLAG_RATE,
+    BOUND_RANGE,
+    MIN_LABELS,
+    Target,
+    TargetUnreachable,
+    TooFewLabels,
+    bound_violations,
+    retune,
+    threshold_change,
+    wilson,
+)
 from trainer.cli import main as trainer_main
 from trainer.retune import read_labels, retune_artifact
 
@@ -79,6 +91,83 @@ def test_a_target_the_labels_cannot_support_is_refused() -> None:
 def test_a_target_outside_0_1_is_refused() -> None:
     with pytest.raises(ValueError, match="between 0 and 1"):
         Target("precision", 1.0)
+
+
+# -- the bounds a new threshold must keep ------------------------------------------------------
+ERRORS = np.arange(1000, dtype=np.float64)  # held-out errors 0..999: 899.5 flags 100 of them
+ALERTS = np.array([950.0, 990.0, 1200.0, 1400.0])  # verified alerts' scores
+
+
+def violations(new: float, current: float = 899.5) -> dict[str, str]:
+    found = bound_violations(threshold_change(current, new, ERRORS), ALERTS, ERRORS)
+    return {v.bound: v.message for v in found}
+
+
+def test_the_change_counts_the_held_out_images_each_threshold_flags() -> None:
+    change = threshold_change(899.5, 949.5, ERRORS)
+    assert (change.old_flagged, change.new_flagged, change.heldout) == (100, 50, 1000)
+    assert change.text() == (
+        "threshold 899.5 (flags 10.00% of held-out normal images, 100/1000) -> 949.5 (5.00%, 50/1000)"
+    )
+
+
+def test_a_threshold_within_range_and_flag_rate_bounds_may_be_written() -> None:
+    assert violations(949.5) == {}
+    assert violations(989.5) == {}  # 10 of 1000 flagged, from 100: 10x fewer, the bound itself
+    assert violations(0.0) == {}  # 999 of 1000 flagged: 9.99x more
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_threshold_that_is_not_finite_breaks_the_finite_bound(value: float) -> None:
+    assert violations(value) == {
+        BOUND_FINITE: f"bound finite: the new threshold is {value}, expected a finite number"
+    }
+
+
+def test_a_threshold_above_every_error_and_alert_breaks_the_range_and_flags_nothing() -> None:
+    found = violations(1e299)
+    assert found[BOUND_RANGE] == (
+        "bound range: the new threshold 1e+299 lies outside [0, 1400], expected within the range of the "
+        "1000 held-out errors and the 4 labelled alerts' scores"
+    )
+    assert found[BOUND_FLAG_RATE] == (
+        "bound flag rate: the new threshold 1e+299 flags none of the 1000 held-out normal images, expected "
+        "at least one (a threshold that flags nothing silences the detector); found 0.00% (0/1000)"
+    )
+
+
+def test_a_threshold_below_every_error_breaks_the_range_bound() -> None:
+    found = violations(-1e300)
+    assert set(found) == {BOUND_RANGE}  # 1000 of 1000 flagged, from 100: 10x, within the rate bound
+    assert found[BOUND_RANGE].startswith("bound range: the new threshold -1e+300 lies outside [0, 1400]")
+
+
+def test_flagging_no_held_out_image_breaks_the_flag_rate_bound_even_within_range() -> None:
+    found = violations(1200.0)  # above every held-out error, below an alert
+    assert set(found) == {BOUND_FLAG_RATE}
+    assert "flags none of the 1000 held-out normal images, expected at least one" in found[BOUND_FLAG_RATE]
+
+
+def test_a_flag_rate_change_of_more_than_10x_either_way_breaks_the_bound() -> None:
+    assert violations(991.5) == {  # from 100 to 8 of 1000 flagged: 12.5x fewer
+        BOUND_FLAG_RATE: "bound flag rate: the new threshold 991.5 changes the share of held-out normal "
+        "images flagged more than 10x: expected 1.00% to 100.00% (the current 10.00%, 100/1000, within "
+        "10x), found 0.80% (8/1000)"
+    }
+    higher = violations(499.5, current=989.5)  # from 10 to 500 of 1000: 50x more
+    assert set(higher) == {BOUND_FLAG_RATE}
+    assert higher[BOUND_FLAG_RATE].endswith(
+        "expected 0.10% to 10.00% (the current 1.00%, 10/1000, within 10x), found 50.00% (500/1000)"
+    )
+
+
+def test_moving_off_a_threshold_that_flags_nothing_breaks_the_flag_rate_bound() -> None:
+    found = violations(989.5, current=1200.0)
+    assert set(found) == {BOUND_FLAG_RATE}
+    assert found[BOUND_FLAG_RATE].endswith(
+        "expected within 10x of the current threshold's, which flags none of them (0/1000), found 1.00% "
+        "(10/1000)"
+    )
 
 
 # -- the artifact retune writes ----------------------------------------------------------------
