@@ -178,7 +178,7 @@ def retune(
             else f"at least {MIN_LABELS}"
         )
         raise TooFewLabels(
-            f"target {target.text} needs labelled alerts of this model with scores, {rule}; found "
+            f"target {target.text} needs labelled alerts of this model, {rule}; found "
             f"{scores.size} ({int(is_anomaly.sum())} anomaly, {int((~is_anomaly).sum())} normal). "
             "Label more alerts in anomaly-viewer, or ask for a lower target"
         )

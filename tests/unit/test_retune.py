@@ -26,8 +26,11 @@ from detector.retune import (
     threshold_change,
     wilson,
 )
+from runtime.settings import StreamSettings
+from tests.support import publish_alert
+from trainer.alerts import OTHER_MODEL
 from trainer.cli import main as trainer_main
-from trainer.retune import read_labels, retune_artifact
+from trainer.retune import plan_retune, read_verified_labels, write_retuned
 
 HELDOUT = np.linspace(0.0, 1.0, 1001)  # held-out normal errors, threshold 0.9 flags 10%
 
@@ -171,9 +174,13 @@ def test_moving_off_a_threshold_that_flags_nothing_breaks_the_flag_rate_bound() 
 
 
 # -- the artifact retune writes ----------------------------------------------------------------
-def labels_stream(r: fakeredis.FakeRedis, version: str, scores: np.ndarray, is_anomaly: np.ndarray) -> None:
+def alerts_and_labels(
+    r: fakeredis.FakeRedis, version: str, scores: np.ndarray, is_anomaly: np.ndarray
+) -> None:
+    """Each score an alert in the output stream, labelled without a score (retune uses the alert's)."""
     for i, (score, anomaly) in enumerate(zip(scores, is_anomaly, strict=True)):
-        label = Label(f"{i + 1}-0", "anomaly" if anomaly else "normal", version, float(score), 1, "test")
+        publish_alert(r, "anomalies", f"{i + 1}-0", float(score), version)
+        label = Label(f"{i + 1}-0", "anomaly" if anomaly else "normal", version, None, 1, "test")
         r.xadd("anomaly-labels", label.fields())  # type: ignore[arg-type]
     r.xadd("anomaly-labels", Label("99-0", "normal", "another-model", 0.1, 1, "test").fields())  # type: ignore[arg-type]
 
@@ -183,33 +190,35 @@ def test_retune_writes_the_same_model_with_the_new_threshold_and_where_it_came_f
 ) -> None:
     source = load_artifact(tiny_artifact)
     t0 = source.baseline.threshold.value
+    version = source.baseline.model_version
     scores, is_anomaly = labelled([t0 * 1.1] * 4, [t0 * 2 + i * 1e-3 for i in range(16)])
     r = fakeredis.FakeRedis()
-    labels_stream(r, source.baseline.model_version, scores, is_anomaly)
+    alerts_and_labels(r, version, scores, is_anomaly)
+    read = read_verified_labels(r, StreamSettings(), version)
+    plan = plan_retune(source, read.verified, Target("precision", 0.95))
     out = tmp_path / "retuned"
-    result = retune_artifact(
-        tiny_artifact,
-        out,
-        read_labels(r, "anomaly-labels"),
-        Target("precision", 0.95),
-        labels_stream="anomaly-labels",
-        labels_url="redis://:secret@labels:6379/0",
+    write_retuned(
+        plan, out, read, labels_stream="anomaly-labels", redis_url="redis://:secret@labels:6379/0?password=s2"
     )
     new = load_artifact(out)  # checksums recomputed: it verifies
     assert new.model_bytes == source.model_bytes
-    assert new.baseline.model_version == source.baseline.model_version
+    assert new.baseline.model_version == version
     assert new.baseline.threshold.value == pytest.approx(t0 * 1.1)
     assert new.baseline.threshold.policy == "retuned precision>=0.95"
+    assert new.baseline.threshold.expected_flag_rate == plan.change.new_rate
     record = json.loads((out / "baseline.json").read_text())["retune"]
     assert record["labels_stream"] == "anomaly-labels"
-    assert record["labels_redis"] == "redis://:***@labels:6379/0"
+    assert record["labels_redis"] == "redis://:***@labels:6379/0?password=***"
     assert record["labels_read"] == 21 and record["labels_used"] == 20
     assert record["labels_last_id"] == r.xrevrange("anomaly-labels", count=1)[0][0].decode()
     assert record["before"]["precision"]["value"] == pytest.approx(0.8)
     assert record["after"]["precision"]["value"] == 1.0
     assert record["previous_threshold"]["value"] == t0
-    assert result.other_model == 1
-    assert "secret" not in (out / "baseline.json").read_text()
+    assert read.verified.skipped[OTHER_MODEL] == 1
+    assert (
+        "secret" not in (out / "baseline.json").read_text()
+        and "s2" not in (out / "baseline.json").read_text()
+    )
 
 
 def test_an_artifact_never_retuned_has_no_retune_record(tiny_artifact: Path) -> None:
@@ -217,20 +226,20 @@ def test_an_artifact_never_retuned_has_no_retune_record(tiny_artifact: Path) -> 
 
 
 def test_the_cli_refuses_too_few_labels_and_leaves_the_artifact_alone(
-    tiny_artifact: Path, tmp_path: Path, redis_server, capsys: pytest.CaptureFixture[str]
+    tiny_artifact: Path, tmp_path: Path, redis_server, redis_client, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client = redis_server.client()
-    client.delete("few-labels")
     version = load_artifact(tiny_artifact).baseline.model_version
     for i in range(3):
-        client.xadd("few-labels", Label(f"{i + 1}-0", "normal", version, 1.0, 1, "t").fields())  # type: ignore[arg-type]
+        publish_alert(redis_client, "anomalies", f"{i + 1}-0", 1.0, version)
+        redis_client.xadd("few-labels", Label(f"{i + 1}-0", "normal", version, None, 1, "t").fields())  # type: ignore[arg-type]
     served = tmp_path / "served"
     shutil.copytree(tiny_artifact, served)
     before = (served / "manifest.json").read_bytes()
     argv = ["retune", str(served), "--labels", redis_server.url, "--labels-stream", "few-labels"]
     code = trainer_main([*argv, "--target-precision", "0.9", "--out", str(served)])
     assert code == 2
-    err = capsys.readouterr().err
-    assert "needs labelled alerts of this model with scores, at least max(10, 1/(1-P)) = 10" in err
+    out, err = capsys.readouterr()
+    assert "3 labels of alerts of model" in out and "verified and used (0 anomaly, 3 normal)" in out
+    assert "needs labelled alerts of this model, at least max(10, 1/(1-P)) = 10" in err
     assert "found 3 (0 anomaly, 3 normal)" in err
     assert (served / "manifest.json").read_bytes() == before
