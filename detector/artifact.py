@@ -91,7 +91,9 @@ class Threshold(_Strict):
     """The decision rule: flag when score > value."""
 
     policy: str = Field(description="e.g. mean+3std, 2mean, p95, fpr=0.01")
-    value: float
+    # JSON parsers accept Infinity, NaN and 1e999 (inf): a threshold of inf flags nothing, of NaN
+    # nothing either (every comparison is false), so a reader refuses them, naming threshold.value.
+    value: float = Field(allow_inf_nan=False, description="flag when score > value; a finite number")
     expected_flag_rate: float = Field(
         ge=0, le=1, description="share of held-out normal images above the threshold"
     )

@@ -14,6 +14,11 @@ the held-out normal errors (`calibration_errors.npy`) say how normal images scor
 whose estimated precision is at least P; `--target-fpr F` the lowest whose estimated FPR is at
 most F. Intervals are Wilson score intervals (95%). Too few labels for the target is refused
 (`TooFewLabels`), naming the rule.
+
+Whatever the labels say, a new threshold must stay within bounds (`bound_violations`): finite,
+inside the range of the held-out errors and the labelled alerts' scores, and flagging some of the
+held-out normal images, within MAX_FLAG_RATE_FACTOR times the current threshold's share either way.
+Past them the labels are more likely wrong (or forged) than the model; `retune --force` overrides.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ from detector.thresholds import MIN_EXCEEDANCES_FOR_FPR
 # Below this many labelled alerts an estimate of precision is noise.
 MIN_LABELS = 10
 Z_95 = 1.959964
+# A re-tune may change the share of held-out normal images flagged by at most this factor.
+MAX_FLAG_RATE_FACTOR = 10
+BOUND_FINITE = "finite"
+BOUND_RANGE = "range"
+BOUND_FLAG_RATE = "flag rate"
 
 
 class TooFewLabels(AnomalyScorerError, ValueError):
@@ -38,6 +48,22 @@ class TooFewLabels(AnomalyScorerError, ValueError):
 
 class TargetUnreachable(AnomalyScorerError, ValueError):
     """No threshold the labels and held-out errors support meets the target."""
+
+
+@dataclass(frozen=True)
+class BoundViolation:
+    """One bound a new threshold breaks: its name (BOUND_*) and what was expected and found."""
+
+    bound: str
+    message: str
+
+
+class ThresholdOutOfBounds(AnomalyScorerError, ValueError):
+    """A new threshold breaks one or more bounds (`bound_violations`); one line per bound."""
+
+    def __init__(self, violations: tuple[BoundViolation, ...]) -> None:
+        super().__init__("\n".join(v.message for v in violations))
+        self.violations = violations
 
 
 @dataclass(frozen=True)
@@ -152,7 +178,7 @@ def retune(
             else f"at least {MIN_LABELS}"
         )
         raise TooFewLabels(
-            f"target {target.text} needs labelled alerts of this model with scores, {rule}; found "
+            f"target {target.text} needs labelled alerts of this model, {rule}; found "
             f"{scores.size} ({int(is_anomaly.sum())} anomaly, {int((~is_anomaly).sum())} normal). "
             "Label more alerts in anomaly-viewer, or ask for a lower target"
         )
@@ -213,3 +239,111 @@ def _retuned(
         normals=int((~is_anomaly).sum()),
         heldout_flag_rate=flag,
     )
+
+
+@dataclass(frozen=True)
+class Change:
+    """A threshold's change and the share of the held-out normal images flagged before and after."""
+
+    old_threshold: float
+    new_threshold: float
+    old_flagged: int  # held-out errors above the old threshold
+    new_flagged: int
+    heldout: int  # held-out errors in all
+
+    @property
+    def old_rate(self) -> float:
+        """Share of the held-out errors above the old threshold (0 without held-out errors)."""
+        return self.old_flagged / self.heldout if self.heldout else 0.0
+
+    @property
+    def new_rate(self) -> float:
+        """Share of the held-out errors above the new threshold (0 without held-out errors)."""
+        return self.new_flagged / self.heldout if self.heldout else 0.0
+
+    def text(self) -> str:
+        """`threshold 0.152 (flags 1.00% of held-out normal images, 10/1000) -> 0.16 (0.30%, 3/1000)`."""
+        return (
+            f"threshold {self.old_threshold:.6g} (flags {self.old_rate:.2%} of held-out normal images, "
+            f"{self.old_flagged}/{self.heldout}) -> {self.new_threshold:.6g} "
+            f"({self.new_rate:.2%}, {self.new_flagged}/{self.heldout})"
+        )
+
+
+def threshold_change(old: float, new: float, heldout: np.ndarray) -> Change:
+    """How many held-out normal errors each threshold flags (score > threshold, as the worker)."""
+    errors = np.asarray(heldout, np.float64).ravel()
+    return Change(
+        old_threshold=float(old),
+        new_threshold=float(new),
+        old_flagged=int(np.count_nonzero(errors > old)),
+        new_flagged=int(np.count_nonzero(errors > new)),
+        heldout=int(errors.size),
+    )
+
+
+def bound_violations(
+    change: Change, scores: np.ndarray, heldout: np.ndarray, max_factor: float = MAX_FLAG_RATE_FACTOR
+) -> tuple[BoundViolation, ...]:
+    """The bounds `change.new_threshold` breaks, none when it may be written.
+
+    - finite: inf flags nothing, -inf everything, NaN nothing (every comparison is false);
+    - range: within [min, max] of the held-out errors and `scores` (the verified alerts' scores),
+      the only values the labels and the artifact say anything about;
+    - flag rate: it flags at least one held-out normal image (a threshold that flags none silences
+      the detector and its rate alerts), and between 1/max_factor and max_factor times as many as
+      the old threshold (counts, so no rounding decides).
+    """
+    new = change.new_threshold
+    if not math.isfinite(new):
+        return (
+            BoundViolation(
+                BOUND_FINITE, f"bound {BOUND_FINITE}: the new threshold is {new}, expected a finite number"
+            ),
+        )
+    violations = []
+    values = np.concatenate([np.asarray(heldout, np.float64).ravel(), np.asarray(scores, np.float64).ravel()])
+    where = f"the {np.size(heldout)} held-out errors and the {np.size(scores)} labelled alerts' scores"
+    if not values.size:
+        violations.append(
+            BoundViolation(BOUND_RANGE, f"bound {BOUND_RANGE}: no held-out errors nor alert scores bound it")
+        )
+    elif not float(values.min()) <= new <= float(values.max()):
+        violations.append(
+            BoundViolation(
+                BOUND_RANGE,
+                f"bound {BOUND_RANGE}: the new threshold {new:.6g} lies outside "
+                f"[{values.min():.6g}, {values.max():.6g}], expected within the range of {where}",
+            )
+        )
+    old_n, new_n, n = change.old_flagged, change.new_flagged, change.heldout
+    found = f"found {change.new_rate:.2%} ({new_n}/{n})"
+    if new_n == 0:
+        violations.append(
+            BoundViolation(
+                BOUND_FLAG_RATE,
+                f"bound {BOUND_FLAG_RATE}: the new threshold {new:.6g} flags none of the {n} held-out normal "
+                f"images, expected at least one (a threshold that flags nothing silences the detector); "
+                f"{found}",
+            )
+        )
+    elif old_n == 0:
+        violations.append(
+            BoundViolation(
+                BOUND_FLAG_RATE,
+                f"bound {BOUND_FLAG_RATE}: the new threshold {new:.6g} changes the share of held-out normal "
+                f"images flagged more than {max_factor:g}x: expected within {max_factor:g}x of the current "
+                f"threshold's, which flags none of them (0/{n}), {found}",
+            )
+        )
+    elif new_n > max_factor * old_n or new_n * max_factor < old_n:
+        violations.append(
+            BoundViolation(
+                BOUND_FLAG_RATE,
+                f"bound {BOUND_FLAG_RATE}: the new threshold {new:.6g} changes the share of held-out normal "
+                f"images flagged more than {max_factor:g}x: expected {change.old_rate / max_factor:.2%} to "
+                f"{min(1.0, change.old_rate * max_factor):.2%} (the current {change.old_rate:.2%}, "
+                f"{old_n}/{n}, within {max_factor:g}x), {found}",
+            )
+        )
+    return tuple(violations)

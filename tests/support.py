@@ -251,3 +251,70 @@ def push_alert(
     } | extra
     alert = r.xadd(outputs, fields).decode()
     return source, alert
+
+
+# -- retune: an artifact it can re-tune, and alerts as the worker writes them ----------------------
+def write_retunable_artifact(out: Path, errors: np.ndarray, threshold: float, policy: str = "p90") -> Path:
+    """An artifact with these held-out errors and threshold, and fake model bytes: `retune` copies
+    the model without running it, so no training is needed."""
+    from detector.artifact import (
+        ERRORS_FILE,
+        MODEL_FILE,
+        Baseline,
+        Statistics,
+        Threshold,
+        Training,
+        save_errors,
+        write_artifact,
+    )
+    from detector.thresholds import flag_rate
+
+    def stage(tmp: Path) -> Baseline:
+        (tmp / MODEL_FILE).write_bytes(b"fake model weights of " + out.name.encode())
+        save_errors(tmp / ERRORS_FILE, errors)
+        return Baseline(
+            model_version="pending",  # write_artifact sets the hash of model.keras
+            input_dim=D,
+            statistics=Statistics.of(errors),
+            threshold=Threshold(
+                policy=policy, value=threshold, expected_flag_rate=flag_rate(errors, threshold)
+            ),
+            training=Training(
+                dataset="synthetic",
+                architecture="dense-32",
+                epochs_requested=1,
+                epochs_run=1,
+                batch_size=8,
+                learning_rate=1e-3,
+                seed=0,
+                train_count=10,
+                validation_count=2,
+                calibration_count=int(errors.size),
+                duration_seconds=1.0,
+                created_at="2026-01-01T00:00:00+00:00",
+                keras_version="3",
+                tensorflow_version="2",
+            ),
+        )
+
+    return write_artifact(out, stage)
+
+
+def publish_alert(
+    client: Any, stream: str, source_id: str, score: float, model_version: str, flagged: bool | None = None
+) -> None:
+    """An output entry with the fields worker.commit.build_commit writes; with `flagged`, a scores
+    stream entry (which also carries `flagged`)."""
+    fields: dict[str, str | int] = {
+        "id": f"camera-{source_id}",
+        "source_id": source_id,
+        "score": repr(float(score)),
+        "threshold": "0.5",
+        "z": "3.0",
+        "p_value": "0.001",
+        "model_version": model_version,
+        "scored_at_ms": 1,
+    }
+    if flagged is not None:
+        fields["flagged"] = int(flagged)
+    client.xadd(stream, fields)

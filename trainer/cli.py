@@ -15,6 +15,7 @@ from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
 from detector.components.transforms import TRANSFORM_SETS
 from detector.datasets import Dataset
 from detector.engines.tensorflow_import import import_keras_quietly
+from detector.retune import MAX_FLAG_RATE_FACTOR
 from detector.score import DEFAULT_SCORE, components_of
 from trainer.budget import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_MIN_STEPS
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
@@ -356,17 +357,42 @@ def _add_retune_parser(sub: Any) -> None:
     rt = sub.add_parser(
         "retune",
         help="a new artifact version with a threshold chosen from operators' labels",
-        description="Read the labels stream (anomaly-viewer writes it), choose the threshold that "
-        "meets the target from the labelled alerts and the held-out normal errors, and write the "
-        "same model with that threshold to --out (the artifact itself is fine: it is replaced "
-        "atomically and workers serving it reload it). Prints precision and recall before and after.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"""\
+Choose the threshold that meets the target from operators' labels (the labels stream, which
+anomaly-viewer writes) and the held-out normal errors, print precision and recall before and
+after, and write the same model with that threshold to --out (the served artifact itself is
+fine: it is replaced atomically and workers serving it reload it).
+
+Labels are checked: a label counts only when its source_id is an alert of the artifact's model
+version in the output stream of any shard (or, with ANOMALY_SCORES_STREAM, an entry with
+flagged=1 there), and that alert's score is used, not the label's. The others are counted by
+reason (not an alert, scored normal, of another model version, in several shards, invalid).
+
+Bounds: it prints the change (threshold, and share of the held-out normal images flagged, before
+-> after) and refuses (exit 2, nothing written) a threshold that is not finite, lies outside the
+range of the held-out errors and the verified alerts' scores, flags none of the held-out normal
+images, or changes that share more than {MAX_FLAG_RATE_FACTOR}x either way; --force writes it
+anyway, unless it is not finite.
+
+Redis and the streams come from the settings every program reads: ANOMALY_REDIS_URL,
+ANOMALY_REDIS_PASSWORD_FILE, ANOMALY_REDIS_CLUSTER, ANOMALY_REDIS_SENTINELS (with
+_SENTINEL_SERVICE, _SENTINEL_PASSWORD[_FILE]), ANOMALY_OUTPUT_STREAM, ANOMALY_SCORES_STREAM,
+ANOMALY_LABELS_STREAM and ANOMALY_SHARDS; an unknown ANOMALY_* variable is refused.
+
+Changed (the CLI contract, on purpose): --labels is optional and overrides ANOMALY_REDIS_URL
+(it was required); labels without a score are used; labels of entries that were not alerts of
+this model are not; a threshold out of bounds needs --force.""",
     )
     rt.add_argument("artifact", type=Path, help="artifact directory whose alerts were labelled")
-    rt.add_argument("--labels", required=True, metavar="REDIS_URL", help="Redis holding the labels stream")
     rt.add_argument(
-        "--labels-stream",
-        default=os.environ.get("ANOMALY_LABELS_STREAM", "anomaly-labels"),
-        help="labels stream (default: $ANOMALY_LABELS_STREAM or anomaly-labels)",
+        "--labels",
+        metavar="REDIS_URL",
+        help="Redis holding the labels stream and the output streams; overrides ANOMALY_REDIS_URL "
+        "(optional: it was required before)",
+    )
+    rt.add_argument(
+        "--labels-stream", help="labels stream; overrides ANOMALY_LABELS_STREAM (default: anomaly-labels)"
     )
     target = rt.add_mutually_exclusive_group(required=True)
     target.add_argument(
@@ -375,6 +401,12 @@ def _add_retune_parser(sub: Any) -> None:
     target.add_argument("--target-fpr", type=float, metavar="F", help="lowest threshold with FPR <= F")
     rt.add_argument(
         "--out", required=True, type=Path, help="artifact directory to write (replaced atomically)"
+    )
+    rt.add_argument(
+        "--force",
+        action="store_true",
+        help="write a threshold that breaks the range or flag-rate bound (printed either way); a "
+        "threshold that is not finite is never written",
     )
     rt.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "WARNING"))
 
@@ -592,44 +624,54 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _retune(args: argparse.Namespace) -> int:
-    import redis
-
+    from detector.artifact import load_artifact
     from detector.errors import AnomalyScorerError
-    from detector.retune import Target
-    from trainer.retune import read_labels, redacted, retune_artifact, summary
+    from detector.retune import BOUND_FINITE, Target
+    from runtime.cli import SettingsRefused, load_settings, refuse
+    from runtime.settings import StreamSettings
+    from trainer.retune import (
+        connect_and_verify_labels,
+        labels_summary,
+        plan_retune,
+        plan_summary,
+        write_retuned,
+    )
 
+    prog = "anomaly-trainer retune"
     try:
         target = (
             Target("precision", args.target_precision)
             if args.target_precision is not None
             else Target("fpr", args.target_fpr)
         )
-    except ValueError as exc:
-        print(f"anomaly-trainer: error: {exc}", file=sys.stderr)
-        return 2
+        # --labels and --labels-stream override ANOMALY_REDIS_URL and ANOMALY_LABELS_STREAM.
+        flags = argparse.Namespace(redis_url=args.labels, labels_stream=args.labels_stream)
+        settings = load_settings(StreamSettings, flags)
+        artifact = load_artifact(args.artifact)
+        version = artifact.baseline.model_version
+        read = connect_and_verify_labels(settings, version)
+        print("\n".join(labels_summary(read, version, settings.labels_stream)), flush=True)
+        plan = plan_retune(artifact, read.verified, target)
+    except SettingsRefused as exc:
+        return refuse(prog, str(exc))
+    except (AnomalyScorerError, ValueError) as exc:
+        return refuse(prog, f"error: {exc}")
+    print("\n".join(plan_summary(plan)), flush=True)
+    if plan.violations:
+        messages = [v.message for v in plan.violations]
+        if not args.force or any(v.bound == BOUND_FINITE for v in plan.violations):
+            hint = "" if args.force else "; give --force to write it anyway"
+            return refuse(prog, "\n".join(["refused, nothing written:", *messages]) + hint)
+        print("\n".join(f"{prog}: --force: written past {m}" for m in messages), file=sys.stderr)
     try:
-        client = redis.Redis.from_url(args.labels, socket_timeout=30.0, socket_connect_timeout=5.0)
-        try:
-            labels = read_labels(client, args.labels_stream)
-        finally:
-            client.close()
-    except (redis.RedisError, ValueError) as exc:
-        print(
-            f"anomaly-trainer: error: cannot read {args.labels_stream} from {redacted(args.labels)}: {exc}",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        result = retune_artifact(
-            args.artifact,
+        written = write_retuned(
+            plan,
             args.out,
-            labels,
-            target,
-            labels_stream=args.labels_stream,
-            labels_url=args.labels,
+            read,
+            labels_stream=settings.labels_stream,
+            redis_url=settings.redis_url.get_secret_value(),
         )
-    except (AnomalyScorerError, ValueError, OSError) as exc:
-        print(f"anomaly-trainer: error: {exc}", file=sys.stderr)
-        return 2
-    print("\n".join(summary(result, args.labels_stream)))
+    except (AnomalyScorerError, OSError) as exc:
+        return refuse(prog, f"error: {exc}")
+    print(f"artifact: {written}")
     return 0

@@ -78,7 +78,7 @@ def test_ownership_of_a_large_batch_is_read_with_one_range(redis_client: redis.R
 
 
 def test_plain_acks_of_a_large_batch_are_fenced_by_owner_too(redis_client: redis.Redis) -> None:
-    slow, fast = consumer_of(redis_client, "slow"), consumer_of(redis_client, "fast")
+    slow = consumer_of(redis_client, "slow")
     slow.ensure_group("0")
     ids = [redis_client.xadd("in", {"image": b"x"}) for _ in range(1500)]  # two XPENDING pages
     slow.read_new(2000, None)

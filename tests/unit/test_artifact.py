@@ -228,3 +228,24 @@ def test_the_loaded_artifact_carries_the_digest_of_the_manifest_it_verified(tmp_
     path = write_fake(tmp_path / "a")
     expected = hashlib.sha256((path / MANIFEST_FILE).read_bytes()).hexdigest()
     assert load_artifact(path).manifest_digest == expected == manifest_digest(path)
+
+
+@pytest.mark.parametrize("literal", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_a_threshold_that_is_not_finite_is_refused_naming_the_field(tmp_path: Path, literal: str) -> None:
+    # Python's json reads these literals (1e999 as inf); a threshold of inf or NaN flags nothing.
+    import hashlib
+
+    path = write_fake(tmp_path / "a")
+    baseline = json.loads((path / BASELINE_FILE).read_text())
+    baseline["threshold"]["value"] = "THRESHOLD"
+    (path / BASELINE_FILE).write_text(json.dumps(baseline).replace('"THRESHOLD"', literal))
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest["files"][BASELINE_FILE] = hashlib.sha256((path / BASELINE_FILE).read_bytes()).hexdigest()
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"does not match the schema(.|\n)*threshold\.value(.|\n)*finite"):
+        load_artifact(path)
+
+
+def test_a_threshold_that_is_not_finite_cannot_be_written() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        Threshold(policy="retuned precision>=0.9", value=float("inf"), expected_flag_rate=0.0)

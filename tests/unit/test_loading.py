@@ -87,6 +87,13 @@ def _with_nan(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _threshold_literal(data: bytes, literal: str) -> bytes:
+    """baseline.json with threshold.value as a JSON literal json.dumps cannot write (1e999)."""
+    baseline = json.loads(data)
+    baseline["threshold"]["value"] = "THRESHOLD"
+    return json.dumps(baseline).replace('"THRESHOLD"', literal).encode()
+
+
 GENERIC: dict[str, Corruption] = {
     "truncated": lambda b: b[: len(b) // 2],
     "empty": lambda b: b"",
@@ -112,6 +119,9 @@ SPECIFIC: dict[str, dict[str, Corruption]] = {
     },
     "baseline.json": {
         "wrong input_dim": lambda b: json.dumps(json.loads(b) | {"input_dim": 195}).encode(),
+        "infinite threshold": lambda b: _threshold_literal(b, "Infinity"),
+        "nan threshold": lambda b: _threshold_literal(b, "NaN"),
+        "overflowing threshold": lambda b: _threshold_literal(b, "1e999"),
     },
 }
 FILES = (MODEL_FILE, BASELINE_FILE, "calibration_errors.npy", "dense_stack.npz", "transform_classifier.npz",

@@ -13,9 +13,24 @@ import pytest
 
 from contract.labels import Label
 from detector.artifact import load_artifact
-from detector.retune import MIN_LABELS, Target, TargetUnreachable, TooFewLabels, retune, wilson
+from detector.retune import (
+    BOUND_FINITE,
+    BOUND_FLAG_RATE,
+    BOUND_RANGE,
+    MIN_LABELS,
+    Target,
+    TargetUnreachable,
+    TooFewLabels,
+    bound_violations,
+    retune,
+    threshold_change,
+    wilson,
+)
+from runtime.settings import StreamSettings
+from tests.support import publish_alert
+from trainer.alerts import OTHER_MODEL
 from trainer.cli import main as trainer_main
-from trainer.retune import read_labels, retune_artifact
+from trainer.retune import plan_retune, read_verified_labels, write_retuned
 
 HELDOUT = np.linspace(0.0, 1.0, 1001)  # held-out normal errors, threshold 0.9 flags 10%
 
@@ -81,10 +96,91 @@ def test_a_target_outside_0_1_is_refused() -> None:
         Target("precision", 1.0)
 
 
+# -- the bounds a new threshold must keep ------------------------------------------------------
+ERRORS = np.arange(1000, dtype=np.float64)  # held-out errors 0..999: 899.5 flags 100 of them
+ALERTS = np.array([950.0, 990.0, 1200.0, 1400.0])  # verified alerts' scores
+
+
+def violations(new: float, current: float = 899.5) -> dict[str, str]:
+    found = bound_violations(threshold_change(current, new, ERRORS), ALERTS, ERRORS)
+    return {v.bound: v.message for v in found}
+
+
+def test_the_change_counts_the_held_out_images_each_threshold_flags() -> None:
+    change = threshold_change(899.5, 949.5, ERRORS)
+    assert (change.old_flagged, change.new_flagged, change.heldout) == (100, 50, 1000)
+    assert change.text() == (
+        "threshold 899.5 (flags 10.00% of held-out normal images, 100/1000) -> 949.5 (5.00%, 50/1000)"
+    )
+
+
+def test_a_threshold_within_range_and_flag_rate_bounds_may_be_written() -> None:
+    assert violations(949.5) == {}
+    assert violations(989.5) == {}  # 10 of 1000 flagged, from 100: 10x fewer, the bound itself
+    assert violations(0.0) == {}  # 999 of 1000 flagged: 9.99x more
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_a_threshold_that_is_not_finite_breaks_the_finite_bound(value: float) -> None:
+    assert violations(value) == {
+        BOUND_FINITE: f"bound finite: the new threshold is {value}, expected a finite number"
+    }
+
+
+def test_a_threshold_above_every_error_and_alert_breaks_the_range_and_flags_nothing() -> None:
+    found = violations(1e299)
+    assert found[BOUND_RANGE] == (
+        "bound range: the new threshold 1e+299 lies outside [0, 1400], expected within the range of the "
+        "1000 held-out errors and the 4 labelled alerts' scores"
+    )
+    assert found[BOUND_FLAG_RATE] == (
+        "bound flag rate: the new threshold 1e+299 flags none of the 1000 held-out normal images, expected "
+        "at least one (a threshold that flags nothing silences the detector); found 0.00% (0/1000)"
+    )
+
+
+def test_a_threshold_below_every_error_breaks_the_range_bound() -> None:
+    found = violations(-1e300)
+    assert set(found) == {BOUND_RANGE}  # 1000 of 1000 flagged, from 100: 10x, within the rate bound
+    assert found[BOUND_RANGE].startswith("bound range: the new threshold -1e+300 lies outside [0, 1400]")
+
+
+def test_flagging_no_held_out_image_breaks_the_flag_rate_bound_even_within_range() -> None:
+    found = violations(1200.0)  # above every held-out error, below an alert
+    assert set(found) == {BOUND_FLAG_RATE}
+    assert "flags none of the 1000 held-out normal images, expected at least one" in found[BOUND_FLAG_RATE]
+
+
+def test_a_flag_rate_change_of_more_than_10x_either_way_breaks_the_bound() -> None:
+    assert violations(991.5) == {  # from 100 to 8 of 1000 flagged: 12.5x fewer
+        BOUND_FLAG_RATE: "bound flag rate: the new threshold 991.5 changes the share of held-out normal "
+        "images flagged more than 10x: expected 1.00% to 100.00% (the current 10.00%, 100/1000, within "
+        "10x), found 0.80% (8/1000)"
+    }
+    higher = violations(499.5, current=989.5)  # from 10 to 500 of 1000: 50x more
+    assert set(higher) == {BOUND_FLAG_RATE}
+    assert higher[BOUND_FLAG_RATE].endswith(
+        "expected 0.10% to 10.00% (the current 1.00%, 10/1000, within 10x), found 50.00% (500/1000)"
+    )
+
+
+def test_moving_off_a_threshold_that_flags_nothing_breaks_the_flag_rate_bound() -> None:
+    found = violations(989.5, current=1200.0)
+    assert set(found) == {BOUND_FLAG_RATE}
+    assert found[BOUND_FLAG_RATE].endswith(
+        "expected within 10x of the current threshold's, which flags none of them (0/1000), found 1.00% "
+        "(10/1000)"
+    )
+
+
 # -- the artifact retune writes ----------------------------------------------------------------
-def labels_stream(r: fakeredis.FakeRedis, version: str, scores: np.ndarray, is_anomaly: np.ndarray) -> None:
+def alerts_and_labels(
+    r: fakeredis.FakeRedis, version: str, scores: np.ndarray, is_anomaly: np.ndarray
+) -> None:
+    """Each score an alert in the output stream, labelled without a score (retune uses the alert's)."""
     for i, (score, anomaly) in enumerate(zip(scores, is_anomaly, strict=True)):
-        label = Label(f"{i + 1}-0", "anomaly" if anomaly else "normal", version, float(score), 1, "test")
+        publish_alert(r, "anomalies", f"{i + 1}-0", float(score), version)
+        label = Label(f"{i + 1}-0", "anomaly" if anomaly else "normal", version, None, 1, "test")
         r.xadd("anomaly-labels", label.fields())  # type: ignore[arg-type]
     r.xadd("anomaly-labels", Label("99-0", "normal", "another-model", 0.1, 1, "test").fields())  # type: ignore[arg-type]
 
@@ -94,33 +190,35 @@ def test_retune_writes_the_same_model_with_the_new_threshold_and_where_it_came_f
 ) -> None:
     source = load_artifact(tiny_artifact)
     t0 = source.baseline.threshold.value
+    version = source.baseline.model_version
     scores, is_anomaly = labelled([t0 * 1.1] * 4, [t0 * 2 + i * 1e-3 for i in range(16)])
     r = fakeredis.FakeRedis()
-    labels_stream(r, source.baseline.model_version, scores, is_anomaly)
+    alerts_and_labels(r, version, scores, is_anomaly)
+    read = read_verified_labels(r, StreamSettings(), version)
+    plan = plan_retune(source, read.verified, Target("precision", 0.95))
     out = tmp_path / "retuned"
-    result = retune_artifact(
-        tiny_artifact,
-        out,
-        read_labels(r, "anomaly-labels"),
-        Target("precision", 0.95),
-        labels_stream="anomaly-labels",
-        labels_url="redis://:secret@labels:6379/0",
+    write_retuned(
+        plan, out, read, labels_stream="anomaly-labels", redis_url="redis://:secret@labels:6379/0?password=s2"
     )
     new = load_artifact(out)  # checksums recomputed: it verifies
     assert new.model_bytes == source.model_bytes
-    assert new.baseline.model_version == source.baseline.model_version
+    assert new.baseline.model_version == version
     assert new.baseline.threshold.value == pytest.approx(t0 * 1.1)
     assert new.baseline.threshold.policy == "retuned precision>=0.95"
+    assert new.baseline.threshold.expected_flag_rate == plan.change.new_rate
     record = json.loads((out / "baseline.json").read_text())["retune"]
     assert record["labels_stream"] == "anomaly-labels"
-    assert record["labels_redis"] == "redis://:***@labels:6379/0"
+    assert record["labels_redis"] == "redis://:***@labels:6379/0?password=***"
     assert record["labels_read"] == 21 and record["labels_used"] == 20
     assert record["labels_last_id"] == r.xrevrange("anomaly-labels", count=1)[0][0].decode()
     assert record["before"]["precision"]["value"] == pytest.approx(0.8)
     assert record["after"]["precision"]["value"] == 1.0
     assert record["previous_threshold"]["value"] == t0
-    assert result.other_model == 1
-    assert "secret" not in (out / "baseline.json").read_text()
+    assert read.verified.skipped[OTHER_MODEL] == 1
+    assert (
+        "secret" not in (out / "baseline.json").read_text()
+        and "s2" not in (out / "baseline.json").read_text()
+    )
 
 
 def test_an_artifact_never_retuned_has_no_retune_record(tiny_artifact: Path) -> None:
@@ -128,20 +226,20 @@ def test_an_artifact_never_retuned_has_no_retune_record(tiny_artifact: Path) -> 
 
 
 def test_the_cli_refuses_too_few_labels_and_leaves_the_artifact_alone(
-    tiny_artifact: Path, tmp_path: Path, redis_server, capsys: pytest.CaptureFixture[str]
+    tiny_artifact: Path, tmp_path: Path, redis_server, redis_client, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    client = redis_server.client()
-    client.delete("few-labels")
     version = load_artifact(tiny_artifact).baseline.model_version
     for i in range(3):
-        client.xadd("few-labels", Label(f"{i + 1}-0", "normal", version, 1.0, 1, "t").fields())  # type: ignore[arg-type]
+        publish_alert(redis_client, "anomalies", f"{i + 1}-0", 1.0, version)
+        redis_client.xadd("few-labels", Label(f"{i + 1}-0", "normal", version, None, 1, "t").fields())  # type: ignore[arg-type]
     served = tmp_path / "served"
     shutil.copytree(tiny_artifact, served)
     before = (served / "manifest.json").read_bytes()
     argv = ["retune", str(served), "--labels", redis_server.url, "--labels-stream", "few-labels"]
     code = trainer_main([*argv, "--target-precision", "0.9", "--out", str(served)])
     assert code == 2
-    err = capsys.readouterr().err
-    assert "needs labelled alerts of this model with scores, at least max(10, 1/(1-P)) = 10" in err
+    out, err = capsys.readouterr()
+    assert "3 labels of alerts of model" in out and "verified and used (0 anomaly, 3 normal)" in out
+    assert "needs labelled alerts of this model, at least max(10, 1/(1-P)) = 10" in err
     assert "found 3 (0 anomaly, 3 normal)" in err
     assert (served / "manifest.json").read_bytes() == before
