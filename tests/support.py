@@ -64,6 +64,22 @@ class ChildScorer(MeanPixelScorer):
         return super().score_batch(images)
 
 
+def _only_in(pid: int) -> MeanPixelScorer:
+    if os.getpid() != pid:
+        raise ModuleNotFoundError("simulated: this process cannot import the model's module")
+    return MeanPixelScorer()
+
+
+class ParentOnlyScorer(MeanPixelScorer):
+    """A numpy-engine scorer that unpickles only in the process that made it (a model whose module
+    a scoring process could not import)."""
+
+    engine = "numpy"
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return _only_in, (os.getpid(),)
+
+
 def make_model(version: str = "fake-v1", threshold: float = 0.5, scorer: Any = None) -> LoadedModel:
     """A fake model: threshold 0.5 on the mean pixel; baseline mean 0.25, std 0.1."""
     rule = DecisionRule(threshold, "p95", 0.25, 0.1, 0.05, np.linspace(0, 0.6, 101))

@@ -111,6 +111,14 @@ class WorkerMetrics:
             ["shard"],
             registry=r,
         )
+        self.output_trimmed_unread = Gauge(
+            "anomaly_output_trimmed_unread",
+            "Anomalies of the shard's output stream that OUTPUT_MAXLEN trimmed before this consumer "
+            "group of it read them (while the group is behind the stream's first entry; 0 once it "
+            "caught up, NaN on Redis < 7).",
+            ["shard", "group"],
+            registry=r,
+        )
         self.fenced = Counter(
             "anomaly_messages_fenced",
             "Entries this worker scored but did not publish: at commit time another consumer owned "

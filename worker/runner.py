@@ -142,6 +142,7 @@ class Runner:
         self._scoring_thread: ThreadPoolExecutor | None = None
         self._shadow_failures = 0
         self._next_shadow_failure_log = 0.0
+        self._output_groups: dict[str, set[str]] = {}  # shard -> groups of its output stream seen
         self._publish_model()
         self.health.model_loaded = True
 
@@ -595,6 +596,7 @@ class Runner:
             shard = str(stream.shard)
             self.metrics.group_pending.labels(shard).set(state.pending)
             self.metrics.group_lag.labels(shard).set(math.nan if state.lag is None else state.lag)
+            self._sample_output_readers(stream)
             if prune and (removed := stream.prune_consumers(self.settings.dead_consumer_idle_ms)):
                 log.info(
                     "removed idle consumers with nothing pending count=%d shard=%s names=%s",
@@ -602,6 +604,17 @@ class Runner:
                     shard,
                     ",".join(removed[:10]),
                 )
+
+    def _sample_output_readers(self, stream: StreamClient) -> None:
+        """anomaly_output_trimmed_unread of each consumer group of the shard's output stream; the
+        label sets of groups that went away are removed."""
+        shard = str(stream.shard)
+        trimmed = stream.output_trimmed_unread()
+        for group in self._output_groups.get(shard, set()) - trimmed.keys():
+            self.metrics.output_trimmed_unread.remove(shard, group)
+        for group, count in trimmed.items():
+            self.metrics.output_trimmed_unread.labels(shard, group).set(count)
+        self._output_groups[shard] = set(trimmed)
 
     def _maybe_reload(self) -> None:
         if self.loader is None:

@@ -9,7 +9,7 @@ ones are scaled to float32 there, not in the loop); the models are pickled to th
 Measured on 2 cores with the default detector (uint8, batch 256): 1.31-1.52 times the msg/s of
 the scoring thread.
 
-The child is `python -m worker.scoring_process SOCKET_FD BUFFER_FD ...`, in a session of its own
+The child is `python -P -c CHILD_BOOT SYS_PATH SOCKET_FD BUFFER_FD ...`, in a session of its own
 (a Ctrl-C in a terminal reaches the worker, which finishes the batches in hand, not the child).
 SOCKET_FD is its end of a socket pair; BUFFER_FD the shared buffer, a file in /dev/shm unlinked
 before the child starts: only the two processes' descriptors and mappings hold it, so nothing is
@@ -25,6 +25,7 @@ within `score_timeout` seconds is killed: its batch fails like one whose child d
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import mmap
 import os
@@ -52,6 +53,15 @@ START_TIMEOUT_SECONDS = 120.0  # importing numpy and the detector on a busy, slo
 SCORE_TIMEOUT_SECONDS = 60.0  # a batch takes milliseconds; this long means the child is stuck
 STOP_TIMEOUT_SECONDS = 5.0
 SHARED_DIR = Path("/dev/shm")  # memory-backed where it exists; else the temporary directory
+
+
+# What the child runs (`python -P -c CHILD_BOOT SYS_PATH SOCKET_FD ...`): the parent's sys.path,
+# then the functions of the importable module, so that an exception it sends back unpickles in the
+# parent as worker.scoring_process.ScoringProcessError.
+CHILD_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from worker.scoring_process import main; raise SystemExit(main(sys.argv[2:]))"
+)
 
 
 class ScoringProcessError(AnomalyScorerError):
@@ -171,7 +181,11 @@ class ScoringProcess:
                 parent_end, child_end = socket.socketpair()
                 undo.callback(parent_end.close)
                 with child_end:
-                    argv = [self.python, "-m", "worker.scoring_process", str(child_end.fileno()), str(fd)]
+                    # -P and the parent's own sys.path: the child imports the modules the parent
+                    # imported (the models it is sent are pickled against them), never a `worker`
+                    # package that happens to sit in the working directory.
+                    path = json.dumps([entry or os.getcwd() for entry in sys.path])
+                    argv = [self.python, "-P", "-c", CHILD_BOOT, path, str(child_end.fileno()), str(fd)]
                     argv += [str(self.rows), str(width), str(self.blas_threads), str(int(self.tune_malloc))]
                     child = subprocess.Popen(
                         argv,
@@ -260,6 +274,11 @@ class ScoringProcess:
             error = self._died("scoring a batch")
             pending._settle(None, error)
             raise error from exc
+        if kind == "unloadable":  # counts as a failure of the process: after a few, the thread scores
+            self.failures += 1
+            error = ScoringProcessError(f"the scoring process cannot load the model it was sent: {value}")
+            pending._settle(None, error)
+            raise error
         self.failures = 0
         pending._settle(value if kind == "scored" else None, None if kind == "scored" else value)
 
@@ -308,15 +327,25 @@ def serve(conn: Connection, buffer: mmap.mmap, rows: int, width: int) -> None:
     raw = np.ndarray((rows, width), np.uint8, buffer=buffer)
     model: LoadedModel | None = None
     shadow: LoadedModel | None = None
+    unloadable: str | None = None  # why the last models sent could not be unpickled here
     while True:
         try:
-            message = conn.recv()
+            data = conn.recv_bytes()
         except (EOFError, OSError):
             return
+        try:
+            message = pickle.loads(data)
+        except Exception as exc:  # models whose modules this process cannot import
+            model, shadow, unloadable = None, None, f"{type(exc).__name__}: {exc}"
+            continue
         if message[0] == "models":
-            model, shadow = message[1], message[2]
+            model, shadow, unloadable = message[1], message[2], None
             continue
         _, n, scale, every_region = message
+        if unloadable is not None:
+            if not _reply(conn, ("unloadable", unloadable)):
+                return
+            continue
         try:
             if model is None:
                 raise ScoringProcessError("the scoring process was sent a batch before a model")
@@ -324,10 +353,17 @@ def serve(conn: Connection, buffer: mmap.mmap, rows: int, width: int) -> None:
             reply: tuple[str, Any] = ("scored", score_batch(model, shadow, images, every_region))
         except Exception as exc:  # the batch's error: the parent raises it where the thread would have
             reply = ("failed", _sendable(exc))
-        try:
-            conn.send(reply)
-        except OSError:
+        if not _reply(conn, reply):
             return
+
+
+def _reply(conn: Connection, reply: tuple[str, Any]) -> bool:
+    """Send `reply`; False when the parent is gone (the child then leaves quietly)."""
+    try:
+        conn.send(reply)
+    except OSError:  # BrokenPipeError, ConnectionResetError: the parent died
+        return False
+    return True
 
 
 def _sendable(exc: Exception) -> Exception:
@@ -347,7 +383,10 @@ def main(argv: list[str], configure: Callable[[int, bool], None] | None = None) 
     conn = Connection(int(socket_fd))
     buffer = mmap.mmap(int(buffer_fd), int(rows) * int(width) * 4)
     os.close(int(buffer_fd))  # the mapping keeps the memory
-    conn.send("ready")
+    try:
+        conn.send("ready")
+    except OSError:  # the parent died while this process started: nothing to say, nobody to say it to
+        return 0
     serve(conn, buffer, int(rows), int(width))
     return 0
 
@@ -360,11 +399,3 @@ def _configure(blas_threads: int, tune_malloc: bool) -> None:
     threadpool_limits(blas_threads, user_api="blas")
     if tune_malloc:
         keep_freed_memory()
-
-
-if __name__ == "__main__":
-    # Run the functions of the importable module, not of __main__: an exception the child sends
-    # back must unpickle in the parent as worker.scoring_process.ScoringProcessError.
-    from worker.scoring_process import main as module_main
-
-    raise SystemExit(module_main(sys.argv[1:]))

@@ -262,6 +262,7 @@ class StreamClient:
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
         self.input_stream = input_stream
+        self.output_stream = output_stream
         self.group = group
         self.consumer = consumer
         targets = {
@@ -502,6 +503,32 @@ class StreamClient:
                 lag = info.get("lag")
                 return GroupState(int(info.get("pending", 0)), None if lag is None else int(lag))
         return GroupState(0, None)
+
+    def output_trimmed_unread(self) -> dict[str, float]:
+        """Per consumer group of the output stream (a notifier, a user's consumer): how many anomalies
+        OUTPUT_MAXLEN trimmed before the group read them. Nonzero only while the group is behind the
+        stream's first entry; NaN where Redis cannot tell (6.2 has no lag). Empty without groups."""
+        try:
+            groups = self.redis.xinfo_groups(self.output_stream)
+        except redis.ResponseError as exc:  # no such key yet: nothing published, nobody reading
+            if "no such key" in str(exc).lower():
+                return {}
+            raise
+        if not groups:
+            return {}
+        info = self.redis.xinfo_stream(self.output_stream)
+        first = info.get("first-entry")
+        length = int(info.get("length", 0))
+        found: dict[str, float] = {}
+        for group in groups:
+            name = _as_bytes(group["name"]).decode("utf-8", "replace")
+            last = group.get("last-delivered-id", b"0-0")
+            if first is not None and _id_key(last) >= _id_key(first[0]):
+                found[name] = 0.0  # everything after what it read is still in the stream
+                continue
+            lag = group.get("lag")
+            found[name] = float("nan") if lag is None else float(max(0, int(lag) - length))
+        return found
 
 
 def read_new_many(

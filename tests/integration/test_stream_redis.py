@@ -319,3 +319,33 @@ def test_an_entry_trimmed_while_pending_is_dead_lettered_once_not_at_every_claim
     alive.drain()
     assert len(stream(client, "images:dead-letter")) == 1
     assert client.xpending("images", "anomaly-scorer")["pending"] == 0
+
+
+def test_anomalies_trimmed_before_a_reader_group_got_them_are_counted(redis_client: redis.Redis) -> None:
+    redis_client.config_set("stream-node-max-entries", "10")  # MAXLEN ~ trims whole nodes of 10
+    try:
+        runner = make_runner(redis_client, output_maxlen=20, batch_size=50)
+        for _ in range(5):
+            push(redis_client, 0.9)
+        runner.drain()
+        redis_client.xgroup_create("anomalies", "notify", id="0")
+        redis_client.xreadgroup("notify", "n1", {"anomalies": ">"}, count=3)  # then it stalls
+        runner._sample_output_readers(runner.stream)
+        value = runner.metrics.registry.get_sample_value
+        labels = {"shard": "0", "group": "notify"}
+        assert value("anomaly_output_trimmed_unread", labels) == 0  # behind, but nothing lost yet
+        for _ in range(200):
+            push(redis_client, 0.9)
+        runner.drain()  # 205 anomalies published into a stream capped near 20
+        runner._sample_output_readers(runner.stream)
+        lost = 205 - 3 - redis_client.xlen("anomalies")
+        assert lost > 150 and value("anomaly_output_trimmed_unread", labels) == lost
+        # Once the group reads on past the stream's first entry, nothing more is being lost.
+        redis_client.xreadgroup("notify", "n1", {"anomalies": ">"}, count=1000)
+        runner._sample_output_readers(runner.stream)
+        assert value("anomaly_output_trimmed_unread", labels) == 0
+        redis_client.xgroup_destroy("anomalies", "notify")
+        runner._sample_output_readers(runner.stream)
+        assert value("anomaly_output_trimmed_unread", labels) is None  # a group that went away
+    finally:
+        redis_client.config_set("stream-node-max-entries", "100")

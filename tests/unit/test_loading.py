@@ -184,3 +184,37 @@ def test_weights_that_overflow_to_nan_are_caught_by_the_probe(old_copy: Path) ->
     load_artifact(old_copy)  # every file is well formed
     with pytest.raises(ArtifactError, match=r"probe batch .* expected finite numbers; .*dense_stack\.npz"):
         load_scorer(old_copy, "numpy", max_batch=8)
+
+
+def test_an_update_that_lands_while_the_artifact_loads_is_picked_up_at_the_next_check(
+    old_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.loaded_model as loaded_model
+    from tests.conftest import wait_until
+
+    def retuned(data: bytes) -> bytes:
+        baseline = json.loads(data)
+        baseline["threshold"]["value"] = 0.123
+        return json.dumps(baseline).encode()
+
+    real, landed = loaded_model.load_scorer, []
+
+    def load_while_a_new_version_lands(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(*args, **kwargs)
+        if not landed:  # `retune` writes a new version after the files were read, before we return
+            corrupt(old_copy, BASELINE_FILE, retuned)
+            landed.append(True)
+        return result
+
+    monkeypatch.setattr(loaded_model, "load_scorer", load_while_a_new_version_lands)
+    settings = WorkerSettings(artifact=old_copy, consumer="w1", reload_poll_seconds=0.01, batch_size=8)
+    runner = build_runner(
+        fakeredis.FakeRedis(), settings, model=load_model(settings), loader=lambda: load_model(settings)
+    )
+    assert landed and runner.model.rule.threshold != 0.123  # served: the version that was read
+
+    def reloaded() -> bool:
+        runner._maybe_reload()
+        return runner.model.rule.threshold == 0.123
+
+    wait_until(reloaded, 5, what="the version that landed during the load to be loaded")

@@ -194,6 +194,64 @@ def test_the_child_exits_when_the_worker_is_killed(tmp_path) -> None:
             worker.stdout.close()
 
 
+def test_the_child_imports_the_workers_packages_not_the_working_directorys(
+    process, tmp_path, monkeypatch
+) -> None:
+    impostor = tmp_path / "worker"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("raise ImportError('the working directory holds another worker')\n")
+    monkeypatch.chdir(tmp_path)  # as if the worker were started from a directory holding one
+    fine = make_model(scorer=ChildScorer())
+    assert process.submit(fine, None, images(3), None, False).result().scores.shape == (3,)
+
+
+def test_a_model_the_child_cannot_import_fails_its_batch_and_counts_as_a_process_failure(process) -> None:
+    from tests.support import ParentOnlyScorer
+
+    model = make_model(scorer=ParentOnlyScorer())
+    pending = process.submit(model, None, images(3), None, False)
+    with pytest.raises(ScoringProcessError, match="cannot load the model it was sent: ModuleNotFoundError"):
+        pending.result()
+    assert process.failures == 1 and process.pid is not None  # the child is alive and still answers
+    fine = make_model(scorer=ChildScorer())
+    assert process.submit(fine, None, images(2), None, False).result().scores.shape == (2,)
+
+
+def test_a_child_whose_worker_died_mid_batch_leaves_without_a_traceback(tmp_path) -> None:
+    gate, log = tmp_path / "gate", tmp_path / "child.log"
+    script = textwrap.dedent(
+        f"""
+        import numpy as np
+        from pathlib import Path
+        from tests.support import ChildScorer, make_model
+        from worker.scoring_process import ScoringProcess
+        scoring = ScoringProcess(rows=8)
+        model = make_model(scorer=ChildScorer(gate=Path({str(gate)!r})))
+        scoring.submit(model, None, np.zeros((4, 16), np.float32), None, False)
+        print(scoring.pid, flush=True)
+        import time; time.sleep(120)
+        """
+    )
+    with log.open("w") as stderr:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+    try:
+        assert worker.stdout is not None
+        child = int(worker.stdout.readline())
+        wait_until(gate.with_suffix(".entered").exists, 30, what="the child scoring")
+        worker.kill()  # the worker dies while its child scores
+        worker.wait(10)
+        gate.touch()  # the child finishes the batch and finds nobody to answer
+        wait_until(lambda: gone(child), 30, what=f"scoring process {child} to exit")
+        assert "Traceback" not in log.read_text() and "Error" not in log.read_text(), log.read_text()
+    finally:
+        worker.kill()
+        worker.wait(10)
+        if worker.stdout is not None:
+            worker.stdout.close()
+
+
 def test_no_file_is_left_behind_in_shared_memory(process, shared_dir) -> None:
     process.start(D)
     assert list(shared_dir.iterdir()) == []  # unlinked before the child started: nothing can leak

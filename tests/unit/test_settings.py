@@ -123,3 +123,9 @@ def test_artifact_outside_the_configured_root_is_refused(tmp_path: Path) -> None
     for bad in (root / "link", root / ".." / "elsewhere"):
         with pytest.raises(ValidationError, match="outside ANOMALY_ARTIFACT_ROOT"):
             WorkerSettings(artifact=bad, artifact_root=root)
+
+
+def test_a_password_in_the_urls_query_never_reaches_the_log_summary() -> None:
+    s = WorkerSettings(redis_url="redis://redis:6379/0?password=s3cret&socket_timeout=5")  # type: ignore[arg-type]
+    assert "s3cret" not in s.summary()
+    assert "redis://redis:6379/0?password=***&socket_timeout=5" in s.summary()
