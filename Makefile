@@ -41,6 +41,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks.commit_cost
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks.throughput --quick
