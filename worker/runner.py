@@ -19,43 +19,38 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
-from contract.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
-from detector.artifact import manifest_digest
-from detector.errors import AnomalyScorerError
+from contract.codec import DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
 from runtime.settings import WorkerSettings
-from worker.batch import Scored, concatenate, score_batch, select_rows
-from worker.commit import DELETED_REASON, ShadowBatch, build_commit, dead_letter_fields
-from worker.drift import ScoreDrift
+from worker.batch import Scored, score_batch
+from worker.commit import DELETED_REASON, build_commit, dead_letter_fields
 from worker.http import Health
-from worker.loaded_model import LoadedModel, ModelLoader, check_shadow_fits
-from worker.metrics import DetectionWindow, WorkerMetrics
-from worker.scoring import Decisions
+from worker.isolation import ScoringFailed, score_isolating
+from worker.loaded_model import LoadedModel, ModelLoader
+from worker.metrics import WorkerMetrics
+from worker.model_slot import ModelSlot
+from worker.recorder import BatchRecorder
 from worker.scoring_process import PendingScores, ScoringProcess, ScoringProcessError
 from worker.shards import ShardSet
 from worker.stream import (
     DEAD_LETTER,
     Commit,
     StreamClient,
-    entry_timestamps_ms,
 )
 
 log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_SECONDS = 60.0
-SHADOW_FAILURE_LOG_SECONDS = 60.0
 # A read that filled this share of the batch means entries arrive faster than single batches
 # are handled: read the next one while this one is scored. Below it, the read ahead would
 # mostly come back empty (one wasted round trip per small batch at low rates).
 PREFETCH_FROM_SHARE = 0.25
-KNOWN_DTYPES = frozenset(d.encode() for d in DTYPES)
 # After this many scoring-process failures in a row (it died, hung, or would not start), the worker
 # scores on its thread instead: slower, but it keeps serving.
 SCORING_PROCESS_ATTEMPTS = 3
@@ -63,11 +58,6 @@ SCORING_PROCESS_ATTEMPTS = 3
 SUSPECTS_AT_A_TIME = 1
 
 InFlight = Future[Scored] | PendingScores  # a batch's scores being computed elsewhere
-
-
-class ScoringFailed(AnomalyScorerError):
-    """The model could not score any image of a batch: nothing was committed, the entries stay
-    pending and are read again (one at a time, so MAX_DELIVERIES ends each)."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +71,6 @@ class Prefetched:
     decoded: DecodedBatch | None = None
     model: LoadedModel | None = None
     scoring: InFlight | None = None  # its scores, being computed for `decoded`
-
-
-def declared_dtype(fields: Mapping[bytes, bytes]) -> str:
-    """The entry's dtype for metric labels: a known name, else 'unknown' (keeps the label set bounded)."""
-    raw = fields.get(b"dtype", b"uint8")
-    return raw.decode() if raw in KNOWN_DTYPES else "unknown"
 
 
 class Runner:
@@ -109,22 +93,26 @@ class Runner:
         self.settings = settings
         self.shards = stream if isinstance(stream, ShardSet) else ShardSet([stream])
         self.stream = self.shards.streams[0]  # the first (with one shard, the only) shard
-        self.model = model
-        self.shadow = shadow
-        if shadow is not None:
-            check_shadow_fits(model, shadow)
         self.metrics = metrics
         self.health = health or Health()
-        self.loader = loader
-        self.shadow_loader = shadow_loader
+        self.models = ModelSlot(
+            model,
+            metrics,
+            shadow=shadow,
+            loader=loader,
+            shadow_loader=shadow_loader,
+            artifact=settings.artifact,
+            shadow_artifact=settings.shadow_artifact,
+            poll_seconds=settings.reload_poll_seconds,
+            drift_window_scores=settings.drift_window_scores,
+            monotonic=monotonic,
+        )
+        self.reload_event = self.models.reload_event
+        self.recorder = BatchRecorder(metrics, settings.detection_window_seconds, clock, monotonic)
         self.scoring_process = scoring_process  # where backlog batches are scored; closed by close()
         self.clock = clock
         self.monotonic = monotonic
         self.stop_event = threading.Event()
-        self.reload_event = threading.Event()
-        self.window = DetectionWindow(settings.detection_window_seconds, monotonic)
-        self.shadow_window = DetectionWindow(settings.detection_window_seconds, monotonic)
-        self.drift = self._new_drift(model)
         self.max_payload = settings.max_payload_bytes or default_max_payload_bytes(model.scorer.input_dim)
         self._started = False
         # Per shard: where the read of our own pending entries resumes (None: done), and the
@@ -136,15 +124,25 @@ class Runner:
         self._next_claim = monotonic() + self._claim_interval
         self._next_sample = 0.0
         self._next_prune = 0.0
-        self._next_reload_check = monotonic() + settings.reload_poll_seconds
         self._ready: deque[Prefetched] = deque()
         self._prefetch_from = max(1, math.ceil(settings.batch_size * PREFETCH_FROM_SHARE))
         self._scoring_thread: ThreadPoolExecutor | None = None
-        self._shadow_failures = 0
-        self._next_shadow_failure_log = 0.0
         self._output_groups: dict[str, set[str]] = {}  # shard -> groups of its output stream seen
-        self._publish_model()
         self.health.model_loaded = True
+
+    @property
+    def model(self) -> LoadedModel:
+        """The served model (swapped between batches by a reload)."""
+        return self.models.model
+
+    @property
+    def shadow(self) -> LoadedModel | None:
+        """The shadow (candidate) model, if one runs."""
+        return self.models.shadow
+
+    def reload(self) -> bool:
+        """Load, verify and swap in a new model (and shadow); keep both old ones when either fails."""
+        return self.models.reload()
 
     # -- one iteration ---------------------------------------------------------------------
     def start(self) -> None:
@@ -168,7 +166,7 @@ class Runner:
         if not self._started:
             self.start()
         self.health.heartbeat()
-        self._maybe_reload()
+        self.models.maybe_reload()
         self._maybe_sample_group()
         entries: list[Entry] = []
         stream = self.stream
@@ -317,7 +315,7 @@ class Runner:
                 if scoring is not None
                 else lambda: score_batch(model, shadow, here.images, every_region)
             )
-            scored, decoded = self._scored(compute, model, shadow, decoded)
+            scored, decoded = score_isolating(compute, model, shadow, decoded, every_region)
             self._commit(stream, model, decoded, scored, handled, started, now_ms, id_range)
             return
         # A backlog: this batch is scored elsewhere (the scoring process or thread) while this one
@@ -331,79 +329,10 @@ class Runner:
             self._prefetch(model)
         finally:
             # Its error, if any, is this batch's; never leave it running.
-            scored, decoded = self._scored(scoring.result, model, shadow, decoded)
+            every_region = bool(self.settings.scores_stream)
+            scored, decoded = score_isolating(scoring.result, model, shadow, decoded, every_region)
         self._score_next_elsewhere(model, shadow)
         self._commit(stream, model, decoded, scored, handled, started, now_ms, id_range)
-
-    def _scored(
-        self,
-        compute: Callable[[], Scored],
-        model: LoadedModel,
-        shadow: LoadedModel | None,
-        decoded: DecodedBatch,
-    ) -> tuple[Scored, DecodedBatch]:
-        """The batch's scores, and the batch without the images its model could not score: those
-        raised (when the whole batch raised, each image is scored alone to find which) or got a
-        score that is not finite; they go to the dead-letter stream (reason_code score_error).
-        When no image of the batch can be scored, the model is at fault, not its input:
-        ScoringFailed, nothing is committed and the entries stay pending."""
-        try:
-            scored = compute()
-        except (redis.RedisError, ScoringProcessError):
-            raise
-        except Exception as exc:  # the model raised on this batch: which of its images?
-            scored, failures = self._score_rows_alone(model, shadow, decoded, exc)
-        else:
-            failures = {}
-        finite = np.isfinite(scored.scores)
-        if not finite.all():
-            if not finite.any() and not failures:
-                raise ScoringFailed(
-                    f"model {model.scorer.model_version} scored none of the {len(finite)} images of "
-                    f"the batch finitely (scores like {float(scored.scores[0])!r}); its entries stay pending"
-                )
-            kept = np.flatnonzero(finite)
-            bad = {
-                int(row): f"the model's score is {float(scored.scores[row])!r}, expected a finite number"
-                for row in np.flatnonzero(~finite)
-            }
-            rows_left = [row for row in range(len(decoded.ids)) if row not in failures]
-            failures.update({rows_left[row]: reason for row, reason in bad.items()})
-            scored = select_rows(scored, kept)
-        if failures:  # counted with the other rejects: anomaly_messages_invalid_total{reason="score_error"}
-            log.warning(
-                "images the model could not score go to the dead-letter stream count=%d first=%s",
-                len(failures),
-                next(iter(failures.values())),
-            )
-        return scored, decoded.reject_rows(failures, "score_error")
-
-    def _score_rows_alone(
-        self, model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch, error: Exception
-    ) -> tuple[Scored, dict[int, str]]:
-        """Score each image of a batch whose scoring raised `error` on its own, on this thread."""
-        if len(decoded.ids) <= 1:
-            raise ScoringFailed(
-                f"model {model.scorer.model_version} failed to score the batch: "
-                f"{type(error).__name__}: {error}; its entries stay pending"
-            ) from error
-        every_region = bool(self.settings.scores_stream)
-        images = decoded.images
-        parts: list[Scored] = []
-        failures: dict[int, str] = {}
-        for row in range(len(decoded.ids)):
-            try:
-                parts.append(score_batch(model, shadow, images[row : row + 1], every_region))
-            except Exception as exc:
-                failures[row] = (
-                    f"the model failed to score this image: {type(exc).__name__}: {str(exc)[:300]}"
-                )
-        if not parts:
-            raise ScoringFailed(
-                f"model {model.scorer.model_version} failed to score every image of the batch alone "
-                f"({len(failures)}): {type(error).__name__}: {error}; its entries stay pending"
-            ) from error
-        return concatenate(parts), failures
 
     def _score_elsewhere(
         self, model: LoadedModel, shadow: LoadedModel | None, decoded: DecodedBatch
@@ -461,10 +390,10 @@ class Runner:
         # batch always was: the counters count scoring, the output streams what was published.
         pending = stream.send_commit(commit)
         try:
-            sent_ms = self._record(decoded, scored.scores, scored.decisions)
+            sent_ms = self.recorder.scored(decoded, scored.scores, scored.decisions, self.models.drift)
         finally:
             result = pending.result()  # whatever happened meanwhile: never leave the answer unread
-        self._record_committed(sent_ms, handled, started)
+        self.recorder.committed(sent_ms, handled, started)
         if result.fenced:
             # Another consumer owns them now (it reclaimed them while we were slow): it publishes.
             self.metrics.fenced.inc(result.fenced)
@@ -478,32 +407,10 @@ class Runner:
                 self.settings.wait_timeout_ms,
             )
         if shadow is not None:
-            self._record_shadow(scored.decisions, shadow)
+            self.recorder.shadow(scored.decisions, shadow)
         if scored.shadow_error is not None:
-            self._shadow_failed(scored.shadow_error)
-
-    def _shadow_failed(self, error: str) -> None:
-        self.metrics.shadow_errors.inc()
-        self._shadow_failures += 1
-        now = self.monotonic()
-        if now >= self._next_shadow_failure_log:  # at most one line a minute, with the count
-            self._next_shadow_failure_log = now + SHADOW_FAILURE_LOG_SECONDS
-            log.error(
-                "shadow model failed to score; its results are skipped, serving goes on "
-                "shadow_version=%s failed_batches=%d error=%s",
-                self.shadow.scorer.model_version if self.shadow is not None else "none",
-                self._shadow_failures,
-                error,
-            )
-
-    def _record_shadow(self, decisions: Decisions, shadow: ShadowBatch) -> None:
-        n = len(shadow.scores)
-        agreed = int(np.count_nonzero(shadow.decisions.flagged == decisions.flagged))
-        self.metrics.shadow_scored.inc(n)
-        self.metrics.shadow_flagged.inc(int(np.count_nonzero(shadow.decisions.flagged)))
-        ratio = self.shadow_window.add(n, agreed)
-        if not math.isnan(ratio):
-            self.metrics.shadow_agreement.set(ratio)
+            version = self.shadow.scorer.model_version if self.shadow is not None else "none"
+            self.recorder.shadow_failed(scored.shadow_error, version)
 
     def _prefetch(self, model: LoadedModel) -> None:
         if not self._ready:
@@ -539,49 +446,6 @@ class Runner:
                 keep.append((entry_id, fields))
         return keep, poison
 
-    def _record(self, decoded: DecodedBatch, scores: np.ndarray, decisions: Decisions) -> np.ndarray:
-        """The batch's counts and score metrics; returns when its entries were sent (ms), for
-        `_record_committed`."""
-        m = self.metrics
-        flagged = int(np.count_nonzero(decisions.flagged))
-        scored = len(decoded.ids)
-        m.scored.inc(scored)
-        m.flagged.inc(flagged)
-        for rejected in decoded.rejected:
-            m.invalid.labels(rejected.code).inc()
-            m.messages.labels(declared_dtype(rejected.fields), "dead_letter").inc()
-        if scored:
-            kinds = set(decoded.dtypes)
-            if len(kinds) == 1:  # the usual batch: one dtype, no masks
-                (dtype,) = kinds
-                m.messages.labels(dtype, "flagged").inc(flagged)
-                m.messages.labels(dtype, "normal").inc(scored - flagged)
-            else:
-                dtypes = np.asarray(decoded.dtypes)
-                for dtype in kinds:
-                    mask = dtypes == dtype
-                    n_flag = int(np.count_nonzero(decisions.flagged[mask]))
-                    m.messages.labels(dtype, "flagged").inc(n_flag)
-                    m.messages.labels(dtype, "normal").inc(int(mask.sum()) - n_flag)
-            m.observe_scores(scores)
-            if self.drift is not None:
-                m.score_drift.set(self.drift.add(scores))
-        rate = self.window.add(scored, flagged)
-        if not math.isnan(rate):
-            m.detection_rate.set(rate)
-        return entry_timestamps_ms(decoded.ids) if scored else np.empty(0)
-
-    def _record_committed(self, sent_ms: np.ndarray, n: int, started: float) -> None:
-        """What the commit ends: the batch's duration, the time of the last batch, and each
-        entry's latency from XADD to its commit."""
-        m = self.metrics
-        m.batch_size.observe(n)
-        now = self.clock()
-        m.batch_duration.observe(self.monotonic() - started)
-        m.last_batch.set(now)
-        if sent_ms.size:
-            m.observe_latencies(np.maximum(0.0, (now * 1000.0 - sent_ms) / 1000.0))
-
     # -- periodic work ---------------------------------------------------------------------
     def _maybe_sample_group(self) -> None:
         now = self.monotonic()
@@ -615,89 +479,6 @@ class Runner:
         for group, count in trimmed.items():
             self.metrics.output_trimmed_unread.labels(shard, group).set(count)
         self._output_groups[shard] = set(trimmed)
-
-    def _maybe_reload(self) -> None:
-        if self.loader is None:
-            return
-        requested = self.reload_event.is_set()
-        if not requested:
-            if not self.settings.reload_poll_seconds or self.monotonic() < self._next_reload_check:
-                return
-            self._next_reload_check = self.monotonic() + self.settings.reload_poll_seconds
-            if self.settings.artifact is None:
-                return
-            try:
-                changed = manifest_digest(self.settings.artifact) != self.model.manifest_digest
-                if self.shadow is not None and self.settings.shadow_artifact is not None:
-                    changed |= manifest_digest(self.settings.shadow_artifact) != self.shadow.manifest_digest
-            except OSError as exc:
-                log.debug("artifact check failed error=%s", exc)
-                return
-            if not changed:
-                return
-        self.reload_event.clear()
-        self.reload()
-
-    def reload(self) -> bool:
-        """Load, verify and swap in a new model (and shadow) between batches; keep both old ones
-        when either fails."""
-        if self.loader is None:
-            return False
-        try:
-            new = self.loader()
-            new_shadow = self.shadow_loader() if self.shadow_loader is not None else None
-            if new_shadow is not None:
-                check_shadow_fits(new, new_shadow)
-        except (AnomalyScorerError, OSError, ValueError) as exc:
-            self.metrics.reloads.labels("failure").inc()
-            log.error(
-                "reload refused, keeping model_version=%s error=%s",
-                self.model.scorer.model_version,
-                exc,
-            )
-            return False
-        old = self.model.scorer.model_version
-        if new.manifest_digest != self.model.manifest_digest:
-            self.drift = self._new_drift(new)  # a new baseline: start the window afresh
-            self.metrics.score_drift.set(math.nan)
-        self.model = new
-        if new_shadow is not None:
-            if self.shadow is None or new_shadow.manifest_digest != self.shadow.manifest_digest:
-                log.info("shadow model loaded model_version=%s", new_shadow.scorer.model_version)
-            self.shadow = new_shadow
-        self._publish_model()
-        self.metrics.reloads.labels("success").inc()
-        log.info(
-            "reloaded old_model_version=%s model_version=%s threshold=%.6g",
-            old,
-            new.scorer.model_version,
-            new.rule.threshold,
-        )
-        return True
-
-    def _publish_model(self) -> None:
-        rule = self.model.rule
-        self.metrics.set_model(
-            self.model.scorer.model_version,
-            rule.policy,
-            rule.threshold,
-            rule.expected_flag_rate,
-            engine=self.model.scorer.engine,
-            score_buckets=self.model.score_buckets,
-        )
-        if self.shadow is not None:
-            shadow_rule = self.shadow.rule
-            self.metrics.set_shadow_model(
-                self.shadow.scorer.model_version,
-                shadow_rule.policy,
-                shadow_rule.threshold,
-                self.shadow.scorer.engine,
-            )
-
-    def _new_drift(self, model: LoadedModel) -> ScoreDrift | None:
-        if not self.settings.drift_window_scores:
-            return None
-        return ScoreDrift(model.rule.sorted_errors, self.settings.drift_window_scores)
 
     # -- the loop --------------------------------------------------------------------------
     def request_stop(self) -> None:

@@ -214,7 +214,7 @@ def test_an_update_that_lands_while_the_artifact_loads_is_picked_up_at_the_next_
     assert landed and runner.model.rule.threshold != 0.123  # served: the version that was read
 
     def reloaded() -> bool:
-        runner._maybe_reload()
+        runner.models.maybe_reload()
         return runner.model.rule.threshold == 0.123
 
     wait_until(reloaded, 5, what="the version that landed during the load to be loaded")

@@ -17,8 +17,9 @@ from detector.errors import ArtifactError
 from tests.conftest import wait_until
 from tests.support import D, build_runner, make_model, pending, push, stream
 from worker.commit import build_commit
+from worker.isolation import ScoringFailed
 from worker.loaded_model import LoadedModel
-from worker.runner import Runner, ScoringFailed
+from worker.runner import Runner
 from worker.stream import OUTPUT, SCORES
 
 
@@ -396,7 +397,7 @@ def test_a_batch_whose_metrics_fail_is_still_committed_and_its_connection_return
     def broken_record(*args: Any) -> Any:
         raise RuntimeError("metrics broke")
 
-    runner._record = broken_record  # type: ignore[method-assign]
+    runner.recorder.scored = broken_record  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="metrics broke"):
         runner.run_once()
     # The commit was sent before the metrics were recorded: its answer was still read.
