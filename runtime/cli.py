@@ -18,13 +18,13 @@ from typing import Any, TypeVar
 
 from pydantic import SecretStr, ValidationError
 
+from runtime import logs
 from runtime.settings import KNOWN_VARIABLES, AnomalySettings, unknown_variables
 from runtime.settings.base import ENV_PREFIX
 from runtime.settings.environment import service_link_variables
 
 EXIT_CONFIG = 2  # a refused setting, artifact or argument: fix the configuration, do not retry
 SettingsT = TypeVar("SettingsT", bound=AnomalySettings)
-LOG_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
 
 
 class SettingsRefused(Exception):
@@ -87,9 +87,9 @@ def explain(exc: ValidationError, cls: type[AnomalySettings]) -> str:
 
 
 def configure_logging(settings: AnomalySettings, environ: Mapping[str, str] | None = None) -> None:
-    """Logs to stderr at ANOMALY_LOG_LEVEL; the platform's variables that were tolerated are named
-    once, at debug."""
-    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    """Logs to stderr at ANOMALY_LOG_LEVEL in ANOMALY_LOG_FORMAT; the platform's variables that
+    were tolerated are named once, at debug."""
+    logs.configure(settings.log_level, settings.log_format)
     links = service_link_variables(os.environ if environ is None else environ)
     if links:
         logging.getLogger("runtime").debug(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -334,3 +335,26 @@ def publish_alert(
     if flagged is not None:
         fields["flagged"] = int(flagged)
     client.xadd(stream, fields)
+
+
+LOGFMT_PAIR = re.compile(r'([\w.]+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def log_records(text: str) -> list[dict[str, str]]:
+    """The logfmt lines of a program's stderr, each as its fields (quoted values unescaped)."""
+    import json
+
+    records = []
+    for line in text.splitlines():
+        pairs = LOGFMT_PAIR.findall(line)
+        if pairs and pairs[0][0] == "ts":
+            records.append({key: json.loads(raw) if raw.startswith('"') else raw for key, raw in pairs})
+    return records
+
+
+def logged(text: str, msg: str, **fields: str) -> bool:
+    """A log line with this message and (at least) these fields is in `text`."""
+    return any(
+        r.get("msg") == msg and all(r.get(key) == value for key, value in fields.items())
+        for r in log_records(text)
+    )

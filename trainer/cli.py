@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ from detector.datasets import Dataset
 from detector.engines.tensorflow_import import import_keras_quietly
 from detector.retune import MAX_FLAG_RATE_FACTOR
 from detector.score import DEFAULT_SCORE, components_of
+from runtime import logs
+from runtime.logs import LOG_FORMATS
 from trainer.budget import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_MIN_STEPS
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
 from trainer.presets import DEFAULT_THRESHOLD, PRESETS, resolve
@@ -439,11 +440,15 @@ def _add_dataset_args(parser: argparse.ArgumentParser, default: str | None) -> N
 def main(argv: list[str] | None = None) -> int:
     """Entry point of anomaly-trainer."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    log_format = os.environ.get("ANOMALY_LOG_FORMAT", "logfmt")
+    if log_format not in LOG_FORMATS:
+        print(
+            "anomaly-trainer: invalid setting ANOMALY_LOG_FORMAT: expected logfmt or json, "
+            f"found {log_format!r}",
+            file=sys.stderr,
+        )
+        return 2
+    logs.configure(args.log_level.upper(), log_format)
     if args.command == "retune":  # no Keras: the model is copied, not run
         return _retune(args)
     import_keras_quietly()  # every other command trains or runs a Keras model

@@ -73,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     app = build_viewer(settings, model)
     token = settings.viewer_token
     log.info(
-        "viewer starting url=http://%s:%d/ redis=%s output=%s shards=%d labels=%s labelling=%s "
+        "viewer starting url=%s redis=%s output=%s shards=%d labels=%s labelling=%s "
         "allowed_hosts=%s trusted_proxies=%s",
-        args.host,
-        args.port,
+        f"http://{args.host}:{args.port}/",
         settings.redacted_redis_url(),
         settings.output_stream,
         settings.shards,

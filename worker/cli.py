@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     signals.grace_seconds = settings.grace_seconds
     configure_logging(settings)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    log.info("starting %s", settings.summary())
+    log.info("starting", extra={"fields": settings.summary_fields()})
     return serve(settings, signals, burst=args.burst)
 
 
@@ -85,9 +85,10 @@ def serve(settings: WorkerSettings, signals: Signals, burst: bool = False) -> in
         )
         return EXIT_CONFIG
     log.info(
-        "http listening host=%s port=%d paths=/metrics,/healthz,/readyz",
+        "http listening host=%s port=%d paths=%s",
         settings.metrics_host,
         server.port,
+        "/metrics,/healthz,/readyz",
     )
     # numpy's BLAS starts one spinning thread per core; the worker scores on one of its own
     # threads and needs the other core for reading and for Redis (see ANOMALY_SCORING_THREADS).

@@ -89,9 +89,7 @@ class ModelSlot:
                 check_shadow_fits(new, new_shadow)
         except (AnomalyScorerError, OSError, ValueError) as exc:
             self.metrics.reloads.labels("failure").inc()
-            log.error(
-                "reload refused, keeping model_version=%s error=%s", self.model.scorer.model_version, exc
-            )
+            log.error("reload refused kept_model_version=%s error=%s", self.model.scorer.model_version, exc)
             return False
         old = self.model.scorer.model_version
         if new.manifest_digest != self.model.manifest_digest:

@@ -56,7 +56,7 @@ class Signals:
         with self._lock:
             self._runner = runner
             if self.reload_requested.is_set():
-                log.info("applying the reload requested during start-up signal=SIGHUP")
+                log.info("applying the reload requested during start-up signal=%s", "SIGHUP")
                 runner.reload_event.set()
             if self.stop_requested.is_set():
                 runner.request_stop()
@@ -84,9 +84,9 @@ class Signals:
             self.reload_requested.set()
             runner = self._runner
         if runner is None:
-            log.info("reload requested during start-up, applied once serving signal=SIGHUP")
+            log.info("reload requested during start-up, applied once serving signal=%s", "SIGHUP")
             return
-        log.info("reload requested signal=SIGHUP")
+        log.info("reload requested signal=%s", "SIGHUP")
         runner.reload_event.set()
 
     def _hard_exit(self, reason: str) -> None:

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.shards import shard_key
+from runtime.logs import LogFormat
 from runtime.redact import redact_url
 
 ENV_PREFIX = "ANOMALY_"
@@ -23,6 +24,11 @@ class AnomalySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    log_format: LogFormat = Field(
+        "logfmt",
+        description="logfmt (key=value, quoted where needed) or json (one object per line: ts, level, "
+        "logger, msg and the fields)",
+    )
 
     @field_validator("log_level")
     @classmethod

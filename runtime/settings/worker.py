@@ -211,7 +211,11 @@ class WorkerSettings(StreamSettings):
 
     def summary(self) -> str:
         """key=value config line for the start-up log, without secrets."""
-        fields = {
+        return " ".join(f"{k}={v}" for k, v in self.summary_fields().items())
+
+    def summary_fields(self) -> dict[str, object]:
+        """The start-up log's fields: what this worker reads, writes and how, without secrets."""
+        return {
             "redis": self.redacted_redis_url(),
             "artifact": self.artifact,
             "input": self.input_stream,
@@ -230,4 +234,3 @@ class WorkerSettings(StreamSettings):
             "sentinels": self.redis_sentinels or "off",
             "wait_replicas": self.wait_replicas,
         }
-        return " ".join(f"{k}={v}" for k, v in fields.items())

@@ -20,7 +20,7 @@ import redis
 from contract.codec import encode_image
 from tests.chaos.fleet import Fleet
 from tests.conftest import RedisServer, mnist_sample, wait_until
-from tests.support import metric_sum, metrics_text
+from tests.support import logged, metric_sum, metrics_text
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -148,7 +148,9 @@ def test_sigterm_mid_load_finishes_the_batch_and_exits_zero(fleet: Fleet, redis_
     own = client.xpending_range("images", "anomaly-scorer", "-", "+", 10, consumername=name)
     assert own == []  # the batch in hand was committed before exit
     log = (fleet.log_dir / f"{name}.log").read_text()
-    assert "stop requested signal=SIGTERM" in log and "level=INFO logger=worker stopped" in log
+    assert logged(log, "stop requested", signal="SIGTERM") and logged(
+        log, "stopped", level="info", logger="worker"
+    )
     # Another worker takes over the rest: still exactly once.
     fleet.start()
     wait_until(
@@ -205,7 +207,7 @@ def test_hot_reload_under_load_swaps_models_and_refuses_a_broken_one(
     log_path = fleet.log_dir / f"{name}.log"
     # The failure is counted, then logged: wait for the log line the test reads.
     wait_until(
-        lambda: "reload refused, keeping model_version=" + second_version in log_path.read_text(),
+        lambda: logged(log_path.read_text(), "reload refused", kept_model_version=second_version),
         30,
         what="broken artifact refused and logged",
     )

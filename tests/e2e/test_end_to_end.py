@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 
 from producer.client import ImageProducer
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
-from tests.support import metric_value, metrics_text, start_worker, wait_for_metrics
+from tests.support import log_records, logged, metric_value, metrics_text, start_worker, wait_for_metrics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
@@ -158,11 +157,10 @@ def test_worker_scores_flags_dead_letters_and_stops_cleanly(worker, redis_server
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
     log = log_path.read_text()
-    assert "stop requested signal=SIGTERM" in log and "stopped" in log
-    assert "model loaded model_version=" in log
-    started = re.search(r"scoring process started pid=(\d+)", log)
-    assert started is not None, log
-    child = Path(f"/proc/{started.group(1)}/stat")
+    assert logged(log, "stop requested", signal="SIGTERM") and logged(log, "stopped")
+    assert any(r["msg"] == "model loaded" and r.get("model_version") for r in log_records(log))
+    [started] = [r for r in log_records(log) if r["msg"] == "scoring process started"]
+    child = Path(f"/proc/{started['pid']}/stat")
     wait_until(lambda: exited(child), 10, what="the scoring process to exit with the worker")
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from producer.client import ImageProducer
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
-from tests.support import http_status, start_worker
+from tests.support import http_status, log_records, logged, start_worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 D = 784
@@ -124,7 +124,10 @@ def test_sighup_as_soon_as_metrics_answer_then_corrupted_artifacts_the_worker_st
         for attempt in range(1, 8):
             process.send_signal(signal.SIGHUP)
             wait_until(
-                lambda n=attempt: log.read_text().count("reload refused") >= n or process.poll() is not None,
+                lambda n=attempt: (
+                    sum(r["msg"] == "reload refused" for r in log_records(log.read_text())) >= n
+                    or process.poll() is not None
+                ),
                 20,
                 what=f"refused reload {attempt}",
             )
@@ -145,7 +148,7 @@ def test_sigterm_during_start_up_exits_0(worker_env: dict[str, str], tmp_path: P
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log.read_text()
         text = log.read_text()
-        assert "stop requested signal=SIGTERM" in text and "Traceback" not in text
+        assert logged(text, "stop requested", signal="SIGTERM") and "Traceback" not in text
     finally:
         if process.poll() is None:
             process.kill()
