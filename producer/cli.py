@@ -8,6 +8,10 @@ import time
 
 import numpy as np
 
+from runtime.cli import SettingsRefused, add_version_flag, load_settings, refuse
+from runtime.connection import make_redis
+from runtime.settings import StreamSettings
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
@@ -16,19 +20,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Push MNIST test images to a Redis stream, optionally some rotated by 90 degrees "
         "(anomalies for a model trained on upright digits). Ids are normal-N / rotated-N.",
     )
-    p.add_argument("--redis-url", default="redis://localhost:6379/0", help="(default: %(default)s)")
-    p.add_argument("--stream", default="images", help="input stream (default: %(default)s)")
+    # The connection and the stream come from the ANOMALY_* variables every program reads (Sentinel
+    # and password files included); these flags override them.
+    p.add_argument(
+        "--redis-url", help="Redis to push to [env ANOMALY_REDIS_URL, default: redis://localhost:6379/0]"
+    )
+    p.add_argument("--stream", help="input stream [env ANOMALY_INPUT_STREAM, default: images]")
     p.add_argument(
         "--shards",
         type=int,
-        default=1,
         help="shards of the input stream (the workers' ANOMALY_SHARDS): above 1 each image goes to "
-        "STREAM:{i}, i = crc32(image id) mod SHARDS (default: %(default)s)",
+        "STREAM:{i}, i = CRC-32 of the image id mod SHARDS [env ANOMALY_SHARDS, default: 1]",
     )
     p.add_argument(
         "--redis-cluster",
-        action="store_true",
-        help="speak the Redis Cluster protocol (REDIS_URL is any node)",
+        action=argparse.BooleanOptionalAction,
+        help="speak the Redis Cluster protocol (REDIS_URL is any node) "
+        "[env ANOMALY_REDIS_CLUSTER, default: off]",
     )
     p.add_argument("--count", type=int, default=1000, help="images to push (default: %(default)s)")
     p.add_argument(
@@ -51,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", default="mnist", help="mnist or fashion-mnist (default: mnist)")
     p.add_argument("--data-dir", help="folder with the IDX files (see anomaly-trainer train --help)")
+    add_version_flag(p)
     p.add_argument("--seed", type=int, default=0, help="which images are picked and rotated (default: 0)")
     p.add_argument(
         "--maxlen",
@@ -67,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.rotated_fraction <= 1:
         print("anomaly-producer: error: --rotated-fraction must be in [0, 1]", file=sys.stderr)
         return 2
-    if args.shards < 1:
-        print("anomaly-producer: error: --shards must be 1 or more", file=sys.stderr)
-        return 2
-    import redis
-
+    overrides = {"redis_url": args.redis_url, "input_stream": args.stream, "shards": args.shards}
+    overrides["redis_cluster"] = args.redis_cluster
+    try:
+        settings = load_settings(StreamSettings, argparse.Namespace(**overrides))
+    except SettingsRefused as exc:
+        return refuse("anomaly-producer", str(exc))
     from detector.datasets import DatasetError, load_dataset, rotate90
     from producer.client import ImageProducer
 
@@ -85,14 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     rotated = rng.random(args.count) < args.rotated_fraction
     picked[rotated] = rotate90(picked[rotated])
     ids = [f"{'rotated' if r else 'normal'}-{i}" for i, r in enumerate(rotated)]
-    from redis.cluster import RedisCluster
-
-    client: redis.Redis | RedisCluster
-    client = (
-        RedisCluster.from_url(args.redis_url) if args.redis_cluster else redis.Redis.from_url(args.redis_url)
-    )
+    client = make_redis(settings, "anomaly-producer")
+    stream = settings.input_stream
     try:
-        producer = ImageProducer(client, args.stream, args.dtype, args.maxlen, shards=args.shards)
+        producer = ImageProducer(client, stream, args.dtype, args.maxlen, shards=settings.shards)
     except ValueError as exc:
         print(f"anomaly-producer: error: {exc}", file=sys.stderr)
         return 2
@@ -107,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(max(0.0, due - time.monotonic()))
     took = time.monotonic() - started
     print(
-        f"pushed {args.count} images ({int(rotated.sum())} rotated) to {args.stream}"
-        f"{f' ({args.shards} shards)' if args.shards > 1 else ''} in {took:.2f}s "
+        f"pushed {args.count} images ({int(rotated.sum())} rotated) to {stream}"
+        f"{f' ({settings.shards} shards)' if settings.shards > 1 else ''} in {took:.2f}s "
         f"({args.count / max(took, 1e-9):.0f}/s)"
     )
     return 0

@@ -22,6 +22,7 @@ from runtime import logs
 from runtime.settings import KNOWN_VARIABLES, AnomalySettings, unknown_variables
 from runtime.settings.base import ENV_PREFIX
 from runtime.settings.environment import service_link_variables
+from runtime.version import package_version
 
 EXIT_CONFIG = 2  # a refused setting, artifact or argument: fix the configuration, do not retry
 SettingsT = TypeVar("SettingsT", bound=AnomalySettings)
@@ -101,3 +102,40 @@ def refuse(prog: str, message: str) -> int:
     """Print `message` (one problem a line) prefixed with the program's name; return EXIT_CONFIG."""
     print("\n".join(f"{prog}: {line}" for line in message.splitlines()), file=sys.stderr)
     return EXIT_CONFIG
+
+
+def describe_version(prog: str, artifact: str | None = None) -> str:
+    """`prog VERSION`, and with an artifact the model it would load: `model_version=... schema=...`."""
+    line = f"{prog} {package_version()}"
+    if not artifact:
+        return line
+    from detector.artifact import load_artifact
+    from detector.errors import ArtifactError
+
+    try:
+        baseline = load_artifact(artifact).baseline
+    except ArtifactError as exc:
+        return f"{line}\nartifact {artifact}: not loadable ({exc})"
+    model = f"model_version={baseline.model_version} schema={baseline.schema_version}"
+    return f"{line}\nartifact {artifact}: {model}"
+
+
+def add_version_flag(parser: argparse.ArgumentParser, artifact_env: str | None = None) -> None:
+    """--version: the package version, and the model_version of the artifact that `artifact_env`
+    (e.g. ANOMALY_ARTIFACT) names, when it is set."""
+
+    class Version(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, *_: Any) -> None:
+            given = getattr(namespace, "artifact", None)  # --artifact before --version
+            artifact = str(given) if given else (os.environ.get(artifact_env) if artifact_env else None)
+            print(describe_version(parser.prog, artifact))
+            parser.exit()
+
+    parser.add_argument(
+        "--version",
+        nargs=0,
+        action=Version,
+        help="print the version"
+        + (f" (and the model_version of the artifact in {artifact_env}, when set)" if artifact_env else "")
+        + " and exit",
+    )

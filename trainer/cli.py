@@ -17,6 +17,7 @@ from detector.engines.tensorflow_import import import_keras_quietly
 from detector.retune import MAX_FLAG_RATE_FACTOR
 from detector.score import DEFAULT_SCORE, components_of
 from runtime import logs
+from runtime.cli import add_version_flag
 from runtime.logs import LOG_FORMATS
 from trainer.budget import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_MIN_STEPS
 from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anomaly-trainer",
         description="Train an autoencoder anomaly detector and write a versioned artifact.",
     )
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser(
         "train",

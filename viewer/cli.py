@@ -13,6 +13,7 @@ from runtime.cli import (
     EXIT_CONFIG,
     SettingsRefused,
     add_settings_flags,
+    add_version_flag,
     configure_logging,
     load_settings,
     refuse,
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ANOMALY_<NAME>; flags win.",
     )
     add_settings_flags(parser, ViewerSettings)
+    add_version_flag(parser, "ANOMALY_ARTIFACT")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=9500, help="port to listen on (default: 9500)")
     return parser

@@ -14,6 +14,7 @@ from runtime.cli import (
     EXIT_CONFIG,
     SettingsRefused,
     add_settings_flags,
+    add_version_flag,
     configure_logging,
     load_settings,
     refuse,
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         "flags win.",
     )
     add_settings_flags(parser, WorkerSettings)
+    add_version_flag(parser, "ANOMALY_ARTIFACT")
     parser.add_argument(
         "--burst",
         action="store_true",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import math
+import platform
 import time
 from collections.abc import Callable, Iterable
 
@@ -20,6 +21,8 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+
+from runtime.version import package_version
 
 # The anomaly_score histogram's bounds until a model is loaded, and for a model that brings none
 # (a test's fake scorer): 0.001 to about 128. A loaded artifact's come from its held-out scores
@@ -195,6 +198,8 @@ class WorkerMetrics:
         self.shadow_model = Info(
             "anomaly_shadow_model", "Shadow model version and threshold (empty: no shadow).", registry=r
         )
+        self.build = Info("anomaly_build", "The running program's package and Python versions.", registry=r)
+        self.build.info({"version": package_version(), "python": platform.python_version()})
         self.window: DetectionWindow | None = None
 
     def _score_histogram(self, buckets: tuple[float, ...]) -> Histogram:

@@ -295,3 +295,38 @@ def test_a_worker_serves_a_combined_score_with_its_classifier_and_neighbours(
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def test_producer_cli_reads_the_connection_and_shards_from_the_environment_like_every_program(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    client = redis_server.client()
+    client.config_set("requirepass", "pr0ducer-pw")
+    try:
+        password = tmp_path / "password"
+        password.write_text("pr0ducer-pw\n")
+        env = dict(
+            ENV,
+            ANOMALY_REDIS_URL=redis_server.url,
+            ANOMALY_REDIS_PASSWORD_FILE=str(password),
+            ANOMALY_INPUT_STREAM="envstream",
+            ANOMALY_SHARDS="2",
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "--count", "40"],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        authed = redis_server.client(password="pr0ducer-pw")
+        lengths = [authed.xlen(f"envstream:{{{i}}}") for i in (0, 1)]
+        assert sum(lengths) == 40 and min(lengths) > 0, lengths  # sharded by id, both shards used
+        typo = subprocess.run(
+            [sys.executable, "-m", "producer.cli", "--count", "1"],
+            env={**env, "ANOMALY_SHARD": "2"}, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert (
+            typo.returncode == 2
+            and "unknown setting ANOMALY_SHARD; did you mean ANOMALY_SHARDS?" in typo.stderr
+        )
+    finally:
+        redis_server.client(password="pr0ducer-pw").config_set("requirepass", "")

@@ -129,3 +129,32 @@ def test_a_password_in_the_urls_query_never_reaches_the_log_summary() -> None:
     s = WorkerSettings(redis_url="redis://redis:6379/0?password=s3cret&socket_timeout=5")  # type: ignore[arg-type]
     assert "s3cret" not in s.summary()
     assert "redis://redis:6379/0?password=***&socket_timeout=5" in s.summary()
+
+
+def test_every_cli_answers_version_and_the_worker_names_its_artifacts_model(capsys, monkeypatch) -> None:
+    from runtime.version import package_version
+    from trainer.cli import build_parser as trainer_parser
+    from viewer.cli import build_parser as viewer_parser
+
+    artifact = Path(__file__).parents[1] / "fixtures" / "artifact-1.2" / "artifact"
+    monkeypatch.setenv("ANOMALY_ARTIFACT", str(artifact))
+    for parser in (build_parser(), viewer_parser(), trainer_parser()):
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args(["--version"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{parser.prog} {package_version()}\n")
+        if parser.prog != "anomaly-trainer":
+            assert "model_version=7d31431e51955ec5 schema=1.2" in out
+
+
+def test_build_info_names_the_package_version() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from runtime.version import package_version
+    from worker.metrics import WorkerMetrics
+
+    registry = CollectorRegistry()
+    WorkerMetrics(registry, with_process=False)
+    labels = {"version": package_version(), "python": __import__("platform").python_version()}
+    assert registry.get_sample_value("anomaly_build_info", labels) == 1
