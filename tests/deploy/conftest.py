@@ -114,13 +114,28 @@ def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str, str
     return result
 
 
+def global_build_args(path: Path = DOCKERFILE) -> dict[str, str]:
+    """NAME -> default of each ARG declared before the first FROM (the ones FROM may use)."""
+    defaults: dict[str, str] = {}
+    for _, keyword, args in dockerfile_instructions(path):
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = args.partition("=")
+            defaults[name.strip()] = default.strip()
+    return defaults
+
+
 def dockerfile_stages(path: Path = DOCKERFILE) -> dict[str, str]:
-    """stage name -> the image or stage it starts FROM."""
+    """stage name -> the image or stage it starts FROM (a ${ARG} replaced by the ARG's default)."""
+    defaults = global_build_args(path)
     stages: dict[str, str] = {}
     for stage, keyword, args in dockerfile_instructions(path):
         if keyword == "FROM":
             words = [w for w in args.split() if not w.startswith("--")]
-            stages[stage] = words[0]
+            stages[stage] = re.sub(
+                r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m.group(1) or m.group(2)], words[0]
+            )
     return stages
 
 

@@ -16,6 +16,7 @@ from .conftest import (
     dockerfile_instructions,
     dockerfile_stages,
     env_assignments,
+    global_build_args,
     instructions_of,
     pip_installs,
     require_tool,
@@ -40,6 +41,13 @@ def test_base_images_are_pinned_to_an_exact_version_or_digest() -> None:
     for image in external:
         exact_tag = re.search(r":\d+\.\d+\.\d+[\w.-]*$", image)
         assert exact_tag or "@sha256:" in image, f"{image} is not pinned to an exact version or digest"
+
+
+def test_base_image_is_a_build_argument_defaulting_to_the_official_python_image() -> None:
+    """Users with a registry build on python:*-slim; `make images` passes a local stand-in."""
+    assert global_build_args().get("BASE_IMAGE") == "python:3.11.14-slim-bookworm"
+    assert dockerfile_stages()["base"] == "python:3.11.14-slim-bookworm"
+    assert next(args for _, kw, args in dockerfile_instructions() if kw == "FROM") == "${BASE_IMAGE} AS base"
 
 
 def test_worker_and_trainer_targets_exist() -> None:
