@@ -20,7 +20,7 @@ chroot isolation and the host's network. What a pod gives, and how this module g
 - **SIGTERM**: the kubelet signals the container's main process. `buildah run` itself answers
   SIGTERM by SIGKILLing its command ("subprocess exited on killed"), so `terminate()` signals the
   image's process (the first process under buildah that is not buildah) directly; buildah then
-  exits with that process's exit code.
+  exits with that process's exit code (1 when the signal killed it).
 - **PID namespace**: none under chroot isolation (`--pid private` is ignored): the command is not
   PID 1 and its host PID is the one a test reads in /proc (RSS) or in the worker's log.
 
@@ -216,7 +216,9 @@ class Container:
         return self.process.wait(timeout)
 
     def terminate(self, timeout: float = 30) -> int:
-        """SIGTERM to the image's process, as the kubelet sends it; its exit code."""
+        """SIGTERM to the image's process, as the kubelet sends it; its exit code. A process the
+        signal kills (no handler) gives 1, not 143: buildah run reports "subprocess exited on
+        terminated" and exits 1."""
         os.kill(self.main_pid(), signal.SIGTERM)
         return self.wait(timeout)
 
