@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: venv demo test test-fast lint format bench bench-quick bench-detection lock clean
+.PHONY: venv demo test test-fast lint format bench bench-quick bench-detection lock images clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,12 @@ bench-quick: $(STAMP)
 # Every detector trained, scored on the anomaly kinds, served, and run one-class: the Pareto table.
 bench-detection: $(STAMP)
 	$(PY) -m benchmarks.detection
+
+# Every image of deploy/Dockerfile, built with buildah (no Docker daemon, no registry: the base is a
+# local stand-in made with debootstrap when absent), then a table of their sizes. Up-to-date images
+# are not built again. Needs only the standard library: no venv.
+images:
+	$(PYTHON) deploy/images.py build
 
 # Re-resolve the lock files from pyproject.toml: the newest releases that fit its ranges, one file
 # per install profile. Upgrade one package only: make lock LOCK_ARGS="--upgrade-package keras".

@@ -5,6 +5,7 @@ Nothing here writes into the repository; tests that need scratch files use tmp_p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -114,13 +116,28 @@ def dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str, str
     return result
 
 
+def global_build_args(path: Path = DOCKERFILE) -> dict[str, str]:
+    """NAME -> default of each ARG declared before the first FROM (the ones FROM may use)."""
+    defaults: dict[str, str] = {}
+    for _, keyword, args in dockerfile_instructions(path):
+        if keyword == "FROM":
+            break
+        if keyword == "ARG":
+            name, _, default = args.partition("=")
+            defaults[name.strip()] = default.strip()
+    return defaults
+
+
 def dockerfile_stages(path: Path = DOCKERFILE) -> dict[str, str]:
-    """stage name -> the image or stage it starts FROM."""
+    """stage name -> the image or stage it starts FROM (a ${ARG} replaced by the ARG's default)."""
+    defaults = global_build_args(path)
     stages: dict[str, str] = {}
     for stage, keyword, args in dockerfile_instructions(path):
         if keyword == "FROM":
             words = [w for w in args.split() if not w.startswith("--")]
-            stages[stage] = words[0]
+            stages[stage] = re.sub(
+                r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults[m.group(1) or m.group(2)], words[0]
+            )
     return stages
 
 
@@ -165,6 +182,18 @@ def pip_installs(stage: str | None = None, path: Path = DOCKERFILE) -> list[str]
 def env_assignments(args: str) -> dict[str, str]:
     """KEY=value pairs of one ENV instruction (the modern form, which hadolint enforces)."""
     return {m.group(1): m.group(2) for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*)=(\S*)", args)}
+
+
+def images_script() -> ModuleType:
+    """deploy/images.py (the image builds), loaded by its path: deploy/ is not a package."""
+    name = "deploy_images"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DEPLOY / "images.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it: its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 # ---------------------------------------------------------------- tools

@@ -76,6 +76,38 @@ def test_build_time_training_command_is_accepted_by_the_trainer() -> None:
     assert args.dataset == "mnist"
 
 
+def _build_time_training_argv() -> list[str]:
+    """The trained stage's anomaly-trainer arguments with the build args' defaults."""
+    defaults = {}
+    runs = []
+    for stage, keyword, args in dockerfile_instructions():
+        if stage == "trained" and keyword == "ARG":
+            name, _, value = args.partition("=")
+            defaults[name] = value
+        if stage == "trained" and keyword == "RUN" and "anomaly-trainer" in args:
+            runs.append(args)
+    command = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], runs[-1].split("&&")[-1])
+    return _after(shlex.split(command), "anomaly-trainer")
+
+
+def test_every_shipped_training_command_trains_the_documented_default(compose: dict[str, Any]) -> None:
+    """The Job, compose's trainer and the baked image pass no flag that changes what is trained
+    (epochs, threshold, score, ...): what `anomaly-trainer train --help` documents as the default."""
+    job = [str(word) for word in pod_spec(k8s_object("Job", "anomaly-trainer"))["containers"][0]["args"]]
+    script = compose["services"]["trainer"]["command"]
+    script = script[-1] if isinstance(script, list) else script
+    commands = {
+        "deploy/k8s/job-train.yaml": job,
+        "deploy/compose.yaml trainer": _after(shlex.split(script), "anomaly-trainer"),
+        "deploy/Dockerfile trained stage": _build_time_training_argv(),
+    }
+    for where, argv in commands.items():
+        parsed = vars(_trainer_parse(argv))
+        default = vars(_trainer_parse(["train", "--dataset", "mnist", "--out", str(parsed["out"])]))
+        changed = {name: value for name, value in parsed.items() if default[name] != value}
+        assert not changed, f"{where} trains with {changed}, not the documented default"
+
+
 def test_trainer_parser_rejects_an_unknown_flag() -> None:
     with pytest.raises(SystemExit):
         _trainer_parse(["train", "--dataset", "mnist", "--out", "/tmp/x", "--epocs", "3"])

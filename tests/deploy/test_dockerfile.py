@@ -16,6 +16,8 @@ from .conftest import (
     dockerfile_instructions,
     dockerfile_stages,
     env_assignments,
+    global_build_args,
+    images_script,
     instructions_of,
     pip_installs,
     require_tool,
@@ -40,6 +42,31 @@ def test_base_images_are_pinned_to_an_exact_version_or_digest() -> None:
     for image in external:
         exact_tag = re.search(r":\d+\.\d+\.\d+[\w.-]*$", image)
         assert exact_tag or "@sha256:" in image, f"{image} is not pinned to an exact version or digest"
+
+
+def test_base_image_is_a_build_argument_defaulting_to_the_official_python_image() -> None:
+    """Users with a registry build on python:*-slim; `make images` passes a local stand-in."""
+    assert global_build_args().get("BASE_IMAGE") == "python:3.11.14-slim-bookworm"
+    assert dockerfile_stages()["base"] == "python:3.11.14-slim-bookworm"
+    assert next(args for _, kw, args in dockerfile_instructions() if kw == "FROM") == "${BASE_IMAGE} AS base"
+
+
+def test_make_images_builds_every_runtime_target_of_the_dockerfile() -> None:
+    stages = dockerfile_stages()
+    targets = [target.stage for target in images_script().TARGETS]
+    runtime = {name for name in stages if not name.startswith(("builder", "base", "sources"))}
+    assert set(targets) == runtime - {"trained", "artifact", "worker-runtime"}, (targets, sorted(stages))
+
+
+def test_the_image_builds_hash_every_file_the_dockerfile_copies_from_the_context() -> None:
+    """The stamp that says an image is up to date covers each COPY source, minus the ignored files."""
+    script = images_script()
+    copied = {source for _, kw, args in dockerfile_instructions() if kw == "COPY" and "--from=" not in args
+              for source in [w for w in args.split() if not w.startswith("--")][:-1]}  # fmt: skip
+    assert set(script.copied_sources()) == copied
+    hashed = {str(path.relative_to(REPO_ROOT)) for path in script.context_files()}
+    assert "worker/settings.py" in hashed and "requirements/train.txt" in hashed
+    assert not [path for path in hashed if "__pycache__" in path or path.startswith((".venv", "tests/"))]
 
 
 def test_worker_and_trainer_targets_exist() -> None:
@@ -162,47 +189,10 @@ def test_every_pip_install_is_hash_checked_or_adds_no_dependencies() -> None:
 # ---------------------------------------------------------------- build context
 
 
-def _dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
-    """(is_exception, regex) in file order, Docker's matching rules (* stays within a path part)."""
-    patterns = []
-    for raw in DOCKERIGNORE.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        pattern = line[1:] if negate else line
-        pattern = pattern.strip("/")
-        regex = ""
-        i = 0
-        while i < len(pattern):
-            if pattern.startswith("**", i):
-                regex += ".*"
-                i += 2
-                if pattern.startswith("/", i):
-                    regex += "/?"
-                    i += 1
-            elif pattern[i] == "*":
-                regex += "[^/]*"
-                i += 1
-            elif pattern[i] == "?":
-                regex += "[^/]"
-                i += 1
-            else:
-                regex += re.escape(pattern[i])
-                i += 1
-        patterns.append((negate, re.compile(regex + "$")))
-    return patterns
-
-
 def in_build_context(path: str) -> bool:
-    """Whether deploy/Dockerfile.dockerignore lets `path` (relative to the repo) into the context."""
-    parts = path.strip("/").split("/")
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    included = True
-    for negate, regex in _dockerignore_patterns():
-        if any(regex.match(p) for p in prefixes):
-            included = negate
-    return included
+    """Whether deploy/Dockerfile.dockerignore lets `path` into the context (the matcher the image
+    builds use to know when an image is up to date)."""
+    return bool(images_script().in_build_context(path))
 
 
 def test_dockerignore_matcher_follows_last_match_wins() -> None:
