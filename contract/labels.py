@@ -8,8 +8,11 @@ A label is one entry of the labels stream (ANOMALY_LABELS_STREAM, default `anoma
   score           the alert's score, when known (empty or absent otherwise)
   labelled_at_ms  Unix time in ms
   by              who labelled it (free text: an operator's name, a tool's)
+  shard           with ANOMALY_SHARDS above 1: the shard of the alert (its output stream
+                  `anomalies:{shard}`), since entry ids of different shards may coincide
+                  (optional; absent: the one shard whose alert has that source_id)
 
-The latest label of a source_id wins (an operator may correct a click). Pure: no Redis here.
+The latest label of a (shard, source_id) wins (an operator may correct a click). Pure: no Redis here.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Literal
 LabelValue = Literal["anomaly", "normal"]
 LABEL_VALUES: tuple[LabelValue, ...] = ("anomaly", "normal")
 MAX_FIELD_BYTES = 256
+MAX_SHARDS = 1024  # ANOMALY_SHARDS' upper bound
 
 
 class InvalidLabel(ValueError):
@@ -38,10 +42,11 @@ class Label:
     score: float | None
     labelled_at_ms: int
     by: str
+    shard: int | None = None
 
     def fields(self) -> dict[str, str]:
         """The stream entry's fields (every value a string, as Redis stores them)."""
-        return {
+        fields = {
             "source_id": self.source_id,
             "label": self.label,
             "model_version": self.model_version,
@@ -49,6 +54,9 @@ class Label:
             "labelled_at_ms": str(int(self.labelled_at_ms)),
             "by": self.by,
         }
+        if self.shard is not None:
+            fields["shard"] = str(self.shard)
+        return fields
 
 
 def _text(fields: Mapping[bytes | str, bytes | str], name: str, required: bool = True) -> str:
@@ -87,6 +95,14 @@ def parse_label(fields: Mapping[bytes | str, bytes | str]) -> Label:
         labelled_at_ms = int(at_text)
     except ValueError:
         raise InvalidLabel(f"label field labelled_at_ms is {at_text!r}, expected Unix time in ms") from None
+    shard_text = _text(fields, "shard", required=False)
+    shard: int | None = None
+    if shard_text:
+        if not shard_text.isdigit() or int(shard_text) >= MAX_SHARDS:
+            raise InvalidLabel(
+                f"label field shard is {shard_text!r}, expected a shard number 0-{MAX_SHARDS - 1}"
+            )
+        shard = int(shard_text)
     return Label(
         source_id=source_id,
         label=value,  # checked against LABEL_VALUES above
@@ -94,6 +110,7 @@ def parse_label(fields: Mapping[bytes | str, bytes | str]) -> Label:
         score=score,
         labelled_at_ms=labelled_at_ms,
         by=_text(fields, "by", required=False),
+        shard=shard,
     )
 
 
@@ -108,8 +125,8 @@ class LabelSet:
 
 
 def latest_labels(entries: Iterable[tuple[Any, Mapping[Any, Any]]]) -> LabelSet:
-    """Parse stream entries in order; the latest label per source_id wins, invalid ones are listed."""
-    latest: dict[str, Label] = {}
+    """Parse stream entries in order; the latest label per (shard, source_id) wins; the invalid are listed."""
+    latest: dict[tuple[int | None, str], Label] = {}
     invalid: list[str] = []
     read = 0
     last_id = ""
@@ -121,6 +138,7 @@ def latest_labels(entries: Iterable[tuple[Any, Mapping[Any, Any]]]) -> LabelSet:
         except InvalidLabel as exc:
             invalid.append(f"{last_id}: {exc}")
             continue
-        latest.pop(label.source_id, None)  # re-insert: dict order follows the latest label
-        latest[label.source_id] = label
+        key = (label.shard, label.source_id)
+        latest.pop(key, None)  # re-insert: dict order follows the latest label
+        latest[key] = label
     return LabelSet(tuple(latest.values()), read, last_id, tuple(invalid))

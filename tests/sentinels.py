@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ from typing import Any
 
 import redis
 
-from tests.conftest import RedisServer, free_port, wait_until
+from tests.conftest import RedisServer, free_port, redis_server_binary, wait_until
 
 
 @dataclass
@@ -49,8 +48,7 @@ def sentinel_set(
     TLS only, with the certificates in `directory` (tests.support.write_test_certificates).
     `for_failover`: wait until the Sentinels know the replica and each other (gossip: up to about
     10 s), else only until each names the primary."""
-    binary = shutil.which("redis-server")
-    assert binary is not None
+    binary = redis_server_binary()
     primary_dir, replica_dir = directory / "primary", directory / "replica"
     for d in (primary_dir, replica_dir):
         d.mkdir()

@@ -15,8 +15,9 @@ so using them would let whoever picks them move the threshold down with a sample
 
 Reads are read-only (XREVRANGE, newest first, in pages of PAGE entries) and keep only the alerts
 that labels name; a stream is read until every label's alert was found in it, so at most its
-MAXLEN entries. Entry ids of different shards may coincide: an id that is an alert in several
-shards cannot say which image the label meant, and is skipped (`in several shards`).
+MAXLEN entries. Entry ids of different shards may coincide: a label names its alert's shard (the
+viewer writes it); one without a shard whose id is an alert in several shards cannot say which
+image it meant, and is skipped (`in several shards`).
 """
 
 from __future__ import annotations
@@ -202,6 +203,8 @@ def verify_labels(labels: LabelSet, lookup: AlertLookup, model_version: str) -> 
     skipped[INVALID] = len(labels.invalid)
     for label in labels.labels:
         found = lookup.found.get(label.source_id, [])
+        if label.shard is not None:  # the label names its alert's shard: only that one counts
+            found = [a for a in found if a.shard == label.shard]
         mine = [a for a in found if a.model_version == model_version]
         alerts = [a for a in mine if a.flagged]
         if label.model_version != model_version or (found and not mine):

@@ -333,6 +333,7 @@ def build_app(
             score=score if score is not None and np.isfinite(score) else None,
             labelled_at_ms=int(clock() * 1000),
             by=by,
+            shard=anomaly.shard if store.shards > 1 else None,
         )
         entry_id = store.add_label(entry)
         log.info("labelled source_id=%s label=%s entry=%s", source_id, value, entry_id)

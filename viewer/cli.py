@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from types import FrameType
 
 from detector.errors import AnomalyScorerError
 from runtime.cli import (
@@ -86,9 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         ",".join(settings.allowed_hosts()),
         ",".join(settings.trusted_proxies()) or "none",
     )
+    # uvicorn stops gracefully on SIGTERM and SIGINT, then raises the signal again against the
+    # handler it found installed: this one, so a pod's stop ends with exit 0, not death by signal.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, _stopped)
     # proxy_headers off: the app applies X-Forwarded-* itself, from VIEWER_TRUSTED_PROXIES only.
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", proxy_headers=False)
+    log.info("stopped")
     return 0
+
+
+def _stopped(signum: int, _frame: FrameType | None) -> None:
+    log.info("stop requested signal=%s", signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -98,9 +98,10 @@ class Anomaly:
         except (ValueError, OverflowError, OSError):
             return self.scored_at_ms
 
-    def labelled(self, labels: Mapping[str, Label]) -> Anomaly:
-        """This anomaly with its latest label among `labels`, if it has one."""
-        found = labels.get(self.source_id)
+    def labelled(self, labels: Mapping[tuple[int | None, str], Label]) -> Anomaly:
+        """This anomaly with its latest label among `labels`, if it has one (one of its shard, or
+        one that names no shard)."""
+        found = labels.get((self.shard, self.source_id)) or labels.get((None, self.source_id))
         return replace(self, label=found.label) if found is not None else self
 
 
@@ -197,10 +198,10 @@ class ViewerStore:
         raw_id = entry_id if isinstance(entry_id, bytes) else str(entry_id).encode()
         return (raw_id, fields) if entry_id_key(_text(entry_id)) == key else None
 
-    def labels(self) -> dict[str, Label]:
-        """The latest label per source_id among the last LABELS_SCAN label entries."""
+    def labels(self) -> dict[tuple[int | None, str], Label]:
+        """The latest label per (shard, source_id) among the last LABELS_SCAN label entries."""
         entries = list(reversed(self.client.xrevrange(self.labels_stream, count=LABELS_SCAN)))
-        return {label.source_id: label for label in latest_labels(entries).labels}
+        return {(label.shard, label.source_id): label for label in latest_labels(entries).labels}
 
     def add_label(self, label: Label) -> str:
         """XADD the label; returns its entry id."""

@@ -9,7 +9,6 @@ tests/deploy/containers.py (buildah run, read-only root, volumes, host network).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import redis
 
 from tests.conftest import RedisServer, free_port
-from tests.support import http_status, wait_for_metrics
+from tests.support import http_status, log_records, logged, wait_for_metrics
 from worker.client import ImageProducer
 
 from .conftest import images_script
@@ -140,9 +139,9 @@ def test_worker_image_scores_entries_from_a_redis_started_by_the_test(
         flagged = {fields[b"id"].decode() for _, fields in redis_client.xrange("anomalies")}
         assert flagged <= pushed
 
-        started = re.search(r"scoring process started pid=(\d+)", worker.log_text())
+        started = [r for r in log_records(worker.log_text()) if r["msg"] == "scoring process started"]
         assert started, worker.log_text()
-        scoring_pid = int(started.group(1))
+        scoring_pid = int(started[0]["pid"])
         # The figures deploy/README's sizing quotes (shown by pytest -rP).
         worker_mb, scoring_mb = rss_bytes(worker.main_pid()) / 1e6, rss_bytes(scoring_pid) / 1e6
         print(
@@ -152,6 +151,6 @@ def test_worker_image_scores_entries_from_a_redis_started_by_the_test(
 
         assert worker.terminate(30) == 0, worker.log_text()
         log = worker.log_text()
-        assert "stop requested signal=SIGTERM" in log and "stopped" in log, log
+        assert logged(log, "stop requested", signal="SIGTERM") and logged(log, "stopped"), log
         wait_until(lambda: process_gone(scoring_pid), 10, "the scoring process to exit with the worker")
         assert worker.writes_to_root() == [], "the worker wrote outside /tmp"

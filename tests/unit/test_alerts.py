@@ -96,6 +96,18 @@ def test_an_id_that_is_an_alert_in_two_shards_is_skipped_as_ambiguous() -> None:
     assert verified.labels == () and verified.skipped[SEVERAL_SHARDS] == 1
 
 
+def test_a_label_naming_its_shard_picks_that_shards_alert_when_ids_coincide() -> None:
+    from dataclasses import replace
+
+    both = lookup(alert("1-0", 0.7, shard=0), alert("1-0", 0.9, shard=1))
+    verified = verify_labels(labels(replace(label("1-0"), shard=1)), both, MINE)
+    assert [lab.shard for lab in verified.labels] == [1] and verified.scores.tolist() == [0.9]
+    elsewhere = verify_labels(
+        labels(replace(label("2-0"), shard=1)), lookup(alert("2-0", 0.8, shard=0)), MINE
+    )
+    assert elsewhere.labels == () and elsewhere.skipped[NOT_AN_ALERT] == 1
+
+
 def test_labels_off_the_contract_are_counted_as_invalid() -> None:
     verified = verify_labels(labels(invalid=3), lookup(), MINE)
     assert verified.skipped[INVALID] == 3 and verified.skipped_text() == "3 invalid"

@@ -70,3 +70,19 @@ def test_the_latest_label_of_a_source_id_wins_and_invalid_entries_are_listed() -
     assert labels.read == 4
     assert labels.last_id == "4-0"
     assert len(labels.invalid) == 1 and labels.invalid[0].startswith("4-0: ")
+
+
+def test_a_label_may_name_its_alerts_shard_and_the_latest_per_shard_and_id_wins() -> None:
+    zero = Label("5-0", "anomaly", "v", None, 1, "a", shard=0)
+    one = Label("5-0", "normal", "v", None, 2, "a", shard=1)
+    assert (
+        parse_label(one.fields()) == one and "shard" not in Label("5-0", "normal", "v", None, 2, "a").fields()
+    )
+    kept = latest_labels([(b"1-0", zero.fields()), (b"2-0", one.fields())]).labels
+    assert {(lab.shard, lab.label) for lab in kept} == {(0, "anomaly"), (1, "normal")}
+
+
+@pytest.mark.parametrize("shard", ["-1", "x", "1024", "1.5"])
+def test_a_shard_that_is_not_a_shard_number_makes_the_label_invalid(shard: str) -> None:
+    with pytest.raises(InvalidLabel, match="label field shard"):
+        parse_label({**Label("5-0", "anomaly", "v", None, 1, "a").fields(), "shard": shard})
