@@ -322,6 +322,19 @@ def test_replica_count_is_left_to_the_autoscaler() -> None:
 PODS = [("Deployment", "anomaly-worker"), ("Job", "anomaly-trainer"), ("Deployment", "anomaly-viewer")]
 
 
+def test_every_pod_template_turns_service_links_off() -> None:
+    """Kubernetes would inject {SERVICE}_SERVICE_HOST, _PORT... for every Service of the namespace;
+    with Services named anomaly-*, those look like ANOMALY_* settings."""
+    templates = {
+        f"{doc['kind']}/{doc['metadata']['name']}": doc["spec"]["template"]["spec"]
+        for _, doc in k8s_objects()
+        if "template" in doc.get("spec", {})
+    }
+    assert set(templates) == {f"{kind}/{name}" for kind, name in PODS}, "a workload this file does not know"
+    links = {name: spec.get("enableServiceLinks") for name, spec in templates.items()}
+    assert all(value is False for value in links.values()), f"enableServiceLinks is not false: {links}"
+
+
 @pytest.mark.parametrize("kind,name", PODS)
 def test_pods_run_locked_down_with_a_writable_tmp(kind: str, name: str) -> None:
     spec = pod_spec(k8s_object(kind, name))
