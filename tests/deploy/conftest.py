@@ -5,6 +5,7 @@ Nothing here writes into the repository; tests that need scratch files use tmp_p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -67,6 +69,15 @@ def k8s_object(kind: str, name: str | None = None) -> dict[str, Any]:
     ]
     assert len(found) == 1, f"expected exactly one {kind} {name or ''} in deploy/k8s, found {len(found)}"
     return found[0]
+
+
+def keda_generator() -> ModuleType:
+    """deploy/k8s/keda_scaledobject.py as a module (it is a script, not a package member)."""
+    spec = importlib.util.spec_from_file_location("keda_scaledobject", K8S / "keda_scaledobject.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:

@@ -396,9 +396,18 @@ def test_secret_references_point_at_existing_keys() -> None:
         if "secret" in volume:
             assert volume["secret"]["secretName"] == secret["metadata"]["name"]
             assert {i["key"] for i in volume["secret"].get("items", [])} <= keys
-    auth = k8s_object("TriggerAuthentication")
-    for ref in auth["spec"]["secretTargetRef"]:
-        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in keys, ref
+
+
+def test_keda_logs_in_with_its_own_secret_not_the_workers() -> None:
+    keda_secret = k8s_object("Secret", "anomaly-keda-redis")
+    keys = set(keda_secret["stringData"])
+    refs = k8s_object("TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert {ref["parameter"] for ref in refs} == {"username", "password"}
+    for ref in refs:
+        assert ref["name"] == "anomaly-keda-redis" and ref["key"] in keys, ref
+    worker_secret = k8s_object("Secret", "anomaly-redis")["stringData"]
+    assert "redis-username" not in worker_secret, "nothing reads the workers' user name from their Secret"
+    assert keda_secret["stringData"]["redis-username"] != urlsplit(worker_secret["redis-url"]).username
 
 
 def test_password_file_setting_points_into_the_mounted_secret() -> None:

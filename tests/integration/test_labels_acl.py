@@ -15,7 +15,7 @@ from tests.conftest import ROOT, RedisServer
 pytestmark = pytest.mark.integration
 
 PASSWORD = "labels-acl-pw"
-USERS = ("anomaly-worker", "keda", "producer", "anomaly-viewer", "anomaly-retune")
+USERS = ("anomaly-worker", "anomaly-keda", "producer", "anomaly-viewer", "anomaly-retune")
 LABEL = Label("1-0", "anomaly", "a1b2c3d4e5f60718", None, 1, "test").fields()
 
 
@@ -44,7 +44,7 @@ def acl_users(redis_client: redis.Redis, redis_server: RedisServer) -> Iterator[
             redis_client.acl_deluser(user)
 
 
-@pytest.mark.parametrize("user", ["anomaly-worker", "keda", "producer", "anomaly-retune"])
+@pytest.mark.parametrize("user", ["anomaly-worker", "anomaly-keda", "producer", "anomaly-retune"])
 def test_only_the_viewers_user_may_write_the_labels_stream(
     acl_users: dict[str, redis.Redis], user: str
 ) -> None:
