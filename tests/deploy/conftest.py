@@ -279,6 +279,74 @@ def promql_metric_names(expr: str) -> set[str]:
     return names
 
 
+_PROMQL_AGGREGATIONS = {
+    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
+    "bottomk", "topk", "quantile", "limitk", "limit_ratio",
+}  # fmt: skip
+
+
+def _label_list(tokens: list[tuple[str, str]], start: int) -> tuple[tuple[str, ...], int]:
+    """The labels of the `( a, b )` that opens at tokens[start], and the index after its `)`."""
+    assert tokens[start][1] == "(", f"expected a label list at token {start}, found {tokens[start][1]!r}"
+    end = next(i for i in range(start, len(tokens)) if tokens[i][1] == ")")
+    return tuple(text for kind, text in tokens[start + 1 : end] if kind == "ident"), end + 1
+
+
+def promql_groupings(expr: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(operator, clause, labels) for every aggregation and every vector matching of `expr`:
+    ("sum", "by", ("namespace", "job")), ("max", "", ()) for an aggregation without a clause,
+    ("and", "on", ("job",)); a binary operator without on/ignoring matches on every label and is
+    not listed."""
+    tokens = _promql_tokens(expr)
+    found: list[tuple[str, str, tuple[str, ...]]] = []
+    depth = 0  # inside {...} or [...]
+    for i, (kind, text) in enumerate(tokens):
+        if text in "{[":
+            depth += 1
+        elif text in "}]":
+            depth -= 1
+        if depth or kind != "ident":
+            continue
+        lowered = text.lower()
+        following = tokens[i + 1][1].lower() if i + 1 < len(tokens) else ""
+        if lowered in _PROMQL_AGGREGATIONS and following in {"by", "without"}:
+            found.append((lowered, following, _label_list(tokens, i + 2)[0]))
+        elif lowered in _PROMQL_AGGREGATIONS and following == "(":
+            # sum(...) or the postfix form sum(...) by (...)
+            level, j = 0, i + 1
+            while True:
+                level += {"(": 1, ")": -1}.get(tokens[j][1], 0)
+                j += 1
+                if level == 0:
+                    break
+            clause = tokens[j][1].lower() if j < len(tokens) else ""
+            if clause in {"by", "without"}:
+                found.append((lowered, clause, _label_list(tokens, j + 1)[0]))
+            else:
+                found.append((lowered, "", ()))
+        elif lowered in {"on", "ignoring"} and following == "(":
+            operator = tokens[i - 1][1].lower() if i else ""
+            found.append((operator, lowered, _label_list(tokens, i + 1)[0]))
+    return found
+
+
+def groupings_that_drop(label: str, expr: str) -> list[str]:
+    """The aggregations and matchings of `expr` that lose `label` (merge what it tells apart):
+    an aggregation without `by (... label ...)` or with `without (... label ...)`, a match
+    `on (...)` without it or `ignoring (... label ...)`. `or on ()` ("only if the left side is
+    empty") is a deliberate exception."""
+    dropped = []
+    for operator, clause, labels in promql_groupings(expr):
+        keeps = (
+            (clause in {"by", "on"} and label in labels)
+            or (clause in {"without", "ignoring"} and label not in labels)
+            or (operator == "or" and clause == "on" and not labels)
+        )
+        if not keeps:
+            dropped.append(f"{operator} {clause} ({', '.join(labels)})".replace("  ", " "))
+    return dropped
+
+
 def grafana_query_to_promql(query: str) -> str:
     """A Grafana query as plain PromQL: label_values(selector, label) -> selector,
     $__rate_interval and friends -> 5m, other $variables -> .* (they only occur in matchers)."""
