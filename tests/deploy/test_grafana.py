@@ -13,7 +13,9 @@ from .conftest import (
     WORKER_JOB,
     dashboard_panels,
     dashboard_queries,
+    groupings_that_drop,
     load_yaml,
+    promql_groupings,
     promql_metric_names,
     recording_rule_names,
     require_tool,
@@ -61,6 +63,39 @@ def test_dashboard_queries_select_the_worker_job(dashboard: dict[str, Any]) -> N
         assert f'job="{WORKER_JOB}"' in expr, f"{where} does not select job={WORKER_JOB}: {expr}"
 
 
+def _raw_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, query) as Grafana holds them, variables unresolved."""
+    queries = [
+        (f"panel {panel.get('title')!r}", target["expr"])
+        for panel in dashboard_panels(dashboard)
+        for target in panel.get("targets", [])
+        if target.get("expr")
+    ]
+    for variable in dashboard["templating"]["list"]:
+        if variable.get("type") == "query":
+            queries.append((f"variable {variable['name']!r}", variable["query"]["query"]))
+    return queries
+
+
+def test_namespace_variable_picks_one_deployment_and_every_query_filters_on_it(
+    dashboard: dict[str, Any],
+) -> None:
+    variables = [v["name"] for v in dashboard["templating"]["list"]]
+    assert variables.index("namespace") < variables.index("instance"), "the workers of the chosen namespace"
+    namespace = next(v for v in dashboard["templating"]["list"] if v["name"] == "namespace")
+    assert namespace["query"]["query"] == f'label_values(up{{job="{WORKER_JOB}"}}, namespace)'
+    assert namespace["multi"] is False and namespace["includeAll"] is False, "one deployment at a time"
+    for where, query in _raw_queries(dashboard):
+        if where != "variable 'namespace'":
+            assert 'namespace="$namespace"' in query, f"{where} does not filter on $namespace: {query}"
+
+
+def test_dashboard_aggregations_keep_the_namespace(dashboard: dict[str, Any]) -> None:
+    for where, expr in dashboard_queries(dashboard):
+        dropped = groupings_that_drop("namespace", expr)
+        assert not dropped, f"{where} merges namespaces: {dropped}"
+
+
 def test_dashboard_shows_every_view_operators_need(dashboard: dict[str, Any]) -> None:
     used = set().union(*(promql_metric_names(expr) for _, expr in dashboard_queries(dashboard)))
     views = {
@@ -91,7 +126,8 @@ def test_score_heatmap_reads_the_score_histogram_buckets(dashboard: dict[str, An
     heatmaps = [p for p in dashboard_panels(dashboard) if p["type"] == "heatmap"]
     assert heatmaps
     target = heatmaps[0]["targets"][0]
-    assert "anomaly_score_bucket" in target["expr"] and "by (le)" in target["expr"]
+    assert "anomaly_score_bucket" in target["expr"]
+    assert [labels for op, clause, labels in promql_groupings(target["expr"])] == [("namespace", "le")]
     assert target.get("format") == "heatmap"
 
 
