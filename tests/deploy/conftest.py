@@ -60,6 +60,37 @@ def k8s_objects() -> list[tuple[Path, dict[str, Any]]]:
     return [(path, doc) for path in k8s_manifest_files() for doc in load_yaml_documents(path)]
 
 
+def kustomize_bases(kustomization: Path = K8S / "kustomization.yaml") -> list[Path]:
+    """The directories (other kustomizations) a kustomization lists among its resources."""
+    listed = load_yaml(kustomization).get("resources", [])
+    return [
+        (kustomization.parent / item).resolve() for item in listed if (kustomization.parent / item).is_dir()
+    ]
+
+
+def generated_configmaps() -> list[tuple[Path, dict[str, Any]]]:
+    """(kustomization, ConfigMap) for every configMapGenerator of deploy/k8s and the kustomizations
+    it includes, built as kustomize builds them (files only: `key=path` or `path`; the options'
+    labels; no hash suffix), before the base's namespace and labels apply. kustomize itself
+    renders them in test_k8s when kubectl or kustomize is installed."""
+    found = []
+    for directory in [K8S, *kustomize_bases()]:
+        kustomization = directory / "kustomization.yaml"
+        for generator in load_yaml(kustomization).get("configMapGenerator", []):
+            data = {}
+            for item in generator.get("files", []):
+                key, _, path = item.rpartition("=")
+                data[key or Path(path).name] = (directory / path).read_text(encoding="utf-8")
+            options = generator.get("options", {})
+            metadata: dict[str, Any] = {"name": generator["name"]}
+            if options.get("labels"):
+                metadata["labels"] = dict(options["labels"])
+            found.append(
+                (kustomization, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+            )
+    return found
+
+
 def k8s_object(kind: str, name: str | None = None) -> dict[str, Any]:
     """The single object of `kind` (and `name`, when several share the kind)."""
     found = [
@@ -71,13 +102,23 @@ def k8s_object(kind: str, name: str | None = None) -> dict[str, Any]:
     return found[0]
 
 
-def keda_generator() -> ModuleType:
-    """deploy/k8s/keda_scaledobject.py as a module (it is a script, not a package member)."""
-    spec = importlib.util.spec_from_file_location("keda_scaledobject", K8S / "keda_scaledobject.py")
+def _script(path: Path) -> ModuleType:
+    """A generator script of deploy/ as a module (scripts, not members of a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def keda_generator() -> ModuleType:
+    """deploy/k8s/keda_scaledobject.py: the KEDA ScaledObject for N shards."""
+    return _script(K8S / "keda_scaledobject.py")
+
+
+def prometheus_rule_generator() -> ModuleType:
+    """deploy/k8s/prometheus_rule.py: the PrometheusRule from deploy/prometheus/rules.yml."""
+    return _script(K8S / "prometheus_rule.py")
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:

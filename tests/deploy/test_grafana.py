@@ -9,10 +9,12 @@ import pytest
 import yaml
 
 from .conftest import (
+    DASHBOARD,
     GRAFANA,
     WORKER_JOB,
     dashboard_panels,
     dashboard_queries,
+    generated_configmaps,
     groupings_that_drop,
     load_yaml,
     promql_groupings,
@@ -179,3 +181,29 @@ def test_provisioned_datasource_is_prometheus_and_the_default() -> None:
     ]
     assert [d["type"] for d in datasources] == ["prometheus"]
     assert datasources[0]["isDefault"] is True
+
+
+# kubectl apply (client-side) keeps the whole object in its last-applied-configuration annotation,
+# and a Kubernetes object's annotations may hold 256 KiB in all.
+LAST_APPLIED_LIMIT_BYTES = 262_144
+
+
+def test_kustomize_ships_the_dashboard_as_a_configmap_for_grafanas_sidecar() -> None:
+    (kustomization, configmap), *others = [
+        (path, doc) for path, doc in generated_configmaps() if path.parent == GRAFANA
+    ]
+    assert not others
+    assert configmap["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    (key,) = configmap["data"]
+    assert key == "anomaly-scorer.json", "a key the sidecar's shared folder cannot confuse with another's"
+    assert configmap["data"][key] == DASHBOARD.read_text(encoding="utf-8"), "the file itself, not a copy"
+    (generator,) = load_yaml(kustomization)["configMapGenerator"]
+    assert generator["options"]["disableNameSuffixHash"] is True, "one stable name, replaced on change"
+
+
+def test_dashboard_fits_a_client_side_kubectl_apply() -> None:
+    size = len(DASHBOARD.read_bytes())
+    assert size < LAST_APPLIED_LIMIT_BYTES // 2, (
+        f"dashboard.json has {size} bytes; kubectl apply stores it again in an annotation limited to "
+        f"{LAST_APPLIED_LIMIT_BYTES} bytes (use server-side apply, or split the dashboard)"
+    )

@@ -15,9 +15,11 @@ from .conftest import (
     WORKER_JOB,
     container_env_names,
     find_tool,
+    generated_configmaps,
     k8s_manifest_files,
     k8s_object,
     k8s_objects,
+    kustomize_bases,
     load_yaml,
     pod_spec,
     run,
@@ -25,6 +27,9 @@ from .conftest import (
 
 # The oldest Kubernetes minor we support and the newest the validator knows.
 K8S_VERSIONS = ("1.28.0", "latest")
+# kubernetes-validate knows the built-in API groups only, not these CRDs' (KEDA's ScaledObject and
+# TriggerAuthentication, the Prometheus Operator's ServiceMonitor and PrometheusRule): their objects
+# are checked against our own structural schemas below instead of skipped.
 CRD_GROUPS = {"keda.sh", "monitoring.coreos.com"}
 
 
@@ -36,6 +41,9 @@ BUILTIN = [
     pytest.param(doc, id=f"{path.name}:{doc['kind']}/{doc['metadata']['name']}")
     for path, doc in k8s_objects()
     if not _is_crd(doc)
+] + [
+    pytest.param(doc, id=f"{path.parent.name}/{path.name}:ConfigMap/{doc['metadata']['name']}")
+    for path, doc in generated_configmaps()
 ]
 
 
@@ -215,10 +223,58 @@ SERVICE_MONITOR_SCHEMA = {
         },
     },
 }
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_DURATION = {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h|d|w|y))+$"}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STR_MAP,
+                                        "annotations": _STR_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
 CRD_SCHEMAS = {
     "ScaledObject": SCALED_OBJECT_SCHEMA,
     "TriggerAuthentication": TRIGGER_AUTHENTICATION_SCHEMA,
     "ServiceMonitor": SERVICE_MONITOR_SCHEMA,
+    "PrometheusRule": PROMETHEUS_RULE_SCHEMA,
 }
 
 
@@ -250,11 +306,13 @@ def test_kustomization_lists_every_manifest_and_nothing_else() -> None:
     kustomization = load_yaml(K8S / "kustomization.yaml")
     listed = kustomization["resources"]
     assert len(listed) == len(set(listed)), "a resource is listed twice"
+    files = {item for item in listed if not (K8S / item).is_dir()}
     on_disk = {p.name for p in k8s_manifest_files()}
-    assert set(listed) == on_disk, (
-        f"missing from kustomization: {sorted(on_disk - set(listed))}; "
-        f"listed but absent: {sorted(set(listed) - on_disk)}"
+    assert files == on_disk, (
+        f"missing from kustomization: {sorted(on_disk - files)}; listed but absent: {sorted(files - on_disk)}"
     )
+    # The other kustomization it includes: the dashboard's ConfigMap, made beside dashboard.json.
+    assert [base.relative_to(K8S.parent) for base in kustomize_bases()] == [Path("grafana")]
 
 
 @pytest.mark.deploy
@@ -270,11 +328,17 @@ def test_kustomize_renders_every_object_into_the_namespace(tmp_path: Path) -> No
     result = run(command)
     assert result.returncode == 0, result.stderr
     rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert len(rendered) == len(k8s_objects())
+    assert len(rendered) == len(k8s_objects()) + len(generated_configmaps())
     namespace = load_yaml(K8S / "kustomization.yaml")["namespace"]
     for doc in rendered:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == namespace, doc["metadata"]["name"]
+    # The generated ConfigMaps are what the Python checks (and kubernetes-validate) were given.
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in rendered}
+    for _, expected in generated_configmaps():
+        found = by_name[("ConfigMap", expected["metadata"]["name"])]
+        assert found["data"] == expected["data"]
+        assert expected["metadata"].get("labels", {}).items() <= found["metadata"]["labels"].items()
 
 
 # ---------------------------------------------------------------- the worker Deployment
