@@ -1,9 +1,11 @@
 """anomaly-compare: score the same images with two artifacts and show where their decisions differ.
 
 The promotion check for a shadow (candidate) model: the images are the most recent entries of the
-input stream, read with XREVRANGE (no consumer group, nothing acknowledged or changed), or an
-`.npy` file of images. Each artifact is loaded as a worker loads it (verified, probed) and decides
-with its own threshold policy, or the one given.
+input stream, of every shard (ANOMALY_SHARDS), read with XREVRANGE (no consumer group, nothing
+acknowledged or changed), or an `.npy` file of images. Redis is reached like every program reaches
+it: the ANOMALY_* settings (one node, Cluster or Sentinel, a password file), the flags overriding
+them. Each artifact is loaded as a worker loads it (verified, probed) and decides with its own
+threshold policy, or the one given.
 """
 
 from __future__ import annotations
@@ -18,11 +20,30 @@ from typing import Any
 import numpy as np
 
 from contract.codec import Entry, decode_batch, default_max_payload_bytes
+from contract.shards import newest_across_shards
 from detector.errors import AnomalyScorerError
 from detector.loading import load_scorer
+from runtime.cli import SettingsRefused, add_settings_flags, load_settings, refuse
+from runtime.connection import make_redis
+from runtime.settings import StreamSettings
 from worker.scoring import DecisionRule
 
+PROG = "anomaly-compare"
 EXIT_ERROR = 2
+# The settings that say where the input entries are; the others (output, labels, ...) are not read.
+CONNECTION_FIELDS = (
+    "redis_cluster",
+    "redis_sentinels",
+    "redis_sentinel_service",
+    "redis_sentinel_password_file",
+    "redis_password_file",
+    "shards",
+)
+
+
+class StreamUnreadable(AnomalyScorerError):
+    """Redis refused or failed the read of the input streams; the message names the streams and the
+    URL (without secrets) and the error."""
 
 
 @dataclass(frozen=True)
@@ -111,19 +132,36 @@ def format_comparison(c: Comparison) -> str:
     return "\n".join(lines)
 
 
-def recent_images(
-    redis_url: str, stream: str, count: int, dim: int, uint8_scale: float
-) -> tuple[np.ndarray, int]:
-    """The newest `count` entries of `stream` decoded as a worker would (oldest first), and how many
-    of them were rejected. Read-only: XREVRANGE, no consumer group."""
-    import redis
+def recent_entries(client: Any, streams: list[str], count: int) -> list[Entry]:
+    """The newest `count` entries of `streams` (the input stream of each shard) together, oldest
+    first, read in one round trip. Read-only: XREVRANGE, no consumer group."""
+    pipe = client.pipeline(transaction=False)
+    for stream in streams:
+        pipe.xrevrange(stream, "+", "-", count=count)
+    newest = newest_across_shards([reply or [] for reply in pipe.execute()], count)
+    return [(entry_id, fields or {}) for _, entry_id, fields in reversed(newest)]
 
-    client = redis.Redis.from_url(redis_url)
+
+def read_recent_entries(settings: StreamSettings, count: int) -> list[Entry]:
+    """`recent_entries` of every shard's input stream, through the client every program uses
+    (runtime.connection); a Redis error becomes StreamUnreadable."""
+    import redis
+    from redis.exceptions import RedisClusterException
+
+    streams = settings.every_shard(settings.input_stream)
     try:
-        newest_first: Any = client.xrevrange(stream, "+", "-", count=count)  # bytes ids and fields
-    finally:
-        client.close()
-    entries: list[Entry] = [(entry_id, fields or {}) for entry_id, fields in reversed(newest_first or [])]
+        client = make_redis(settings, PROG)
+        try:
+            return recent_entries(client, streams, count)
+        finally:
+            client.close()
+    except (redis.RedisError, RedisClusterException, OSError) as exc:
+        where = f"{', '.join(streams)} from {settings.redacted_redis_url()}"
+        raise StreamUnreadable(f"cannot read the newest entries of {where}: {exc}") from exc
+
+
+def decode_entries(entries: list[Entry], dim: int, uint8_scale: float) -> tuple[np.ndarray, int]:
+    """Entries decoded as a worker decodes them: the images, and how many entries were rejected."""
     decoded = decode_batch(entries, dim, default_max_payload_bytes(dim), uint8_scale)
     return decoded.images, len(decoded.rejected)
 
@@ -131,19 +169,40 @@ def recent_images(
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
     p = argparse.ArgumentParser(
-        prog="anomaly-compare",
+        prog=PROG,
         description="Score the same images with two artifacts (A: the served model, B: a candidate) and "
-        "show flag rates, agreement and disagreements both ways. Images: the newest entries of a Redis "
-        "stream (read-only) or an .npy file.",
+        "show flag rates, agreement and disagreements both ways. Images: the newest entries of the "
+        "input stream, of every shard (read-only), or an .npy file. Redis and the streams come from "
+        "the ANOMALY_* variables every program reads (ANOMALY_REDIS_URL, ANOMALY_INPUT_STREAM, "
+        "ANOMALY_SHARDS, ANOMALY_REDIS_PASSWORD_FILE, Cluster, Sentinels); the flags override them.",
     )
     p.add_argument("artifact_a", type=Path, help="artifact A (usually the one being served)")
     p.add_argument("artifact_b", type=Path, help="artifact B (the candidate)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--redis-url", help="read the newest --count entries of --stream from this Redis")
-    source.add_argument("--npy", type=Path, help="an N x D .npy of images (uint8, or floats in [0, 1])")
-    p.add_argument("--stream", default="images", help="input stream (default: %(default)s)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--redis-url",
+        dest="redis_url",
+        metavar="REDIS_URL",
+        help="the Redis to read the newest --count input entries from [env ANOMALY_REDIS_URL, "
+        "default: 'redis://localhost:6379/0']",
+    )
+    source.add_argument(
+        "--npy", type=Path, help="an N x D .npy of images (uint8, or floats in [0, 1]) instead of Redis"
+    )
     p.add_argument(
-        "--count", type=int, default=10_000, help="newest entries to compare on (default: %(default)s)"
+        "--stream",
+        "--input-stream",
+        dest="input_stream",
+        metavar="STREAM",
+        help="input stream; with ANOMALY_SHARDS above 1, that of every shard (images:{0}, ...) "
+        "[env ANOMALY_INPUT_STREAM, default: 'images']",
+    )
+    add_settings_flags(p, StreamSettings, exclude=set(StreamSettings.model_fields) - set(CONNECTION_FIELDS))
+    p.add_argument(
+        "--count",
+        type=int,
+        default=10_000,
+        help="newest entries to compare on, of all shards together (default: %(default)s)",
     )
     p.add_argument("--threshold-a", default="", help="threshold policy for A instead of its own, e.g. p99")
     p.add_argument("--threshold-b", default="", help="threshold policy for B instead of its own")
@@ -160,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.count < 1:
         print("anomaly-compare: error: --count must be at least 1", file=sys.stderr)
         return EXIT_ERROR
+    settings: StreamSettings | None = None  # None: images from --npy
+    if args.npy is None:
+        try:
+            settings = load_settings(StreamSettings, args)
+        except SettingsRefused as exc:
+            return refuse(PROG, str(exc))
     try:
         loaded = [load_scorer(path, args.engine) for path in (args.artifact_a, args.artifact_b)]
         (art_a, scorer_a), (art_b, scorer_b) = loaded
@@ -175,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             for art, policy in ((art_a, args.threshold_a), (art_b, args.threshold_b))
         ]
         rejected = 0
-        if args.npy is not None:
+        if settings is None:
             raw = np.load(args.npy, allow_pickle=False)
             images = (raw * scale if raw.dtype == np.uint8 else raw).astype(np.float32).reshape(len(raw), -1)
             if images.shape[1] != dim:
@@ -183,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.npy} has {images.shape[1]} features per image, expected {dim}"
                 )
         else:
-            images, rejected = recent_images(args.redis_url, args.stream, args.count, dim, scale)
+            images, rejected = decode_entries(read_recent_entries(settings, args.count), dim, scale)
     except (AnomalyScorerError, OSError, ValueError) as exc:
         print(f"anomaly-compare: {exc}", file=sys.stderr)
         return EXIT_ERROR

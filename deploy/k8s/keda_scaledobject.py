@@ -45,6 +45,8 @@ import sys
 DEFAULT_RATE = 60_000
 DEFAULT_DRAIN_SECONDS = 10.0
 PENDING_PER_REPLICA = 1024  # 4 batches of 256: a worker holds 1-2 per shard (in hand + read ahead)
+# keda-triggerauthentication.yaml: KEDA's own read-only Redis user (deploy/README.md, least privilege).
+AUTHENTICATION = "anomaly-keda-redis"
 
 
 def lag_count(rate: float, drain_seconds: float, shards: int) -> int:
@@ -74,7 +76,7 @@ def trigger(kind: str, name: str, address: str, stream: str, group: str, target:
         f'        {key}: "{value}"\n'
         f"{activation}"
         "      authenticationRef:\n"
-        "        name: anomaly-redis\n"
+        f"        name: {AUTHENTICATION}\n"
     )
 
 
@@ -110,7 +112,9 @@ def scaled_object(
 #  - pendingEntriesCount: delivered but unacknowledged (XPENDING); climbs when workers are slow or
 #    die mid-batch. Target {PENDING_PER_REPLICA} = 4 batches of 256 per replica.
 # KEDA picks the mode of a trigger from its keys: consumerGroup + lagCount -> lag,
-# consumerGroup without lagCount -> pending entries.
+# consumerGroup without lagCount -> pending entries. It logs in as its own Redis user
+# ({AUTHENTICATION}), which may run only what these modes send: PING, INFO (the lag mode checks
+# for Redis 7), XINFO GROUPS, XLEN (lag before the group exists) and XPENDING.
 """
     body = f"""apiVersion: keda.sh/v1alpha1
 kind: ScaledObject

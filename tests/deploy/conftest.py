@@ -60,6 +60,37 @@ def k8s_objects() -> list[tuple[Path, dict[str, Any]]]:
     return [(path, doc) for path in k8s_manifest_files() for doc in load_yaml_documents(path)]
 
 
+def kustomize_bases(kustomization: Path = K8S / "kustomization.yaml") -> list[Path]:
+    """The directories (other kustomizations) a kustomization lists among its resources."""
+    listed = load_yaml(kustomization).get("resources", [])
+    return [
+        (kustomization.parent / item).resolve() for item in listed if (kustomization.parent / item).is_dir()
+    ]
+
+
+def generated_configmaps() -> list[tuple[Path, dict[str, Any]]]:
+    """(kustomization, ConfigMap) for every configMapGenerator of deploy/k8s and the kustomizations
+    it includes, built as kustomize builds them (files only: `key=path` or `path`; the options'
+    labels; no hash suffix), before the base's namespace and labels apply. kustomize itself
+    renders them in test_k8s when kubectl or kustomize is installed."""
+    found = []
+    for directory in [K8S, *kustomize_bases()]:
+        kustomization = directory / "kustomization.yaml"
+        for generator in load_yaml(kustomization).get("configMapGenerator", []):
+            data = {}
+            for item in generator.get("files", []):
+                key, _, path = item.rpartition("=")
+                data[key or Path(path).name] = (directory / path).read_text(encoding="utf-8")
+            options = generator.get("options", {})
+            metadata: dict[str, Any] = {"name": generator["name"]}
+            if options.get("labels"):
+                metadata["labels"] = dict(options["labels"])
+            found.append(
+                (kustomization, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data})
+            )
+    return found
+
+
 def k8s_object(kind: str, name: str | None = None) -> dict[str, Any]:
     """The single object of `kind` (and `name`, when several share the kind)."""
     found = [
@@ -69,6 +100,25 @@ def k8s_object(kind: str, name: str | None = None) -> dict[str, Any]:
     ]
     assert len(found) == 1, f"expected exactly one {kind} {name or ''} in deploy/k8s, found {len(found)}"
     return found[0]
+
+
+def _script(path: Path) -> ModuleType:
+    """A generator script of deploy/ as a module (scripts, not members of a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def keda_generator() -> ModuleType:
+    """deploy/k8s/keda_scaledobject.py: the KEDA ScaledObject for N shards."""
+    return _script(K8S / "keda_scaledobject.py")
+
+
+def prometheus_rule_generator() -> ModuleType:
+    """deploy/k8s/prometheus_rule.py: the PrometheusRule from deploy/prometheus/rules.yml."""
+    return _script(K8S / "prometheus_rule.py")
 
 
 def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
@@ -295,6 +345,74 @@ def promql_metric_names(expr: str) -> set[str]:
             continue
         names.add(text)
     return names
+
+
+_PROMQL_AGGREGATIONS = {
+    "sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values",
+    "bottomk", "topk", "quantile", "limitk", "limit_ratio",
+}  # fmt: skip
+
+
+def _label_list(tokens: list[tuple[str, str]], start: int) -> tuple[tuple[str, ...], int]:
+    """The labels of the `( a, b )` that opens at tokens[start], and the index after its `)`."""
+    assert tokens[start][1] == "(", f"expected a label list at token {start}, found {tokens[start][1]!r}"
+    end = next(i for i in range(start, len(tokens)) if tokens[i][1] == ")")
+    return tuple(text for kind, text in tokens[start + 1 : end] if kind == "ident"), end + 1
+
+
+def promql_groupings(expr: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(operator, clause, labels) for every aggregation and every vector matching of `expr`:
+    ("sum", "by", ("namespace", "job")), ("max", "", ()) for an aggregation without a clause,
+    ("and", "on", ("job",)); a binary operator without on/ignoring matches on every label and is
+    not listed."""
+    tokens = _promql_tokens(expr)
+    found: list[tuple[str, str, tuple[str, ...]]] = []
+    depth = 0  # inside {...} or [...]
+    for i, (kind, text) in enumerate(tokens):
+        if text in "{[":
+            depth += 1
+        elif text in "}]":
+            depth -= 1
+        if depth or kind != "ident":
+            continue
+        lowered = text.lower()
+        following = tokens[i + 1][1].lower() if i + 1 < len(tokens) else ""
+        if lowered in _PROMQL_AGGREGATIONS and following in {"by", "without"}:
+            found.append((lowered, following, _label_list(tokens, i + 2)[0]))
+        elif lowered in _PROMQL_AGGREGATIONS and following == "(":
+            # sum(...) or the postfix form sum(...) by (...)
+            level, j = 0, i + 1
+            while True:
+                level += {"(": 1, ")": -1}.get(tokens[j][1], 0)
+                j += 1
+                if level == 0:
+                    break
+            clause = tokens[j][1].lower() if j < len(tokens) else ""
+            if clause in {"by", "without"}:
+                found.append((lowered, clause, _label_list(tokens, j + 1)[0]))
+            else:
+                found.append((lowered, "", ()))
+        elif lowered in {"on", "ignoring"} and following == "(":
+            operator = tokens[i - 1][1].lower() if i else ""
+            found.append((operator, lowered, _label_list(tokens, i + 1)[0]))
+    return found
+
+
+def groupings_that_drop(label: str, expr: str) -> list[str]:
+    """The aggregations and matchings of `expr` that lose `label` (merge what it tells apart):
+    an aggregation without `by (... label ...)` or with `without (... label ...)`, a match
+    `on (...)` without it or `ignoring (... label ...)`. `or on ()` ("only if the left side is
+    empty") is a deliberate exception."""
+    dropped = []
+    for operator, clause, labels in promql_groupings(expr):
+        keeps = (
+            (clause in {"by", "on"} and label in labels)
+            or (clause in {"without", "ignoring"} and label not in labels)
+            or (operator == "or" and clause == "on" and not labels)
+        )
+        if not keeps:
+            dropped.append(f"{operator} {clause} ({', '.join(labels)})".replace("  ", " "))
+    return dropped
 
 
 def grafana_query_to_promql(query: str) -> str:

@@ -9,11 +9,15 @@ import pytest
 import yaml
 
 from .conftest import (
+    DASHBOARD,
     GRAFANA,
     WORKER_JOB,
     dashboard_panels,
     dashboard_queries,
+    generated_configmaps,
+    groupings_that_drop,
     load_yaml,
+    promql_groupings,
     promql_metric_names,
     recording_rule_names,
     require_tool,
@@ -61,6 +65,39 @@ def test_dashboard_queries_select_the_worker_job(dashboard: dict[str, Any]) -> N
         assert f'job="{WORKER_JOB}"' in expr, f"{where} does not select job={WORKER_JOB}: {expr}"
 
 
+def _raw_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, query) as Grafana holds them, variables unresolved."""
+    queries = [
+        (f"panel {panel.get('title')!r}", target["expr"])
+        for panel in dashboard_panels(dashboard)
+        for target in panel.get("targets", [])
+        if target.get("expr")
+    ]
+    for variable in dashboard["templating"]["list"]:
+        if variable.get("type") == "query":
+            queries.append((f"variable {variable['name']!r}", variable["query"]["query"]))
+    return queries
+
+
+def test_namespace_variable_picks_one_deployment_and_every_query_filters_on_it(
+    dashboard: dict[str, Any],
+) -> None:
+    variables = [v["name"] for v in dashboard["templating"]["list"]]
+    assert variables.index("namespace") < variables.index("instance"), "the workers of the chosen namespace"
+    namespace = next(v for v in dashboard["templating"]["list"] if v["name"] == "namespace")
+    assert namespace["query"]["query"] == f'label_values(up{{job="{WORKER_JOB}"}}, namespace)'
+    assert namespace["multi"] is False and namespace["includeAll"] is False, "one deployment at a time"
+    for where, query in _raw_queries(dashboard):
+        if where != "variable 'namespace'":
+            assert 'namespace="$namespace"' in query, f"{where} does not filter on $namespace: {query}"
+
+
+def test_dashboard_aggregations_keep_the_namespace(dashboard: dict[str, Any]) -> None:
+    for where, expr in dashboard_queries(dashboard):
+        dropped = groupings_that_drop("namespace", expr)
+        assert not dropped, f"{where} merges namespaces: {dropped}"
+
+
 def test_dashboard_shows_every_view_operators_need(dashboard: dict[str, Any]) -> None:
     used = set().union(*(promql_metric_names(expr) for _, expr in dashboard_queries(dashboard)))
     views = {
@@ -91,7 +128,8 @@ def test_score_heatmap_reads_the_score_histogram_buckets(dashboard: dict[str, An
     heatmaps = [p for p in dashboard_panels(dashboard) if p["type"] == "heatmap"]
     assert heatmaps
     target = heatmaps[0]["targets"][0]
-    assert "anomaly_score_bucket" in target["expr"] and "by (le)" in target["expr"]
+    assert "anomaly_score_bucket" in target["expr"]
+    assert [labels for op, clause, labels in promql_groupings(target["expr"])] == [("namespace", "le")]
     assert target.get("format") == "heatmap"
 
 
@@ -143,3 +181,29 @@ def test_provisioned_datasource_is_prometheus_and_the_default() -> None:
     ]
     assert [d["type"] for d in datasources] == ["prometheus"]
     assert datasources[0]["isDefault"] is True
+
+
+# kubectl apply (client-side) keeps the whole object in its last-applied-configuration annotation,
+# and a Kubernetes object's annotations may hold 256 KiB in all.
+LAST_APPLIED_LIMIT_BYTES = 262_144
+
+
+def test_kustomize_ships_the_dashboard_as_a_configmap_for_grafanas_sidecar() -> None:
+    (kustomization, configmap), *others = [
+        (path, doc) for path, doc in generated_configmaps() if path.parent == GRAFANA
+    ]
+    assert not others
+    assert configmap["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    (key,) = configmap["data"]
+    assert key == "anomaly-scorer.json", "a key the sidecar's shared folder cannot confuse with another's"
+    assert configmap["data"][key] == DASHBOARD.read_text(encoding="utf-8"), "the file itself, not a copy"
+    (generator,) = load_yaml(kustomization)["configMapGenerator"]
+    assert generator["options"]["disableNameSuffixHash"] is True, "one stable name, replaced on change"
+
+
+def test_dashboard_fits_a_client_side_kubectl_apply() -> None:
+    size = len(DASHBOARD.read_bytes())
+    assert size < LAST_APPLIED_LIMIT_BYTES // 2, (
+        f"dashboard.json has {size} bytes; kubectl apply stores it again in an annotation limited to "
+        f"{LAST_APPLIED_LIMIT_BYTES} bytes (use server-side apply, or split the dashboard)"
+    )

@@ -15,9 +15,11 @@ from .conftest import (
     WORKER_JOB,
     container_env_names,
     find_tool,
+    generated_configmaps,
     k8s_manifest_files,
     k8s_object,
     k8s_objects,
+    kustomize_bases,
     load_yaml,
     pod_spec,
     run,
@@ -25,6 +27,9 @@ from .conftest import (
 
 # The oldest Kubernetes minor we support and the newest the validator knows.
 K8S_VERSIONS = ("1.28.0", "latest")
+# kubernetes-validate knows the built-in API groups only, not these CRDs' (KEDA's ScaledObject and
+# TriggerAuthentication, the Prometheus Operator's ServiceMonitor and PrometheusRule): their objects
+# are checked against our own structural schemas below instead of skipped.
 CRD_GROUPS = {"keda.sh", "monitoring.coreos.com"}
 
 
@@ -36,6 +41,9 @@ BUILTIN = [
     pytest.param(doc, id=f"{path.name}:{doc['kind']}/{doc['metadata']['name']}")
     for path, doc in k8s_objects()
     if not _is_crd(doc)
+] + [
+    pytest.param(doc, id=f"{path.parent.name}/{path.name}:ConfigMap/{doc['metadata']['name']}")
+    for path, doc in generated_configmaps()
 ]
 
 
@@ -215,10 +223,58 @@ SERVICE_MONITOR_SCHEMA = {
         },
     },
 }
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_DURATION = {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h|d|w|y))+$"}
+PROMETHEUS_RULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": _DURATION,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STR_MAP,
+                                        "annotations": _STR_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
 CRD_SCHEMAS = {
     "ScaledObject": SCALED_OBJECT_SCHEMA,
     "TriggerAuthentication": TRIGGER_AUTHENTICATION_SCHEMA,
     "ServiceMonitor": SERVICE_MONITOR_SCHEMA,
+    "PrometheusRule": PROMETHEUS_RULE_SCHEMA,
 }
 
 
@@ -250,11 +306,13 @@ def test_kustomization_lists_every_manifest_and_nothing_else() -> None:
     kustomization = load_yaml(K8S / "kustomization.yaml")
     listed = kustomization["resources"]
     assert len(listed) == len(set(listed)), "a resource is listed twice"
+    files = {item for item in listed if not (K8S / item).is_dir()}
     on_disk = {p.name for p in k8s_manifest_files()}
-    assert set(listed) == on_disk, (
-        f"missing from kustomization: {sorted(on_disk - set(listed))}; "
-        f"listed but absent: {sorted(set(listed) - on_disk)}"
+    assert files == on_disk, (
+        f"missing from kustomization: {sorted(on_disk - files)}; listed but absent: {sorted(files - on_disk)}"
     )
+    # The other kustomization it includes: the dashboard's ConfigMap, made beside dashboard.json.
+    assert [base.relative_to(K8S.parent) for base in kustomize_bases()] == [Path("grafana")]
 
 
 @pytest.mark.deploy
@@ -270,11 +328,17 @@ def test_kustomize_renders_every_object_into_the_namespace(tmp_path: Path) -> No
     result = run(command)
     assert result.returncode == 0, result.stderr
     rendered = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert len(rendered) == len(k8s_objects())
+    assert len(rendered) == len(k8s_objects()) + len(generated_configmaps())
     namespace = load_yaml(K8S / "kustomization.yaml")["namespace"]
     for doc in rendered:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == namespace, doc["metadata"]["name"]
+    # The generated ConfigMaps are what the Python checks (and kubernetes-validate) were given.
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in rendered}
+    for _, expected in generated_configmaps():
+        found = by_name[("ConfigMap", expected["metadata"]["name"])]
+        assert found["data"] == expected["data"]
+        assert expected["metadata"].get("labels", {}).items() <= found["metadata"]["labels"].items()
 
 
 # ---------------------------------------------------------------- the worker Deployment
@@ -320,6 +384,19 @@ def test_replica_count_is_left_to_the_autoscaler() -> None:
 
 
 PODS = [("Deployment", "anomaly-worker"), ("Job", "anomaly-trainer"), ("Deployment", "anomaly-viewer")]
+
+
+def test_every_pod_template_turns_service_links_off() -> None:
+    """Kubernetes would inject {SERVICE}_SERVICE_HOST, _PORT... for every Service of the namespace;
+    with Services named anomaly-*, those look like ANOMALY_* settings."""
+    templates = {
+        f"{doc['kind']}/{doc['metadata']['name']}": doc["spec"]["template"]["spec"]
+        for _, doc in k8s_objects()
+        if "template" in doc.get("spec", {})
+    }
+    assert set(templates) == {f"{kind}/{name}" for kind, name in PODS}, "a workload this file does not know"
+    links = {name: spec.get("enableServiceLinks") for name, spec in templates.items()}
+    assert all(value is False for value in links.values()), f"enableServiceLinks is not false: {links}"
 
 
 @pytest.mark.parametrize("kind,name", PODS)
@@ -383,9 +460,18 @@ def test_secret_references_point_at_existing_keys() -> None:
         if "secret" in volume:
             assert volume["secret"]["secretName"] == secret["metadata"]["name"]
             assert {i["key"] for i in volume["secret"].get("items", [])} <= keys
-    auth = k8s_object("TriggerAuthentication")
-    for ref in auth["spec"]["secretTargetRef"]:
-        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in keys, ref
+
+
+def test_keda_logs_in_with_its_own_secret_not_the_workers() -> None:
+    keda_secret = k8s_object("Secret", "anomaly-keda-redis")
+    keys = set(keda_secret["stringData"])
+    refs = k8s_object("TriggerAuthentication")["spec"]["secretTargetRef"]
+    assert {ref["parameter"] for ref in refs} == {"username", "password"}
+    for ref in refs:
+        assert ref["name"] == "anomaly-keda-redis" and ref["key"] in keys, ref
+    worker_secret = k8s_object("Secret", "anomaly-redis")["stringData"]
+    assert "redis-username" not in worker_secret, "nothing reads the workers' user name from their Secret"
+    assert keda_secret["stringData"]["redis-username"] != urlsplit(worker_secret["redis-url"]).username
 
 
 def test_password_file_setting_points_into_the_mounted_secret() -> None:

@@ -3,22 +3,13 @@ lagCount derived from the measured rate and the drain goal."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from types import ModuleType
 
 import yaml
 
 from .conftest import K8S
-
-
-def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("keda_scaledobject", K8S / "keda_scaledobject.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .conftest import keda_generator as generator
 
 
 def test_committed_scaled_object_is_the_generators_output() -> None:
@@ -36,6 +27,7 @@ def test_one_lag_and_one_pending_trigger_per_shard_with_the_shard_streams() -> N
     assert [t["metadata"]["stream"] for t in lag] == [f"images:{{{i}}}" for i in range(6)]
     assert {t["metadata"]["lagCount"] for t in lag} == {"100000"}  # 60k msg/s x 10 s / 6 shards
     assert len({t["name"] for t in triggers}) == 12
+    assert {t["authenticationRef"]["name"] for t in triggers} == {generator().AUTHENTICATION}
 
 
 def test_lag_count_follows_rate_drain_goal_and_shards() -> None:

@@ -11,7 +11,9 @@ from .conftest import (
     PROMETHEUS,
     WORKER_JOB,
     alerting_rules,
+    groupings_that_drop,
     load_yaml,
+    promql_groupings,
     promql_metric_names,
     recording_rule_names,
     require_tool,
@@ -112,3 +114,38 @@ def test_rule_unit_tests_name_only_metrics_the_worker_exports(exported_metric_na
         for series in test["input_series"]:
             name = series["series"].split("{", 1)[0]
             assert name in exported_metric_names, f"rules_test.yml feeds unknown series {name}"
+
+
+def test_grouping_finder_sees_every_aggregation_and_vector_match() -> None:
+    expr = (
+        "sum by (namespace, job) (rate(a[5m])) > on (namespace, job) group_left (instance)"
+        " max(b) and ignoring (pod) quantile without (instance) (0.5, c) unless count(d) by (job)"
+        ' or on () absent(e{job="x", on="y"} == 1)'
+    )
+    assert promql_groupings(expr) == [
+        ("sum", "by", ("namespace", "job")),
+        (">", "on", ("namespace", "job")),
+        ("max", "", ()),
+        ("and", "ignoring", ("pod",)),
+        ("quantile", "without", ("instance",)),
+        ("count", "by", ("job",)),
+        ("or", "on", ()),
+    ]
+    assert groupings_that_drop("namespace", expr) == ["max ()", "count by (job)"]
+
+
+def test_every_aggregation_and_match_keeps_the_namespace() -> None:
+    """Two deployments (namespaces) never merge: a healthy one cannot hide a broken one."""
+    rules = load_yaml(PROMETHEUS / "rules.yml")
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            dropped = groupings_that_drop("namespace", rule["expr"])
+            assert not dropped, f"{rule.get('alert') or rule.get('record')} merges namespaces: {dropped}"
+
+
+def test_compose_scrapes_give_the_workers_a_namespace() -> None:
+    """The rules aggregate by namespace; compose has none of its own, so prometheus.yml sets one."""
+    config = load_yaml(PROMETHEUS / "prometheus.yml")
+    (job,) = [job for job in config["scrape_configs"] if job["job_name"] == WORKER_JOB]
+    relabel = [r for r in job.get("relabel_configs", []) if r.get("target_label") == "namespace"]
+    assert relabel == [{"target_label": "namespace", "replacement": "compose"}]

@@ -1,5 +1,6 @@
 """Who may write the labels stream, by the ACL lines deploy/README.md documents, on a real
-redis-server: the viewer's user only; the worker's, KEDA's, the producers' and retune's get NOPERM."""
+redis-server: the viewer's user only; the worker's, KEDA's, the producers', retune's and
+anomaly-compare's get NOPERM."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tests.conftest import ROOT, RedisServer
 pytestmark = pytest.mark.integration
 
 PASSWORD = "labels-acl-pw"
-USERS = ("anomaly-worker", "keda", "producer", "anomaly-viewer", "anomaly-retune")
+USERS = ("anomaly-worker", "anomaly-keda", "producer", "anomaly-viewer", "anomaly-retune", "anomaly-compare")
 LABEL = Label("1-0", "anomaly", "a1b2c3d4e5f60718", None, 1, "test").fields()
 
 
@@ -44,7 +45,9 @@ def acl_users(redis_client: redis.Redis, redis_server: RedisServer) -> Iterator[
             redis_client.acl_deluser(user)
 
 
-@pytest.mark.parametrize("user", ["anomaly-worker", "keda", "producer", "anomaly-retune"])
+@pytest.mark.parametrize(
+    "user", ["anomaly-worker", "anomaly-keda", "producer", "anomaly-retune", "anomaly-compare"]
+)
 def test_only_the_viewers_user_may_write_the_labels_stream(
     acl_users: dict[str, redis.Redis], user: str
 ) -> None:

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from contract.codec import encode_image
+from contract.shards import entry_time, newest_across_shards
 from producer.client import ImageProducer
 from runtime.settings import WorkerSettings
 from tests.support import D, build_runner, stream
@@ -92,3 +93,17 @@ def test_a_sharded_worker_publishes_each_result_in_its_shard() -> None:
         assert len(stream(r, f"anomalies:{{{shard}}}")) == 1 and len(stream(r, f"scores:{{{shard}}}")) == 2
         assert r.xpending(f"images:{{{shard}}}", "anomaly-scorer")["pending"] == 0
     assert isinstance(runner.stream, StreamClient)
+
+
+def test_entry_times_order_entries_across_shards() -> None:
+    assert entry_time(b"1700000000000-3") == (1700000000000, 3) == entry_time("1700000000000-3")
+    assert entry_time(b"9-0") < entry_time(b"10-0") < entry_time(b"10-1")  # numbers, not text
+
+
+def test_the_newest_of_every_shard_merge_newest_first_and_ties_go_to_the_lower_shard() -> None:
+    shard_0 = [(b"9-0", "a"), (b"5-0", "b"), (b"1-0", "c")]  # newest first, as XREVRANGE
+    shard_1 = [(b"10-0", "d"), (b"5-0", "e"), (b"2-0", "f")]
+    merged = newest_across_shards([shard_0, shard_1], 4)
+    assert merged == [(1, b"10-0", "d"), (0, b"9-0", "a"), (0, b"5-0", "b"), (1, b"5-0", "e")]
+    assert newest_across_shards([shard_0, []], 10) == [(0, i, f) for i, f in shard_0]
+    assert newest_across_shards([shard_0, shard_1], 0) == []
