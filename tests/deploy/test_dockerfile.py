@@ -65,7 +65,7 @@ def test_the_image_builds_hash_every_file_the_dockerfile_copies_from_the_context
               for source in [w for w in args.split() if not w.startswith("--")][:-1]}  # fmt: skip
     assert set(script.copied_sources()) == copied
     hashed = {str(path.relative_to(REPO_ROOT)) for path in script.context_files()}
-    assert "worker/settings.py" in hashed and "requirements/train.txt" in hashed
+    assert "worker/runner.py" in hashed and "requirements/train.txt" in hashed
     assert not [path for path in hashed if "__pycache__" in path or path.startswith((".venv", "tests/"))]
 
 

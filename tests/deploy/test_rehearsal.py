@@ -294,7 +294,7 @@ def test_the_deployment_starts_and_serves_as_a_cluster_starts_it(images, redis_a
             assert viewer.terminate(30) == 0, viewer.log_text()[-2000:]
 
         # 6. KEDA's user: what its triggers read (the generator's ScaledObject for 2 shards).
-        keda = as_user(server, users["keda"])
+        keda = as_user(server, users["anomaly-keda"])
         for trigger in keda_triggers(SHARDS):
             meta = trigger["metadata"]
             if "lagCount" in meta:
