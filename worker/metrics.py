@@ -10,6 +10,7 @@ import math
 import platform
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import (
@@ -56,6 +57,26 @@ class DetectionWindow:
         return self._flagged / self._scored if self._scored else math.nan
 
 
+CGROUP_LIMIT_FILES = (
+    Path("/sys/fs/cgroup/memory.max"),  # cgroup v2 (the container's own, as mounted in it)
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),  # cgroup v1
+)
+UNLIMITED_V1 = 1 << 60  # v1 reports "no limit" as a page-rounded 2**63 - 1
+
+
+def cgroup_memory_limit(files: Iterable[Path] = CGROUP_LIMIT_FILES) -> float:
+    """The memory limit of this process's container in bytes, NaN when there is none."""
+    for path in files:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max" or not text.isdigit() or int(text) >= UNLIMITED_V1:
+            return math.nan
+        return float(int(text))
+    return math.nan
+
+
 class WorkerMetrics:
     """Every metric the worker exports."""
 
@@ -69,6 +90,13 @@ class WorkerMetrics:
             # anomaly_scoring_process_{resident_memory_bytes,cpu_seconds_total,...}: the child the
             # worker scores in (worker.scoring_process), read at scrape time; none without one.
             ProcessCollector(namespace="anomaly_scoring", pid=lambda: str(self._scoring_pid()), registry=r)
+        self.memory_limit = Gauge(
+            "anomaly_memory_limit_bytes",
+            "The container's memory limit (its cgroup's memory.max; NaN without one): the memory alert "
+            "compares the worker's and its scoring process's resident memory with it.",
+            registry=r,
+        )
+        self.memory_limit.set(cgroup_memory_limit())
         self.scored = Counter("anomaly_messages_scored", "Images scored.", registry=r)
         self.flagged = Counter("anomaly_messages_flagged", "Images flagged as anomalies.", registry=r)
         self.invalid = Counter(
