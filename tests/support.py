@@ -14,8 +14,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from contract.codec import encode_image
+from runtime.http import Health
 from runtime.settings import WorkerSettings
-from worker.http import Health
 from worker.loaded_model import LoadedModel
 from worker.metrics import WorkerMetrics
 from worker.runner import Runner

@@ -30,11 +30,11 @@ from redis.backoff import ExponentialWithJitterBackoff
 from contract.codec import DTYPES, DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
 from detector.artifact import manifest_digest
 from detector.errors import AnomalyScorerError
+from runtime.http import Health
 from runtime.settings import WorkerSettings
 from worker.batch import Scored, concatenate, score_batch, select_rows
 from worker.commit import DELETED_REASON, ShadowBatch, build_commit, dead_letter_fields
 from worker.drift import ScoreDrift
-from worker.http import Health
 from worker.loaded_model import LoadedModel, ModelLoader, check_shadow_fits
 from worker.metrics import DetectionWindow, WorkerMetrics
 from worker.scoring import Decisions
