@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -195,7 +196,8 @@ class Received:
     path: str
     headers: dict[str, str]
     body: Any
-    status: int  # what it answered (0: it did not answer in time)
+    status: int  # what it answered (0: it did not answer in time); a held answer counts as 200
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
     @property
     def key(self) -> str:
@@ -204,8 +206,10 @@ class Received:
 
 @dataclass
 class Script:
-    """What the receiver answers: `answers` in turn ("ok", a status, "timeout": no answer until
-    released, "hold": the request is recorded, then no answer until released), then `then`."""
+    """What the receiver answers: `answers` in turn, then `then`. An answer is "ok", a status,
+    "timeout" (no answer until released: the client gives up first), "hold" (the receiver took
+    it, recorded as a 200, but the answer never comes: released, the connection just closes) or
+    "slow" (taken, answered 200 once released)."""
 
     answers: list[int | str] = field(default_factory=list)
     then: int | str = 200
@@ -238,25 +242,27 @@ class Receiver:
                 except ValueError:
                     body = raw.decode("utf-8", "replace")
                 record = Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, 0)
-                if answer == "hold":  # taken (recorded as a 200), the answer held back
-                    record.status = 200
+                if answer in ("hold", "timeout"):
+                    record.status = 200 if answer == "hold" else 0
                     receiver._record(record)
                     receiver.release.wait(60)
+                    self.close_connection = True
                     return
-                if answer == "timeout":  # the client gives up before the answer comes
-                    receiver.release.wait(60)
-                    receiver._record(record)
-                    return
-                status = 200 if answer == "ok" else int(answer)
+                status = 200 if answer in ("ok", "slow") else int(answer)
                 record.status = status
                 receiver._record(record)
+                if answer == "slow":
+                    receiver.release.wait(60)
                 self.send_response(status)
                 if receiver.script.retry_after is not None and status in (429, 503):
                     self.send_header("Retry-After", receiver.script.retry_after)
                 text = b"refused: bad request" if 400 <= status < 500 else b"ok"
                 self.send_header("Content-Length", str(len(text)))
-                self.end_headers()
-                self.wfile.write(text)
+                try:
+                    self.end_headers()
+                    self.wfile.write(text)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up: it counts as a timeout
+                    return
 
             def log_message(self, format: str, *args: Any) -> None:
                 """Quiet."""

@@ -334,3 +334,20 @@ def publish_alert(
     if flagged is not None:
         fields["flagged"] = int(flagged)
     client.xadd(stream, fields)
+
+
+def acl_arguments(line: str) -> list[str]:
+    """An ACL SETUSER line of the docs as arguments for execute_command: a (selector) stays one."""
+    words: list[str] = []
+    selector: list[str] | None = None
+    for word in line.split():
+        if selector is not None:
+            selector.append(word)
+            if word.endswith(")"):
+                words.append(" ".join(selector))
+                selector = None
+        elif word.startswith("(") and not word.endswith(")"):
+            selector = [word]
+        else:
+            words.append(word)
+    return words
