@@ -93,6 +93,20 @@ class DeadLetter:
         """The refused input entry's own fields (what a redrive puts back)."""
         return original_fields(self.fields)
 
+    @property
+    def of_the_notifier(self) -> bool:
+        """A dead letter of anomaly-notify (an anomaly the receiver refused), read through
+        --dead-letter-stream: it is no input entry and never goes to the input stream."""
+        return b"idempotency_key" in self.fields and b"output_id" in self.fields
+
+    def why_not_redriven(self) -> str | None:
+        """Why this dead letter cannot be redriven, or None."""
+        if self.of_the_notifier:
+            return "a dead letter of anomaly-notify (an anomaly, not an input entry)"
+        if not self.original():
+            return f"no original fields to put back (reason_code {self.reason_code})"
+        return None
+
 
 def parse_duration(text: str) -> float:
     """'90s', '15m', '12h', '7d', '2w' -> seconds; ValueError naming what was expected."""
@@ -278,10 +292,9 @@ def redrive_letters(
     chosen = [letter for letter in store.scan(shards) if selection.matches(letter, now_ms)]
     if limit is not None:
         chosen = chosen[:limit]
-    movable = [letter for letter in chosen if letter.original()]
+    movable = [letter for letter in chosen if letter.why_not_redriven() is None]
     for letter in chosen:
-        if not letter.original():
-            why = f"no original fields to put back (reason_code {letter.reason_code})"
+        if (why := letter.why_not_redriven()) is not None:
             out(f"skip {letter.stream} {letter.id}: {why}")
     verb = "redriving" if apply else "would redrive"
     out(f"{verb} {len(movable)} dead letters ({selection.describe()})")

@@ -207,6 +207,24 @@ def test_the_redrive_script_leaves_a_dead_letter_that_is_already_gone_alone(
     assert [e["image"] for e in stream(redis_client, "images")] == ["x"]
 
 
+def test_what_cannot_go_back_to_the_input_stream_is_skipped_saying_why(
+    redis_client: redis.Redis, use_redis: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis_client.xadd("images:dead-letter", {"source_id": "1-0", "reason_code": "deleted", "reason": "gone"})
+    notifiers = {
+        "reason_code": "deleted",
+        "output_id": "5-0",
+        "idempotency_key": "images/1-0",
+        "score": "0.9",
+    }
+    redis_client.xadd("images:dead-letter", notifiers)  # as if --dead-letter-stream named the notifier's
+    code, out = run_dlq(capsys, 1, "redrive", "--reason", "deleted", "--apply")
+    assert code == 0 and "redriving 0 dead letters" in out
+    assert "no original fields to put back (reason_code deleted)" in out
+    assert "a dead letter of anomaly-notify (an anomaly, not an input entry)" in out
+    assert redis_client.xlen("images") == 0 and redis_client.xlen("images:dead-letter") == 2
+
+
 def test_purge_deletes_by_reason_and_by_age_only_with_apply(
     redis_client: redis.Redis, use_redis: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
