@@ -15,8 +15,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from contract.codec import encode_image
+from runtime.http import Health
 from runtime.settings import WorkerSettings
-from worker.http import Health
 from worker.loaded_model import LoadedModel
 from worker.metrics import WorkerMetrics
 from worker.runner import Runner
@@ -358,3 +358,20 @@ def logged(text: str, msg: str, **fields: str) -> bool:
         r.get("msg") == msg and all(r.get(key) == value for key, value in fields.items())
         for r in log_records(text)
     )
+
+
+def acl_arguments(line: str) -> list[str]:
+    """An ACL SETUSER line of the docs as arguments for execute_command: a (selector) stays one."""
+    words: list[str] = []
+    selector: list[str] | None = None
+    for word in line.split():
+        if selector is not None:
+            selector.append(word)
+            if word.endswith(")"):
+                words.append(" ".join(selector))
+                selector = None
+        elif word.startswith("(") and not word.endswith(")"):
+            selector = [word]
+        else:
+            words.append(word)
+    return words

@@ -21,8 +21,8 @@ from runtime.cli import (
 )
 from runtime.connection import make_redis
 from runtime.settings import WorkerSettings
+from runtime.signals import Signals
 from worker.allocator import keep_freed_memory
-from worker.signals import Signals
 
 log = logging.getLogger("worker")
 
@@ -66,7 +66,7 @@ def serve(settings: WorkerSettings, signals: Signals, burst: bool = False) -> in
     from prometheus_client import CollectorRegistry
 
     from detector.errors import AnomalyScorerError
-    from worker.http import Health, HttpServer
+    from runtime.http import Health, HttpServer
     from worker.loaded_model import check_shadow_fits, load_model
     from worker.metrics import WorkerMetrics
     from worker.runner import Runner

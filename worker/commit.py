@@ -9,14 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from contract.codec import DecodedBatch, Rejected
+from contract.dead_letters import kept_name
 from worker.scoring import Decisions
 from worker.stream import DEAD_LETTER, OUTPUT, SCORES, SHADOW_SCORES, Commit, flat_fields
 
 DELETED_REASON = "entry was trimmed from the input stream before it was scored; its data is lost"
-
-
-# Dead-letter entries carry these; an original field of the same name is kept as original:<name>.
-DEAD_LETTER_FIELDS = ("source_id", "reason", "reason_code", "failed_at_ms", "model_version")
 
 
 @dataclass(frozen=True)
@@ -30,7 +27,8 @@ class ShadowBatch:
 
 
 def dead_letter_fields(rejected: Rejected, now_ms: int, model_version: str) -> list[bytes | str]:
-    """source_id, reason, reason_code, failed_at_ms, model_version, then the original fields."""
+    """source_id, reason, reason_code, failed_at_ms, model_version, then the original fields
+    (contract.dead_letters: a clashing name is kept as original:<name>)."""
     fields: dict[str | bytes, bytes | str | int | float] = {
         "source_id": rejected.entry_id,
         "reason": rejected.reason,
@@ -40,7 +38,8 @@ def dead_letter_fields(rejected: Rejected, now_ms: int, model_version: str) -> l
     }
     for key, value in rejected.fields.items():
         name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
-        fields[f"original:{name}" if name in DEAD_LETTER_FIELDS else key] = value
+        kept = kept_name(name)
+        fields[kept if kept != name else key] = value
     return flat_fields(fields)  # type: ignore[arg-type]
 
 

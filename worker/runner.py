@@ -27,10 +27,10 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
 from contract.codec import DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
+from runtime.http import Health
 from runtime.settings import WorkerSettings
 from worker.batch import Scored, score_batch
 from worker.commit import DELETED_REASON, build_commit, dead_letter_fields
-from worker.http import Health
 from worker.isolation import ScoringFailed, score_isolating
 from worker.loaded_model import LoadedModel, ModelLoader
 from worker.metrics import WorkerMetrics

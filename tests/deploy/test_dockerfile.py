@@ -163,10 +163,19 @@ def _installed_lock_files(target: str) -> list[str]:
         ("worker-tensorflow", "requirements/tensorflow.txt"),
         ("trainer", "requirements/train.txt"),
         ("viewer", "requirements/viewer.txt"),
+        ("notify", "requirements/worker.txt"),
     ],
 )
 def test_each_image_installs_its_profile_lock_file(target: str, lock_file: str) -> None:
     assert _installed_lock_files(target) == [lock_file]
+
+
+def test_notify_image_runs_anomaly_notify_unprivileged_with_a_health_check() -> None:
+    steps = instructions_of("notify")
+    assert json.loads([args for kw, args in steps if kw == "ENTRYPOINT"][-1]) == ["anomaly-notify"]
+    assert [args for kw, args in steps if kw == "USER"][-1].split(":")[0] not in {"root", "0"}
+    check = [args for kw, args in steps if kw == "HEALTHCHECK"][-1]
+    assert "/healthz" in check and "ANOMALY_NOTIFY_METRICS_PORT" in check and "9401" in check
 
 
 def test_slim_worker_installs_no_tensorflow_keras_or_training_extras() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from runtime.settings import WorkerSettings
+from notify.metrics import NotifyMetrics
+from runtime.settings import NotifySettings, StreamSettings, WorkerSettings
 from tests.conftest import ROOT
 from worker.metrics import WorkerMetrics
 
@@ -24,6 +25,14 @@ def test_readme_documents_every_worker_metric() -> None:
     names = {m.name for m in registry.collect()}
     missing = [n for n in names if n not in README]
     assert missing == []
+
+
+def test_readme_documents_every_notify_setting_and_metric() -> None:
+    own = set(NotifySettings.model_fields) - set(StreamSettings.model_fields)
+    assert [f"ANOMALY_{n.upper()}" for n in sorted(own) if f"`ANOMALY_{n.upper()}`" not in README] == []
+    registry = CollectorRegistry()
+    NotifyMetrics(registry, with_process=False)
+    assert [m.name for m in registry.collect() if m.name not in README] == []
 
 
 def test_readme_gives_the_two_commands() -> None:

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
-from worker.http import Health, HttpServer
+from runtime.http import Health, HttpServer
 from worker.metrics import WorkerMetrics
 
 
@@ -56,6 +56,17 @@ def test_readyz_needs_model_and_redis_and_fails_while_stopping(served) -> None:
     assert get(port, "/readyz") == (200, "ok: model_loaded=1 redis_ok=1 stopping=0\n")
     health.stopping = True
     assert get(port, "/readyz")[0] == 503
+
+
+def test_readyz_of_a_program_without_a_model_needs_redis_only() -> None:
+    health = Health(needs_model=False)
+    server = HttpServer("127.0.0.1", 0, CollectorRegistry(), health).start()
+    try:
+        assert get(server.port, "/readyz") == (503, "not ok: redis_ok=0 stopping=0\n")
+        health.redis_ok = True
+        assert get(server.port, "/readyz") == (200, "ok: redis_ok=1 stopping=0\n")
+    finally:
+        server.stop()
 
 
 def test_healthz_fails_when_the_loop_stalls(served) -> None:

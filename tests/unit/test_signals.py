@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 import threading
 
-from worker.signals import EXIT_FORCED, Signals
+from runtime.signals import EXIT_FORCED, Signals
 
 
 class FakeRunner:
@@ -67,6 +67,37 @@ def test_install_takes_over_the_three_signals() -> None:
         assert signal.getsignal(signal.SIGTERM) == signals.on_stop
         assert signal.getsignal(signal.SIGINT) == signals.on_stop
         assert signal.getsignal(signal.SIGHUP) == signals.on_reload
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+
+class FakeLoop:
+    """A loop that does not reload (anomaly-notify's): it only stops."""
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    def request_stop(self) -> None:
+        self.stopped += 1
+
+
+def test_a_loop_that_does_not_reload_is_only_stopped() -> None:
+    signals, loop = Signals(exit_now=lambda code: None, logger="notify"), FakeLoop()
+    signals.on_reload(signal.SIGHUP, None)
+    signals.attach(loop)  # a SIGHUP that came early has nothing to apply to
+    signals.on_reload(signal.SIGHUP, None)
+    assert loop.stopped == 0
+    signals.on_stop(signal.SIGTERM, None)
+    assert loop.stopped == 1
+
+
+def test_install_without_reload_leaves_sighup_alone() -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        signals = Signals().install(reload=False)
+        assert signal.getsignal(signal.SIGTERM) == signals.on_stop
+        assert signal.getsignal(signal.SIGHUP) == before[signal.SIGHUP]
     finally:
         for number, handler in before.items():
             signal.signal(number, handler)

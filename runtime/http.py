@@ -1,4 +1,7 @@
-"""/metrics, /healthz and /readyz on one small threaded HTTP server; nothing else is exposed."""
+"""/metrics, /healthz and /readyz on one small threaded HTTP server; nothing else is exposed.
+
+Every long-running program serves them (the worker, anomaly-notify): its loop reports to a
+`Health`, the HTTP thread reads it."""
 
 from __future__ import annotations
 
@@ -15,9 +18,15 @@ from prometheus_client.exposition import ThreadingWSGIServer
 class Health:
     """What the loop reports about itself; read by the HTTP thread."""
 
-    def __init__(self, liveness_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        liveness_seconds: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        needs_model: bool = True,
+    ) -> None:
         self.liveness_seconds = liveness_seconds
         self.clock = clock
+        self.needs_model = needs_model  # a program without a model (anomaly-notify) is ready without one
         self.last_heartbeat = clock()
         self.model_loaded = False
         self.redis_ok = False
@@ -32,8 +41,13 @@ class Health:
         return self.clock() - self.last_heartbeat < self.liveness_seconds
 
     def ready(self) -> bool:
-        """Model loaded, Redis reachable, and not shutting down."""
-        return self.model_loaded and self.redis_ok and not self.stopping
+        """Model loaded (if the program needs one), Redis reachable, and not shutting down."""
+        return (self.model_loaded or not self.needs_model) and self.redis_ok and not self.stopping
+
+    def readiness(self) -> str:
+        """What /readyz says after ok or not ok: each condition as key=0|1."""
+        model = f"model_loaded={int(self.model_loaded)} " if self.needs_model else ""
+        return f"{model}redis_ok={int(self.redis_ok)} stopping={int(self.stopping)}"
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -53,11 +67,7 @@ def make_app(registry: CollectorRegistry, health: Health) -> Callable[..., Itera
             if path == "/healthz":
                 ok, detail = health.alive(), "loop alive" if health.alive() else "loop stalled"
             else:
-                ok = health.ready()
-                detail = (
-                    f"model_loaded={int(health.model_loaded)} redis_ok={int(health.redis_ok)} "
-                    f"stopping={int(health.stopping)}"
-                )
+                ok, detail = health.ready(), health.readiness()
             status = "200 OK" if ok else "503 Service Unavailable"
             start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
             return [f"{'ok' if ok else 'not ok'}: {detail}\n".encode()]
