@@ -39,6 +39,7 @@ from detector.components.transforms import Transforms, TransformScorer
 from detector.datasets import Dataset, rotate90
 from detector.engines.keras_engine import encoder_layers_model, load_model_bytes
 from detector.errors import ThresholdPolicyError
+from detector.preprocessing import scaling_of
 from detector.score import COMPARED, Score, combine, components_of, standardisation
 from detector.thresholds import check_policy_fits_score, flag_rate, parse_policy
 from trainer.models import forward_pass, reconstruction_errors
@@ -277,26 +278,9 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-class Standardize:
-    """Per-feature z-scores with the artifact's mean and std; keeps both to undo it for display."""
-
-    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
-        self.mean = np.asarray(mean, np.float32)
-        self.std = np.asarray(std, np.float32)
-        self._inv_std = (1.0 / np.maximum(self.std, 1e-6)).astype(np.float32)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return ((np.asarray(x, np.float32) - self.mean) * self._inv_std).astype(np.float32)
-
-
 def preprocessing_of(baseline: Baseline) -> Transform:
     """The artifact's preprocessing as a function of raw [0, 1] images (as the worker applies it)."""
-    pre = baseline.preprocessing
-    if pre.kind == "unit":
-        return lambda x: np.asarray(x, np.float32)
-    if pre.feature_mean is None or pre.feature_std is None:
-        raise ValueError("preprocessing 'standardize' needs feature_mean and feature_std")
-    return Standardize(np.asarray(pre.feature_mean), np.asarray(pre.feature_std))
+    return scaling_of(baseline.preprocessing)
 
 
 def anomaly_sets(dataset: Dataset, classes: list[int] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -292,12 +292,7 @@ def _draw_reconstructions(
 
 def _reconstruct(scorer: Any, images: np.ndarray) -> np.ndarray:
     """Reconstructions back in pixel space (undo standardisation) for display."""
-    recon = np.asarray(scorer.model.predict(scorer.transform(images), verbose=0))
-    mean = getattr(scorer.transform, "mean", None)
-    std = getattr(scorer.transform, "std", None)
-    if mean is not None and std is not None:
-        recon = recon * np.maximum(std, 1e-6) + mean
-    return recon
+    return scorer.transform.undo(np.asarray(scorer.model.predict(scorer.transform(images), verbose=0)))
 
 
 def _draw_extremes(

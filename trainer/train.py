@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -16,7 +15,6 @@ from detector.artifact import (
     ERRORS_FILE,
     MODEL_FILE,
     Baseline,
-    Preprocessing,
     ScoreParameters,
     Training,
     load_artifact,
@@ -32,6 +30,7 @@ from detector.components.transforms import TransformSet, TransformSetName
 from detector.datasets import Dataset
 from detector.engines.keras_engine import encoder_layers_model
 from detector.networks import DENSE_STACK_FILE
+from detector.preprocessing import fit_preprocessing, scaling_of
 from detector.score import DEFAULT_SCORE, Score, ScoreName, components_of
 from detector.thresholds import calibrate, check_policy_fits_score, parse_policy, score_buckets
 from trainer.budget import DEFAULT_BATCH_SIZE, epoch_budget
@@ -96,24 +95,6 @@ class TrainResult:
     duration_seconds: float = 0.0
 
 
-# A feature that barely varies in training (an image border) would turn any later deviation
-# into a huge z-score; its std is floored at this share of the mean feature std.
-STD_FLOOR_SHARE = 0.1
-
-
-class _Standardizer:
-    """Per-feature z-scores; the floored std is what the artifact stores and the worker applies."""
-
-    def __init__(self, x: np.ndarray) -> None:
-        self.mean = x.mean(axis=0).astype(np.float32)
-        std = x.std(axis=0)
-        floor = max(1e-3, STD_FLOOR_SHARE * float(std.mean()))
-        self.std = np.maximum(std, floor).astype(np.float32)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std).astype(np.float32)
-
-
 def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     """Train, calibrate and write the artifact to `config.out`."""
     import keras
@@ -152,18 +133,8 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
             f"--hidden-knn-prototypes {config.hidden_knn_prototypes}"
         )
 
-    preprocessing = Preprocessing()
-    transform: Any = lambda a: a  # noqa: E731
-    if config.preprocessing == "standardize":
-        standardizer = _Standardizer(splits.fit)
-        transform = standardizer
-        preprocessing = Preprocessing(
-            kind="standardize",
-            feature_mean=standardizer.mean.tolist(),
-            feature_std=standardizer.std.tolist(),
-        )
-    elif config.preprocessing != "unit":
-        raise ValueError(f"preprocessing must be unit or standardize, found {config.preprocessing!r}")
+    preprocessing = fit_preprocessing(config.preprocessing, splits.fit)
+    transform = scaling_of(preprocessing)
 
     fit_x, val_x, cal_x = (
         transform(splits.fit),
