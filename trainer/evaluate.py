@@ -21,8 +21,8 @@ from typing import Any, TypedDict
 import numpy as np
 
 from detector.artifact import Baseline, LoadedArtifact, load_artifact
-from detector.components.base import NormalData
-from detector.components.hidden_knn import HiddenKnn
+from detector.components.base import ComponentOptions, NormalData
+from detector.components.hidden_knn import HiddenKnn, HiddenKnnOptions
 from detector.components.hidden_mahalanobis import HiddenMahalanobis
 from detector.components.knn import (
     DEFAULT_KNN_K,
@@ -167,11 +167,11 @@ class ScoreModel:
 
     def fit_hidden_knn(self, fit: np.ndarray, seed: int) -> None:
         """Fit the first encoder layer's normal prototypes on the fit split, as the trainer does."""
-        self.hidden_knn = HiddenKnn.fit(self._normal_fit(fit, seed))
+        self.hidden_knn = HiddenKnn.fit(self._normal_fit(fit, seed), HiddenKnnOptions())
 
     def fit_hidden_mahalanobis(self, fit: np.ndarray, seed: int) -> None:
         """Fit the first encoder layer's normal Gaussian on the fit split, as the trainer does."""
-        self.hidden_mahalanobis = HiddenMahalanobis.fit(self._normal_fit(fit, seed))
+        self.hidden_mahalanobis = HiddenMahalanobis.fit(self._normal_fit(fit, seed), ComponentOptions())
 
     def _normal_fit(self, fit: np.ndarray, seed: int) -> NormalData:
         z = self.transform(fit)

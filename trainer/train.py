@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,16 +23,16 @@ from detector.artifact import (
     save_errors,
     write_artifact,
 )
-from detector.components.base import NormalData
+from detector.components.base import NormalData, Setup
 from detector.components.hidden_knn import DEFAULT_HIDDEN_KNN_K, DEFAULT_HIDDEN_KNN_PROTOTYPES
 from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
-from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
-from detector.components.transforms import TransformSet, TransformSetName
+from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS, OrientationHeadSpec
+from detector.components.transforms import TransformClassifierSpec, TransformSetName
 from detector.datasets import Dataset
 from detector.engines.keras_engine import encoder_layers_model
-from detector.networks import DENSE_STACK_FILE
+from detector.networks import DENSE_STACK_FILE, TransformClassifier
 from detector.preprocessing import fit_preprocessing, scaling_of
-from detector.score import DEFAULT_SCORE, Score, ScoreName, components_of
+from detector.score import DEFAULT_SCORE, Score, ScoreName, ScoreOptions, components_of
 from detector.thresholds import calibrate, check_policy_fits_score, parse_policy, score_buckets
 from trainer.budget import DEFAULT_BATCH_SIZE, epoch_budget
 from trainer.evaluate import fitted_networks
@@ -112,26 +113,19 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     policy = parse_policy(config.threshold)  # fail before training on a bad policy or score
     components = components_of(config.score)
     check_policy_fits_score(policy, config.score)
-    if "transforms" in components:
-        TransformSet.named(config.transforms, normal.shape[1])  # square images only
-    if "orientation" in components:
-        TransformSet.named(config.orientation_transforms, normal.shape[1])  # square images only
-    for reads_first_layer in ("orientation", "hidden-knn"):
-        if reads_first_layer in components and config.architecture not in DENSE_ARCHITECTURES:
-            raise ValueError(
-                f"the {reads_first_layer} score needs a dense architecture "
-                f"({', '.join(DENSE_ARCHITECTURES)}), found {config.architecture}"
-            )
-    if "knn" in components and config.knn_k > min(config.knn_reference_rows, splits.fit.shape[0]):
-        raise ValueError(
-            f"--knn-k {config.knn_k} needs at least as many reference images, found "
-            f"min(--knn-reference {config.knn_reference_rows}, fit split {splits.fit.shape[0]})"
-        )
-    if "hidden-knn" in components and config.hidden_knn_k > config.hidden_knn_prototypes:
-        raise ValueError(
-            f"--hidden-knn-k {config.hidden_knn_k} needs at least as many prototypes, found "
-            f"--hidden-knn-prototypes {config.hidden_knn_prototypes}"
-        )
+    options = ScoreOptions().updated(
+        {
+            "knn_k": config.knn_k,
+            "knn_reference": config.knn_reference_rows,
+            "hidden_knn_k": config.hidden_knn_k,
+            "hidden_knn_prototypes": config.hidden_knn_prototypes,
+            "transforms": config.transforms,
+            "transform_epochs": config.transform_epochs,
+            "orientation_transforms": config.orientation_transforms,
+        }
+    )
+    setup = Setup(normal.shape[1], splits.fit.shape[0], config.architecture, DENSE_ARCHITECTURES)
+    Score.check(config.score, setup, options)  # what each component needs: dense, square, enough rows
 
     preprocessing = fit_preprocessing(config.preprocessing, splits.fit)
     transform = scaling_of(preprocessing)
@@ -182,21 +176,19 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
         losses |= {f"transforms_{k}": v for k, v in classifier_losses.items()}
     latent_dim = int(model.get_layer("encoder").output.shape[-1])
     encoder_layers = encoder_layers_model(model)
+    networks: dict[Hashable, TransformClassifier] = {}
+    if classifier is not None:
+        networks[TransformClassifierSpec(config.transforms, config.transform_epochs)] = classifier
+    if orientation_head is not None:
+        networks[OrientationHeadSpec(config.orientation_transforms)] = orientation_head
     normal_data = NormalData(
         fit=fit_x,
         validation=val_x,
         forward=lambda x: forward_pass(model, x, encoder_layers),
         seed=config.seed,
-        knn_k=config.knn_k,
-        knn_reference_rows=config.knn_reference_rows,
-        hidden_knn_k=config.hidden_knn_k,
-        hidden_knn_prototypes=config.hidden_knn_prototypes,
-        transforms=config.transforms,
-        classifier=classifier,
-        orientation_head=orientation_head,
-        orientation_transforms=config.orientation_transforms,
+        networks=networks,
     )
-    score = Score.fit(config.score, normal_data)
+    score = Score.fit(config.score, normal_data, options)
     params = score.parameters()
     cal_errors = reconstruction_errors(model, cal_x, score)
     statistics, threshold = calibrate(cal_errors, policy)

@@ -303,6 +303,10 @@ def test_a_corrupt_transformation_classifier_is_refused_naming_the_file(
             {"score": "mse+orientation", "architecture": "conv"},
             r"the orientation score needs a dense architecture \(dense-32, .*\), found conv",
         ),
+        (  # it reads the encoder's first layer too: on a conv encoder that would be the latent code
+            {"score": "mse+hidden-mahalanobis", "architecture": "conv"},
+            r"the hidden-mahalanobis score needs a dense architecture \(dense-32, .*\), found conv",
+        ),
     ],
 )
 def test_settings_a_score_cannot_use_fail_before_any_training(
