@@ -11,7 +11,7 @@ compares it with the others of `COMPARED`.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -171,12 +171,6 @@ class Score:
         """ValueError naming the first component that cannot be fitted in `setup` (and why)."""
         for c in components_of(name):
             REGISTRY[c].check(setup, options.of(c))
-
-    @staticmethod
-    def networks(name: ScoreName, options: ScoreOptions) -> tuple[Hashable, ...]:
-        """The specs of the networks its components need the trainer to train, in order."""
-        specs = (REGISTRY[c].network(options.of(c)) for c in components_of(name))
-        return tuple(dict.fromkeys(spec for spec in specs if spec is not None))
 
     @classmethod
     def fit(cls, name: ScoreName, normal: NormalData, options: ScoreOptions | None = None) -> Score:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -80,21 +80,23 @@ def build_conv(input_dim: int, linear_output: bool = False) -> Any:
     return keras.Model(inputs, decoder(encoder(inputs)), name="conv")
 
 
-ARCHITECTURES: dict[str, Callable[..., Any]] = {
+Architecture = Literal["conv", "dense-32", "dense-512-128-32", "dense-64-16"]
+ARCHITECTURES: dict[Architecture, Callable[..., Any]] = {
     "dense-32": build_dense_32,
     "dense-64-16": build_dense_64_16,
     "dense-512-128-32": build_dense_512_128_32,
     "conv": build_conv,
 }
-DEFAULT_ARCHITECTURE = "dense-64-16"
-# Chains of Dense layers: exported to numpy, and what the orientation head can read.
-DENSE_ARCHITECTURES: tuple[str, ...] = ("dense-32", "dense-64-16", "dense-512-128-32")
+DEFAULT_ARCHITECTURE: Architecture = "dense-64-16"
+# Chains of Dense layers: exported to numpy, and what the components that read the encoder's
+# first layer need (Component.needs_dense).
+DENSE_ARCHITECTURES: tuple[Architecture, ...] = ("dense-32", "dense-64-16", "dense-512-128-32")
 
 
 def build_model(name: str, input_dim: int, linear_output: bool = False) -> Any:
     """Build an architecture by name."""
     try:
-        builder = ARCHITECTURES[name]
+        builder = ARCHITECTURES[name]  # type: ignore[index]
     except KeyError:
         raise ValueError(
             f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}"

@@ -66,6 +66,11 @@ class OrientationHeadSpec:
     def __str__(self) -> str:
         return f"orientation head ({self.transforms})"
 
+    @property
+    def slug(self) -> str:
+        """A short name for file names."""
+        return f"orientation-{self.transforms}"
+
 
 class OrientationOptions(ComponentOptions):
     """The set the orientation head learns."""

@@ -68,7 +68,7 @@ class Nmse(Component):
     """`nmse`: MSE relative to the image's ink."""
 
     name = "nmse"
-    description = "mse relative to the image's ink (its mean squared intensity)"
+    description = "mse relative to the image's ink, its mean squared intensity"
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "nmse_epsilon": (float, Field(NMSE_EPSILON, gt=0)),
     }
@@ -107,7 +107,7 @@ class TopK(Component):
     """`top-k`: mean of the largest squared pixel errors."""
 
     name = "top-k"
-    description = "mean of the k% largest squared pixel errors (localised defects)"
+    description = "mean of the k% largest squared pixel errors, for localised defects"
     options = TopKOptions
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "top_k_percent": (float, Field(DEFAULT_TOP_K_PERCENT, gt=0, le=100)),

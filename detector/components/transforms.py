@@ -158,7 +158,12 @@ class TransformClassifierSpec:
     epochs: int
 
     def __str__(self) -> str:
-        return f"transformation classifier ({self.transforms}, up to {self.epochs} epochs)"
+        return f"transformation classifier ({self.transforms}, at most {self.epochs} epoch(s))"
+
+    @property
+    def slug(self) -> str:
+        """A short name for file names."""
+        return self.transforms
 
 
 class TransformsOptions(ComponentOptions):
