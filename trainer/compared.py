@@ -51,8 +51,9 @@ class ComparedScores:
         for name, kind in REGISTRY.items():
             if name not in components and can_fit(kind, normal, setup, options):
                 components[name] = kind.fit(normal, options.of(name))
+        batch = normal.forward(normal.validation)
+        validation = {name: component.score(batch) for name, component in components.items()}
         names = [n for n in COMPARED if all(c in components for c in components_of(n))]
-        validation = _parts(components, normal.forward(normal.validation))
         scores = {
             name: Score.combining(
                 name,
@@ -66,8 +67,9 @@ class ComparedScores:
 
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every score of every row of raw images, by name: one forward pass, each component once."""
+        batch = self.forward(self.scaling(images))
         components = {c.name: c for score in self.scores.values() for c in score.components}
-        parts = _parts(components, self.forward(self.scaling(images)))
+        parts = {name: component.score(batch) for name, component in components.items()}
         return {
             name: score.combined([parts[c.name] for c in score.components])
             for name, score in self.scores.items()
@@ -80,7 +82,3 @@ class ComparedScores:
     def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """The reconstructions of raw images, back in pixel space (for display)."""
         return self.scaling.undo(self.forward(self.scaling(images)).reconstructions)
-
-
-def _parts(components: Mapping[str, Component], batch: ForwardPass) -> dict[str, np.ndarray]:
-    return {name: component.score(batch) for name, component in components.items()}

@@ -118,6 +118,13 @@ def forward_pass(
     return ForwardPass(x, recon, tuple(np.asarray(o) for o in outputs))
 
 
+def forward_of(model: Any) -> Callable[[np.ndarray], ForwardPass]:
+    """The Keras autoencoder's forward pass of model-space images, every encoder layer included
+    (what components fit on: `NormalData.forward`)."""
+    encoder_layers = encoder_layers_model(model)  # built once: each new one retraces
+    return lambda x: forward_pass(model, x, encoder_layers)
+
+
 def reconstruction_errors(
     model: Any, x: np.ndarray, score: Score | None = None, batch_size: int = 1024
 ) -> np.ndarray:

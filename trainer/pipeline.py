@@ -25,7 +25,6 @@ from detector.components.base import ForwardPass, NormalData, Setup
 from detector.components.orientation import OrientationHeadSpec
 from detector.components.transforms import TransformClassifierSpec
 from detector.datasets import Dataset
-from detector.engines.keras_engine import encoder_layers_model
 from detector.networks import TransformClassifier
 from detector.preprocessing import InputScaling, fit_preprocessing, scaling_of
 from detector.score import Score, ScoreOptions, components_of
@@ -34,7 +33,7 @@ from trainer.budget import EpochBudget, epoch_budget
 from trainer.compared import ComparedScores
 from trainer.config import DetectorConfig
 from trainer.fitting import fit_autoencoder
-from trainer.models import DENSE_ARCHITECTURES, build_model, forward_pass
+from trainer.models import DENSE_ARCHITECTURES, build_model, forward_of
 from trainer.splits import Splits, select_normal, split_normal
 from trainer.transforms import train_transform_classifier
 
@@ -48,17 +47,13 @@ class FittedDetector:
     config: DetectorConfig
     splits: Splits  # raw pixels
     preprocessing: Preprocessing
+    scaling: InputScaling  # raw pixels -> model space, as `preprocessing` says
     setup: Setup
     model: Any  # the Keras autoencoder
     normal: NormalData  # model space, with the networks trained for the components
     score: Score
     budget: EpochBudget
     losses: dict[str, list[float]]
-
-    @property
-    def scaling(self) -> InputScaling:
-        """Raw pixels -> model space."""
-        return scaling_of(self.preprocessing)
 
     def forward(self, x: np.ndarray) -> ForwardPass:
         """The autoencoder's forward pass of model-space images, every encoder layer included."""
@@ -118,16 +113,11 @@ def fit_detector(
         ",".join(map(str, specs)) or "none",
     )
     networks, losses = _fit_networks(model, fit_x, val_x, budget, config, specs, verbose)
-    encoder_layers = encoder_layers_model(model)
-    normal_data = NormalData(
-        fit=fit_x,
-        validation=val_x,
-        forward=lambda x: forward_pass(model, x, encoder_layers),
-        seed=config.seed,
-        networks=networks,
-    )
+    normal_data = NormalData(fit_x, val_x, forward_of(model), config.seed, networks)
     score = Score.fit(config.score, normal_data, config.options)
-    return FittedDetector(config, splits, preprocessing, setup, model, normal_data, score, budget, losses)
+    return FittedDetector(
+        config, splits, preprocessing, scaling, setup, model, normal_data, score, budget, losses
+    )
 
 
 def _fit_networks(
