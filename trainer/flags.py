@@ -48,9 +48,8 @@ def _checked(name: str, info: FieldInfo) -> Callable[[str], str]:
             adapter.validate_python(text)
         except ValidationError as exc:
             message = exc.errors()[0]["msg"].removeprefix("Value error, ")
-            raise argparse.ArgumentTypeError(
-                message if "found" in message else f"{message}, found {text}"
-            ) from None
+            named = "found" in message or repr(text) in message
+            raise argparse.ArgumentTypeError(message if named else f"{message}, found {text}") from None
         return text
 
     check.__name__ = name  # argparse names the type in its own messages

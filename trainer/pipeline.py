@@ -88,11 +88,12 @@ def fit_detector(
     splits = split_normal(normal, config.holdout_fraction, config.seed)
     check_policy_fits_score(parse_policy(config.threshold), config.score)  # fail before any training
     setup = Setup(normal.shape[1], splits.fit.shape[0], config.architecture, DENSE_ARCHITECTURES)
-    components = list(dict.fromkeys([*components_of(config.score), *also_fit]))
-    for name in components:
+    Score.check(config.score, setup, config.options)  # what each component needs, before any training
+    for name in also_fit:
         if name not in REGISTRY:
             raise ValueError(f"unknown component {name!r}; expected one of {', '.join(REGISTRY)}")
         REGISTRY[name].check(setup, config.options.of(name))
+    components = list(dict.fromkeys([*components_of(config.score), *also_fit]))
 
     preprocessing = fit_preprocessing(config.preprocessing, splits.fit)
     scaling = scaling_of(preprocessing)
