@@ -45,22 +45,19 @@ BATCH = 256
 def train_case(score: str, transforms: str, out: Path, data_dir: str | None) -> Path:
     """A quick artifact of `score` (one epoch each), as `anomaly-trainer train` would write it."""
     from detector.datasets import load_dataset
-    from trainer.train import TrainConfig, train
+    from trainer.config import DetectorConfig
+    from trainer.train import train
 
-    config = TrainConfig(
-        out=out,
-        data_dir=data_dir,
+    config = DetectorConfig.of(
         architecture="dense-512-128-32",
         epochs=1,
         transform_epochs=1,
         score=score,
-        transforms=transforms,  # type: ignore[arg-type]
+        transforms=transforms,
         max_samples=12_500,
         holdout_fraction=0.2,
-        report=False,
-        progress=False,
     )
-    return train(config, load_dataset("mnist", data_dir)).artifact
+    return train(config, load_dataset("mnist", data_dir), out, report=False, progress=False).artifact
 
 
 def images_per_second(artifact: Path, images: np.ndarray, seconds: float) -> float:

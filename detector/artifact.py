@@ -207,8 +207,7 @@ class Baseline(_Strict):
     latent_dim: int | None = None
     score: ScoreName = Field(
         "mse",
-        description="what the threshold applies to: mse, nmse, top-k, mahalanobis, transforms, orientation, "
-        "knn, hidden-knn, hidden-mahalanobis, "
+        description=f"what the threshold applies to: {', '.join(REGISTRY)}, "
         "or several joined by '+' (standardised and summed)",
     )
     score_parameters: ScoreParameters | None = None

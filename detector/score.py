@@ -1,38 +1,26 @@
 """A detector's score: one component, or several standardised and summed. Pure numpy.
 
-A score name is one component or several joined by "+" (components are registered in
-`detector.components`):
-  mse          mean squared reconstruction error
-  nmse         mse divided by the image's mean squared intensity (plus epsilon)
-  top-k        mean of the k% largest squared pixel errors (localised defects)
-  mahalanobis  distance of the encoder's code to a Gaussian fitted on held-out normal codes
-  transforms   how unsure a self-supervised classifier is of which rotation/flip/shift was
-               applied: catches rotated digits that reconstruct well
-  orientation  -log p(identity | x) from a head the autoencoder was trained with, on its first
-               encoder layer: the transforms score's catch at about 0.5% of the autoencoder's cost
-  knn          cosine distance to the k nearest normal training images
-  hidden-knn   cosine distance to the k nearest normal prototypes in the encoder's first layer:
-               a nearest-neighbour view at about a sixth of the autoencoder's cost
-  hidden-mahalanobis
-               distance of the encoder's first layer to a Gaussian of normal images' outputs:
-               how strongly, not only which way, its units fire (about 3% of the autoencoder's cost)
-  a+b[+c[+d]]  e.g. mse+orientation+hidden-knn+hidden-mahalanobis (the default) or
-               mse+transforms+knn: each component standardised by its mean and std on held-out
-               normal images, then summed: views of "not normal" that fail on different images
-The trainer fits and calibrates the score it was asked for (`--score`) and the worker computes
-the same one (`baseline.json` names it); the evaluation compares them (`COMPARED`).
+A score name is one component (registered in `detector.components`, each with its one-line
+`description`) or several joined by "+", e.g. mse+orientation+hidden-knn+hidden-mahalanobis (the
+default) or mse+transforms+knn: each component standardised by its mean and std on held-out
+normal images, then summed, so that views of "not normal" that fail on different images add up.
+The trainer checks and fits the score it was asked for (`--score`, with the components' options:
+`ScoreOptions`), the worker computes the same one (`baseline.json` names it), and the evaluation
+compares it with the others of `COMPARED`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
 from detector.components import REGISTRY, Component
-from detector.components.base import ForwardPass, NormalData
+from detector.components.base import ComponentOptions, ForwardPass, NormalData, Setup
 
 COMPONENTS: tuple[str, ...] = tuple(REGISTRY)
 ScoreName = str  # a component, or components joined by "+" (components_of checks it)
@@ -66,6 +54,74 @@ def components_of(name: str) -> tuple[str, ...]:
     if len(set(parts)) != len(parts) or len(parts) > MAX_COMPONENTS:
         raise ValueError(f"score {name!r}: at most {MAX_COMPONENTS} components, each at most once")
     return parts
+
+
+def option_fields() -> dict[str, tuple[str, FieldInfo]]:
+    """Every component option by its field name (the trainer's flag): (its component, its field).
+
+    ValueError when two components use one name: a flag must say whose option it is."""
+    out: dict[str, tuple[str, FieldInfo]] = {}
+    for name, kind in REGISTRY.items():
+        for field, info in kind.options.model_fields.items():
+            if field in out:
+                raise ValueError(f"option {field!r} of {name} is already an option of {out[field][0]}")
+            out[field] = (name, info)
+    return out
+
+
+def _attribute(component: str) -> str:
+    return component.replace("-", "_")
+
+
+class _ScoreOptionsBase(BaseModel):
+    """The options of every component that has some, each under its component's name (hidden-knn
+    as hidden_knn); the fields come from the registry."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def of(self, component: str) -> ComponentOptions:
+        """The options of `component` (its defaults when it has none)."""
+        options = getattr(self, _attribute(component), None)
+        return options if isinstance(options, ComponentOptions) else REGISTRY[component].options()
+
+    def updated(self, values: Mapping[str, Any]) -> ScoreOptions:
+        """These options with `values` (by field name, as `option_fields` names them) replaced."""
+        owners = option_fields()
+        unknown = sorted(set(values) - set(owners))
+        if unknown:
+            raise ValueError(
+                f"unknown component option(s) {', '.join(unknown)}; expected one of {', '.join(owners)}"
+            )
+        nested = self.model_dump()
+        for field, value in values.items():
+            nested.setdefault(_attribute(owners[field][0]), {})[field] = value
+        return ScoreOptions.model_validate(nested)
+
+
+if TYPE_CHECKING:
+
+    class ScoreOptions(_ScoreOptionsBase):
+        """Typed loosely for mypy: its fields come from the registered components."""
+
+        def __init__(self, **fields: Any) -> None: ...
+
+        def __getattr__(self, name: str) -> Any: ...
+
+else:
+    option_fields()  # one name, one component: checked once the registry is complete
+    ScoreOptions = create_model(
+        "ScoreOptions",
+        __base__=_ScoreOptionsBase,
+        __doc__=_ScoreOptionsBase.__doc__,
+        **{
+            _attribute(name): (
+                kind.options,
+                Field(default_factory=kind.options, description=kind.description),
+            )
+            for name, kind in REGISTRY.items()
+            if kind.options.model_fields
+        },
+    )
 
 
 def combine(parts: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -110,14 +166,31 @@ class Score:
             if min(self.combine_std) <= 0:
                 raise ValueError(f"combine_std must be positive, found {self.combine_std}")
 
+    @staticmethod
+    def check(name: ScoreName, setup: Setup, options: ScoreOptions) -> None:
+        """ValueError naming the first component that cannot be fitted in `setup` (and why)."""
+        for c in components_of(name):
+            REGISTRY[c].check(setup, options.of(c))
+
     @classmethod
-    def fit(cls, name: ScoreName, normal: NormalData) -> Score:
+    def fit(cls, name: ScoreName, normal: NormalData, options: ScoreOptions | None = None) -> Score:
         """Fit every component on normal data, then the standardisation of a combined score."""
-        components = tuple(REGISTRY[c].fit(normal) for c in components_of(name))
+        chosen = options or ScoreOptions()
+        components = tuple(REGISTRY[c].fit(normal, chosen.of(c)) for c in components_of(name))
         if len(components) == 1:
             return cls(name, components)
-        unscaled = cls(name, components, (0.0,) * len(components), (1.0,) * len(components))
-        mean, std = standardisation(unscaled.parts(normal.forward(normal.validation)))
+        batch = normal.forward(normal.validation)
+        return cls.combining(name, components, [c.score(batch) for c in components])
+
+    @classmethod
+    def combining(
+        cls, name: ScoreName, components: tuple[Component, ...], normal_parts: Sequence[np.ndarray]
+    ) -> Score:
+        """The score of fitted `components`: one as it is, several standardised by their scores of
+        held-out normal images (`normal_parts`, in order)."""
+        if len(components) == 1:
+            return cls(name, components)
+        mean, std = standardisation(normal_parts)
         return cls(name, components, mean, std)
 
     @classmethod
@@ -176,9 +249,13 @@ class Score:
 
     def __call__(self, batch: ForwardPass) -> np.ndarray:
         """Per-row scores (float64)."""
-        parts = self.parts(batch)
+        return self.combined(self.parts(batch))
+
+    def combined(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """The score of its components' per-row scores (`parts`, in order): what `__call__` returns
+        of a batch, for a caller that computed the parts once for several scores."""
         if len(parts) == 1:
-            return parts[0]
+            return np.asarray(parts[0])
         return combine(parts, self.combine_mean, self.combine_std)
 
     def component(self, name: str) -> Component | None:

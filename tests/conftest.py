@@ -193,23 +193,16 @@ def mnist_sample(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real artifact from a tiny model (784-8-784 dense, 2 epochs on 2000 digits)."""
     from detector.datasets import Dataset, Split
-    from trainer.train import TrainConfig, train
+    from trainer.config import DetectorConfig
+    from trainer.train import train
 
     x, y = mnist_sample(2500)
     dataset = Dataset("mnist-sample", Split(x[:2000], y[:2000]), Split(x[2000:], y[2000:]), "test")
     out = tmp_path_factory.mktemp("artifacts") / "tiny"
     # An mse artifact with the 3-sigma threshold (the defaults before the orientation score): the
     # worker tests reason about its scores; tests of the default detector train their own.
-    config = TrainConfig(
-        out=out,
-        architecture="dense-32",
-        epochs=2,
-        batch_size=128,
-        seed=1,
-        score="mse",
-        threshold="mean+3std",
-        report=False,
-        progress=False,
+    config = DetectorConfig(
+        architecture="dense-32", epochs=2, batch_size=128, seed=1, score="mse", threshold="mean+3std"
     )
-    train(config, dataset)
+    train(config, dataset, out, report=False, progress=False)
     return out

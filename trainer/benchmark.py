@@ -1,8 +1,9 @@
 """The standard one-class benchmark: train on one class, score the whole test set, the rest are anomalies.
 
-Models are trained in-process (no artifacts). For each normal class the same split as
-`anomaly-trainer train` is used (fit / validation for early stopping and the latent Gaussian /
-calibration), and the whole test set is scored with every score of trainer.evaluate.
+Detectors are fitted in-process (no artifacts) by the pipeline `anomaly-trainer train` uses
+(`trainer.pipeline`): for each normal class the same splits, checks, networks and score, and the
+whole test set is scored with every compared score (`trainer.compared`), the detector's own
+`Score` among them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,18 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from detector.components.knn import DEFAULT_KNN_REFERENCE_ROWS, knn_reference_of
-from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS, Orientation
-from detector.components.reconstruction import DEFAULT_TOP_K_PERCENT
-from detector.components.transforms import TransformScorer, TransformSet, TransformSetName
 from detector.datasets import Dataset
-from detector.score import COMPARED
-from trainer.budget import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, epoch_budget, step_floor
-from trainer.evaluate import ScoreModel, auroc
-from trainer.fitting import fit_autoencoder
-from trainer.models import DEFAULT_ARCHITECTURE, build_model
-from trainer.splits import Splits, split_normal
-from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
+from detector.score import components_of
+from trainer.budget import DEFAULT_EPOCHS, step_floor
+from trainer.config import DetectorConfig
+from trainer.evaluate import auroc
+from trainer.pipeline import fit_detector, networks_of
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +39,29 @@ PUBLISHED = {
 
 
 @dataclass(frozen=True)
-class BenchmarkConfig:
-    """Everything `anomaly-trainer benchmark` can set; the defaults train the default detector, as
-    `anomaly-trainer train` does (its architecture, budget, batch size and orientation head)."""
+class BenchmarkRun:
+    """What `anomaly-trainer benchmark --one-class` runs: `detector` fitted on each normal class of
+    `dataset` in turn; `also_fit` names components fitted besides its score's, with the networks
+    they need, to be compared too."""
 
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     dataset: str = "mnist"
-    architecture: str = DEFAULT_ARCHITECTURE
-    classes: list[int] = field(default_factory=lambda: list(range(10)))
-    epochs: int | None = None  # None: `anomaly-trainer train`'s default (trainer.budget)
-    min_steps: int | None = None  # steps before early stopping looks; None: as `train` (trainer.budget)
-    batch_size: int = DEFAULT_BATCH_SIZE
-    learning_rate: float = 1e-3
-    patience: int = 3
-    seed: int = 0
-    holdout_fraction: float = 0.2
-    max_samples: int | None = None
-    top_k_percent: float = DEFAULT_TOP_K_PERCENT
-    # Also train the transformation classifier on this set and compare its scores; None: none (the
-    # default detector has none).
-    transforms: str | None = None
-    transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
-    # Train the autoencoder with the orientation head on this set and compare the orientation
-    # scores; None: the autoencoder alone.
-    orientation: TransformSetName | None = DEFAULT_ORIENTATION_TRANSFORMS
+    classes: tuple[int, ...] = tuple(range(10))
+    also_fit: tuple[str, ...] = ()
+
+    def networks(self) -> tuple[Hashable, ...]:
+        """The specs of the networks trained besides each autoencoder."""
+        return networks_of([*components_of(self.detector.score), *self.also_fit], self.detector.options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: the detector's configuration under `config`."""
+        return {
+            "config": self.detector.model_dump(mode="json"),
+            "dataset": self.dataset,
+            "classes": list(self.classes),
+            "also_fit": list(self.also_fit),
+            "networks": [str(spec) for spec in self.networks()],
+        }
 
 
 @dataclass(frozen=True)
@@ -84,7 +79,7 @@ class ClassResult:
 class BenchmarkResult:
     """A whole benchmark run, as written to benchmarks/results/."""
 
-    config: BenchmarkConfig
+    run: BenchmarkRun
     results: list[ClassResult]
     wall_seconds: float
     created_at: str
@@ -94,15 +89,23 @@ class BenchmarkResult:
         """Mean AUROC over the classes run."""
         return float(np.mean([r.auroc[score] for r in self.results]))
 
+    def scores(self) -> list[str]:
+        """The scores measured: those of `COMPARED` its networks allowed, then the detector's own."""
+        return list(self.results[0].auroc) if self.results else []
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the means."""
-        out = asdict(self)
-        out["mean_auroc"] = {s: self.mean(s) for s in COMPARED if self.results and s in self.results[0].auroc}
-        return out
+        return self.run.to_dict() | {
+            "results": [asdict(r) for r in self.results],
+            "wall_seconds": self.wall_seconds,
+            "created_at": self.created_at,
+            "machine": self.machine,
+            "mean_auroc": {s: self.mean(s) for s in self.scores()},
+        }
 
     def table(self) -> str:
         """Markdown table: one row per normal class, one column per score, the mean last."""
-        scores = [s for s in COMPARED if self.results and s in self.results[0].auroc]
+        scores = self.scores()
         lines = [
             "| normal class | " + " | ".join(f"AUROC {s}" for s in scores) + " | epochs | seconds |",
             "|---:|" + "---:|" * len(scores) + "---:|---:|",
@@ -116,37 +119,34 @@ class BenchmarkResult:
 
     def file_stem(self) -> str:
         """benchmarks/results/ name: dataset, architecture, epochs, and any subset used."""
-        c = self.config
-        stem = f"one-class-{c.dataset}-{c.architecture}-e{c.epochs or 'auto'}"
+        run, c = self.run, self.run.detector
+        stem = f"one-class-{run.dataset}-{c.architecture}-e{c.epochs or 'auto'}"
         if floor := step_floor(c.epochs, c.min_steps):
             stem += f"-s{floor}"
-        if c.transforms is not None:
-            stem += f"-{c.transforms}"
-        if c.orientation is not None:
-            stem += f"-orientation-{c.orientation}"
-        if sorted(c.classes) != list(range(10)):
-            stem += "-c" + "".join(str(k) for k in c.classes)
+        for spec in run.networks():
+            stem += f"-{getattr(spec, 'slug', spec)}"
+        if sorted(run.classes) != list(range(10)):
+            stem += "-c" + "".join(str(k) for k in run.classes)
         if c.max_samples is not None:
             stem += f"-n{c.max_samples}"
         return stem
 
     def markdown(self) -> str:
         """The table with its settings, as written next to the JSON."""
-        c = self.config
-        published = PUBLISHED.get(c.dataset, {})
+        run, c = self.run, self.run.detector
+        published = PUBLISHED.get(run.dataset, {})
+        networks = ", ".join(map(str, run.networks())) or "none"
+        flags = " ".join(c.flags())
         lines = [
-            f"# One-class {c.dataset}: {c.architecture}",
+            f"# One-class {run.dataset}: {c.architecture}",
             "",
             f"Train on one class's training images, score the whole test set, the other classes are "
             f"anomalies. {epochs_text(c.epochs, c.min_steps)} (patience {c.patience}), "
             f"batch {c.batch_size}, Adam {c.learning_rate:g}, seed {c.seed}, "
-            f"max samples {c.max_samples or 'all'}, top-k {c.top_k_percent:g}%. "
-            + (
-                f"Transformation classifier: {c.transforms} set, up to {c.transform_epochs} epochs."
-                if c.transforms
-                else "No transformation classifier."
-            )
-            + (f" Trained with the orientation head ({c.orientation} set)." if c.orientation else ""),
+            f"max samples {c.max_samples or 'all'}. Each class trains `anomaly-trainer train "
+            f"{flags + ' ' if flags else ''}--classes CLASS`"
+            + (f" and also fits {', '.join(run.also_fit)}" if run.also_fit else "")
+            + f". Networks besides the autoencoder: {networks}.",
             f"Wall time {self.wall_seconds:.0f} s on {self.machine.get('cpu_count')} CPU cores "
             f"(TensorFlow {self.machine.get('tensorflow')}), {self.created_at}.",
             "",
@@ -168,71 +168,20 @@ def epochs_text(epochs: int | None, min_steps: int | None) -> str:
     return f"{limit}; early stopping on held-out loss{floor}"
 
 
-def fit_on_normal(
-    normal: np.ndarray, config: BenchmarkConfig, verbose: int = 0
-) -> tuple[Any, Splits, dict[str, list[float]], Orientation | None]:
-    """Split normal images as the trainer does and fit them as it does (`trainer.fitting`): early
-    stopping on the validation loss, with the orientation head when the config asks for it."""
-    import keras
-
-    keras.utils.set_random_seed(config.seed)
-    if config.max_samples is not None and normal.shape[0] > config.max_samples:
-        pick = np.random.default_rng(config.seed).choice(normal.shape[0], config.max_samples, replace=False)
-        normal = normal[np.sort(pick)]
-    splits = split_normal(normal, config.holdout_fraction, config.seed)
-    model = build_model(config.architecture, normal.shape[1])
-    head, losses = fit_autoencoder(
-        model,
-        splits.fit,
-        splits.validation,
-        epoch_budget(config.epochs, config.min_steps, splits.fit.shape[0], config.batch_size),
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        patience=config.patience,
-        seed=config.seed,
-        verbose=verbose,
-        orientation=config.orientation,
-    )
-    if head is None or config.orientation is None:
-        return model, splits, losses, None
-    return model, splits, losses, Orientation(head, config.orientation, 0)
-
-
-def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) -> ClassResult:
-    """Train on `normal_class`, score the whole test set, AUROC per score."""
+def run_one_class(dataset: Dataset, normal_class: int, run: BenchmarkRun) -> ClassResult:
+    """Fit the run's detector on `normal_class`, score the whole test set, AUROC per score."""
     started = time.monotonic()
     y_train, y_test = dataset.train.y, dataset.test.y
     if y_train is None or y_test is None:
         raise ValueError(f"dataset {dataset.name} has no labels; the one-class benchmark needs them")
-    normal = dataset.train.x[y_train == normal_class]
-    if normal.shape[0] == 0:
-        raise ValueError(f"no training images of class {normal_class} in {dataset.name}")
-    model, splits, history, orientation = fit_on_normal(normal, config)
-    transform_scorer = None
-    if config.transforms is not None:
-        classifier, _ = train_transform_classifier(
-            splits.fit, splits.validation, config.transforms, config.transform_epochs, seed=config.seed
-        )
-        transform_scorer = TransformScorer(TransformSet.named(config.transforms, normal.shape[1]), classifier)
-    scorer = ScoreModel(
-        model,
-        lambda x: x,
-        top_k_percent=config.top_k_percent,
-        transform_scorer=transform_scorer,
-        knn_reference=knn_reference_of(splits.fit, DEFAULT_KNN_REFERENCE_ROWS, config.seed),
-        orientation=orientation,
-    )
-    scorer.fit_hidden_knn(splits.fit, config.seed)
-    scorer.fit_hidden_mahalanobis(splits.fit, config.seed)
-    scorer.fit_latent(splits.validation)
-    scorer.fit_combination(splits.validation)
-    scores = scorer.scores(dataset.test.x)
+    fitted = fit_detector(run.detector.updated(classes=[normal_class]), dataset, run.also_fit)
+    scores = fitted.compared()(dataset.test.x)
     is_normal = y_test == normal_class
     result = ClassResult(
         normal_class=normal_class,
         auroc={name: auroc(values[is_normal], values[~is_normal]) for name, values in scores.items()},
-        epochs_run=len(history.get("loss", [])),
-        train_count=int(splits.fit.shape[0]),
+        epochs_run=len(fitted.losses.get("loss", [])),
+        train_count=int(fitted.normal.fit.shape[0]),
         seconds=round(time.monotonic() - started, 1),
     )
     log.info(
@@ -246,27 +195,24 @@ def run_one_class(dataset: Dataset, normal_class: int, config: BenchmarkConfig) 
 
 
 def run_benchmark(
-    config: BenchmarkConfig,
+    run: BenchmarkRun,
     dataset: Dataset,
     on_class: Callable[[ClassResult], None] | None = None,
 ) -> BenchmarkResult:
-    """Run the one-class protocol for every class in `config.classes`."""
+    """Run the one-class protocol for every class in `run.classes` (each checked before it trains)."""
     import keras
     import tensorflow as tf
 
     started = time.monotonic()
-    for name in (config.transforms, config.orientation):  # square images only: say so up front
-        if name is not None:
-            TransformSet.named(name, dataset.train.x.shape[1])
     results = []
-    for normal_class in config.classes:
-        result = run_one_class(dataset, normal_class, config)
+    for normal_class in run.classes:
+        result = run_one_class(dataset, normal_class, run)
         results.append(result)
         if on_class is not None:
             on_class(result)
         keras.backend.clear_session()  # free the previous class's graph
     return BenchmarkResult(
-        config=config,
+        run=run,
         results=results,
         wall_seconds=round(time.monotonic() - started, 1),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),

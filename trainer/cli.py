@@ -1,4 +1,10 @@
-"""anomaly-trainer: argument parsing only; the work is in trainer.train / detector.datasets."""
+"""anomaly-trainer: argument parsing only; the work is in trainer.train, trainer.evaluate,
+trainer.report, trainer.benchmark and trainer.retune.
+
+A detector's flags are made from its configuration (`trainer.config.DetectorConfig`) and the
+score components' options (the registry), by `trainer.flags`: one flag a field, help and bounds
+from the field.
+"""
 
 from __future__ import annotations
 
@@ -8,69 +14,39 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detector.components.hidden_knn import DEFAULT_HIDDEN_KNN_K, DEFAULT_HIDDEN_KNN_PROTOTYPES
-from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
-from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
+from detector.components import REGISTRY
+from detector.components.orientation import OrientationOptions
 from detector.components.transforms import TRANSFORM_SETS
 from detector.datasets import Dataset
 from detector.engines.tensorflow_import import import_keras_quietly
 from detector.retune import MAX_FLAG_RATE_FACTOR
-from detector.score import DEFAULT_SCORE, components_of
+from detector.score import ScoreOptions, components_of, option_fields
 from runtime import logs
 from runtime.cli import add_version_flag
 from runtime.logs import LOG_FORMATS
-from trainer.budget import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_MIN_STEPS
-from trainer.models import ARCHITECTURES, DEFAULT_ARCHITECTURE
-from trainer.presets import DEFAULT_THRESHOLD, PRESETS, resolve
-from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS
+from trainer.config import DetectorConfig, flag_fields, parse_classes
+from trainer.flags import add_field_flags, given
+from trainer.presets import PRESETS, resolve
+
+if TYPE_CHECKING:
+    from trainer.benchmark import BenchmarkRun
+
+# What the one-class benchmark sets its own way: the classes it runs, and which networks it trains
+# (--transforms, --orientation); its detector has no threshold to calibrate.
+BENCHMARK_OWN = ("classes", "score", "threshold", "transforms", "orientation_transforms")
 
 
 def _classes(text: str) -> list[int]:
     try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--classes takes integers like 1 or 0,1,2, found {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("--classes needs at least one class")
-    return values
+        return parse_classes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-if TYPE_CHECKING:
-    from trainer.benchmark import BenchmarkConfig
-    from trainer.train import TrainConfig
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text}")
-    return value
-
-
-AUTO = "auto"
-
-
-def _epochs(text: str) -> int | str:
-    """A positive number of epochs, or auto (trainer.budget's default; kept as the word so that it
-    wins over a preset's epochs, and turned into None when the config is built)."""
-    if text.strip().lower() == AUTO:
-        return AUTO
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, found {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, found {text}")
-    return value
+def _fitted_without_networks() -> dict[str, Any]:
+    """The option flags of the components `evaluate` and `report` can fit (those needing no network)."""
+    fittable = {name for name, kind in REGISTRY.items() if kind.network(kind.options()) is None}
+    return {field: info for field, (owner, info) in option_fields().items() if owner in fittable}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,144 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         "/usr/share/datasets, the Keras cache and finally the Keras download",
     )
     t.add_argument(
-        "--classes",
-        type=_classes,
-        help="train only on these labels, e.g. 1 or 0,1,2 (default: all)",
-    )
-    t.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="a reference notebook's configuration; flags given as well win over it: "
-        + "; ".join(f"{name}: {p.description}" for name, p in PRESETS.items())
-        + " (default: none, the default detector: dense-64-16 trained with its orientation head, "
-        f"score {DEFAULT_SCORE}, threshold {DEFAULT_THRESHOLD}, {DEFAULT_EPOCHS} epochs or "
-        f"{DEFAULT_MIN_STEPS:,} steps, whichever is longer)",
+        help="a reference notebook's configuration, as the flags it stands for; flags given as well "
+        "win over it: "
+        + "; ".join(f"{name}: {' '.join(config.flags())}" for name, config in PRESETS.items())
+        + " (default: none, the default detector)",
     )
-    t.add_argument(
-        "--architecture",
-        choices=sorted(ARCHITECTURES),
-        help=f"(default: {DEFAULT_ARCHITECTURE})",
-    )
-    t.add_argument(
-        "--epochs",
-        type=_epochs,
-        help="maximum epochs; early stopping on held-out loss (default: auto: "
-        f"{DEFAULT_EPOCHS}, or as many as {DEFAULT_MIN_STEPS:,} steps take when that is more, "
-        "with early stopping only after those steps)",
-    )
-    t.add_argument(
-        "--min-steps",
-        type=_non_negative,
-        help="early stopping (and its choice of the best epoch) looks only at the epochs after this "
-        "many optimizer steps (batches); with --epochs auto the epochs are raised to fit them: one "
-        "MNIST class (17-22 steps an epoch) then trains 91-118 epochs, keeping the last weights "
-        f"(default: {DEFAULT_MIN_STEPS} with --epochs auto, 0 with an explicit count or a preset)",
-    )
-    t.add_argument(
-        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help=f"(default: {DEFAULT_BATCH_SIZE})"
-    )
-    t.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
-    t.add_argument(
-        "--threshold",
-        help="threshold policy: mean+Kstd, Kmean, pNN or fpr=F, "
-        f"e.g. mean+3std, 2mean, p95, fpr=0.01 (default: {DEFAULT_THRESHOLD})",
-    )
-    t.add_argument(
-        "--score",
-        type=_score,
-        help=f"what the threshold applies to and the worker computes (default: {DEFAULT_SCORE}): "
-        "mse, nmse (mse "
-        "relative to the image's ink), top-k (mean of the 5%% largest pixel errors), mahalanobis "
-        "(distance of the latent code to normal codes), transforms (a self-supervised classifier's "
-        "doubt about which rotation/flip/shift was applied; square images), orientation (-log "
-        "p(identity | x) from a head trained with the autoencoder on its first layer; dense "
-        "architectures, square images), knn (cosine distance to the nearest normal training "
-        "images), hidden-knn (cosine distance to the nearest normal prototypes in the encoder's "
-        "first layer), hidden-mahalanobis (distance of that layer to a Gaussian of normal images' "
-        "outputs), or up to four joined by '+', each standardised on held-out normal images and "
-        "summed, e.g. mse+orientation+hidden-knn+hidden-mahalanobis or mse+transforms+knn "
-        "(docs/detection.md); `evaluate` compares them",
-    )
-    t.add_argument(
-        "--transforms",
-        choices=list(TRANSFORM_SETS),
-        default="geometric",
-        help="the transforms score's set: rotations (4), dihedral (8: rotations x mirror) or "
-        "geometric (72: flips x shifts x rotations, the stronger and 18 times costlier to score "
-        "than rotations) (default: geometric)",
-    )
-    t.add_argument(
-        "--orientation-transforms",
-        choices=list(TRANSFORM_SETS),
-        default=DEFAULT_ORIENTATION_TRANSFORMS,
-        help="the orientation score's set, which its head learns with the autoencoder: geometric "
-        "(72: rotations x mirror x 4-pixel shifts, the default), dihedral (8: rotations x mirror, "
-        "the default before 2026-11-30) or rotations (4); scoring costs the same for each (only "
-        "the image as given is classified)",
-    )
-    t.add_argument(
-        "--knn-k",
-        type=_positive,
-        default=DEFAULT_KNN_K,
-        help=f"knn: how many nearest normal images are averaged (default: {DEFAULT_KNN_K})",
-    )
-    t.add_argument(
-        "--knn-reference",
-        type=_positive,
-        default=DEFAULT_KNN_REFERENCE_ROWS,
-        help="knn: at most this many normal training images are kept in the artifact; each costs "
-        f"the worker D multiply-adds per scored image of D pixels (default: {DEFAULT_KNN_REFERENCE_ROWS})",
-    )
-    t.add_argument(
-        "--hidden-knn-k",
-        type=_positive,
-        default=DEFAULT_HIDDEN_KNN_K,
-        help="hidden-knn: how many nearest normal prototypes are averaged; 1 takes one argmax pass per "
-        f"image instead of {DEFAULT_HIDDEN_KNN_K} argmax passes (default: {DEFAULT_HIDDEN_KNN_K})",
-    )
-    t.add_argument(
-        "--hidden-knn-prototypes",
-        type=_positive,
-        default=DEFAULT_HIDDEN_KNN_PROTOTYPES,
-        help="hidden-knn: k-means centres of the first encoder layer kept in the artifact; each "
-        "costs the worker one multiply-add per layer value per scored image "
-        f"(default: {DEFAULT_HIDDEN_KNN_PROTOTYPES})",
-    )
-    t.add_argument(
-        "--transform-epochs",
-        type=_positive,
-        default=DEFAULT_TRANSFORM_EPOCHS,
-        help=f"maximum epochs of the transformation classifier (default: {DEFAULT_TRANSFORM_EPOCHS})",
-    )
-    t.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="makes the split and the training repeatable (default: 0)",
-    )
-    t.add_argument(
-        "--max-samples",
-        type=_positive,
-        help="use at most this many normal training images (quick runs)",
-    )
-    t.add_argument(
-        "--holdout-fraction",
-        type=float,
-        default=0.2,
-        help="share of normal training images held out, half for validation "
-        "and half for calibration (default: 0.2)",
-    )
-    t.add_argument(
-        "--patience",
-        type=_positive,
-        default=3,
-        help="early-stopping patience in epochs (default: 3)",
-    )
-    t.add_argument(
-        "--preprocessing",
-        choices=["unit", "standardize"],
-        help="unit: pixels in [0,1] as is (default); standardize: per-feature z-scores",
-    )
+    add_field_flags(t, flag_fields())
     t.add_argument("--no-report", action="store_true", help="do not draw report.png")
     t.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "INFO"))
 
@@ -247,11 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="AUROC, average precision and flag rates of an artifact on a test set",
         description="Score the test split: normal-class images against unseen classes (when the "
         "artifact was trained with --classes) and against the normal images rotated 90 degrees, "
-        "with every score the artifact's networks allow (mse, nmse, top-k, mahalanobis, knn, "
-        "hidden-knn, hidden-mahalanobis, their combinations, and transforms or orientation when the "
-        "artifact has the classifier or the head; the knn references, hidden-knn prototypes and "
-        "hidden-mahalanobis Gaussian are the artifact's own, or fitted on the training split as the "
-        "trainer fits them). Prints a table and writes JSON.",
+        "with the artifact's own score as the worker computes it and every other compared score its "
+        "networks allow (the components it lacks fitted on its training splits as the trainer fits "
+        "them, with the options below). Prints a table and writes JSON.",
     )
     e.add_argument("artifact", type=Path, help="artifact directory written by `anomaly-trainer train`")
     _add_dataset_args(e, default=None)
@@ -261,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the evaluation (default: ./evaluation-<model_version>.json; "
         "not inside the artifact, whose files are checksummed)",
     )
-    e.add_argument("--top-k", type=_percent, default=5.0, help="top-k%% pixel error score's k (default: 5)")
+    add_field_flags(e, _fitted_without_networks())
     e.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "WARNING"))
 
     r = sub.add_parser(
@@ -273,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("artifact", type=Path, help="artifact directory written by `anomaly-trainer train`")
     _add_dataset_args(r, default=None)
     r.add_argument("--out", type=Path, help="output folder (default: ARTIFACT-report next to the artifact)")
+    add_field_flags(r, _fitted_without_networks())
     r.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "WARNING"))
 
     b = sub.add_parser(
@@ -280,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the one-class benchmark: per-class AUROC table",
         description="Train on one class's training images, score the whole test set (the other "
         "classes are anomalies), for each class; print the AUROC table and write JSON and markdown. "
-        "The defaults train the default detector, as `train` does: the dense-64-16 autoencoder "
-        "with the geometric orientation head, its epoch budget and batch size, and no "
-        "transformation classifier.",
+        "Each class trains the detector `train` would (the flags below are train's), through the same "
+        "pipeline; by default the default detector: the dense-64-16 autoencoder with the geometric "
+        "orientation head, its epoch budget and batch size, and no transformation classifier.",
     )
     _add_dataset_args(b, default="mnist")
     b.add_argument(
@@ -291,60 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the one-class protocol (the only protocol so far; required to be explicit)",
     )
-    b.add_argument(
-        "--architecture",
-        default=DEFAULT_ARCHITECTURE,
-        choices=sorted(ARCHITECTURES),
-        help=f"(default: {DEFAULT_ARCHITECTURE}, as `train`)",
-    )
-    b.add_argument(
-        "--epochs",
-        type=_epochs,
-        default=AUTO,
-        help=f"maximum epochs per class; auto: {DEFAULT_EPOCHS}, or as many as --min-steps takes "
-        "when that is more, as `train` does (default: auto)",
-    )
-    b.add_argument(
-        "--min-steps",
-        type=_non_negative,
-        help="early stopping looks only at the epochs after this many steps (default: as `train`, "
-        f"{DEFAULT_MIN_STEPS} with --epochs auto, 0 with a count)",
-    )
     b.add_argument("--classes", type=_classes, help="normal classes to run (default: 0,...,9)")
-    b.add_argument("--max-samples", type=_positive, help="at most this many training images per class")
-    b.add_argument(
-        "--batch-size",
-        type=_positive,
-        default=DEFAULT_BATCH_SIZE,
-        help=f"(default: {DEFAULT_BATCH_SIZE}, as `train`)",
-    )
-    b.add_argument("--learning-rate", type=float, default=1e-3, help="(default: 0.001)")
-    b.add_argument("--patience", type=_positive, default=3, help="early-stopping patience (default: 3)")
-    b.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    b.add_argument("--top-k", type=_percent, default=5.0, help="top-k%% pixel error score's k (default: 5)")
+    add_field_flags(b, flag_fields(exclude=BENCHMARK_OWN))
     b.add_argument(
         "--transforms",
         choices=[*TRANSFORM_SETS, "none"],
         default="none",
         help="also train the self-supervised transformation classifier on this set and compare the "
-        "scores with transforms (transforms, mse+transforms, nmse+transforms, mse+transforms+knn, "
-        "nmse+transforms+knn; default: none, as the default detector has no classifier)",
-    )
-    b.add_argument(
-        "--transform-epochs",
-        type=_positive,
-        default=DEFAULT_TRANSFORM_EPOCHS,
-        help=f"maximum epochs of the transformation classifier (default: {DEFAULT_TRANSFORM_EPOCHS})",
+        "scores with transforms (default: none, as the default detector has no classifier)",
     )
     b.add_argument(
         "--orientation",
         choices=[*TRANSFORM_SETS, "none"],
-        default=DEFAULT_ORIENTATION_TRANSFORMS,
-        help="train each autoencoder with the orientation head on this set and compare the "
-        "orientation scores (orientation, mse+orientation, mse+nmse+orientation, "
-        f"mse+orientation+hidden-knn, {DEFAULT_SCORE}; default: {DEFAULT_ORIENTATION_TRANSFORMS}, as "
-        "the default "
-        "detector; none: the autoencoder alone)",
+        default=OrientationOptions().orientation_transforms,
+        help="train each autoencoder with the orientation head on this set, as the default detector "
+        "(its score is then the default's, compared with the others); none: the autoencoder alone "
+        "(its score then mse) (default: %(default)s)",
     )
     b.add_argument(
         "--out-dir",
@@ -414,21 +221,6 @@ this model are not; a threshold out of bounds needs --force.""",
     rt.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "WARNING"))
 
 
-def _score(text: str) -> str:
-    try:
-        components_of(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def _percent(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 100], found {text}")
-    return value
-
-
 def _add_dataset_args(parser: argparse.ArgumentParser, default: str | None) -> None:
     parser.add_argument(
         "--dataset",
@@ -454,50 +246,51 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "retune":  # no Keras: the model is copied, not run
         return _retune(args)
     import_keras_quietly()  # every other command trains or runs a Keras model
-    from detector.datasets import DatasetError, load_dataset
+    from detector.datasets import DatasetError
     from detector.errors import ArtifactError, ThresholdPolicyError
-    from trainer.train import train
 
-    if args.command == "train":
-        config = train_config(args)
-        try:
-            dataset = load_dataset(args.dataset, args.data_dir)
-            result = train(config, dataset)
-        except (DatasetError, ThresholdPolicyError, ArtifactError, ValueError) as exc:
-            print(f"anomaly-trainer: error: {exc}", file=sys.stderr)
-            return 2
-        b = result.baseline
-        h = b.training.history
-        held_out = f"held-out {b.score}:"
-        print(
-            f"trained {b.training.architecture} on {b.training.dataset} "
-            f"(classes: {b.training.classes or 'all'}) "
-            f"in {result.duration_seconds:.1f}s"
-        )
-        print(f"  epochs run:      {b.training.epochs_run} of {b.training.epochs_requested}")
-        print(f"  final loss:      train {h['loss'][-1]:.5f}, held-out {h['val_loss'][-1]:.5f}")
-        print(
-            f"  {held_out:<{max(17, len(held_out) + 1)}}mean {b.statistics.mean:.5f}, "
-            f"std {b.statistics.std:.5f}, n {b.statistics.count}"
-        )
-        print(
-            f"  threshold:       {b.threshold.policy} = {b.threshold.value:.5f} "
-            f"(flags {b.threshold.expected_flag_rate:.2%} of held-out normal images)"
-        )
-        print(f"  model version:   {b.model_version}")
-        print(f"  artifact:        {result.artifact}")
-        return 0
+    commands = {"train": _train, "evaluate": _evaluate, "report": _report, "benchmark": _benchmark}
     try:
-        if args.command == "evaluate":
-            return _evaluate(args)
-        if args.command == "report":
-            return _report(args)
-        if args.command == "benchmark":
-            return _benchmark(args)
+        return commands[args.command](args)
     except (DatasetError, ThresholdPolicyError, ArtifactError, ValueError) as exc:
         print(f"anomaly-trainer: error: {exc}", file=sys.stderr)
         return 2
-    return 2  # pragma: no cover - argparse enforces the subcommand
+
+
+def train_config(args: argparse.Namespace) -> DetectorConfig:
+    """The DetectorConfig of parsed `train` arguments: flags given win over the preset, which wins
+    over the defaults; `--epochs auto` wins over a preset's epochs too."""
+    return resolve(args.preset, given(args, flag_fields()))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from detector.datasets import load_dataset
+    from trainer.train import train
+
+    config = train_config(args)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    result = train(config, dataset, args.out, report=not args.no_report)
+    b = result.baseline
+    h = b.training.history
+    held_out = f"held-out {b.score}:"
+    print(
+        f"trained {b.training.architecture} on {b.training.dataset} "
+        f"(classes: {b.training.classes or 'all'}) "
+        f"in {result.duration_seconds:.1f}s"
+    )
+    print(f"  epochs run:      {b.training.epochs_run} of {b.training.epochs_requested}")
+    print(f"  final loss:      train {h['loss'][-1]:.5f}, held-out {h['val_loss'][-1]:.5f}")
+    print(
+        f"  {held_out:<{max(17, len(held_out) + 1)}}mean {b.statistics.mean:.5f}, "
+        f"std {b.statistics.std:.5f}, n {b.statistics.count}"
+    )
+    print(
+        f"  threshold:       {b.threshold.policy} = {b.threshold.value:.5f} "
+        f"(flags {b.threshold.expected_flag_rate:.2%} of held-out normal images)"
+    )
+    print(f"  model version:   {b.model_version}")
+    print(f"  artifact:        {result.artifact}")
+    return 0
 
 
 def _artifact_dataset(args: argparse.Namespace) -> Dataset:
@@ -509,11 +302,16 @@ def _artifact_dataset(args: argparse.Namespace) -> Dataset:
     return load_dataset(name, args.data_dir)
 
 
+def _options(args: argparse.Namespace) -> ScoreOptions:
+    """The components' options `evaluate` and `report` fit with: the flags given, else defaults."""
+    return ScoreOptions().updated(given(args, _fitted_without_networks()))
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from trainer.evaluate import evaluate_artifact
 
     dataset = _artifact_dataset(args)
-    evaluation, *_ = evaluate_artifact(args.artifact, dataset, args.top_k)
+    evaluation, *_ = evaluate_artifact(args.artifact, dataset, _options(args))
     out = args.json or Path(f"evaluation-{evaluation.model_version}.json")
     evaluation.write_json(out)
     print(
@@ -521,10 +319,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"test (normal classes: {evaluation.classes or 'all'}); threshold {evaluation.threshold_policy}"
     )
     print(evaluation.table())
+    scored = dict.fromkeys(c for row in evaluation.rows for c in components_of(row.score))
+    for name in scored:
+        print(f"  {name}: {REGISTRY[name].description}")
     print(
-        f"top-k = mean of the {evaluation.top_k_percent:g}% largest squared pixel errors; "
-        f"mahalanobis fitted on the {evaluation.latent_fit}; their thresholds apply "
-        f"{evaluation.threshold_policy} to the calibration split"
+        "the components the artifact lacks are fitted on its training splits as the trainer fits them; "
+        f"the other scores' thresholds apply {evaluation.threshold_policy} to the calibration split"
     )
     print(f"written: {out}")
     return 0
@@ -535,73 +335,29 @@ def _report(args: argparse.Namespace) -> int:
 
     dataset = _artifact_dataset(args)
     out = args.out or args.artifact.resolve().with_name(args.artifact.resolve().name + "-report")
-    paths = report_from_artifact(args.artifact, dataset, out)
+    paths = report_from_artifact(args.artifact, dataset, out, _options(args))
     for path in paths:
         print(f"written: {path}")
     return 0
 
 
-def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of parsed `train` arguments: flags given win over the preset, which wins over
-    the defaults; `--epochs auto` wins over a preset's epochs too."""
-    from trainer.train import TrainConfig
+def benchmark_run(args: argparse.Namespace) -> BenchmarkRun:
+    """The BenchmarkRun of parsed `benchmark` arguments: the detector `train` would train with the
+    same flags, its networks chosen by --orientation and --transforms."""
+    from trainer.benchmark import BenchmarkRun
 
-    chosen = resolve(
-        args.preset,
-        {
-            "architecture": args.architecture,
-            "epochs": args.epochs,
-            "min_steps": args.min_steps,
-            "threshold": args.threshold,
-            "score": args.score,
-            "preprocessing": args.preprocessing,
-        },
-        TrainConfig,
-    )
-    if chosen.get("epochs") == AUTO:
-        chosen["epochs"] = None
-    return TrainConfig(
-        out=args.out,
+    values = given(args, flag_fields(exclude=BENCHMARK_OWN))
+    if args.orientation == "none":
+        values["score"] = "mse"  # the autoencoder alone
+    else:
+        values["orientation_transforms"] = args.orientation
+    if args.transforms != "none":
+        values["transforms"] = args.transforms
+    return BenchmarkRun(
+        detector=DetectorConfig.of(**values),
         dataset=args.dataset,
-        data_dir=args.data_dir,
-        classes=args.classes,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        transforms=args.transforms,
-        orientation_transforms=args.orientation_transforms,
-        transform_epochs=args.transform_epochs,
-        knn_k=args.knn_k,
-        knn_reference_rows=args.knn_reference,
-        hidden_knn_k=args.hidden_knn_k,
-        hidden_knn_prototypes=args.hidden_knn_prototypes,
-        seed=args.seed,
-        holdout_fraction=args.holdout_fraction,
-        max_samples=args.max_samples,
-        patience=args.patience,
-        report=not args.no_report,
-        **chosen,
-    )
-
-
-def benchmark_config(args: argparse.Namespace) -> BenchmarkConfig:
-    """The BenchmarkConfig of parsed `benchmark` arguments."""
-    from trainer.benchmark import BenchmarkConfig
-
-    return BenchmarkConfig(
-        dataset=args.dataset,
-        architecture=args.architecture,
-        classes=args.classes or list(range(10)),
-        epochs=None if args.epochs == AUTO else args.epochs,
-        min_steps=args.min_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        patience=args.patience,
-        seed=args.seed,
-        max_samples=args.max_samples,
-        top_k_percent=args.top_k,
-        transforms=None if args.transforms == "none" else args.transforms,
-        transform_epochs=args.transform_epochs,
-        orientation=None if args.orientation == "none" else args.orientation,
+        classes=tuple(args.classes or range(10)),
+        also_fit=("transforms",) if args.transforms != "none" else (),
     )
 
 
@@ -609,20 +365,21 @@ def _benchmark(args: argparse.Namespace) -> int:
     from detector.datasets import load_dataset
     from trainer.benchmark import RESULTS_DIR, ClassResult, epochs_text, run_benchmark, write_results
 
-    config = benchmark_config(args)
+    run = benchmark_run(args)
     dataset = load_dataset(args.dataset, args.data_dir)
 
     def progress(r: ClassResult) -> None:
         cells = "  ".join(f"{k} {v:.4f}" for k, v in r.auroc.items())
         print(f"class {r.normal_class}: AUROC {cells}  ({r.epochs_run} epochs, {r.seconds:.0f}s)", flush=True)
 
+    detector = run.detector
     print(
-        f"one-class benchmark: {config.dataset}, {config.architecture}, "
-        f"{epochs_text(config.epochs, config.min_steps).lower()}, "
-        f"classes {','.join(map(str, config.classes))}",
+        f"one-class benchmark: {run.dataset}, {detector.architecture}, "
+        f"{epochs_text(detector.epochs, detector.min_steps).lower()}, "
+        f"classes {','.join(map(str, run.classes))}",
         flush=True,
     )
-    result = run_benchmark(config, dataset, on_class=progress)
+    result = run_benchmark(run, dataset, on_class=progress)
     print()
     print(result.table())
     json_path, md_path = write_results(result, args.out_dir or RESULTS_DIR)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -80,21 +80,23 @@ def build_conv(input_dim: int, linear_output: bool = False) -> Any:
     return keras.Model(inputs, decoder(encoder(inputs)), name="conv")
 
 
-ARCHITECTURES: dict[str, Callable[..., Any]] = {
+Architecture = Literal["conv", "dense-32", "dense-512-128-32", "dense-64-16"]
+ARCHITECTURES: dict[Architecture, Callable[..., Any]] = {
     "dense-32": build_dense_32,
     "dense-64-16": build_dense_64_16,
     "dense-512-128-32": build_dense_512_128_32,
     "conv": build_conv,
 }
-DEFAULT_ARCHITECTURE = "dense-64-16"
-# Chains of Dense layers: exported to numpy, and what the orientation head can read.
-DENSE_ARCHITECTURES: tuple[str, ...] = ("dense-32", "dense-64-16", "dense-512-128-32")
+DEFAULT_ARCHITECTURE: Architecture = "dense-64-16"
+# Chains of Dense layers: exported to numpy, and what the components that read the encoder's
+# first layer need (Component.needs_dense).
+DENSE_ARCHITECTURES: tuple[Architecture, ...] = ("dense-32", "dense-64-16", "dense-512-128-32")
 
 
 def build_model(name: str, input_dim: int, linear_output: bool = False) -> Any:
     """Build an architecture by name."""
     try:
-        builder = ARCHITECTURES[name]
+        builder = ARCHITECTURES[name]  # type: ignore[index]
     except KeyError:
         raise ValueError(
             f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}"
@@ -114,6 +116,13 @@ def forward_pass(
     layers = encoder_layers.predict(x, batch_size=batch_size, verbose=0)
     outputs = layers if isinstance(layers, list | tuple) else [layers]
     return ForwardPass(x, recon, tuple(np.asarray(o) for o in outputs))
+
+
+def forward_of(model: Any) -> Callable[[np.ndarray], ForwardPass]:
+    """The Keras autoencoder's forward pass of model-space images, every encoder layer included
+    (what components fit on: `NormalData.forward`)."""
+    encoder_layers = encoder_layers_model(model)  # built once: each new one retraces
+    return lambda x: forward_pass(model, x, encoder_layers)
 
 
 def reconstruction_errors(

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
 from detector.components.transforms import TransformSet, TransformSetName
 from detector.networks import TransformClassifier
 from trainer.budget import EpochBudget
@@ -81,9 +80,9 @@ def train_multitask(
     batch_size: int,
     learning_rate: float,
     patience: int,
+    transforms_name: TransformSetName,
     seed: int = 0,
     verbose: int = 0,
-    transforms_name: TransformSetName = DEFAULT_ORIENTATION_TRANSFORMS,
 ) -> tuple[TransformClassifier, dict[str, list[float]]]:
     """Fit the autoencoder with the orientation head within `budget`: early stopping on the held-out
     joint loss from the budget's `stop_from` epoch, as Keras' EarlyStopping(start_from_epoch) does

@@ -11,27 +11,17 @@ from __future__ import annotations
 import html
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from detector.artifact import MODEL_FILE, Baseline, load_artifact, model_version_of
-from detector.components.hidden_knn import HiddenKnn
-from detector.components.hidden_mahalanobis import HiddenMahalanobis
-from detector.components.orientation import Orientation
-from detector.components.transforms import TransformScorer
+from detector.artifact import MODEL_FILE, Baseline, model_version_of
+from detector.components import REGISTRY
 from detector.datasets import Dataset
-from detector.engines.keras_engine import load_model_bytes
-from trainer.evaluate import (
-    ScoreModel,
-    anomaly_sets,
-    evaluate_model,
-    fitted_networks,
-    held_out_splits,
-    preprocessing_of,
-)
+from detector.score import ScoreOptions
+from trainer.compared import ComparedScores
+from trainer.evaluate import Evaluation, anomaly_sets, evaluate, load_for_evaluation
 from trainer.splits import Splits
 
 log = logging.getLogger(__name__)
@@ -40,36 +30,21 @@ REPORT_HTML = "report.html"
 SET_COLOURS = {"held-out normal": "tab:blue", "unseen classes": "tab:orange", "rotated 90°": "tab:green"}
 
 
-SCORE_TITLES = {
-    "mse": "reconstruction MSE",
-    "nmse": "reconstruction MSE relative to the image's ink",
-    "top-k": "mean of the largest pixel errors",
-    "mahalanobis": "Mahalanobis distance of the latent code",
-    "transforms": "doubt of the transformation classifier",
-    "knn": "cosine distance to the nearest normal images",
-}
-
-
-def _score_title(score: str) -> str:
+def score_title(score: str) -> str:
+    """What a score measures, in words: its component's description, or the sum it is."""
     parts = score.split("+")
     if len(parts) == 1:
-        return SCORE_TITLES.get(score, score)
+        return REGISTRY[score].description if score in REGISTRY else score
     return "standardised sum of " + " + ".join(parts)
 
 
 def write_report(
     out_dir: Path,
-    model: Any,
     baseline: Baseline,
     dataset: Dataset,
     splits: Splits,
-    transform: Callable[[np.ndarray], np.ndarray],
+    compared: ComparedScores,
     n_examples: int = 12,
-    transform_scorer: TransformScorer | None = None,
-    knn_reference: np.ndarray | None = None,
-    orientation: Orientation | None = None,
-    hidden_knn: HiddenKnn | None = None,
-    hidden_mahalanobis: HiddenMahalanobis | None = None,
 ) -> Path | None:
     """Draw out_dir/report.png and report.html; skip with a log line when matplotlib is absent."""
     try:
@@ -85,52 +60,21 @@ def write_report(
         baseline = baseline.model_copy(update={"model_version": version})
     evaluation = None
     try:
-        evaluation, scorer, _ = evaluate_model(
-            model,
-            baseline,
-            dataset,
-            splits,
-            transform,
-            transform_scorer=transform_scorer,
-            knn_reference=knn_reference,
-            orientation=orientation,
-            hidden_knn=hidden_knn,
-            hidden_mahalanobis=hidden_mahalanobis,
-        )
+        evaluation, _ = evaluate(compared, baseline, dataset, splits)
     except ValueError as exc:  # e.g. an unlabelled, non-square .npy dataset has no anomaly sets
         log.warning("report without evaluation reason=%s", exc)
-        scorer = ScoreModel.fitted(
-            model,
-            baseline,
-            splits,
-            transform,
-            transform_scorer=transform_scorer,
-            knn_reference=knn_reference,
-            orientation=orientation,
-            hidden_knn=hidden_knn,
-            hidden_mahalanobis=hidden_mahalanobis,
-        )
-    png = _draw_png(out_dir / REPORT_FILE, baseline, dataset, splits, scorer, evaluation, n_examples)
+    png = _draw_png(out_dir / REPORT_FILE, baseline, dataset, splits, compared, evaluation, n_examples)
     _write_html(out_dir / REPORT_HTML, baseline, evaluation)
     return png
 
 
-def report_from_artifact(artifact_path: Path, dataset: Dataset, out_dir: Path) -> list[Path]:
+def report_from_artifact(
+    artifact_path: Path, dataset: Dataset, out_dir: Path, options: ScoreOptions | None = None
+) -> list[Path]:
     """Re-draw an artifact's report into `out_dir` (created); returns the files written."""
-    artifact = load_artifact(artifact_path)
-    model = load_model_bytes(artifact.model_bytes, artifact)
-    transform = preprocessing_of(artifact.baseline)
-    splits = held_out_splits(artifact, dataset, model, transform)
+    artifact, splits, compared = load_for_evaluation(artifact_path, dataset, options)
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = write_report(
-        out_dir,
-        model,
-        artifact.baseline,
-        dataset,
-        splits,
-        transform,
-        **fitted_networks(artifact.score),
-    )
+    png = write_report(out_dir, artifact.baseline, dataset, splits, compared)
     return [p for p in (png, out_dir / REPORT_HTML) if p is not None and p.exists()]
 
 
@@ -139,8 +83,8 @@ def _draw_png(
     baseline: Baseline,
     dataset: Dataset,
     splits: Splits,
-    scorer: Any,
-    evaluation: Any,
+    scorer: ComparedScores,
+    evaluation: Evaluation | None,
     n_examples: int,
 ) -> Path:
     import matplotlib.pyplot as plt
@@ -152,8 +96,8 @@ def _draw_png(
     tr = baseline.training
     normal_x, sets_x = anomaly_sets(dataset, tr.classes)
     score = baseline.score
-    errors = {"held-out normal": scorer.scores(splits.calibration)[score]}
-    errors |= {name: scorer.scores(x[:3000])[score] for name, x in sets_x.items()}
+    errors = {"held-out normal": scorer.own_scores(splits.calibration)}
+    errors |= {name: scorer.own_scores(x[:3000]) for name, x in sets_x.items()}
 
     n_rows = len(evaluation.rows) if evaluation is not None else 0
     summary_height = 1.2 + 0.3 * n_rows
@@ -208,7 +152,7 @@ def _draw_png(
     if log_scale:
         ax.set_xscale("log")
     ax.set(
-        title=f"Per-image anomaly score ({_score_title(score)})",
+        title=f"Per-image anomaly score ({score_title(score)})",
         xlabel=f"{score} (log scale)" if log_scale else f"{score} (values above the axis counted at its end)",
         ylabel="share of set",
     )
@@ -259,7 +203,7 @@ def _strip(
 def _draw_reconstructions(
     fig: Any,
     cell: Any,
-    scorer: Any,
+    scorer: ComparedScores,
     normal_x: np.ndarray,
     sets_x: dict[str, np.ndarray],
     side: int,
@@ -271,7 +215,7 @@ def _draw_reconstructions(
     groups = [("normal test", normal_x[:n])] + [(name, x[:n]) for name, x in sets_x.items()]
     sub = cell.subgridspec(2 * len(groups), 1, hspace=0.0)
     for g, (name, images) in enumerate(groups):
-        values = scorer.scores(images)[score]
+        values = scorer.own_scores(images)
         top = fig.add_subplot(sub[2 * g, 0])
         _strip(top, images, side, name)
         if g == 0:
@@ -282,7 +226,7 @@ def _draw_reconstructions(
             )
         _strip(
             fig.add_subplot(sub[2 * g + 1, 0]),
-            _reconstruct(scorer, images),
+            scorer.reconstruct(images),
             side,
             "reconstructed",
             [f"{v:.4g}" for v in values],
@@ -290,20 +234,10 @@ def _draw_reconstructions(
         )
 
 
-def _reconstruct(scorer: Any, images: np.ndarray) -> np.ndarray:
-    """Reconstructions back in pixel space (undo standardisation) for display."""
-    recon = np.asarray(scorer.model.predict(scorer.transform(images), verbose=0))
-    mean = getattr(scorer.transform, "mean", None)
-    std = getattr(scorer.transform, "std", None)
-    if mean is not None and std is not None:
-        recon = recon * np.maximum(std, 1e-6) + mean
-    return recon
-
-
 def _draw_extremes(
     fig: Any,
     cell: Any,
-    scorer: Any,
+    scorer: ComparedScores,
     dataset: Dataset,
     side: int,
     n: int,
@@ -312,7 +246,7 @@ def _draw_extremes(
 ) -> None:
     """The most and least anomalous images of the whole (unrotated) test split, by the artifact's score."""
     x, y = dataset.test.x, dataset.test.y
-    values = scorer.scores(x)[score]
+    values = scorer.own_scores(x)
     order = np.argsort(values)
     picks = (("most anomalous", order[::-1][:n]), ("least anomalous", order[:n]))
     sub = cell.subgridspec(2, 1, hspace=0.0)
@@ -329,7 +263,7 @@ def _draw_extremes(
             )
 
 
-def _draw_summary(ax: Any, baseline: Baseline, evaluation: Any, height_inches: float) -> None:
+def _draw_summary(ax: Any, baseline: Baseline, evaluation: Evaluation | None, height_inches: float) -> None:
     s = baseline.statistics
     t = baseline.threshold
     tr = baseline.training
@@ -367,15 +301,15 @@ def _draw_summary(ax: Any, baseline: Baseline, evaluation: Any, height_inches: f
             cell.set_text_props(fontweight="bold")
             cell.set_facecolor("#e8e8e8")
     ax.set_title(
-        f"Evaluation on the {evaluation.dataset} test split (threshold {evaluation.threshold_policy}; "
-        f"top-k = {evaluation.top_k_percent:g}% largest pixel errors; mahalanobis in code space)",
+        f"Evaluation on the {evaluation.dataset} test split (threshold {evaluation.threshold_policy}; the "
+        "components the score lacks fitted on the training splits as the trainer fits them)",
         fontsize=11,
         loc="left",
         y=table_top + 0.01,
     )
 
 
-def _write_html(path: Path, baseline: Baseline, evaluation: Any) -> None:
+def _write_html(path: Path, baseline: Baseline, evaluation: Evaluation | None) -> None:
     """A page around report.png with the evaluation as a real table (copyable numbers)."""
     tr = baseline.training
     t = baseline.threshold

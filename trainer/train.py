@@ -1,22 +1,17 @@
-"""Fit the autoencoder, measure held-out errors, compute the baseline, write the artifact."""
+"""A training run, start to artifact: fit the detector, calibrate its threshold, write the artifact."""
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from detector.artifact import (
     ERRORS_FILE,
     MODEL_FILE,
     Baseline,
-    Preprocessing,
     ScoreParameters,
     Training,
     load_artifact,
@@ -24,66 +19,13 @@ from detector.artifact import (
     save_errors,
     write_artifact,
 )
-from detector.components.base import NormalData
-from detector.components.hidden_knn import DEFAULT_HIDDEN_KNN_K, DEFAULT_HIDDEN_KNN_PROTOTYPES
-from detector.components.knn import DEFAULT_KNN_K, DEFAULT_KNN_REFERENCE_ROWS
-from detector.components.orientation import DEFAULT_ORIENTATION_TRANSFORMS
-from detector.components.transforms import TransformSet, TransformSetName
 from detector.datasets import Dataset
-from detector.engines.keras_engine import encoder_layers_model
 from detector.networks import DENSE_STACK_FILE
-from detector.score import DEFAULT_SCORE, Score, ScoreName, components_of
-from detector.thresholds import calibrate, check_policy_fits_score, parse_policy, score_buckets
-from trainer.budget import DEFAULT_BATCH_SIZE, epoch_budget
-from trainer.evaluate import fitted_networks
+from detector.thresholds import calibrate, parse_policy, score_buckets
+from trainer.config import DetectorConfig
 from trainer.export import verified_dense_stack
-from trainer.fitting import fit_autoencoder
-from trainer.models import (
-    DEFAULT_ARCHITECTURE,
-    DENSE_ARCHITECTURES,
-    build_model,
-    forward_pass,
-    reconstruction_errors,
-)
-from trainer.presets import DEFAULT_THRESHOLD
+from trainer.pipeline import fit_detector
 from trainer.report import write_report
-from trainer.splits import select_normal, split_normal
-from trainer.transforms import DEFAULT_TRANSFORM_EPOCHS, train_transform_classifier
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything `anomaly-trainer train` can set."""
-
-    out: Path
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    classes: list[int] | None = None
-    architecture: str = DEFAULT_ARCHITECTURE
-    epochs: int | None = None  # None: auto, DEFAULT_EPOCHS or min_steps, whichever is longer
-    # Early stopping looks only at the epochs after these steps; None: DEFAULT_MIN_STEPS with auto
-    # epochs, 0 with an explicit count (trainer.budget).
-    min_steps: int | None = None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    learning_rate: float = 1e-3
-    threshold: str = DEFAULT_THRESHOLD
-    score: ScoreName = DEFAULT_SCORE
-    transforms: TransformSetName = "geometric"  # the classifier's set, for the transformation scores
-    transform_epochs: int = DEFAULT_TRANSFORM_EPOCHS
-    orientation_transforms: TransformSetName = DEFAULT_ORIENTATION_TRANSFORMS  # the head's set
-    knn_k: int = DEFAULT_KNN_K
-    knn_reference_rows: int = DEFAULT_KNN_REFERENCE_ROWS
-    hidden_knn_k: int = DEFAULT_HIDDEN_KNN_K
-    hidden_knn_prototypes: int = DEFAULT_HIDDEN_KNN_PROTOTYPES
-    seed: int = 0
-    holdout_fraction: float = 0.2
-    max_samples: int | None = None
-    patience: int = 3
-    preprocessing: str = "unit"
-    report: bool = True
-    progress: bool | None = None  # None: show a progress bar only on a terminal
 
 
 @dataclass
@@ -96,152 +38,34 @@ class TrainResult:
     duration_seconds: float = 0.0
 
 
-# A feature that barely varies in training (an image border) would turn any later deviation
-# into a huge z-score; its std is floored at this share of the mean feature std.
-STD_FLOOR_SHARE = 0.1
-
-
-class _Standardizer:
-    """Per-feature z-scores; the floored std is what the artifact stores and the worker applies."""
-
-    def __init__(self, x: np.ndarray) -> None:
-        self.mean = x.mean(axis=0).astype(np.float32)
-        std = x.std(axis=0)
-        floor = max(1e-3, STD_FLOOR_SHARE * float(std.mean()))
-        self.std = np.maximum(std, floor).astype(np.float32)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std).astype(np.float32)
-
-
-def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
-    """Train, calibrate and write the artifact to `config.out`."""
+def train(
+    config: DetectorConfig, dataset: Dataset, out: Path, report: bool = True, progress: bool | None = None
+) -> TrainResult:
+    """Train `config` on `dataset`, calibrate the threshold and write the artifact to `out`
+    (replaced atomically); `progress` None shows Keras' progress bars only on a terminal."""
     import keras
     import tensorflow as tf
 
     started = time.monotonic()
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
-
-    normal = select_normal(dataset, config.classes)
-    if config.max_samples is not None and normal.shape[0] > config.max_samples:
-        pick = np.random.default_rng(config.seed).choice(normal.shape[0], config.max_samples, replace=False)
-        normal = normal[np.sort(pick)]
-    splits = split_normal(normal, config.holdout_fraction, config.seed)
-    policy = parse_policy(config.threshold)  # fail before training on a bad policy or score
-    components = components_of(config.score)
-    check_policy_fits_score(policy, config.score)
-    if "transforms" in components:
-        TransformSet.named(config.transforms, normal.shape[1])  # square images only
-    if "orientation" in components:
-        TransformSet.named(config.orientation_transforms, normal.shape[1])  # square images only
-    for reads_first_layer in ("orientation", "hidden-knn"):
-        if reads_first_layer in components and config.architecture not in DENSE_ARCHITECTURES:
-            raise ValueError(
-                f"the {reads_first_layer} score needs a dense architecture "
-                f"({', '.join(DENSE_ARCHITECTURES)}), found {config.architecture}"
-            )
-    if "knn" in components and config.knn_k > min(config.knn_reference_rows, splits.fit.shape[0]):
-        raise ValueError(
-            f"--knn-k {config.knn_k} needs at least as many reference images, found "
-            f"min(--knn-reference {config.knn_reference_rows}, fit split {splits.fit.shape[0]})"
-        )
-    if "hidden-knn" in components and config.hidden_knn_k > config.hidden_knn_prototypes:
-        raise ValueError(
-            f"--hidden-knn-k {config.hidden_knn_k} needs at least as many prototypes, found "
-            f"--hidden-knn-prototypes {config.hidden_knn_prototypes}"
-        )
-
-    preprocessing = Preprocessing()
-    transform: Any = lambda a: a  # noqa: E731
-    if config.preprocessing == "standardize":
-        standardizer = _Standardizer(splits.fit)
-        transform = standardizer
-        preprocessing = Preprocessing(
-            kind="standardize",
-            feature_mean=standardizer.mean.tolist(),
-            feature_std=standardizer.std.tolist(),
-        )
-    elif config.preprocessing != "unit":
-        raise ValueError(f"preprocessing must be unit or standardize, found {config.preprocessing!r}")
-
-    fit_x, val_x, cal_x = (
-        transform(splits.fit),
-        transform(splits.validation),
-        transform(splits.calibration),
-    )
-    input_dim = fit_x.shape[1]
-    model = build_model(config.architecture, input_dim, linear_output=preprocessing.kind == "standardize")
-    show_progress = sys.stdout.isatty() if config.progress is None else config.progress
-    budget = epoch_budget(config.epochs, config.min_steps, fit_x.shape[0], config.batch_size)
-    log.info(
-        "training architecture=%s score=%s fit=%d validation=%d calibration=%d epochs=%d "
-        "early_stopping_from_epoch=%s",
-        config.architecture,
-        config.score,
-        fit_x.shape[0],
-        val_x.shape[0],
-        cal_x.shape[0],
-        budget.epochs,
-        budget.stop_from + 1 if budget.stop_from < budget.epochs else "never",
-    )
-    orientation_head, losses = fit_autoencoder(
-        model,
-        fit_x,
-        val_x,
-        budget,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        patience=config.patience,
-        seed=config.seed,
-        verbose=1 if show_progress else 0,
-        orientation=config.orientation_transforms if "orientation" in components else None,
-    )
-
-    classifier = None
-    if "transforms" in components:  # a network of its own, trained here; the component scores with it
-        classifier, classifier_losses = train_transform_classifier(
-            fit_x,
-            val_x,
-            config.transforms,
-            config.transform_epochs,
-            seed=config.seed,
-            verbose=1 if show_progress else 0,
-        )
-        losses |= {f"transforms_{k}": v for k, v in classifier_losses.items()}
-    latent_dim = int(model.get_layer("encoder").output.shape[-1])
-    encoder_layers = encoder_layers_model(model)
-    normal_data = NormalData(
-        fit=fit_x,
-        validation=val_x,
-        forward=lambda x: forward_pass(model, x, encoder_layers),
-        seed=config.seed,
-        knn_k=config.knn_k,
-        knn_reference_rows=config.knn_reference_rows,
-        hidden_knn_k=config.hidden_knn_k,
-        hidden_knn_prototypes=config.hidden_knn_prototypes,
-        transforms=config.transforms,
-        classifier=classifier,
-        orientation_head=orientation_head,
-        orientation_transforms=config.orientation_transforms,
-    )
-    score = Score.fit(config.score, normal_data)
-    params = score.parameters()
-    cal_errors = reconstruction_errors(model, cal_x, score)
-    statistics, threshold = calibrate(cal_errors, policy)
+    show_progress = sys.stdout.isatty() if progress is None else progress
+    fitted = fit_detector(config, dataset, verbose=1 if show_progress else 0)
+    calibration = fitted.scaling(fitted.splits.calibration)
+    cal_errors = fitted.score(fitted.forward(calibration))
+    statistics, threshold = calibrate(cal_errors, parse_policy(config.threshold))
+    model, params = fitted.model, fitted.score.parameters()
     training = Training(
         dataset=dataset.name,
         classes=config.classes,
         architecture=config.architecture,
-        epochs_requested=budget.epochs,
-        epochs_run=len(losses.get("loss", [])),
+        epochs_requested=fitted.budget.epochs,
+        epochs_run=len(fitted.losses.get("loss", [])),
         batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         seed=config.seed,
-        train_count=int(fit_x.shape[0]),
-        validation_count=int(val_x.shape[0]),
-        calibration_count=int(cal_x.shape[0]),
-        history=losses,
+        train_count=int(fitted.normal.fit.shape[0]),
+        validation_count=int(fitted.normal.validation.shape[0]),
+        calibration_count=int(calibration.shape[0]),
+        history=fitted.losses,
         duration_seconds=round(time.monotonic() - started, 3),
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         keras_version=keras.__version__,
@@ -249,34 +73,32 @@ def train(config: TrainConfig, dataset: Dataset) -> TrainResult:
     )
     baseline = Baseline(
         model_version="pending",
-        input_dim=input_dim,
-        latent_dim=latent_dim,
+        input_dim=fitted.setup.input_dim,
+        latent_dim=int(model.get_layer("encoder").output.shape[-1]),
         score=config.score,
         score_parameters=None if params is None else ScoreParameters(**params),
-        preprocessing=preprocessing,
+        preprocessing=fitted.preprocessing,
         statistics=statistics,
         threshold=threshold,
         score_buckets=list(score_buckets(cal_errors, threshold.value)),
         training=training,
     )
-
-    dense_stack = verified_dense_stack(model, cal_x[:2048])
+    dense_stack = verified_dense_stack(model, calibration[:2048])
 
     def stage(tmp: Path) -> Baseline:
         model.save(tmp / MODEL_FILE)
         if dense_stack is not None:
             (tmp / DENSE_STACK_FILE).write_bytes(dense_stack.to_bytes())
-        for name, content in score.files().items():
+        for name, content in fitted.score.files().items():
             (tmp / name).write_bytes(content)
         save_errors(tmp / ERRORS_FILE, cal_errors)
         # The report names the model, so the version is known before it is drawn.
         versioned = baseline.model_copy(
             update={"model_version": model_version_of((tmp / MODEL_FILE).read_bytes())}
         )
-        if config.report:
-            write_report(tmp, model, versioned, dataset, splits, transform, **fitted_networks(score))
+        if report:
+            write_report(tmp, versioned, dataset, fitted.splits, fitted.compared())
         return versioned
 
-    path = write_artifact(config.out, stage)
-    final = load_artifact(path).baseline
-    return TrainResult(path, final, losses, time.monotonic() - started)
+    path = write_artifact(out, stage)
+    return TrainResult(path, load_artifact(path).baseline, fitted.losses, time.monotonic() - started)

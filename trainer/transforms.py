@@ -23,7 +23,6 @@ from trainer.export import dense_chain_of
 log = logging.getLogger(__name__)
 
 HIDDEN_UNITS = (512, 256)
-DEFAULT_TRANSFORM_EPOCHS = 3
 VALIDATION_PAIRS = 20_000  # (image, transformation) pairs the early stopping watches
 PARITY_TOLERANCE = 1e-3  # largest |numpy - keras| logit difference accepted, relative to the logits' scale
 
@@ -80,7 +79,7 @@ def train_transform_classifier(
     fit_x: np.ndarray,
     validation_x: np.ndarray,
     set_name: str,
-    epochs: int = DEFAULT_TRANSFORM_EPOCHS,
+    epochs: int,
     batch_size: int = 256,
     learning_rate: float = 1e-3,
     seed: int = 0,

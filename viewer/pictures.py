@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from detector.artifact import LoadedArtifact
-from detector.engines.common import feature_scaling
+from detector.preprocessing import scaling_of
 from detector.region import locate_regions, square_side
 
 SCALE = 4  # 28 x 28 digits become 112 x 112 pictures
@@ -109,7 +109,7 @@ class Reconstructor:
         self.input_dim = artifact.baseline.input_dim
         self.side = square_side(self.input_dim)
         self.stack = artifact.dense_stack
-        self.scaling = feature_scaling(artifact)
+        self.scaling = scaling_of(artifact.baseline.preprocessing)
 
     def pictures(self, pixels: np.ndarray, region: str | None) -> Pictures:
         """Original, reconstruction and heatmap of one image (D values in [0, 1]); `region` is the
@@ -122,11 +122,11 @@ class Reconstructor:
             box = parse_box(region or "", side)
             original = grey(x[0], side)
             return Pictures(png(outline(original, box) if box else original), None, None, None)
-        z = x if self.scaling is None else (x - self.scaling[0]) * self.scaling[1]
+        z = self.scaling(x)
         recon = self.stack.reconstruct(z)
         squared = np.square(z - recon)
         own = locate_regions(squared, side).field(0)
-        pixels_recon = recon if self.scaling is None else recon / self.scaling[1] + self.scaling[0]
+        pixels_recon = self.scaling.undo(recon)
         box = parse_box(region or own, side)
         pictures = [grey(x[0], side), grey(pixels_recon[0], side), heat(squared[0], side)]
         if box is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import detection
-from benchmarks.detection.configs import DETECTORS, Detector
+from benchmarks.detection.configs import DETECTORS, WITHOUT_ONE_CLASS
 from benchmarks.detection.run import datasets, one_class, score_kinds, served, train
 from benchmarks.throughput.helpers import log
 from benchmarks.throughput.plan import RESULTS, ROOT
@@ -151,7 +151,7 @@ def _earlier_one_class(rows: list[dict[str, Any]]) -> str:
 
 
 def _one_class_measured(
-    parser: argparse.ArgumentParser, args: argparse.Namespace, chosen: list[Detector]
+    parser: argparse.ArgumentParser, args: argparse.Namespace, chosen: list[str]
 ) -> set[str]:
     """The labels of the detectors whose one-class figures this run measures; a parser error
     naming the index for one that is unknown, not run (--only) or has no one-class settings."""
@@ -160,17 +160,20 @@ def _one_class_measured(
     if args.no_one_class:
         return set()
     if args.one_class_for is None:
-        return {d.label for d in chosen if d.one_class}
+        return {label for label in chosen if label not in WITHOUT_ONE_CLASS}
+    labels = list(DETECTORS)
     measured = set()
     for text in filter(None, (i.strip() for i in args.one_class_for.split(","))):
-        if not text.isdigit() or int(text) >= len(DETECTORS):
-            parser.error(f"--one-class-for: {text!r} is not a detector index (0..{len(DETECTORS) - 1})")
-        detector = DETECTORS[int(text)]
-        if detector not in chosen:
+        if not text.isdigit() or int(text) >= len(labels):
+            parser.error(f"--one-class-for: {text!r} is not a detector index (0..{len(labels) - 1})")
+        label = labels[int(text)]
+        if label not in chosen:
             parser.error(f"--one-class-for: detector {text} is not among those run (--only)")
-        if not detector.one_class:
-            parser.error(f"--one-class-for: detector {text} has no one-class settings")
-        measured.add(detector.label)
+        if label in WITHOUT_ONE_CLASS:
+            parser.error(
+                f"--one-class-for: detector {text} is not measured one-class ({WITHOUT_ONE_CLASS[label]})"
+            )
+        measured.add(label)
     return measured
 
 
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     started = time.perf_counter()
-    chosen = [DETECTORS[int(i)] for i in args.only.split(",")] if args.only else list(DETECTORS)
+    labels = list(DETECTORS)
+    chosen = [labels[int(i)] for i in args.only.split(",")] if args.only else labels
     measured = _one_class_measured(parser, args, chosen)
     extra = ("--max-samples", "5000", "--epochs", "2", "--transform-epochs", "1") if args.quick else ()
     mnist, fashion = datasets(args.fashion_dir)
@@ -222,32 +226,32 @@ def main(argv: list[str] | None = None) -> int:
         }
     rows: list[dict[str, Any]] = []
     artifacts = {}
-    for detector in chosen:
-        slug = f"{DETECTORS.index(detector)}{'-quick' if args.quick else ''}"
-        path, seconds = train(detector, slug, extra)
-        artifacts[detector.label] = path
-        rows.append(
-            {"label": detector.label, "train_flags": list(detector.train_flags), "train_seconds": seconds}
-        )
+    for label in chosen:
+        slug = f"{labels.index(label)}{'-quick' if args.quick else ''}"
+        path, seconds = train(DETECTORS[label], slug, extra)
+        artifacts[label] = path
+        rows.append({"label": label, "train_flags": list(DETECTORS[label].flags()), "train_seconds": seconds})
         rows[-1]["accuracy"] = score_kinds(path, mnist, fashion)
-        log(f"{detector.label}: rotated AUROC {rows[-1]['accuracy']['kinds']['rotated 90°']['auroc']:.4f}")
-        if detector.label in kept:  # before any write: the previous file is rewritten below
-            rows[-1]["one_class"] = kept[detector.label]["one_class"]
-            rows[-1]["one_class_from"] = kept[detector.label]["finished"]
+        log(f"{label}: rotated AUROC {rows[-1]['accuracy']['kinds']['rotated 90°']['auroc']:.4f}")
+        if label in kept:  # before any write: the previous file is rewritten below
+            rows[-1]["one_class"] = kept[label]["one_class"]
+            rows[-1]["one_class_from"] = kept[label]["finished"]
     if not args.no_serve:
         rates = served(artifacts, *((20_000, 1) if args.quick else (SERVED_ENTRIES, SERVED_REPEATS)))
         for row in rows:
             row["served"] = rates[row["label"]]
         write_results(rows, args.out, args.quick, started)
     classes = [0, 1] if args.quick else list(range(10))
-    for row, detector in zip(rows, chosen, strict=True):
-        if not detector.one_class or detector.label not in measured:
+    for row, label in zip(rows, chosen, strict=True):
+        if label not in measured:
             continue
         row["one_class"] = {}
         for dataset in (mnist, fashion):
             if dataset is not None:
                 samples = 1000 if args.quick else None
-                row["one_class"][dataset.name] = one_class(detector, dataset, classes, samples, args.quick)
+                row["one_class"][dataset.name] = one_class(
+                    DETECTORS[label], dataset, classes, samples, args.quick
+                )
                 write_results(rows, args.out, args.quick, started)
 
     pareto, kinds, goal_lines, wall = write_results(rows, args.out, args.quick, started)

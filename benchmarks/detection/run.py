@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.detection.configs import Detector
 from benchmarks.detection.kinds import FASHION, SEEN, UNSEEN
 from benchmarks.throughput.drains import Drain, measure
 from benchmarks.throughput.helpers import log
@@ -20,17 +19,17 @@ from benchmarks.throughput.session import bench_session
 from detector.datasets import Dataset, load_dataset
 from detector.loading import load_scorer
 from detector.thresholds import flag_rate
+from trainer.benchmark import BenchmarkResult, BenchmarkRun
+from trainer.config import DetectorConfig
 from trainer.evaluate import auroc
 
 SEED = 0
 
 
-def train(detector: Detector, slug: str, extra: tuple[str, ...]) -> tuple[Path, float]:
+def train(detector: DetectorConfig, slug: str, extra: tuple[str, ...]) -> tuple[Path, float]:
     """The detector's artifact (cached when trained by the same command) and its training seconds."""
     out = CACHE / "detection" / slug
-    trained(
-        out, ["train", *detector.train_flags, *extra, "--seed", str(SEED), "--no-report", "--out", str(out)]
-    )
+    trained(out, ["train", *detector.flags(), *extra, "--seed", str(SEED), "--no-report", "--out", str(out)])
     baseline = json.loads((out / "baseline.json").read_text())
     return out, float(baseline["training"]["duration_seconds"])
 
@@ -81,29 +80,37 @@ def served(artifacts: dict[str, Path], entries: int, repeats: int) -> dict[str, 
 
 
 def one_class(
-    detector: Detector, dataset: Dataset, classes: list[int], max_samples: int | None, quick: bool = False
+    detector: DetectorConfig,
+    dataset: Dataset,
+    classes: list[int],
+    max_samples: int | None,
+    quick: bool = False,
 ) -> dict[str, Any]:
-    """The one-class protocol with the detector's settings: mean AUROC of its own score (`quick`:
-    2 epochs, whatever the detector's budget, as the quick run trains its artifacts)."""
-    from trainer.benchmark import BenchmarkConfig, run_benchmark
+    """The one-class protocol with the detector's configuration: mean AUROC of its own score
+    (`quick`: 2 epochs, whatever the detector's budget, as the quick run trains its artifacts)."""
+    from trainer import benchmark
 
-    settings = detector.one_class | ({"epochs": 2, "min_steps": 0} if quick else {})
-    config = BenchmarkConfig(
-        dataset=dataset.name, classes=classes, batch_size=256, max_samples=max_samples, **settings
-    )
-    key = repr(config)  # detectors trained alike share one run: every score is in it
-    if key not in _ONE_CLASS_RUNS:
+    settings = {"max_samples": max_samples} | ({"epochs": 2, "min_steps": 0} if quick else {})
+    run = BenchmarkRun(detector.updated(**settings), dataset.name, tuple(classes))
+    # Detectors trained alike (the same networks; only the score or threshold differ) share one
+    # run: every score of their networks is in it.
+    alike = run.detector.model_copy(update={"score": "", "threshold": ""})
+    key = repr((alike, run.networks(), run.dataset, run.classes))
+    found = _ONE_CLASS_RUNS.get(key)
+    if found is None or detector.score not in found[0].scores():
         started = time.monotonic()
-        _ONE_CLASS_RUNS[key] = (run_benchmark(config, dataset), round(time.monotonic() - started, 1))
-    result, seconds = _ONE_CLASS_RUNS[key]
+        found = _ONE_CLASS_RUNS[key] = (
+            benchmark.run_benchmark(run, dataset),
+            round(time.monotonic() - started, 1),
+        )
+    result, seconds = found
     per_class = {r.normal_class: r.auroc[detector.score] for r in result.results}
-    log(f"one-class {dataset.name} {detector.label}: mean {np.mean(list(per_class.values())):.4f}")
+    log(f"one-class {dataset.name} {detector.score}: mean {np.mean(list(per_class.values())):.4f}")
     return {"mean": float(np.mean(list(per_class.values()))), "per_class": per_class, "seconds": seconds}
 
 
-# The one-class runs of this process, by their settings (the config's repr): the result and its
-# wall seconds.
-_ONE_CLASS_RUNS: dict[str, tuple[Any, float]] = {}
+# The one-class runs of this process, by what they train: the result and its wall seconds.
+_ONE_CLASS_RUNS: dict[str, tuple[BenchmarkResult, float]] = {}
 
 
 def datasets(fashion_dir: Path | None) -> tuple[Dataset, Dataset | None]:

@@ -1,4 +1,8 @@
-"""Score components by name. Adding one: a module with a `Component` subclass, and a line here."""
+"""Score components by name. Adding one: a module with a `Component` subclass, and a line here.
+
+Every consumer reads this registry: the trainer's `--score` help and option flags, the fit, the
+artifact's schema and files, both engines, the evaluation, the report and the benchmarks.
+"""
 
 from __future__ import annotations
 

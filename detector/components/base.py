@@ -3,19 +3,22 @@
 A component turns one batch's forward pass (`ForwardPass`: the images in model space, their
 reconstructions and, when it asks for them, the encoder's layer outputs) into one number per
 image, higher meaning more anomalous. It may fit something on normal data (a Gaussian of codes,
-reference images), keep numbers in `baseline.json`'s `score_parameters` and one file of its own in
-the artifact. `detector.score` combines components; `detector.components` registers them by name.
+reference images) with options of its own (`ComponentOptions`: the trainer's flags), check before
+training that it can be fitted (`check`: a dense architecture, square images), keep numbers in
+`baseline.json`'s `score_parameters` and one file of its own in the artifact. `detector.score`
+combines components; `detector.components` registers them by name.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from detector.networks import TransformClassifier
 
@@ -61,8 +64,29 @@ class ForwardPass:
         return self.encoder_layers[index]
 
 
-# The set the trainer's orientation head learns unless told otherwise (detector.components.orientation).
-DEFAULT_ORIENTATION_TRANSFORMS = "geometric"
+class ComponentOptions(BaseModel):
+    """A component's training options: typed and defaulted fields with one line of help each.
+
+    Each field is the trainer's flag of the same name (`knn_k` is `--knn-k`) and its description
+    the flag's help; the names are unique across components (`detector.score.ScoreOptions`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a component will be fitted in, known before anything is trained: what its check reads."""
+
+    input_dim: int  # values per image
+    fit_rows: int  # normal images in the fit split
+    architecture: str
+    # The architectures that are chains of Dense layers: their encoder's first layer is a hidden one.
+    dense_architectures: tuple[str, ...]
+
+    @property
+    def dense(self) -> bool:
+        """Whether the autoencoder is a chain of Dense layers."""
+        return self.architecture in self.dense_architectures
 
 
 @dataclass(frozen=True)
@@ -70,21 +94,14 @@ class NormalData:
     """What components fit on: normal images in model space and the trained networks' views of them.
 
     `fit` is the split the autoencoder was trained on, `validation` the held-out split the
-    statistics are fitted on. The options are those of `anomaly-trainer train`."""
+    statistics are fitted on. `networks` holds what the trainer trained for a component besides the
+    autoencoder, under the spec the component asked for (`Component.network`)."""
 
     fit: np.ndarray
     validation: np.ndarray
     forward: Callable[[np.ndarray], ForwardPass]  # the trained autoencoder, encoder layers included
     seed: int = 0
-    knn_k: int | None = None
-    knn_reference_rows: int | None = None
-    hidden_knn_k: int | None = None  # None: the component's defaults
-    hidden_knn_prototypes: int | None = None
-    transforms: str | None = None
-    classifier: TransformClassifier | None = None  # trained by the trainer (a network of its own)
-    # Trained by the trainer together with the autoencoder, on its first encoder layer.
-    orientation_head: TransformClassifier | None = None
-    orientation_transforms: str = DEFAULT_ORIENTATION_TRANSFORMS  # the set the head tells apart
+    networks: Mapping[Hashable, TransformClassifier] = field(default_factory=dict)
 
     def fit_sample(self, rows: int) -> np.ndarray:
         """The fit split, or a seeded draw of `rows` of it (in order) when it has more."""
@@ -95,10 +112,15 @@ class NormalData:
 
 
 class Component(ABC):
-    """One view of "not normal", scored per image."""
+    """One view of "not normal", scored per image, with everything it is: options, check and fit."""
 
     name: ClassVar[str]
+    description: ClassVar[str]  # one line: the trainer's --score help, the report's titles
+    options: ClassVar[type[ComponentOptions]] = ComponentOptions  # none unless it declares its own
     needs_encoder: ClassVar[bool] = False  # reads ForwardPass.encoder_layers
+    # Reads the encoder's first layer as a hidden layer: only a chain of Dense layers has one (a
+    # convolutional encoder's first Dense layer is its latent code).
+    needs_dense: ClassVar[bool] = False
     # Fields this component keeps in baseline.json's score_parameters: name -> (type, pydantic Field).
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {}
     # Parameters that must be set in an artifact whose score has this component.
@@ -108,8 +130,24 @@ class Component(ABC):
     file_holds: ClassVar[str] = ""
 
     @classmethod
-    def fit(cls, normal: NormalData) -> Component:
-        """Fit on normal data; a component with nothing to fit takes its default parameters."""
+    def check(cls, setup: Setup, options: Any) -> None:
+        """ValueError naming what this component needs and `setup` lacks: before anything trains."""
+        if cls.needs_dense and not setup.dense:
+            raise ValueError(
+                f"the {cls.name} score needs a dense architecture "
+                f"({', '.join(setup.dense_architectures)}), found {setup.architecture}"
+            )
+
+    @classmethod
+    def network(cls, options: Any) -> Hashable | None:
+        """The spec of a network of its own that the trainer trains first and hands over in
+        `NormalData.networks` (the trainer knows every kind of spec), if it needs one."""
+        return None
+
+    @classmethod
+    def fit(cls, normal: NormalData, options: Any) -> Component:
+        """Fit on normal data with its `options`; a component with nothing to fit takes its default
+        parameters."""
         return cls.from_parameters({}, None, int(normal.validation.shape[1]), "")
 
     @classmethod

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, ForwardPass, NormalData
+from detector.components.base import Component, ComponentOptions, ForwardPass, NormalData, Setup
 from detector.components.knn import mean_of_largest, read_rows, unit_rows
 
 HIDDEN_KNN_FILE = "hidden_knn_prototypes.npy"
@@ -49,11 +49,33 @@ def fit_prototypes(layer: np.ndarray, prototypes: int, seed: int) -> np.ndarray:
     return unit_rows(np.asarray(centres, np.float32))
 
 
+class HiddenKnnOptions(ComponentOptions):
+    """How many prototypes `hidden-knn` keeps and averages."""
+
+    hidden_knn_k: int = Field(
+        DEFAULT_HIDDEN_KNN_K,
+        ge=1,
+        description="hidden-knn: how many nearest normal prototypes are averaged; 1 takes one argmax "
+        f"pass per image instead of {DEFAULT_HIDDEN_KNN_K}",
+    )
+    hidden_knn_prototypes: int = Field(
+        DEFAULT_HIDDEN_KNN_PROTOTYPES,
+        ge=1,
+        description="hidden-knn: k-means centres of the first encoder layer kept in the artifact; each "
+        "costs the worker one multiply-add per layer value per scored image",
+    )
+
+
 class HiddenKnn(Component):
     """`hidden-knn`: how far an image's first encoder layer is from the nearest normal prototypes."""
 
     name = "hidden-knn"
+    description = (
+        "cosine distance to the nearest normal prototypes of the encoder's first layer; dense architectures"
+    )
+    options = HiddenKnnOptions
     needs_encoder = True
+    needs_dense = True
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "hidden_knn_k": (
             int | None,
@@ -76,14 +98,23 @@ class HiddenKnn(Component):
         self.layer = layer
 
     @classmethod
-    def fit(cls, normal: NormalData) -> HiddenKnn:
+    def check(cls, setup: Setup, options: HiddenKnnOptions) -> None:
+        """A dense architecture, and k prototypes at least."""
+        super().check(setup, options)
+        if options.hidden_knn_k > options.hidden_knn_prototypes:
+            raise ValueError(
+                f"--hidden-knn-k {options.hidden_knn_k} needs at least as many prototypes, found "
+                f"--hidden-knn-prototypes {options.hidden_knn_prototypes}"
+            )
+
+    @classmethod
+    def fit(cls, normal: NormalData, options: HiddenKnnOptions) -> HiddenKnn:
         """Prototypes of the fit split's first-layer outputs (a seeded draw of at most 20,000):
-        `normal.hidden_knn_prototypes` of them, scored by the mean of the `hidden_knn_k` nearest
-        (the defaults when None). k is capped by the prototypes found (a tiny fit split)."""
+        `hidden_knn_prototypes` of them, scored by the mean of the `hidden_knn_k` nearest. k is
+        capped by the prototypes found (a tiny fit split)."""
         layer = normal.forward(normal.fit_sample(HIDDEN_KNN_FIT_ROWS)).encoder_layer(0)
-        count = normal.hidden_knn_prototypes or DEFAULT_HIDDEN_KNN_PROTOTYPES
-        prototypes = fit_prototypes(layer, count, normal.seed)
-        return cls(prototypes, min(normal.hidden_knn_k or DEFAULT_HIDDEN_KNN_K, prototypes.shape[0]), 0)
+        prototypes = fit_prototypes(layer, options.hidden_knn_prototypes, normal.seed)
+        return cls(prototypes, min(options.hidden_knn_k, prototypes.shape[0]), 0)
 
     @classmethod
     def from_parameters(

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, ForwardPass, NormalData
+from detector.components.base import Component, ComponentOptions, ForwardPass, NormalData
 from detector.components.mahalanobis import LatentGaussian
 
 HIDDEN_GAUSSIAN_FILE = "hidden_gaussian.npz"
@@ -57,7 +57,11 @@ class HiddenMahalanobis(Component):
     """`hidden-mahalanobis`: how far an image's first encoder layer is from normal images' outputs."""
 
     name = "hidden-mahalanobis"
+    description = (
+        "distance of the encoder's first layer to a Gaussian of normal images' outputs; dense architectures"
+    )
     needs_encoder = True
+    needs_dense = True
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "hidden_mahalanobis_layer": (
             int | None,
@@ -82,7 +86,7 @@ class HiddenMahalanobis(Component):
         self._whitened_mean = np.asarray(gaussian.mean @ cholesky, np.float32)
 
     @classmethod
-    def fit(cls, normal: NormalData) -> HiddenMahalanobis:
+    def fit(cls, normal: NormalData, options: ComponentOptions) -> HiddenMahalanobis:
         """The Gaussian of the fit split's first-layer outputs (a seeded draw of at most 20,000)."""
         layer = normal.forward(normal.fit_sample(HIDDEN_GAUSSIAN_FIT_ROWS)).encoder_layer(0)
         return cls(LatentGaussian.fit(layer), 0)

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, ForwardPass, NormalData
+from detector.components.base import Component, ComponentOptions, ForwardPass, NormalData, Setup
 
 KNN_REFERENCE_FILE = "knn_reference.npy"
 DEFAULT_KNN_K = 5
@@ -89,10 +89,24 @@ def knn_reference_of(fit: np.ndarray, rows: int, seed: int) -> np.ndarray:
     return np.asarray(fit[pick], np.float32)
 
 
+class KnnOptions(ComponentOptions):
+    """How many normal images `knn` keeps and averages."""
+
+    knn_k: int = Field(DEFAULT_KNN_K, ge=1, description="knn: how many nearest normal images are averaged")
+    knn_reference: int = Field(
+        DEFAULT_KNN_REFERENCE_ROWS,
+        ge=1,
+        description="knn: at most this many normal training images are kept in the artifact; each costs "
+        "the worker D multiply-adds per scored image of D pixels",
+    )
+
+
 class Knn(Component):
     """`knn`: distance to the nearest normal images."""
 
     name = "knn"
+    description = "cosine distance to the nearest normal training images"
+    options = KnnOptions
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "knn_k": (
             int | None,
@@ -109,10 +123,19 @@ class Knn(Component):
         self.k = k
 
     @classmethod
-    def fit(cls, normal: NormalData) -> Knn:
+    def check(cls, setup: Setup, options: KnnOptions) -> None:
+        """k reference images at least."""
+        super().check(setup, options)
+        if options.knn_k > min(options.knn_reference, setup.fit_rows):
+            raise ValueError(
+                f"--knn-k {options.knn_k} needs at least as many reference images, found "
+                f"min(--knn-reference {options.knn_reference}, fit split {setup.fit_rows})"
+            )
+
+    @classmethod
+    def fit(cls, normal: NormalData, options: KnnOptions) -> Knn:
         """A seeded draw of the fit split."""
-        rows = normal.knn_reference_rows or DEFAULT_KNN_REFERENCE_ROWS
-        return cls(knn_reference_of(normal.fit, rows, normal.seed), normal.knn_k or DEFAULT_KNN_K)
+        return cls(knn_reference_of(normal.fit, options.knn_reference, normal.seed), options.knn_k)
 
     @classmethod
     def from_parameters(

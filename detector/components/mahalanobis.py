@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, ForwardPass, NormalData
+from detector.components.base import Component, ComponentOptions, ForwardPass, NormalData
 
 
 def mahalanobis_distances(codes: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -49,6 +49,7 @@ class Mahalanobis(Component):
     """`mahalanobis`: how far the latent code is from normal codes."""
 
     name = "mahalanobis"
+    description = "distance of the latent code to a Gaussian of held-out normal codes"
     needs_encoder = True
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "latent_mean": (list[float] | None, Field(None, description="mahalanobis: mean of normal codes")),
@@ -63,7 +64,7 @@ class Mahalanobis(Component):
         self.gaussian = gaussian
 
     @classmethod
-    def fit(cls, normal: NormalData) -> Mahalanobis:
+    def fit(cls, normal: NormalData, options: ComponentOptions) -> Mahalanobis:
         """The Gaussian of the validation split's codes."""
         return cls(LatentGaussian.fit(normal.forward(normal.validation).codes))
 

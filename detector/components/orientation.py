@@ -20,23 +20,24 @@ The head is stored as `orientation_head.npz`, a chain of Dense layers in the for
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, cast
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import DEFAULT_ORIENTATION_TRANSFORMS as TRAINER_ORIENTATION_TRANSFORMS
-from detector.components.base import Component, ForwardPass, NormalData
+from detector.components.base import Component, ComponentOptions, ForwardPass, NormalData, Setup
 from detector.components.transforms import (
     TRANSFORM_SET_SIZES,
     TRANSFORM_SETS,
+    TransformSet,
     TransformSetName,
 )
 from detector.networks import TransformClassifier
 
 ORIENTATION_HEAD_FILE = "orientation_head.npz"
-# The trainer's set (kept in `base`, which NormalData's default needs; checked in TRANSFORM_SETS by a test).
-DEFAULT_ORIENTATION_TRANSFORMS = cast(TransformSetName, TRAINER_ORIENTATION_TRANSFORMS)
+# The set the trainer's head learns unless told otherwise.
+DEFAULT_ORIENTATION_TRANSFORMS: TransformSetName = "geometric"
 # What an artifact without `orientation_transforms` meant (the set of the first orientation heads).
 LEGACY_ORIENTATION_TRANSFORMS: TransformSetName = "dihedral"
 
@@ -55,11 +56,44 @@ def identity_nll(head: TransformClassifier, layer: np.ndarray) -> np.ndarray:
     return np.asarray(np.log(logits.sum(axis=1, dtype=np.float64)) - identity)
 
 
+@dataclass(frozen=True)
+class OrientationHeadSpec:
+    """The network `orientation` needs: a linear head on the encoder's first layer that tells the
+    set `transforms` apart, trained together with the autoencoder (trainer.multitask)."""
+
+    transforms: TransformSetName
+
+    def __str__(self) -> str:
+        return f"orientation head ({self.transforms})"
+
+    @property
+    def slug(self) -> str:
+        """A short name for file names."""
+        return f"orientation-{self.transforms}"
+
+
+class OrientationOptions(ComponentOptions):
+    """The set the orientation head learns."""
+
+    orientation_transforms: TransformSetName = Field(
+        DEFAULT_ORIENTATION_TRANSFORMS,
+        description="the orientation score's set, which its head learns with the autoencoder: geometric "
+        "(72: rotations x mirror x 4-pixel shifts), dihedral (8: rotations x mirror) or rotations (4); "
+        "scoring costs the same for each (only the image as given is classified)",
+    )
+
+
 class Orientation(Component):
     """`orientation`: -log p(identity | x) from a head on the encoder's first layer."""
 
     name = "orientation"
+    description = (
+        "-log p(identity | x) from a head trained with the autoencoder on its first layer; dense "
+        "architectures, square images"
+    )
+    options = OrientationOptions
     needs_encoder = True
+    needs_dense = True
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "orientation_transforms": (
             TransformSetName | None,
@@ -85,16 +119,23 @@ class Orientation(Component):
         self.layer = layer
 
     @classmethod
-    def fit(cls, normal: NormalData) -> Orientation:
+    def check(cls, setup: Setup, options: OrientationOptions) -> None:
+        """A dense architecture and square images."""
+        super().check(setup, options)
+        TransformSet.named(options.orientation_transforms, setup.input_dim)
+
+    @classmethod
+    def network(cls, options: OrientationOptions) -> OrientationHeadSpec:
+        """The head of its set."""
+        return OrientationHeadSpec(options.orientation_transforms)
+
+    @classmethod
+    def fit(cls, normal: NormalData, options: OrientationOptions) -> Orientation:
         """The head the trainer trained with the autoencoder."""
-        if normal.orientation_head is None:
+        head = normal.networks.get(cls.network(options))
+        if head is None:
             raise ValueError("the orientation score needs the head trained with the autoencoder")
-        transforms = normal.orientation_transforms
-        if transforms not in TRANSFORM_SETS:
-            raise ValueError(
-                f"orientation transforms must be one of {', '.join(TRANSFORM_SETS)}, found {transforms!r}"
-            )
-        return cls(normal.orientation_head, transforms, 0)
+        return cls(head, options.orientation_transforms, 0)
 
     @classmethod
     def from_parameters(

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, ForwardPass, row_mean_square
+from detector.components.base import Component, ComponentOptions, ForwardPass, NormalData, row_mean_square
 
 NMSE_EPSILON = 1e-3
 DEFAULT_TOP_K_PERCENT = 5.0
@@ -50,6 +50,7 @@ class Mse(Component):
     """`mse`: mean squared reconstruction error."""
 
     name = "mse"
+    description = "mean squared reconstruction error"
 
     @classmethod
     def from_parameters(
@@ -67,6 +68,7 @@ class Nmse(Component):
     """`nmse`: MSE relative to the image's ink."""
 
     name = "nmse"
+    description = "mse relative to the image's ink, its mean squared intensity"
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "nmse_epsilon": (float, Field(NMSE_EPSILON, gt=0)),
     }
@@ -90,16 +92,34 @@ class Nmse(Component):
         return nmse_scores(batch.images, batch.reconstructions, self.epsilon, batch.row_mse)
 
 
+class TopKOptions(ComponentOptions):
+    """How many pixel errors `top-k` averages."""
+
+    top_k: float = Field(
+        DEFAULT_TOP_K_PERCENT,
+        gt=0,
+        le=100,
+        description="top-k: the percentage of largest pixel errors averaged",
+    )
+
+
 class TopK(Component):
     """`top-k`: mean of the largest squared pixel errors."""
 
     name = "top-k"
+    description = "mean of the k% largest squared pixel errors, for localised defects"
+    options = TopKOptions
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "top_k_percent": (float, Field(DEFAULT_TOP_K_PERCENT, gt=0, le=100)),
     }
 
     def __init__(self, k_percent: float = DEFAULT_TOP_K_PERCENT) -> None:
         self.k_percent = k_percent
+
+    @classmethod
+    def fit(cls, normal: NormalData, options: TopKOptions) -> TopK:
+        """Nothing to learn: the percentage chosen."""
+        return cls(options.top_k)
 
     @classmethod
     def from_parameters(

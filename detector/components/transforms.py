@@ -22,7 +22,8 @@ by name and rebuilt exactly.
 
 The classifier is stored as `transform_classifier.npz`: a chain of Dense layers
 (`detector.networks.TransformClassifier`) whose last layer gives one logit per transformation. The
-trainer trains it (trainer.transforms) and hands it to `Transforms.fit`.
+component asks for it (`TransformClassifierSpec`), the trainer trains it (trainer.transforms) and
+hands it to `Transforms.fit`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import Field
 
-from detector.components.base import Component, ForwardPass, NormalData
+from detector.components.base import Component, ComponentOptions, ForwardPass, NormalData, Setup
 from detector.networks import TransformClassifier
 
 TRANSFORM_CLASSIFIER_FILE = "transform_classifier.npz"
@@ -148,10 +149,43 @@ class TransformScorer:
         return out
 
 
+@dataclass(frozen=True)
+class TransformClassifierSpec:
+    """The network `transforms` needs: a classifier of the set `transforms`, trained for at most
+    `epochs` epochs by the trainer (trainer.transforms)."""
+
+    transforms: TransformSetName
+    epochs: int
+
+    def __str__(self) -> str:
+        return f"transformation classifier ({self.transforms}, at most {self.epochs} epoch(s))"
+
+    @property
+    def slug(self) -> str:
+        """A short name for file names."""
+        return self.transforms
+
+
+class TransformsOptions(ComponentOptions):
+    """The transformation classifier's set and training."""
+
+    transforms: TransformSetName = Field(
+        "geometric",
+        description="the transforms score's set: rotations (4), dihedral (8: rotations x mirror) or "
+        "geometric (72: flips x shifts x rotations, the stronger and 18 times costlier to score than "
+        "rotations)",
+    )
+    transform_epochs: int = Field(3, ge=1, description="maximum epochs of the transformation classifier")
+
+
 class Transforms(Component):
     """`transforms`: the transformation classifier's summed negative log-likelihood."""
 
     name = "transforms"
+    description = (
+        "a self-supervised classifier's doubt about which rotation/flip/shift was applied; square images"
+    )
+    options = TransformsOptions
     parameter_fields: ClassVar[dict[str, tuple[Any, Any]]] = {
         "transforms": (
             TransformSetName | None,
@@ -169,12 +203,24 @@ class Transforms(Component):
         self.scorer = scorer
 
     @classmethod
-    def fit(cls, normal: NormalData) -> Transforms:
+    def check(cls, setup: Setup, options: TransformsOptions) -> None:
+        """Square images only."""
+        super().check(setup, options)
+        TransformSet.named(options.transforms, setup.input_dim)
+
+    @classmethod
+    def network(cls, options: TransformsOptions) -> TransformClassifierSpec:
+        """The classifier of its set."""
+        return TransformClassifierSpec(options.transforms, options.transform_epochs)
+
+    @classmethod
+    def fit(cls, normal: NormalData, options: TransformsOptions) -> Transforms:
         """The classifier the trainer fitted, checked against its set."""
-        if normal.classifier is None or normal.transforms is None:
+        classifier = normal.networks.get(cls.network(options))
+        if classifier is None:
             raise ValueError("the transforms score needs the transformation classifier")
-        transforms = TransformSet.named(normal.transforms, int(normal.validation.shape[1]))
-        return cls(TransformScorer(transforms, normal.classifier))
+        transforms = TransformSet.named(options.transforms, int(normal.validation.shape[1]))
+        return cls(TransformScorer(transforms, classifier))
 
     @classmethod
     def from_parameters(

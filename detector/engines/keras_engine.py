@@ -15,9 +15,10 @@ import numpy as np
 
 from detector.artifact import MODEL_FILE, LoadedArtifact
 from detector.components.base import ForwardPass
-from detector.engines.common import check_width, feature_scaling
+from detector.engines.common import check_width
 from detector.engines.tensorflow_import import import_keras_quietly
 from detector.errors import ArtifactError
+from detector.preprocessing import scaling_of
 
 MIN_BUCKET = 8
 
@@ -50,15 +51,12 @@ class KerasScorer:
                 f"model input has {self.model.input_shape[-1]} features, "
                 f"baseline.json says input_dim {self.input_dim}"
             )
-        standardization = feature_scaling(artifact)
-        mean, inv_std = standardization or (
-            np.zeros(self.input_dim, np.float32),
-            np.ones(self.input_dim, np.float32),
-        )
+        self.scaling = scaling = scaling_of(artifact.baseline.preprocessing)
         model = self.model
-        self._scaling = (mean, inv_std)
-        mean_t = tf.constant(mean)
-        inv_std_t = tf.constant(inv_std)
+        mean_t = tf.constant(np.zeros(self.input_dim, np.float32) if scaling.mean is None else scaling.mean)
+        inv_std_t = tf.constant(
+            np.ones(self.input_dim, np.float32) if scaling.inv_std is None else scaling.inv_std
+        )
         self.score = score = artifact.score
         encoder_layers = encoder_layers_model(model) if score.needs_encoder else None
         decoder = model.get_layer("decoder") if score.needs_encoder else None
@@ -78,6 +76,7 @@ class KerasScorer:
         self._function = tf.function(forward, jit_compile=jit)
         self._by_size: dict[int, Any] = {}
         self._tf = tf
+        self._encoder_layers: Any = None  # built by `forward`, the first time it is asked for
 
     def warm_up(self, up_to: int) -> None:
         """Trace the compiled function for every bucket a batch of `up_to` rows may use."""
@@ -126,10 +125,29 @@ class KerasScorer:
         """Per-pixel squared reconstruction error of a (n, D) batch, in model space (an eager call:
         the worker asks for the few flagged rows only)."""
         check_width(images, self.input_dim)
-        mean, inv_std = self._scaling
-        z = (np.asarray(images, np.float32) - mean) * inv_std
+        z = self.scaling(images)
         recon = np.asarray(self.model(self._tf.constant(z), training=False))
         return np.square(z - recon)
+
+    def forward(self, x: np.ndarray, chunk: int = 1024) -> ForwardPass:
+        """The forward pass of a model-space batch with every encoder layer's output (eager, in
+        chunks): what computing several scores from one pass needs (the evaluation)."""
+        if self._encoder_layers is None:
+            self._encoder_layers = encoder_layers_model(self.model)
+        x = np.asarray(x, np.float32)
+        recon, layers = [], []
+        for start in range(0, x.shape[0], chunk):
+            z = self._tf.constant(x[start : start + chunk])
+            recon.append(np.asarray(self.model(z, training=False)))
+            outputs = self._encoder_layers(z, training=False)
+            layers.append(
+                [np.asarray(o) for o in (outputs if isinstance(outputs, list | tuple) else [outputs])]
+            )
+        if not recon:
+            return ForwardPass(x, np.empty_like(x))
+        return ForwardPass(
+            x, np.concatenate(recon), tuple(np.concatenate(group) for group in zip(*layers, strict=True))
+        )
 
 
 def encoder_layers_model(model: Any) -> Any:

@@ -10,8 +10,9 @@ import numpy as np
 
 from detector.artifact import LoadedArtifact
 from detector.components.base import ForwardPass
-from detector.engines.common import check_width, feature_scaling
+from detector.engines.common import check_width
 from detector.errors import ArtifactError
+from detector.preprocessing import scaling_of
 
 
 class NumpyScorer:
@@ -30,7 +31,7 @@ class NumpyScorer:
         self.model_version = artifact.baseline.model_version
         self.input_dim = artifact.baseline.input_dim
         self.score = artifact.score
-        self._standardization = feature_scaling(artifact)
+        self.scaling = scaling_of(artifact.baseline.preprocessing)
 
     def warm_up(self, up_to: int) -> None:
         """Touch every weight once (page it in) so the first real batch is not slower."""
@@ -62,13 +63,15 @@ class NumpyScorer:
         np.subtract(x, residual, out=residual)
         return np.square(residual, out=residual)
 
+    def forward(self, x: np.ndarray) -> ForwardPass:
+        """The forward pass of a model-space batch with every encoder layer's output: what
+        computing several scores from one pass needs (the evaluation)."""
+        recon, encoder = self.stack.reconstruct_keeping_encoder(np.asarray(x, np.float32))
+        return ForwardPass(x, recon, encoder)
+
     def _model_space(self, images: np.ndarray) -> np.ndarray:
         check_width(images, self.input_dim)
-        x = np.asarray(images, np.float32)
-        if self._standardization is not None:
-            mean, inv_std = self._standardization
-            x = (x - mean) * inv_std
-        return x
+        return self.scaling(images)
 
     def _forward(self, x: np.ndarray) -> ForwardPass:
         if self.score.needs_encoder:  # one pass: the encoder's outputs are kept on the way

@@ -163,13 +163,13 @@ def test_sigterm_mid_load_finishes_the_batch_and_exits_zero(fleet: Fleet, redis_
 
 def _retrain(path: Path, seed: int) -> str:
     from detector.datasets import Dataset, Split
-    from trainer.train import TrainConfig, train
+    from trainer.config import DetectorConfig
+    from trainer.train import train
 
     x, y = mnist_sample(1500, seed=seed)
     ds = Dataset("mnist-sample", Split(x, y), Split(x[:100], y[:100]), "test")
-    result = train(
-        TrainConfig(out=path, architecture="dense-32", epochs=1, seed=seed, report=False, progress=False), ds
-    )
+    config = DetectorConfig(architecture="dense-32", epochs=1, seed=seed)
+    result = train(config, ds, path, report=False, progress=False)
     return result.baseline.model_version
 
 

@@ -22,12 +22,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def retrain(out: Path, seed: int) -> str:
     """A different tiny dense model written over `out` (atomically, as the trainer does)."""
     from detector.datasets import Dataset, Split
-    from trainer.train import TrainConfig, train
+    from trainer.config import DetectorConfig
+    from trainer.train import train
 
     x, y = mnist_sample(1500, seed=seed)
     dataset = Dataset("mnist-sample", Split(x, y), Split(x[:100], y[:100]), "test")
-    config = TrainConfig(out=out, architecture="dense-32", epochs=1, seed=seed, report=False, progress=False)
-    return train(config, dataset).baseline.model_version
+    config = DetectorConfig(architecture="dense-32", epochs=1, seed=seed)
+    return train(config, dataset, out, report=False, progress=False).baseline.model_version
 
 
 def digits(n: int, seed: int) -> np.ndarray:

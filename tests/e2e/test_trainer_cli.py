@@ -136,7 +136,8 @@ def test_benchmark_one_class_prints_the_auroc_table_and_writes_results(tmp_path:
     written = json.loads((tmp_path / "one-class-mnist-dense-32-e1-rotations-c1-n500.json").read_text())
     assert [r["normal_class"] for r in written["results"]] == [1]
     assert written["mean_auroc"]["mse"] > 0.8
-    assert written["config"]["transforms"] == "rotations"
+    assert written["config"]["options"]["transforms"]["transforms"] == "rotations"
+    assert written["networks"] == ["transformation classifier (rotations, at most 1 epoch(s))"]
     assert written["wall_seconds"] > 0
     assert (tmp_path / "one-class-mnist-dense-32-e1-rotations-c1-n500.md").is_file()
 
@@ -165,12 +166,9 @@ def test_benchmark_one_class_trains_the_default_detector_by_default(tmp_path: Pa
         (tmp_path / "one-class-mnist-dense-64-16-e1-orientation-geometric-c1-n500.json").read_text()
     )
     config = written["config"]
-    assert (config["architecture"], config["batch_size"], config["orientation"], config["transforms"]) == (
-        "dense-64-16",
-        256,
-        "geometric",
-        None,
-    )
+    assert (config["architecture"], config["batch_size"]) == ("dense-64-16", 256)
+    # The default detector's networks: the geometric orientation head, no transformation classifier.
+    assert written["networks"] == ["orientation head (geometric)"]
     assert set(written["mean_auroc"]) >= {
         "mse",
         "orientation",

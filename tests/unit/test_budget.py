@@ -115,19 +115,18 @@ def test_the_notebook_presets_train_without_the_step_floor_and_flags_win_over_th
 
 
 def test_the_one_class_benchmark_trains_the_default_detector_unless_told_otherwise() -> None:
-    from trainer.cli import benchmark_config, build_parser, train_config
+    from detector.components.orientation import OrientationHeadSpec
+    from detector.components.transforms import TransformClassifierSpec
+    from trainer.cli import benchmark_run, build_parser, train_config
 
     default = train_config(build_parser().parse_args(["train", "--out", "/tmp/never"]))
-    config = benchmark_config(build_parser().parse_args(["benchmark", "--one-class"]))
-    trained_as = ("architecture", "epochs", "min_steps", "batch_size", "learning_rate", "patience", "seed")
-    assert {name: getattr(config, name) for name in trained_as} == {
-        name: getattr(default, name) for name in trained_as
-    }
-    assert config.orientation == default.orientation_transforms == "geometric"
-    assert config.transforms is None  # the default detector has no transformation classifier
-    assert config.classes == list(range(10))
+    run = benchmark_run(build_parser().parse_args(["benchmark", "--one-class"]))
+    assert run.detector == default  # every field: architecture, budget, batch, seed, options, score
+    # The default detector's networks: the geometric orientation head, no transformation classifier.
+    assert run.networks() == (OrientationHeadSpec("geometric"),) and run.also_fit == ()
+    assert run.classes == tuple(range(10))
 
-    other = benchmark_config(
+    other = benchmark_run(
         build_parser().parse_args(
             [
                 "benchmark",
@@ -145,13 +144,10 @@ def test_the_one_class_benchmark_trains_the_default_detector_unless_told_otherwi
             ]
         )
     )
-    assert (other.architecture, other.epochs, other.transforms, other.orientation, other.batch_size) == (
-        "dense-512-128-32",
-        30,
-        "geometric",
-        None,
-        128,
-    )
+    detector = other.detector
+    assert (detector.architecture, detector.epochs, detector.batch_size) == ("dense-512-128-32", 30, 128)
+    assert other.networks() == (TransformClassifierSpec("geometric", 3),)  # no orientation head
+    assert other.also_fit == ("transforms",)
 
 
 def test_the_hidden_knn_flags_reach_the_trainer_and_default_to_the_components_defaults() -> None:
@@ -160,7 +156,8 @@ def test_the_hidden_knn_flags_reach_the_trainer_and_default_to_the_components_de
 
     def config(*flags: str) -> tuple[int, int]:
         chosen = train_config(build_parser().parse_args(["train", "--out", "/tmp/never", *flags]))
-        return chosen.hidden_knn_k, chosen.hidden_knn_prototypes
+        options = chosen.options.hidden_knn
+        return options.hidden_knn_k, options.hidden_knn_prototypes
 
     assert config() == (DEFAULT_HIDDEN_KNN_K, DEFAULT_HIDDEN_KNN_PROTOTYPES) == (3, 256)
     assert config("--hidden-knn-k", "1", "--hidden-knn-prototypes", "128") == (1, 128)

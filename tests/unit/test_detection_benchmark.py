@@ -67,13 +67,14 @@ def test_one_class_for_measures_the_detectors_named_and_refuses_what_it_cannot_m
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from benchmarks.detection.__main__ import main
-    from benchmarks.detection.configs import DETECTORS
+    from benchmarks.detection.configs import DETECTORS, WITHOUT_ONE_CLASS
 
-    with_one_class = [i for i, d in enumerate(DETECTORS) if d.one_class]
-    without = next(i for i, d in enumerate(DETECTORS) if not d.one_class)
+    labels = list(DETECTORS)
+    with_one_class = [i for i, label in enumerate(labels) if label not in WITHOUT_ONE_CLASS]
+    without = next(i for i, label in enumerate(labels) if label in WITHOUT_ONE_CLASS)
     for flags, message in (
-        (["--one-class-for", str(len(DETECTORS))], f"is not a detector index (0..{len(DETECTORS) - 1})"),
-        (["--one-class-for", str(without)], f"detector {without} has no one-class settings"),
+        (["--one-class-for", str(len(labels))], f"is not a detector index (0..{len(labels) - 1})"),
+        (["--one-class-for", str(without)], f"detector {without} is not measured one-class"),
         (["--only", str(with_one_class[0]), "--one-class-for", str(with_one_class[1])], "is not among"),
         (["--no-one-class", "--one-class-for", str(with_one_class[0])], "exclude each other"),
     ):
@@ -82,19 +83,17 @@ def test_one_class_for_measures_the_detectors_named_and_refuses_what_it_cannot_m
         assert message in capsys.readouterr().err
 
 
-def test_each_measured_detector_spells_out_its_one_class_training_and_the_default_is_the_benchmarks() -> None:
-    from dataclasses import asdict
-
+def test_each_detector_is_one_configuration_its_train_flags_give_back() -> None:
+    """The artifact (trained with the row's flags) and the one-class runs (trained with the row's
+    configuration) are the same detector."""
     from benchmarks.detection.configs import DEFAULT, DETECTORS
-    from trainer.benchmark import BenchmarkConfig
+    from trainer.cli import build_parser, train_config
+    from trainer.config import DetectorConfig
 
-    for detector in DETECTORS:
-        if detector.one_class:  # not left to the benchmark's defaults, which follow the default detector
-            assert {"architecture", "epochs", "transforms", "orientation"} <= set(detector.one_class), (
-                detector.label
-            )
-    trained_as = asdict(BenchmarkConfig(**DEFAULT.one_class))
-    assert trained_as == asdict(BenchmarkConfig()) | {"min_steps": DEFAULT.one_class["min_steps"]}
+    for label, config in DETECTORS.items():
+        flags = ["train", "--out", "/tmp/never", *config.flags()]
+        assert train_config(build_parser().parse_args(flags)) == config, label
+    assert DETECTORS[DEFAULT] == DetectorConfig() and DETECTORS[DEFAULT].flags() == ()
 
 
 def test_detectors_trained_alike_share_one_one_class_run_and_each_reads_its_own_score(
@@ -105,20 +104,23 @@ def test_detectors_trained_alike_share_one_one_class_run_and_each_reads_its_own_
     from benchmarks.detection.configs import DEFAULT, DETECTORS
     from trainer.benchmark import BenchmarkResult, ClassResult
 
-    twin = next(d for d in DETECTORS if d is not DEFAULT and d.one_class == DEFAULT.one_class)
+    default = DETECTORS[DEFAULT]
+    twin = next(
+        c for label, c in DETECTORS.items() if label != DEFAULT and c.updated(score=default.score) == default
+    )
     calls: list[Any] = []
 
     def fake_run(config: Any, dataset: Any) -> BenchmarkResult:
         calls.append(config)
-        auroc = {DEFAULT.score: 0.9 + config.classes[0] / 100, twin.score: 0.8}
+        auroc = {default.score: 0.9 + config.classes[0] / 100, twin.score: 0.8}
         results = [ClassResult(c, auroc, 1, 10, 1.0) for c in config.classes]
         return BenchmarkResult(config, results, 1.0, "now", {})
 
     monkeypatch.setattr(trainer.benchmark, "run_benchmark", fake_run)
     monkeypatch.setattr(run, "_ONE_CLASS_RUNS", {})
     dataset = type("D", (), {"name": "mnist"})()
-    default = run.one_class(DEFAULT, dataset, [3], None)
+    first = run.one_class(default, dataset, [3], None)
     shared = run.one_class(twin, dataset, [3], None)
     other_classes = run.one_class(twin, dataset, [4], None)
     assert len(calls) == 2  # [3] once for both detectors, then [4]
-    assert (default["mean"], shared["mean"], other_classes["mean"]) == pytest.approx((0.93, 0.8, 0.8))
+    assert (first["mean"], shared["mean"], other_classes["mean"]) == pytest.approx((0.93, 0.8, 0.8))

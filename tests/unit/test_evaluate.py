@@ -13,15 +13,17 @@ from detector.components.reconstruction import mse_scores, nmse_scores, top_k_sc
 from detector.datasets import Dataset, Split
 from detector.thresholds import flag_rate, parse_policy
 from tests.conftest import mnist_sample
+from trainer.config import DetectorConfig
 from trainer.evaluate import (
     ROTATED_90,
     UNSEEN_CLASSES,
+    anomaly_sets,
     auroc,
     average_precision,
     evaluate_artifact,
 )
 from trainer.splits import recover_splits
-from trainer.train import TrainConfig, train
+from trainer.train import train
 
 # --- metric helpers on synthetic scores with known answers -------------------------------------
 
@@ -123,9 +125,7 @@ def digit_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
     x, y = mnist_sample(27000, seed=5)
     dataset = Dataset("mnist-part", Split(x[:25000], y[:25000]), Split(x[25000:], y[25000:]), "test")
     out = tmp_path_factory.mktemp("evaluate") / "ones"
-    config = TrainConfig(
-        out=out,
-        dataset="mnist-part",
+    config = DetectorConfig(
         classes=[1],
         architecture="dense-32",
         epochs=4,
@@ -136,10 +136,8 @@ def digit_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
         seed=3,
         max_samples=2000,
         holdout_fraction=0.5,
-        report=False,
-        progress=False,
     )
-    train(config, dataset)
+    train(config, dataset, out, report=False, progress=False)
     return out, dataset
 
 
@@ -183,7 +181,7 @@ def test_fpr_threshold_flags_its_rate_of_the_other_held_out_normal_half(
 ) -> None:
     """Calibrated on one held-out half; the other half (never used for the threshold) checks it."""
     from detector.engines.keras_engine import load_model_bytes
-    from trainer.evaluate import preprocessing_of
+    from detector.preprocessing import scaling_of
     from trainer.models import reconstruction_errors
 
     path, dataset = digit_one
@@ -192,7 +190,7 @@ def test_fpr_threshold_flags_its_rate_of_the_other_held_out_normal_half(
     model = load_model_bytes(artifact.model_bytes, artifact)
     splits = recover_splits(artifact.baseline, dataset)
     assert splits is not None
-    other_half = reconstruction_errors(model, preprocessing_of(artifact.baseline)(splits.validation))
+    other_half = reconstruction_errors(model, scaling_of(artifact.baseline.preprocessing)(splits.validation))
     # 500 images: the binomial standard deviation at 5% is 1 point; allow 3 of them.
     assert flag_rate(other_half, artifact.baseline.threshold.value) == pytest.approx(0.05, abs=0.03)
 
@@ -202,3 +200,39 @@ def test_evaluating_on_other_data_is_refused(digit_one: tuple[Path, Dataset]) ->
     other = Dataset("mnist-part", Split(dataset.train.x[::-1], dataset.train.y), dataset.test, "reversed")
     with pytest.raises(ValueError, match="recomputed calibration errors differ"):
         evaluate_artifact(path, other)
+
+
+# --- one way to score: evaluate computes what the worker serves ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def default_detector(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
+    """The default detector (its head, prototypes and Gaussian), trained 2 short epochs on 1,500 digits."""
+    x, y = mnist_sample(2200, seed=13)
+    dataset = Dataset("mnist-part", Split(x[:1500], y[:1500]), Split(x[1500:], y[1500:]), "test")
+    out = tmp_path_factory.mktemp("evaluate") / "default"
+    train(DetectorConfig(epochs=2, min_steps=0), dataset, out, report=False, progress=False)
+    return out, dataset
+
+
+def test_evaluate_gives_the_scores_the_worker_serves_for_the_same_artifact_and_images(
+    default_detector: tuple[Path, Dataset],
+) -> None:
+    from runtime.settings import WorkerSettings
+    from worker.loaded_model import load_model
+
+    path, dataset = default_detector
+    evaluation, compared, scores, _ = evaluate_artifact(path, dataset)
+    own = load_artifact(path).baseline.score
+    assert own == "mse+orientation+hidden-knn+hidden-mahalanobis"
+    assert {r.score for r in evaluation.rows} >= {own, "mse", "orientation", "hidden-knn", "knn"}
+    served = load_model(WorkerSettings(artifact=path, engine="numpy"))  # type: ignore[call-arg]
+    normal, anomalies = anomaly_sets(dataset, None)
+    for images, evaluated in [(normal, scores["normal"][own])] + [
+        (anomalies[name], scores[name][own]) for name in anomalies
+    ]:
+        np.testing.assert_allclose(evaluated, served.scorer.score_batch(images), rtol=1e-5, atol=1e-5)
+    # Every other compared score is a Score as well: the worker would compute it alike.
+    hidden = compared.scores["hidden-knn"]
+    batch = compared.forward(compared.scaling(normal))
+    np.testing.assert_array_equal(scores["normal"]["hidden-knn"], hidden(batch))

@@ -13,6 +13,7 @@ from detector.components.hidden_knn import (
     DEFAULT_HIDDEN_KNN_K,
     HIDDEN_KNN_FILE,
     HiddenKnn,
+    HiddenKnnOptions,
     fit_prototypes,
 )
 from detector.components.knn import mean_of_largest, unit_rows
@@ -112,7 +113,7 @@ def test_the_component_fits_on_the_first_encoder_layer_of_the_fit_split() -> Non
         layer = np.maximum(x @ weights, 0)
         return ForwardPass(x, x, (layer, layer[:, :2]))
 
-    component = HiddenKnn.fit(NormalData(fit=fit, validation=fit[:10], forward=forward))
+    component = HiddenKnn.fit(NormalData(fit=fit, validation=fit[:10], forward=forward), HiddenKnnOptions())
     assert seen == [40]  # the fit split, not the validation split
     assert component.prototypes.shape == (40, 5) and component.k == DEFAULT_HIDDEN_KNN_K
     # Fewer images than prototypes (40 < 256): each image's layer output is a prototype.
@@ -128,10 +129,8 @@ def test_the_trainer_chooses_how_many_prototypes_are_fitted_and_how_many_nearest
         layer = np.maximum(x @ weights, 0)
         return ForwardPass(x, x, (layer, layer[:, :2]))
 
-    normal = NormalData(
-        fit=fit, validation=fit[:10], forward=forward, hidden_knn_k=1, hidden_knn_prototypes=32
-    )
-    component = HiddenKnn.fit(normal)
+    normal = NormalData(fit=fit, validation=fit[:10], forward=forward)
+    component = HiddenKnn.fit(normal, HiddenKnnOptions(hidden_knn_k=1, hidden_knn_prototypes=32))
     assert component.prototypes.shape == (32, 5) and component.k == 1
     assert component.parameters()["hidden_knn_k"] == 1
     layer = np.maximum(fit[:7] @ weights, 0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detector.components import REGISTRY
-from detector.components.base import ForwardPass, NormalData
+from detector.components.base import ComponentOptions, ForwardPass, NormalData, Setup
 from detector.components.hidden_knn import HiddenKnn
 from detector.components.hidden_mahalanobis import (
     HIDDEN_GAUSSIAN_FILE,
@@ -79,7 +79,9 @@ def test_the_component_fits_on_the_first_encoder_layer_of_the_fit_split() -> Non
         layer = np.maximum(x @ weights, 0)
         return ForwardPass(x, x, (layer, layer[:, :2]))
 
-    component = HiddenMahalanobis.fit(NormalData(fit=fit, validation=fit[:10], forward=forward))
+    component = HiddenMahalanobis.fit(
+        NormalData(fit=fit, validation=fit[:10], forward=forward), ComponentOptions()
+    )
     assert seen == [400]  # the fit split, not the validation split
     expected = LatentGaussian.fit(np.maximum(fit @ weights, 0))
     np.testing.assert_allclose(component.gaussian.mean, expected.mean)
@@ -95,8 +97,12 @@ def test_a_large_fit_split_is_drawn_down_to_the_fit_rows_with_the_seed() -> None
         seen.append(x)
         return ForwardPass(x, x, (x, x[:, :2]))
 
-    HiddenMahalanobis.fit(NormalData(fit=fit, validation=fit[:10], forward=forward, seed=5))
-    HiddenMahalanobis.fit(NormalData(fit=fit, validation=fit[:10], forward=forward, seed=5))
+    HiddenMahalanobis.fit(
+        NormalData(fit=fit, validation=fit[:10], forward=forward, seed=5), ComponentOptions()
+    )
+    HiddenMahalanobis.fit(
+        NormalData(fit=fit, validation=fit[:10], forward=forward, seed=5), ComponentOptions()
+    )
     assert seen[0].shape == (HIDDEN_GAUSSIAN_FIT_ROWS, 4)
     np.testing.assert_array_equal(seen[0], seen[1])
 
@@ -164,3 +170,14 @@ def test_a_stored_combined_score_with_hidden_mahalanobis_is_rebuilt_from_its_par
         rng.random((4, 16)).astype(np.float32), rng.random((4, 16)).astype(np.float32), (layer,)
     )
     np.testing.assert_allclose(rebuilt(batch), score(batch))
+
+
+def test_it_refuses_an_encoder_whose_first_layer_is_not_a_hidden_one_before_any_training() -> None:
+    """A convolutional encoder's first Dense layer is its latent code: a Gaussian fitted there would
+    be the mahalanobis score under another name."""
+    dense = ("dense-32", "dense-64-16")
+    HiddenMahalanobis.check(Setup(784, 100, "dense-32", dense), ComponentOptions())
+    with pytest.raises(
+        ValueError, match=r"hidden-mahalanobis score needs a dense architecture .* found conv"
+    ):
+        HiddenMahalanobis.check(Setup(784, 100, "conv", dense), ComponentOptions())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ from detector.networks import DenseStack, TransformClassifier
 from detector.score import DEFAULT_SCORE, Score
 from detector.thresholds import score_buckets
 from tests.conftest import mnist_sample
+from trainer.config import DetectorConfig
 from trainer.presets import PRESETS, resolve
-from trainer.train import TrainConfig
 from worker.metrics import SCORE_BUCKETS, WorkerMetrics
 
 
@@ -81,7 +80,7 @@ def test_orientation_round_trips_through_its_parameters_and_file() -> None:
 
 def test_the_trainers_head_learns_the_geometric_set_by_default() -> None:
     assert DEFAULT_ORIENTATION_TRANSFORMS == "geometric" in TRANSFORM_SETS
-    assert TrainConfig(out=Path("unused")).orientation_transforms == "geometric"
+    assert DetectorConfig().options.orientation.orientation_transforms == "geometric"
 
 
 def test_stored_parameters_without_a_set_are_read_as_the_first_heads_dihedral_set() -> None:
@@ -163,20 +162,24 @@ def test_the_worker_histogram_takes_a_models_buckets_and_drops_the_old_ones() ->
 
 
 def test_flags_given_win_over_a_preset_and_the_rest_keeps_the_defaults() -> None:
-    chosen = resolve("notebook-2mean", {"epochs": 3, "score": None}, TrainConfig)
+    chosen = resolve("notebook-2mean", {"epochs": 3, "score": None})
     preset = {"architecture": "dense-32", "threshold": "2mean", "score": "mse", "min_steps": 0}
-    assert chosen == preset | {"epochs": 3}
-    assert resolve(None, {"epochs": None}, TrainConfig) == {}
+    assert chosen == DetectorConfig(**preset, epochs=3)
+    assert resolve(None, {"epochs": None}) == DetectorConfig()
     with pytest.raises(
         ValueError, match="unknown preset 'notebook-9'; expected one of notebook-standardized"
     ):
-        resolve("notebook-9", {}, TrainConfig)
+        resolve("notebook-9", {})
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_sets_only_fields_the_training_config_has(name: str) -> None:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    assert set(PRESETS[name].settings) <= fields
+def test_every_preset_is_a_detector_configuration_that_its_flags_give_back(name: str) -> None:
+    from trainer.cli import build_parser, train_config
+
+    def parsed(*flags: str) -> DetectorConfig:
+        return train_config(build_parser().parse_args(["train", "--out", "/tmp/never", *flags]))
+
+    assert parsed("--preset", name) == PRESETS[name] == parsed(*PRESETS[name].flags())
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,7 @@ def default_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     x, y = mnist_sample(2500, seed=7)
     dataset = Dataset("mnist-sample", Split(x[:2000], y[:2000]), Split(x[2000:], y[2000:]), "test")
     out = tmp_path_factory.mktemp("default") / "artifact"
-    train(TrainConfig(out=out, epochs=2, report=False, progress=False), dataset)
+    train(DetectorConfig(epochs=2), dataset, out, report=False, progress=False)
     return out
 
 

@@ -146,22 +146,23 @@ def test_anomaly_threshold_setting_reaches_the_workers_decision_rule(
 
 def test_standardized_model_stays_finite_on_pixels_constant_in_training(tmp_path: Path) -> None:
     from detector.datasets import Dataset, Split
-    from trainer.train import TrainConfig, train
+    from trainer.config import DetectorConfig
+    from trainer.train import train
 
     x, y = mnist_sample(1500, seed=5)
     ones = x[y == 1]
     result = train(
-        TrainConfig(
-            out=tmp_path / "std",
+        DetectorConfig(
             architecture="dense-32",
             epochs=2,
             seed=0,
-            report=False,
-            progress=False,
             preprocessing="standardize",
             score="mse",  # the engines' parity on the default score: tests/unit/test_orientation.py
         ),
         Dataset("ones", Split(ones, y[y == 1]), Split(x[:10], y[:10]), "test"),
+        tmp_path / "std",
+        report=False,
+        progress=False,
     )
     assert result.baseline.preprocessing.kind == "standardize"
     assert result.history["val_loss"][-1] < 10  # borders constant in training do not explode
@@ -174,21 +175,18 @@ def test_standardized_model_stays_finite_on_pixels_constant_in_training(tmp_path
 
 def test_the_same_seed_trains_the_same_model(tmp_path: Path) -> None:
     from detector.datasets import Dataset, Split
-    from trainer.train import TrainConfig, train
+    from trainer.config import DetectorConfig
+    from trainer.train import train
 
     x, y = mnist_sample(800, seed=6)
     dataset = Dataset("sample", Split(x, y), Split(x[:10], y[:10]), "test")
     runs = [
         train(
-            TrainConfig(
-                out=tmp_path / name,
-                architecture="dense-32",
-                epochs=1,
-                seed=seed,
-                report=False,
-                progress=False,
-            ),
+            DetectorConfig(architecture="dense-32", epochs=1, seed=seed),
             dataset,
+            tmp_path / name,
+            report=False,
+            progress=False,
         )
         for name, seed in (("a", 4), ("b", 4), ("c", 5))
     ]

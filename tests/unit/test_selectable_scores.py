@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from detector.artifact import BASELINE_FILE, load_artifact
+from detector.components.knn import Knn
+from detector.components.transforms import Transforms
 from detector.engines.keras_engine import KerasScorer
 from detector.engines.numpy_engine import NumpyScorer
 from tests.conftest import mnist_sample
@@ -36,14 +38,14 @@ def _sample_dataset():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny artifact per alternative score, same data and seed."""
-    from trainer.train import TrainConfig, train
+    from trainer.config import DetectorConfig
+    from trainer.train import train
 
     dataset = _sample_dataset()
     out: dict[str, Path] = {}
     for score in ALTERNATIVES:
         path = tmp_path_factory.mktemp("scores") / score
-        config = TrainConfig(
-            out=path,
+        config = DetectorConfig.of(
             architecture="dense-32",
             epochs=2,
             batch_size=128,
@@ -53,10 +55,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             transform_epochs=2,
             hidden_knn_k=2,  # not the defaults (3 of 256): the flags reach the artifact
             hidden_knn_prototypes=64,
-            report=False,
-            progress=False,
         )
-        out[score] = train(config, dataset).artifact
+        out[score] = train(config, dataset, path, report=False, progress=False).artifact
     return out
 
 
@@ -135,7 +135,6 @@ def test_an_nmse_artifact_stays_readable_by_a_1_1_worker(trained: dict[str, Path
 def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[str, Path]) -> None:
     from detector.components.knn import knn_distances, unit_rows
     from detector.components.reconstruction import mse_scores
-    from trainer.evaluate import fitted_networks
     from trainer.splits import recover_splits
 
     artifact = load_artifact(trained["mse+transforms+knn"])
@@ -144,15 +143,15 @@ def test_a_combined_score_is_standardised_on_the_validation_split(trained: dict[
     assert params.combine_mean is not None and params.combine_std is not None
     splits = recover_splits(artifact.baseline, _sample_dataset())
     assert splits is not None
-    networks = fitted_networks(artifact.score)
-    transforms, knn_reference = networks["transform_scorer"], networks["knn_reference"]
-    assert transforms is not None and knn_reference is not None and artifact.dense_stack is not None
+    transforms, knn = artifact.score.component("transforms"), artifact.score.component("knn")
+    assert isinstance(transforms, Transforms) and isinstance(knn, Knn) and artifact.dense_stack is not None
+    knn_reference = knn.reference
     # Fewer than 10,000 fit images: all of them, kept as unit rows (cosine needs only directions).
     np.testing.assert_allclose(knn_reference, unit_rows(splits.fit), atol=1e-6)
     v = splits.validation
     parts = (
         mse_scores(v, artifact.dense_stack.reconstruct(v)),
-        transforms(v),
+        transforms.scorer(v),
         knn_distances(v, knn_reference, 5),
     )
     np.testing.assert_allclose(params.combine_mean, [p.mean() for p in parts], rtol=1e-3)
@@ -289,7 +288,7 @@ def test_a_corrupt_transformation_classifier_is_refused_naming_the_file(
     ("changes", "expected"),
     [
         ({"score": "transforms"}, r"need square images .* found D=780"),
-        ({"score": "mse+knn", "knn_k": 50, "knn_reference_rows": 20}, r"--knn-k 50 needs at least"),
+        ({"score": "mse+knn", "knn_k": 50, "knn_reference": 20}, r"--knn-k 50 needs at least"),
         (
             {"score": "mse+hidden-knn", "hidden_knn_k": 9, "hidden_knn_prototypes": 8},
             r"--hidden-knn-k 9 needs at least as many prototypes, found --hidden-knn-prototypes 8",
@@ -303,6 +302,10 @@ def test_a_corrupt_transformation_classifier_is_refused_naming_the_file(
             {"score": "mse+orientation", "architecture": "conv"},
             r"the orientation score needs a dense architecture \(dense-32, .*\), found conv",
         ),
+        (  # it reads the encoder's first layer too: on a conv encoder that would be the latent code
+            {"score": "mse+hidden-mahalanobis", "architecture": "conv"},
+            r"the hidden-mahalanobis score needs a dense architecture \(dense-32, .*\), found conv",
+        ),
     ],
 )
 def test_settings_a_score_cannot_use_fail_before_any_training(
@@ -311,14 +314,15 @@ def test_settings_a_score_cannot_use_fail_before_any_training(
     from unittest import mock
 
     from detector.datasets import Dataset, Split
-    from trainer.train import TrainConfig, train
+    from trainer.config import DetectorConfig
+    from trainer.train import train
 
     x = np.random.default_rng(0).random((300, 780 if changes["score"] == "transforms" else 784), np.float32)
     dataset = Dataset("random", Split(x[:250], None), Split(x[250:], None), "test")
-    config = TrainConfig(out=tmp_path / "never", report=False, progress=False, **changes)  # type: ignore[arg-type]
+    config = DetectorConfig.of(**changes)
     trained_anyway = AssertionError("trained anyway")
     with (
-        mock.patch("trainer.train.build_model", side_effect=trained_anyway),
+        mock.patch("trainer.pipeline.build_model", side_effect=trained_anyway),
         pytest.raises(ValueError, match=expected),
     ):
-        train(config, dataset)
+        train(config, dataset, tmp_path / "never", report=False, progress=False)
