@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import stat
@@ -51,7 +52,10 @@ log = logging.getLogger(__name__)
 #      2026-11-30; a 1.4 worker refuses a score that names it, and reads the others as they are.
 # 1.6: the hidden-mahalanobis component (hidden_gaussian.npz), in the default score since
 #      2026-11-30 (evening); a 1.5 worker refuses a score that names it, and reads the others as they are.
-SCHEMA_VERSION = "1.6"
+# 1.7: `input`, the image layout a producer sends (width x height x channels, row-major, values
+#      in [0, 1]); optional, so 1.6 artifacts load as they are, and a 1.6 worker refuses a 1.7
+#      artifact that has it (upgrade the workers before the trainer).
+SCHEMA_VERSION = "1.7"
 MODEL_FILE = "model.keras"
 BASELINE_FILE = "baseline.json"
 MANIFEST_FILE = "manifest.json"
@@ -97,6 +101,22 @@ class Threshold(_Strict):
     expected_flag_rate: float = Field(
         ge=0, le=1, description="share of held-out normal images above the threshold"
     )
+
+
+class InputLayout(_Strict):
+    """How the input_dim values of one image are laid out: what producers send (docs/producers.md)."""
+
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    channels: int = Field(1, gt=0, description="1: grey")
+    order: Literal["row-major"] = Field("row-major", description="row 0 left to right, then row 1, ...")
+    value_range: tuple[float, float] = Field((0.0, 1.0), description="after dtype decoding (uint8 / 255)")
+
+    @classmethod
+    def square_grey(cls, input_dim: int) -> InputLayout | None:
+        """side x side x 1 when input_dim is a square, else None (the layout is not known)."""
+        side = math.isqrt(input_dim)
+        return cls(width=side, height=side) if side * side == input_dim else None
 
 
 class Preprocessing(_Strict):
@@ -205,6 +225,7 @@ class Baseline(_Strict):
     model_version: str = Field(description="sha256 of model.keras, first 16 hex digits")
     input_dim: int = Field(gt=0)
     latent_dim: int | None = None
+    input: InputLayout | None = Field(None, description="the image layout (since schema 1.7)")
     score: ScoreName = Field(
         "mse",
         description=f"what the threshold applies to: {', '.join(REGISTRY)}, "
@@ -222,6 +243,16 @@ class Baseline(_Strict):
     calibration_errors_file: str = ERRORS_FILE
     training: Training
     retune: Retune | None = None  # written only by `anomaly-trainer retune`
+
+    @model_validator(mode="after")
+    def _input_fits_input_dim(self) -> Baseline:
+        layout = self.input
+        if layout is not None and layout.width * layout.height * layout.channels != self.input_dim:
+            raise ValueError(
+                f"input {layout.width} x {layout.height} x {layout.channels} is "
+                f"{layout.width * layout.height * layout.channels} values, input_dim says {self.input_dim}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _score_has_its_parameters(self) -> Baseline:
@@ -552,6 +583,8 @@ def _unused(baseline: Baseline) -> dict[str, Any] | None:
     worker an mse artifact, a 1.1 worker an nmse, top-k or mahalanobis one."""
     params = baseline.score_parameters
     unused: dict[str, Any] = {} if baseline.retune is not None else {"retune": True}
+    if baseline.input is None:
+        unused["input"] = True
     if params is None:
         return unused | {"score_parameters": True}
     unset = {name for name, value in params if value is None}

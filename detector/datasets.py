@@ -48,6 +48,17 @@ class Dataset:
     train: Split
     test: Split
     source: str
+    # (height, width, channels) of one image before it was flattened, when the source says so
+    image_shape: tuple[int, int, int] | None = None
+
+
+def image_shape_of(array: np.ndarray) -> tuple[int, int, int] | None:
+    """The (height, width, channels) of N x H x W or N x H x W x C images; None for N x D rows."""
+    if array.ndim == 3:
+        return int(array.shape[1]), int(array.shape[2]), 1
+    if array.ndim == 4:
+        return int(array.shape[1]), int(array.shape[2]), int(array.shape[3])
+    return None
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -80,13 +91,15 @@ def _has_idx(folder: Path) -> bool:
 
 def _load_idx_dir(folder: Path, name: str) -> Dataset:
     splits = {}
+    shape = None
     for split, (images, labels) in IDX_FILES.items():
         x = read_idx(folder / images)
+        shape = image_shape_of(x)
         y = read_idx(folder / labels).astype(np.int64)
         if x.shape[0] != y.shape[0]:
             raise DatasetError(f"{folder}: {x.shape[0]} {split} images but {y.shape[0]} labels")
         splits[split] = Split(to_unit_float(x.reshape(x.shape[0], -1)), y)
-    return Dataset(name, splits["train"], splits["test"], str(folder))
+    return Dataset(name, splits["train"], splits["test"], str(folder), shape)
 
 
 def to_unit_float(pixels: np.ndarray) -> np.ndarray:
@@ -143,6 +156,7 @@ def _from_arrays(
         Split(to_unit_float(x_train.reshape(len(x_train), -1)), y_train.astype(np.int64)),
         Split(to_unit_float(x_test.reshape(len(x_test), -1)), y_test.astype(np.int64)),
         source,
+        image_shape_of(x_train),
     )
 
 
@@ -179,7 +193,9 @@ def load_npy(path: Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         )
     order = np.random.default_rng(seed).permutation(x.shape[0])
     cut = round(x.shape[0] * (1 - test_fraction))
-    return Dataset(str(path), Split(x[order[:cut]], None), Split(x[order[cut:]], None), str(path))
+    return Dataset(
+        str(path), Split(x[order[:cut]], None), Split(x[order[cut:]], None), str(path), image_shape_of(array)
+    )
 
 
 def rotate90(images: np.ndarray, side: int = 28) -> np.ndarray:

@@ -12,6 +12,7 @@ from detector.artifact import (
     ERRORS_FILE,
     MODEL_FILE,
     Baseline,
+    InputLayout,
     ScoreParameters,
     Training,
     load_artifact,
@@ -36,6 +37,16 @@ class TrainResult:
     baseline: Baseline
     history: dict[str, list[float]] = field(default_factory=dict)
     duration_seconds: float = 0.0
+
+
+def input_layout(dataset: Dataset, input_dim: int) -> InputLayout | None:
+    """The layout of the images trained on: the source's image shape, else square grey when
+    input_dim is a square (N x D rows of MNIST-like images), else unknown."""
+    if dataset.image_shape is not None:
+        height, width, channels = dataset.image_shape
+        if height * width * channels == input_dim:
+            return InputLayout(width=width, height=height, channels=channels)
+    return InputLayout.square_grey(input_dim)
 
 
 def train(
@@ -74,6 +85,7 @@ def train(
     baseline = Baseline(
         model_version="pending",
         input_dim=fitted.setup.input_dim,
+        input=input_layout(dataset, fitted.setup.input_dim),
         latent_dim=int(model.get_layer("encoder").output.shape[-1]),
         score=config.score,
         score_parameters=None if params is None else ScoreParameters(**params),

@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import sys
+from pathlib import Path
 
 from threadpoolctl import threadpool_limits
 
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_flags(parser, WorkerSettings)
     add_version_flag(parser, "ANOMALY_ARTIFACT")
     parser.add_argument(
+        "--describe",
+        metavar="ARTIFACT",
+        type=Path,
+        help="print what producers must send to this artifact's workers (D, the image layout, the "
+        "entry fields for each dtype) and exit",
+    )
+    parser.add_argument(
         "--burst",
         action="store_true",
         help="handle what is in the stream now, then exit (batch jobs, tests)",
@@ -49,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of anomaly-worker."""
     signals = Signals().install()  # first: a signal during start-up is remembered, never fatal
     args = build_parser().parse_args(argv)
+    if args.describe is not None:
+        return _describe(args.describe)
     try:
         settings = load_settings(WorkerSettings, args)
     except SettingsRefused as exc:
@@ -58,6 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     log.info("starting", extra={"fields": settings.summary_fields()})
     return serve(settings, signals, burst=args.burst)
+
+
+def _describe(path: Path) -> int:
+    from detector.artifact import load_artifact
+    from detector.errors import ArtifactError
+    from worker.describe import describe
+
+    try:
+        print(describe(load_artifact(path)))
+    except ArtifactError as exc:
+        return refuse("anomaly-worker", f"cannot describe the artifact: {exc}")
+    return 0
 
 
 def serve(settings: WorkerSettings, signals: Signals, burst: bool = False) -> int:

@@ -134,7 +134,7 @@ def test_the_cli_offers_its_flag_and_describes_it_in_the_score_help(tmp_path: Pa
 
 def test_it_is_trained_with_its_option_and_kept_in_the_artifact(trained: Path) -> None:
     baseline = json.loads((trained / "baseline.json").read_text())
-    assert baseline["schema_version"] == "1.6" and baseline["score"] == "mse+l1"
+    assert baseline["schema_version"] == "1.7" and baseline["score"] == "mse+l1"
     assert baseline["score_parameters"]["l1_floor"] == 0.05
 
 

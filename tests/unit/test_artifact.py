@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from detector.artifact import (
     ERRORS_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
+    SCHEMA_VERSION,
     Baseline,
     Preprocessing,
     Statistics,
@@ -145,13 +147,17 @@ def _rewrite(path: Path, name: str, change) -> None:
 def test_schema_major_version_mismatch_is_refused(tmp_path: Path) -> None:
     path = write_fake(tmp_path / "a")
     _rewrite(path, BASELINE_FILE, lambda d: d.update(schema_version="2.0"))
-    with pytest.raises(ArtifactError, match=r"schema version '2\.0' is not supported, expected '1\.6'"):
+    expected = re.escape(SCHEMA_VERSION)
+    with pytest.raises(
+        ArtifactError, match=rf"schema version '2\.0' is not supported, expected '{expected}'"
+    ):
         load_artifact(path)
 
 
 def test_newer_schema_minor_version_only_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write_fake(tmp_path / "a")
-    _rewrite(path, BASELINE_FILE, lambda d: d.update(schema_version="1.7"))
+    major, minor = SCHEMA_VERSION.split(".")
+    _rewrite(path, BASELINE_FILE, lambda d: d.update(schema_version=f"{major}.{int(minor) + 1}"))
     with caplog.at_level(logging.WARNING):
         load_artifact(path)
     assert "artifact schema is newer than this worker" in caplog.text

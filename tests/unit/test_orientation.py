@@ -201,7 +201,7 @@ def test_the_default_detector_is_the_orientation_score_with_its_buckets_recorded
 ) -> None:
     artifact = load_artifact(default_artifact)
     baseline = artifact.baseline
-    assert baseline.schema_version == SCHEMA_VERSION == "1.6"
+    assert baseline.schema_version == SCHEMA_VERSION == "1.7"
     assert (baseline.score, baseline.threshold.policy, baseline.training.architecture) == (
         DEFAULT_SCORE,
         "p99",
