@@ -15,15 +15,9 @@ largest: the fleet is sized for the worst shard. Measured rates (one worker, num
 BLAS thread, batch 256, uint8; benchmarks/results/score-cost.md and throughput.md):
 
     score                               msg/s per worker
-    mse+orientation+hidden-knn          52,000-53,000 on a 2-core AMD EPYC VM whose bare loop
-      +hidden-mahalanobis               drains 84,000 (the default since 2026-11-30 evening,
-                                        dense-64-16, scoring process; the mse-only network 51,000
-                                        in the same runs)
-    mse+orientation+hidden-knn          118,000-120,000 (the morning's default, scoring process,
-                                        a faster 2-core AMD EPYC; 0.9 times the previous default's
-                                        128,000-132,000 in the same runs; 92,000 on an Intel Xeon)
-    mse+nmse+orientation                79,000-84,000 (dense-64-16, scoring thread, a quiet Intel
-                                        Xeon core; 38,000 under a load of 5-8)
+    mse+orientation+hidden-knn          113,740 (the default, dense-64-16 with its scoring process;
+      +hidden-mahalanobis               0.67 of a bare redis-py loop's 167,551 in the same run,
+                                        2-core VM, 2026-12-07); float32 80,634, json 30,312
     mse                                 60,000 (dense-512-128-32) to 115,000 (dense-64-16)
     mse+transforms (rotations)          17,700
     knn, mse+knn                         6,200
@@ -40,9 +34,11 @@ import argparse
 import math
 import sys
 
-# Half the morning's default's 118-120k on two fast AMD EPYC cores (92k on a slower Xeon VM). On
-# the slowest VM measured, the default (with hidden-mahalanobis) drained 52k: measure your nodes.
-DEFAULT_RATE = 60_000
+# About half of what one worker drained with the default detector in this round's `make bench`
+# (113,740 msg/s, uint8, batch 256, 1.3 cores, on a 2-core VM shared with other jobs;
+# benchmarks/results/throughput.md): a node slower or busier than that still keeps up. Measure
+# your nodes and pass --rate.
+DEFAULT_RATE = 55_000
 DEFAULT_DRAIN_SECONDS = 10.0
 PENDING_PER_REPLICA = 1024  # 4 batches of 256: a worker holds 1-2 per shard (in hand + read ahead)
 # keda-triggerauthentication.yaml: KEDA's own read-only Redis user (deploy/README.md, least privilege).
