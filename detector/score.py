@@ -11,6 +11,8 @@ compares it with the others of `COMPARED`.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,8 @@ from pydantic.fields import FieldInfo
 
 from detector.components import REGISTRY, Component
 from detector.components.base import ComponentOptions, ForwardPass, NormalData, Setup
+
+log = logging.getLogger(__name__)
 
 COMPONENTS: tuple[str, ...] = tuple(REGISTRY)
 ScoreName = str  # a component, or components joined by "+" (components_of checks it)
@@ -176,7 +180,12 @@ class Score:
     def fit(cls, name: ScoreName, normal: NormalData, options: ScoreOptions | None = None) -> Score:
         """Fit every component on normal data, then the standardisation of a combined score."""
         chosen = options or ScoreOptions()
-        components = tuple(REGISTRY[c].fit(normal, chosen.of(c)) for c in components_of(name))
+        fitted = []
+        for component in components_of(name):
+            started = time.monotonic()
+            fitted.append(REGISTRY[component].fit(normal, chosen.of(component)))
+            log.info("component fitted name=%s seconds=%.2f", component, time.monotonic() - started)
+        components = tuple(fitted)
         if len(components) == 1:
             return cls(name, components)
         batch = normal.forward(normal.validation)

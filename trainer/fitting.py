@@ -16,6 +16,7 @@ from detector.components.transforms import TransformSetName
 from detector.networks import TransformClassifier
 from trainer.budget import EpochBudget
 from trainer.multitask import train_multitask
+from trainer.progress import epoch_callbacks
 
 
 def fit_autoencoder(
@@ -63,7 +64,8 @@ def fit_autoencoder(
                 patience=patience,
                 restore_best_weights=True,
                 start_from_epoch=budget.stop_from,
-            )
+            ),
+            *epoch_callbacks("autoencoder", budget.epochs, verbose),
         ],
     )
     return None, {k: [float(v) for v in vals] for k, vals in history.history.items()}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ import numpy as np
 from detector.components.transforms import TransformSet, TransformSetName
 from detector.networks import TransformClassifier
 from trainer.budget import EpochBudget
+from trainer.progress import log_epoch
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ def train_multitask(
     )
     losses: dict[str, list[float]] = {}
     best, best_weights, waited = math.inf, None, 0
+    started = time.monotonic()
     for epoch in range(budget.epochs):  # early stopping on the held-out joint loss, best weights kept
         transformed, labels = random_pairs(fit_x, transforms, seed + 2 + epoch)
         history = joint.fit(
@@ -122,6 +125,14 @@ def train_multitask(
         )
         for name, values in history.history.items():
             losses.setdefault(name, []).extend(float(v) for v in values)
+        if not verbose:  # Keras draws nothing: say how far the run is, a line an epoch
+            log_epoch(
+                "autoencoder+orientation",
+                epoch + 1,
+                budget.epochs,
+                {k: v[-1] for k, v in losses.items()},
+                started,
+            )
         held_out = losses["val_loss"][-1]
         if epoch < budget.stop_from:
             continue

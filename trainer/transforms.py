@@ -19,6 +19,7 @@ from detector.components.transforms import TransformSet
 from detector.errors import ArtifactError
 from detector.networks import TransformClassifier
 from trainer.export import dense_chain_of
+from trainer.progress import epoch_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,10 @@ def train_transform_classifier(
         validation_data=(val_images, val_labels),
         epochs=epochs,
         verbose=verbose,
-        callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)],
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True),
+            *epoch_callbacks("transform-classifier", epochs, verbose),
+        ],
     )
     classifier = export_classifier(model)
     sample = val_images[:1024]
