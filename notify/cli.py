@@ -10,6 +10,7 @@ from runtime.cli import (
     EXIT_CONFIG,
     SettingsRefused,
     add_settings_flags,
+    add_version_flag,
     configure_logging,
     load_settings,
     refuse,
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "variable ANOMALY_<NAME>; flags win.",
     )
     add_settings_flags(parser, NotifySettings)
+    add_version_flag(parser)
     parser.add_argument(
         "--burst",
         action="store_true",

@@ -5,14 +5,19 @@ Names are a contract with dashboards and alert rules: anomaly_notify_*.
 
 from __future__ import annotations
 
+import platform
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Info,
     PlatformCollector,
     ProcessCollector,
 )
+
+from runtime.version import package_version
 
 DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -27,6 +32,8 @@ class NotifyMetrics:
         if with_process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+        self.build = Info("anomaly_build", "The running program's package and Python versions.", registry=r)
+        self.build.info({"version": package_version(), "python": platform.python_version()})
         self.sent = Counter(
             "anomaly_notify_sent",
             "Messages the receiver accepted (2xx), by kind: anomaly (one) or summary (a burst).",

@@ -23,7 +23,7 @@ from contract.codec import Entry, decode_batch, default_max_payload_bytes
 from contract.shards import newest_across_shards
 from detector.errors import AnomalyScorerError
 from detector.loading import load_scorer
-from runtime.cli import SettingsRefused, add_settings_flags, load_settings, refuse
+from runtime.cli import SettingsRefused, add_settings_flags, add_version_flag, load_settings, refuse
 from runtime.connection import make_redis
 from runtime.settings import StreamSettings
 from worker.scoring import DecisionRule
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the ANOMALY_* variables every program reads (ANOMALY_REDIS_URL, ANOMALY_INPUT_STREAM, "
         "ANOMALY_SHARDS, ANOMALY_REDIS_PASSWORD_FILE, Cluster, Sentinels); the flags override them.",
     )
+    add_version_flag(p)
     p.add_argument("artifact_a", type=Path, help="artifact A (usually the one being served)")
     p.add_argument("artifact_b", type=Path, help="artifact B (the candidate)")
     source = p.add_mutually_exclusive_group()

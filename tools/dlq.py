@@ -30,7 +30,14 @@ from typing import Any
 import redis
 
 from contract.dead_letters import original_fields
-from runtime.cli import SettingsRefused, add_settings_flags, configure_logging, load_settings, refuse
+from runtime.cli import (
+    SettingsRefused,
+    add_settings_flags,
+    add_version_flag,
+    configure_logging,
+    load_settings,
+    refuse,
+)
 from runtime.connection import make_redis
 from runtime.settings import StreamSettings
 
@@ -349,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         "flags). redrive and purge print what they would do unless given --apply.",
     )
     add_settings_flags(parser, StreamSettings, exclude=UNUSED_SETTINGS)
+    add_version_flag(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     listing = commands.add_parser(

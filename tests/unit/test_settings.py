@@ -132,19 +132,24 @@ def test_a_password_in_the_urls_query_never_reaches_the_log_summary() -> None:
 
 
 def test_every_cli_answers_version_and_the_worker_names_its_artifacts_model(capsys, monkeypatch) -> None:
+    from notify.cli import build_parser as notify_parser
+    from producer.cli import build_parser as producer_parser
     from runtime.version import package_version
+    from tools.compare import build_parser as compare_parser
+    from tools.dlq import build_parser as dlq_parser
     from trainer.cli import build_parser as trainer_parser
     from viewer.cli import build_parser as viewer_parser
 
     artifact = Path(__file__).parents[1] / "fixtures" / "artifact-1.2" / "artifact"
     monkeypatch.setenv("ANOMALY_ARTIFACT", str(artifact))
-    for parser in (build_parser(), viewer_parser(), trainer_parser()):
+    parsers = (build_parser(), viewer_parser(), trainer_parser(), producer_parser(), compare_parser())
+    for parser in (*parsers, dlq_parser(), notify_parser()):
         with pytest.raises(SystemExit) as done:
             parser.parse_args(["--version"])
         assert done.value.code == 0
         out = capsys.readouterr().out
         assert out.startswith(f"{parser.prog} {package_version()}\n")
-        if parser.prog != "anomaly-trainer":
+        if parser.prog in ("anomaly-worker", "anomaly-viewer"):
             assert "model_version=7d31431e51955ec5 schema=1.2" in out
 
 
