@@ -75,6 +75,7 @@ class Target:
 TARGETS = (
     Target("worker", "anomaly-scorer-worker"),
     Target("viewer", "anomaly-scorer-viewer"),
+    Target("notify", "anomaly-scorer-notify"),
     Target("worker-tensorflow", "anomaly-scorer-worker", "-tensorflow"),
     Target("trainer", "anomaly-scorer-trainer"),
     Target("worker-baked", "anomaly-scorer-worker", "-baked"),

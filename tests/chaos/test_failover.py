@@ -102,6 +102,20 @@ def shard_totals(client: Any, shards: int) -> tuple[int, int, int]:
     return inputs, results, pending
 
 
+def held_once_settled(client: Any, consumer: str, shards: int = 2, window: float = 0.5) -> int:
+    """How many entries `consumer` (stopped) has pending, once that count stayed the same for
+    `window` seconds; 0 while it still changes (a commit in flight landing)."""
+    def count() -> int:
+        return sum(
+            len(client.xpending_range(f"images:{{{i}}}", GROUP, "-", "+", 10_000, consumername=consumer))
+            for i in range(shards)
+        )
+
+    before = count()
+    time.sleep(window)  # the window in which the count must not change
+    return before if count() == before else 0
+
+
 def all_handled(client: Any, shards: int) -> bool:
     try:
         inputs, results, pending = shard_totals(client, shards)
@@ -324,10 +338,9 @@ def test_worker_paused_past_claim_idle_publishes_nothing_it_no_longer_owns(
         process, paused_port = fleet.workers[paused]
         wait_until(lambda: client.xlen("scores:{0}") + client.xlen("scores:{1}") > 0, 60, what="scoring")
         process.send_signal(signal.SIGSTOP)
-        held = sum(
-            len(client.xpending_range(f"images:{{{i}}}", GROUP, "-", "+", 10_000, consumername=paused))
-            for i in range(2)
-        )
+        # A commit it sent just before it stopped may still be on its way to Redis (it sends a
+        # commit and reads the next batch before the answer): count what it holds once that landed.
+        held = wait_until(lambda: held_once_settled(client, paused), 10, what="the paused worker's pending")
         other = fleet.start()
         # The other worker reclaims what the paused one held (idle > 1 s) and handles the rest.
         wait_until(lambda: all_handled(client, 2), 120, interval=0.2, what="all handled by the other worker")

@@ -18,7 +18,7 @@ import redis
 
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
 from tests.notify_support import Receiver, Script, pending_count, publish, running_receiver
-from tests.support import http_status, metric_sum, wait_for_metrics
+from tests.support import http_status, logged, metric_sum, wait_for_metrics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
@@ -127,7 +127,9 @@ def test_sigterm_finishes_the_delivery_in_hand_and_exits_0(
     try:
         receiver.wait_for(lambda got: len(got) == 1, 30, "the first request")
         process.send_signal(signal.SIGTERM)
-        wait_until(lambda: "stop requested signal=SIGTERM" in log.read_text(), 10, what="the stop logged")
+        wait_until(
+            lambda: logged(log.read_text(), "stop requested", signal="SIGTERM"), 10, what="the stop logged"
+        )
         assert process.poll() is None  # still waiting for the receiver's answer
         receiver.release.set()
         assert process.wait(30) == 0
@@ -137,7 +139,7 @@ def test_sigterm_finishes_the_delivery_in_hand_and_exits_0(
             process.wait(10)
     assert receiver.delivered_keys() == keys[:1]  # finished; nothing new started after the stop
     assert pending_count(redis_client) == 2  # the first acknowledged; the rest wait for the next run
-    assert "Traceback" not in log.read_text() and "stopped" in log.read_text()
+    assert "Traceback" not in log.read_text() and logged(log.read_text(), "stopped")
 
 
 def test_health_and_metrics_are_served_on_the_notify_metrics_port(
