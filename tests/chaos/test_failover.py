@@ -105,6 +105,7 @@ def shard_totals(client: Any, shards: int) -> tuple[int, int, int]:
 def held_once_settled(client: Any, consumer: str, shards: int = 2, window: float = 0.5) -> int:
     """How many entries `consumer` (stopped) has pending, once that count stayed the same for
     `window` seconds; 0 while it still changes (a commit in flight landing)."""
+
     def count() -> int:
         return sum(
             len(client.xpending_range(f"images:{{{i}}}", GROUP, "-", "+", 10_000, consumername=consumer))
