@@ -85,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         + " (default: none, the default detector)",
     )
     add_field_flags(t, flag_fields())
-    t.add_argument("--no-report", action="store_true", help="do not draw report.png")
+    t.add_argument(
+        "--report",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draw report.png beside the artifact (--no-report: skip it)",
+    )
     t.add_argument("--log-level", default=os.environ.get("ANOMALY_LOG_LEVEL", "INFO"))
 
     e = sub.add_parser(
@@ -269,7 +274,7 @@ def _train(args: argparse.Namespace) -> int:
 
     config = train_config(args)
     dataset = load_dataset(args.dataset, args.data_dir)
-    result = train(config, dataset, args.out, report=not args.no_report)
+    result = train(config, dataset, args.out, report=args.report)
     b = result.baseline
     h = b.training.history
     held_out = f"held-out {b.score}:"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -163,3 +166,38 @@ def test_build_info_names_the_package_version() -> None:
     WorkerMetrics(registry, with_process=False)
     labels = {"version": package_version(), "python": __import__("platform").python_version()}
     assert registry.get_sample_value("anomaly_build_info", labels) == 1
+
+
+# ------------------------------------------------------------------- switches on every command line
+CLI_PARSERS = (
+    "trainer.cli",
+    "worker.cli",
+    "viewer.cli",
+    "notify.cli",
+    "producer.cli",
+    "tools.compare",
+    "tools.dlq",
+)
+
+
+def _options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
+    """Every option of `parser` and of its subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _options(sub)
+        elif action.option_strings:
+            yield action
+
+
+@pytest.mark.parametrize("module", CLI_PARSERS)
+def test_every_switch_that_can_be_turned_off_is_spelled_flag_and_no_flag(module: str) -> None:
+    parser = importlib.import_module(module).build_parser()
+    negatives = [
+        option
+        for action in _options(parser)
+        if not isinstance(action, argparse.BooleanOptionalAction)
+        for option in action.option_strings
+        if option.startswith("--no-")
+    ]
+    assert negatives == [], f"{module}: a --no-x without its --x (use BooleanOptionalAction)"
