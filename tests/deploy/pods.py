@@ -17,12 +17,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .conftest import DEPLOY, k8s_objects
+from .conftest import DEPLOY, k8s_objects, load_yaml_documents
 
 
 def objects_of(kind: str) -> dict[str, dict[str, Any]]:
     """name -> object of every `kind` in deploy/k8s."""
     return {doc["metadata"]["name"]: doc for _, doc in k8s_objects() if doc.get("kind") == kind}
+
+
+def notify_objects(kind: str) -> dict[str, dict[str, Any]]:
+    """name -> object of every `kind` that deploy/k8s-notify adds to deploy/k8s."""
+    docs = [
+        doc for path in sorted((DEPLOY / "k8s-notify").glob("*.yaml")) for doc in load_yaml_documents(path)
+    ]
+    return {doc["metadata"]["name"]: doc for doc in docs if doc and doc.get("kind") == kind}
 
 
 def service_links(services: Iterable[Mapping[str, Any]]) -> dict[str, str]:
@@ -107,8 +115,9 @@ def render_pod(
 
 
 def shipped_secrets() -> dict[str, dict[str, str]]:
-    """The Secrets of deploy/k8s as shipped (placeholder values)."""
-    return {name: dict(doc.get("stringData", {})) for name, doc in objects_of("Secret").items()}
+    """The Secrets of deploy/k8s and deploy/k8s-notify as shipped (placeholder values)."""
+    shipped = {**objects_of("Secret"), **notify_objects("Secret")}
+    return {name: dict(doc.get("stringData", {})) for name, doc in shipped.items()}
 
 
 def pointed_at(url: str, host: str, port: int) -> str:

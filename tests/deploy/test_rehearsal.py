@@ -12,6 +12,8 @@ an operator would check it:
 3. the producer pushes normal and rotated digits with its own write-only user;
 4. every digit is scored once, anomalies land in both shards, rotated ones far more often;
 5. the viewer container shows the newest anomalies of both shards, draws them, and labels them;
+   anomaly-notify (deploy/k8s-notify, started before the producer) posted every anomaly of both
+   shards to a receiver here, once each or counted in a summary past its rate limit;
 6. KEDA's user reads what its triggers need (the generator's ScaledObject for 2 shards), nothing else;
 7. retune runs in the trainer image with its own user and a password file, the workers reload;
 8. every user is refused (NOPERM) what its ACL does not grant; the pods stop cleanly on SIGTERM.
@@ -40,6 +42,7 @@ import yaml
 from contract.shards import shard_of_id
 from producer.client import ImageProducer
 from tests.conftest import RedisServer, free_port
+from tests.notify_support import Receiver, running_receiver
 from tests.support import http_status, log_records, metric_sum, metrics_text
 
 from .conftest import K8S, images_script
@@ -57,6 +60,7 @@ from .containers import (
 from .pods import (
     Pod,
     documented_users,
+    notify_objects,
     objects_of,
     pointed_at,
     render_pod,
@@ -88,6 +92,7 @@ def image_of(images: dict[str, str], manifest_image: str) -> str:
         "anomaly-scorer-worker": "worker",
         "anomaly-scorer-trainer": "trainer",
         "anomaly-scorer-viewer": "viewer",
+        "anomaly-scorer-notify": "notify",
     }
     return images[stage[repository]]
 
@@ -95,7 +100,7 @@ def image_of(images: dict[str, str], manifest_image: str) -> str:
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:
     remove_stale_containers()
-    built = images_script().build(["worker", "trainer", "viewer"], say=False)
+    built = images_script().build(["worker", "trainer", "viewer", "notify"], say=False)
     return {b.target.stage: b.image for b in built}
 
 
@@ -171,10 +176,19 @@ def nopermission(call: Any) -> bool:
     return False
 
 
-def test_the_deployment_starts_and_serves_as_a_cluster_starts_it(images, redis_acl, tmp_path: Path) -> None:
+@pytest.fixture
+def receiver() -> Any:
+    """The webhook receiver anomaly-notify posts to (the Secret's webhook-url points here)."""
+    with running_receiver() as running:
+        yield running
 
+
+def test_the_deployment_starts_and_serves_as_a_cluster_starts_it(
+    images, redis_acl, receiver: Receiver, tmp_path: Path
+) -> None:
     server, users, admin = redis_acl
     data = secrets_for(server, users)
+    data["anomaly-notify"]["webhook-url"] = receiver.url
     links = service_links(objects_of("Service").values())
     deployments = objects_of("Deployment")
 
@@ -232,13 +246,27 @@ def test_the_deployment_starts_and_serves_as_a_cluster_starts_it(images, redis_a
             )
         )
     art = Volume(artifacts, "/artifacts", read_only=True)
+    # The notifier of deploy/k8s-notify: the workers' ConfigMap (ANOMALY_SHARDS patched as theirs),
+    # its own Secret and user; a short summary interval so that the rehearsal need not wait a minute.
+    notify_pod = render_pod(
+        notify_objects("Deployment")["anomaly-notify"], data, "anomaly-notify-6b8d", links
+    )
+    notify_port = free_port()
+    notify_env = {
+        "ANOMALY_SHARDS": str(SHARDS),
+        "ANOMALY_NOTIFY_METRICS_PORT": str(notify_port),
+        "ANOMALY_NOTIFY_SUMMARY_INTERVAL_SECONDS": "3",
+    }
     with (
         start(images, pods[0][0], tmp_path / "w0", [art], pods[0][1]) as w0,
         start(images, pods[1][0], tmp_path / "w1", [art], pods[1][1]) as w1,
+        start(images, notify_pod, tmp_path / "notify", [], notify_env) as notifier,
     ):
         workers: list[Container] = [w0, w1]
         for worker, port in zip(workers, ports, strict=True):
             worker.wait_until(lambda p=port: http_status(p, "/readyz") == 200, 90, f"worker on {port} ready")
+        # Its groups start at the end of the output streams: ready before the first anomaly.
+        notifier.wait_until(lambda: http_status(notify_port, "/readyz") == 200, 60, "anomaly-notify ready")
 
         # 3. The producer, with its own write-only user, from the trainer image (it ships the digits).
         producer = users["producer"]
@@ -304,7 +332,37 @@ def test_the_deployment_starts_and_serves_as_a_cluster_starts_it(images, redis_a
             "the two white frames flagged",
         )
 
-        # 5. The viewer pod: the newest anomalies of both shards, their pictures, a label each.
+        # 5a. Every anomaly of both shards reached the receiver: one by one up to the rate limit,
+        #     the rest counted in summaries; each key once; nothing left unacknowledged.
+        anomalies = {
+            f"images:{{{s}}}/{f[b'source_id'].decode()}"
+            for s in range(SHARDS)
+            for _, f in admin.xrange(f"anomalies:{{{s}}}")
+        }
+
+        def notified(requests: list[Any]) -> bool:
+            answered = [r for r in requests if r.status == 200]
+            singles = [r for r in answered if r.body.get("kind") != "summary"]
+            summarised = sum(r.body["count"] for r in answered if r.body.get("kind") == "summary")
+            return len(singles) + summarised >= len(anomalies)
+
+        receiver.wait_for(notified, 90, "every anomaly posted or summarised")
+        notifier.wait_until(
+            lambda: all(
+                admin.xpending(f"anomalies:{{{s}}}", "anomaly-notify")["pending"] == 0 for s in range(SHARDS)
+            ),
+            30,
+            "every anomaly acknowledged by the notifier",
+        )
+        answered = [r for r in receiver.requests if r.status == 200]
+        singles = [r.key for r in answered if r.body.get("kind") != "summary"]
+        summarised = sum(r.body["count"] for r in answered if r.body.get("kind") == "summary")
+        assert len(singles) == len(set(singles)) and set(singles) <= anomalies, singles[:5]
+        assert len(singles) + summarised == len(anomalies), (len(singles), summarised, len(anomalies))
+        assert all(r.body["source_id"] for r in answered if r.body.get("kind") != "summary")
+        print(f"rehearsal: notify posted {len(singles)} anomalies and {summarised} in summaries")
+
+        # 5b. The viewer pod: the newest anomalies of both shards, their pictures, a label each.
         viewer_pod = render_pod(deployments["anomaly-viewer"], data, "anomaly-viewer-7c4b9-q2", links)
         viewer_port = free_port()
         entrypoint = image_config(images["viewer"])["Entrypoint"]
@@ -393,7 +451,7 @@ def test_the_deployment_starts_and_serves_as_a_cluster_starts_it(images, redis_a
         assert nopermission(lambda: retune_user.xadd("anomaly-labels", {"label": "anomaly"}))
         assert nopermission(lambda: retune_user.xrange("images:{0}", count=1))
 
-        for worker in workers:
+        for worker in [*workers, notifier]:
             assert worker.terminate(40) == 0, worker.log_text()[-2000:]
             assert worker.writes_to_root() == []
             assert "Traceback" not in worker.log_text()
