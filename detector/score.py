@@ -267,6 +267,19 @@ class Score:
             return np.asarray(parts[0])
         return combine(parts, self.combine_mean, self.combine_std)
 
+    def contributions(self, parts: Sequence[np.ndarray]) -> np.ndarray:
+        """What each component adds to the score, per row: an (n, k) float64 array whose rows sum
+        to the score. Combined: each part standardised by its held-out normal mean and std (0 is
+        as normal as the average normal image, 3 is three of its stds above); one component: its
+        score itself."""
+        if len(parts) == 1:
+            return np.asarray(parts[0], np.float64).reshape(-1, 1)
+        if len(parts) != len(self.combine_mean):
+            raise ValueError(f"{len(parts)} parts for the {self.name} score of {len(self.combine_mean)}")
+        mean = np.asarray(self.combine_mean, np.float64)
+        std = np.asarray(self.combine_std, np.float64)
+        return (np.stack([np.asarray(p, np.float64) for p in parts], axis=1) - mean) / std
+
     def component(self, name: str) -> Component | None:
         """The component called `name`, if this score has it."""
         return next((c for c in self.components if c.name == name), None)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode
 
+from contract.score_components import FIELD as SCORE_COMPONENTS
+from contract.score_components import parse as parse_components
 from detector.errors import AnomalyScorerError
 
 # A full stream entry id: milliseconds and sequence.
@@ -47,6 +49,8 @@ class Anomaly:
     scored_at_ms: int | None
     region: str
     region_share: float | None
+    # What each score component added (contract.score_components); {} from an older worker.
+    score_components: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -57,6 +61,12 @@ class Anomaly:
     def published_at_ms(self) -> int:
         """When the worker published it: the milliseconds of its output entry id."""
         return int(self.entry_id.split("-", 1)[0])
+
+    @property
+    def why(self) -> str:
+        """The components of its score, largest first, e.g. "hidden-knn 6.1, mse 1.2"; "" if none."""
+        ranked = sorted(self.score_components.items(), key=lambda item: -item[1])
+        return ", ".join(f"{name} {value:.3g}" for name, value in ranked)
 
     @property
     def name(self) -> str:
@@ -122,6 +132,7 @@ def parse_anomaly(
         scored_at_ms=int(scored_at) if scored_at.isdigit() and len(scored_at) <= 16 else None,
         region=_text(fields, "region"),
         region_share=_number(fields, "region_share", required=False),
+        score_components=parse_components(fields.get(SCORE_COMPONENTS.encode())),
     )
 
 

@@ -75,6 +75,7 @@ def anomaly_object(anomaly: Anomaly, links: ViewerLinks) -> dict[str, Any]:
         "model_version": anomaly.model_version,
         "region": anomaly.region or None,
         "region_share": anomaly.region_share,
+        "score_components": dict(anomaly.score_components) or None,
         "scored_at_ms": anomaly.scored_at_ms,
     }
     if links.base:
@@ -137,6 +138,7 @@ def _alertmanager_anomaly(anomaly: Anomaly, links: ViewerLinks) -> Outgoing:
         "p_value": _g(anomaly.p_value),
         "z": _g(anomaly.z),
         "region": anomaly.region,
+        "score_components": anomaly.why,
         "id": anomaly.id,
         "output_id": anomaly.entry_id,
     }
@@ -232,6 +234,7 @@ def _slack_anomaly(anomaly: Anomaly, links: ViewerLinks) -> Outgoing:
     details = (
         f"p-value {_g(anomaly.p_value) or 'n/a'} · model {slack_escape(anomaly.model_version) or 'n/a'} · "
         f"shard {anomaly.shard} · region {slack_escape(anomaly.region) or 'n/a'}"
+        + (f"\nwhy: {slack_escape(anomaly.why)}" if anomaly.why else "")
     )
     body = _slack(
         text,

@@ -206,3 +206,17 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     train(config, dataset, out, report=False, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def default_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default detector (no score, threshold or architecture given), trained briefly."""
+    from detector.datasets import Dataset, Split
+    from trainer.config import DetectorConfig
+    from trainer.train import train
+
+    x, y = mnist_sample(2500, seed=7)
+    dataset = Dataset("mnist-sample", Split(x[:2000], y[:2000]), Split(x[2000:], y[2000:]), "test")
+    out = tmp_path_factory.mktemp("default") / "artifact"
+    train(DetectorConfig(epochs=2), dataset, out, report=False, progress=False)
+    return out

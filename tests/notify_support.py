@@ -37,6 +37,7 @@ def output_fields(source_id: str, score: float = 0.9, pid: str = "", **extra: st
         "scored_at_ms": "1700000000000",
         "region": "7,7,14,14",
         "region_share": "0.4",
+        "score_components": '{"mse":0.5,"hidden-knn":0.4}',
     } | extra
 
 
@@ -64,6 +65,7 @@ def anomaly(
         "scored_at_ms": 1700000000000,
         "region": "7,7,14,14",
         "region_share": 0.4,
+        "score_components": {"mse": 0.5, "hidden-knn": 0.4},
     } | fields
     return Anomaly(**values)
 

@@ -40,6 +40,10 @@ class MeanPixelScorer:
         self.calls.append(images.shape[0])
         return images.mean(axis=1).astype(np.float64)
 
+    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+        """One component, the score itself (not counted as a forward pass)."""
+        return ("mean-pixel",), images.mean(axis=1).astype(np.float64).reshape(-1, 1)
+
 
 class ChildScorer(MeanPixelScorer):
     """The mean-pixel scorer as the numpy engine, so the runner sends it to a scoring process

@@ -16,10 +16,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from contract.labels import Label, latest_labels
+from contract.score_components import parse as parse_components
 from runtime.settings.base import StreamSettings
 
 LATEST = 50  # anomalies on the page
 SCAN = 1000  # output entries read for a page, over every shard (filtering by model version)
+MAX_COMPONENTS_SHOWN = 8  # of an alert's score_components
 LABELS_SCAN = 10_000  # label entries read to show what is labelled already
 # A full stream entry id: milliseconds and sequence, each an unsigned 64-bit number. Redis reads a
 # bare `1700000000000` as a range bound covering that whole millisecond, so it is never an id here.
@@ -59,6 +61,7 @@ class Anomaly:
     region_share: str
     shard: int = 0
     label: str = ""  # the latest label, if any
+    score_components: str = ""  # the worker's JSON object: component -> its contribution
 
     @classmethod
     def from_entry(cls, entry_id: bytes | str, fields: Mapping[bytes, bytes], shard: int = 0) -> Anomaly:
@@ -80,6 +83,7 @@ class Anomaly:
             region=get("region"),
             region_share=get("region_share"),
             shard=shard,
+            score_components=get("score_components"),
         )
 
     def number(self, name: str, digits: int = 4) -> str:
@@ -89,6 +93,14 @@ class Anomaly:
             return f"{float(raw):.{digits}g}"
         except ValueError:
             return raw
+
+    @property
+    def components(self) -> list[tuple[str, str]]:
+        """(component, its contribution rounded for people), largest first: which view of "not
+        normal" flagged the image; at most MAX_COMPONENTS_SHOWN, none for an entry without the
+        field or with one that is not ours (`contract.score_components.parse` is total)."""
+        numbers = sorted(parse_components(self.score_components).items(), key=lambda i: -i[1])
+        return [(name, f"{value:.3g}") for name, value in numbers[:MAX_COMPONENTS_SHOWN]]
 
     @property
     def scored_at(self) -> str:

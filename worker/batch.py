@@ -4,7 +4,7 @@ it reads or commits."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,14 +16,18 @@ from worker.scoring import Decisions
 @dataclass(frozen=True)
 class Scored:
     """What the commit of a batch needs from the models: scores, decisions, where the error of
-    the flagged rows lies (every row's with the scores stream on), and the shadow's verdicts (or
-    why the shadow had none: a candidate's failure never fails the served batch)."""
+    the flagged rows lies (every row's with the scores stream on), what each score component
+    added to the flagged rows' scores, and the shadow's verdicts (or why the shadow had none: a
+    candidate's failure never fails the served batch)."""
 
     scores: np.ndarray
     decisions: Decisions
     regions: dict[int, tuple[str, float]]
     shadow: ShadowBatch | None = None
     shadow_error: str | None = None
+    components: dict[int, dict[str, float | None]] = field(
+        default_factory=dict
+    )  # flagged row -> name -> value
 
 
 def score_batch(
@@ -38,8 +42,9 @@ def score_batch(
         scores = model.scorer.score_batch(images)
         decisions = model.rule.decide(scores)
         regions = model.locate(images, decisions.flagged)
+    components = model.explain(images, decisions.flagged)
     if shadow is None or not len(images):
-        return Scored(scores, decisions, regions)
+        return Scored(scores, decisions, regions, components=components)
     try:
         shadow_scores = shadow.scorer.score_batch(images)
         shadow_batch = ShadowBatch(
@@ -49,8 +54,9 @@ def score_batch(
             shadow.rule.threshold,
         )
     except Exception as exc:  # a candidate under evaluation: whatever it raises, serving goes on
-        return Scored(scores, decisions, regions, shadow_error=f"{type(exc).__name__}: {exc}")
-    return Scored(scores, decisions, regions, shadow_batch)
+        error = f"{type(exc).__name__}: {exc}"
+        return Scored(scores, decisions, regions, shadow_error=error, components=components)
+    return Scored(scores, decisions, regions, shadow_batch, components=components)
 
 
 def select_rows(scored: Scored, rows: np.ndarray) -> Scored:
@@ -70,6 +76,7 @@ def select_rows(scored: Scored, rows: np.ndarray) -> Scored:
         {renumber[row]: region for row, region in scored.regions.items() if row in renumber},
         shadow,
         scored.shadow_error,
+        {renumber[row]: parts for row, parts in scored.components.items() if row in renumber},
     )
 
 
@@ -78,9 +85,11 @@ def concatenate(parts: list[Scored]) -> Scored:
     if len(parts) == 1:
         return parts[0]
     regions: dict[int, tuple[str, float]] = {}
+    components: dict[int, dict[str, float | None]] = {}
     offset = 0
     for part in parts:
         regions.update({offset + row: region for row, region in part.regions.items()})
+        components.update({offset + row: values for row, values in part.components.items()})
         offset += len(part.scores)
     shadows = [part.shadow for part in parts]
     shadow = None
@@ -100,6 +109,7 @@ def concatenate(parts: list[Scored]) -> Scored:
         regions,
         shadow,
         errors[0] if errors and shadow is None else None,
+        components,
     )
 
 

@@ -10,6 +10,8 @@ import numpy as np
 
 from contract.codec import DecodedBatch, Rejected
 from contract.dead_letters import kept_name
+from contract.score_components import FIELD as SCORE_COMPONENTS
+from contract.score_components import format_components
 from worker.scoring import Decisions
 from worker.stream import DEAD_LETTER, OUTPUT, SCORES, SHADOW_SCORES, Commit, flat_fields
 
@@ -54,10 +56,12 @@ def build_commit(
     with_scores_stream: bool,
     shadow: ShadowBatch | None = None,
     regions: Mapping[int, tuple[str, float]] | None = None,
+    components: Mapping[int, Mapping[str, float | None]] | None = None,
 ) -> Commit:
     """Pure: the writes of one batch (outputs for flagged rows, dead letters, optional scores, and
     with a `shadow` batch the candidate's decision on every scored row to the shadow stream; a row
-    in `regions` gets its `region` and `region_share`)."""
+    in `regions` gets its `region` and `region_share`; a flagged row in `components` gets its
+    output entry's `score_components`, a JSON object of component name -> contribution)."""
     commit = Commit()
     threshold_text = repr(float(threshold))
     for i, entry_id in enumerate(decoded.ids):
@@ -79,7 +83,10 @@ def build_commit(
             fields["region"], fields["region_share"] = region
         adds: list[tuple[int, list[bytes | str]]] = []
         if flagged:
-            adds.append((OUTPUT, flat_fields(fields)))
+            output = fields
+            if components and (parts := components.get(i)) is not None:
+                output = {**fields, SCORE_COMPONENTS: format_components(parts)}
+            adds.append((OUTPUT, flat_fields(output)))
         if with_scores_stream:
             fields["flagged"] = int(flagged)
             adds.append((SCORES, flat_fields(fields)))

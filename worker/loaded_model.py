@@ -4,6 +4,7 @@ broken artifact is an `ArtifactError` and a reload can keep the old model."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,6 +38,10 @@ class BatchScorer(Protocol):
         """score_batch and squared_error of the same batch (one forward pass where the engine can)."""
         ...
 
+    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+        """The score's component names and their (n, k) contributions (rows sum to the score)."""
+        ...
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -59,6 +64,19 @@ class LoadedModel:
             return {}
         return regions_of(rows, self.scorer.squared_error(images[rows]), self.region_side)
 
+    def explain(self, images: np.ndarray, flagged: np.ndarray) -> dict[int, dict[str, float | None]]:
+        """Batch row -> each score component's contribution, for the flagged rows (the output
+        entry's `score_components`: which view of "not normal" flagged it). Computed again for
+        those rows only, like `locate`, so that the pass over the whole batch stays the cheap one."""
+        rows = np.flatnonzero(flagged)
+        if not rows.size:
+            return {}
+        names, values = self.scorer.score_components(images[rows])
+        return {
+            int(row): dict(zip(names, map(_shown, contribution.tolist()), strict=True))
+            for row, contribution in zip(rows.tolist(), values, strict=True)
+        }
+
     def score_and_locate(self, images: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[str, float]]]:
         """Scores and every row's region (the scores stream carries them) from the scoring pass's
         own reconstruction error; no regions for images that are not square."""
@@ -66,6 +84,11 @@ class LoadedModel:
             return self.scorer.score_batch(images), {}
         scores, squared_error = self.scorer.score_with_squared_error(images)
         return scores, regions_of(np.arange(len(images)), squared_error, self.region_side)
+
+
+def _shown(value: float) -> float | None:
+    """A contribution as published: 4 decimals; None (JSON null) when it is not a finite number."""
+    return round(value, 4) if math.isfinite(value) else None
 
 
 def regions_of(rows: np.ndarray, squared_error: np.ndarray, side: int) -> dict[int, tuple[str, float]]:

@@ -383,6 +383,7 @@ class Runner:
             with_scores_stream=bool(self.settings.scores_stream),
             shadow=shadow if self.settings.shadow_scores_stream else None,
             regions=scored.regions,
+            components=scored.components,
         )
         commit.id_range = id_range
         # The batch's metrics are recorded while Redis runs the commit script. A commit that

@@ -129,6 +129,14 @@ class KerasScorer:
         recon = np.asarray(self.model(self._tf.constant(z), training=False))
         return np.square(z - recon)
 
+    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+        """The score's component names and each one's contribution per row ((n, k), rows summing
+        to the score: `Score.contributions`), for a (n, D) batch (an eager pass: the worker asks
+        for the few flagged rows only)."""
+        check_width(images, self.input_dim)
+        batch = self.forward(self.scaling(images))
+        return tuple(c.name for c in self.score.components), self.score.contributions(self.score.parts(batch))
+
     def forward(self, x: np.ndarray, chunk: int = 1024) -> ForwardPass:
         """The forward pass of a model-space batch with every encoder layer's output (eager, in
         chunks): what computing several scores from one pass needs (the evaluation)."""

@@ -63,6 +63,12 @@ class NumpyScorer:
         np.subtract(x, residual, out=residual)
         return np.square(residual, out=residual)
 
+    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+        """The score's component names and each one's contribution per row ((n, k), rows summing
+        to the score: `Score.contributions`), for a (n, D) batch: why a flagged image scored high."""
+        batch = self._forward(self._model_space(images))
+        return tuple(c.name for c in self.score.components), self.score.contributions(self.score.parts(batch))
+
     def forward(self, x: np.ndarray) -> ForwardPass:
         """The forward pass of a model-space batch with every encoder layer's output: what
         computing several scores from one pass needs (the evaluation)."""

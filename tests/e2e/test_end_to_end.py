@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detector.score import DEFAULT_SCORE, components_of
 from producer.client import ImageProducer
 from tests.conftest import ROOT, RedisServer, free_port, wait_until
 from tests.support import log_records, logged, metric_value, metrics_text, start_worker, wait_for_metrics
@@ -122,6 +124,10 @@ def test_worker_scores_flags_dead_letters_and_stops_cleanly(worker, redis_server
     expected_flagged = {pid for pid, f in scores.items() if float(f[b"score"]) > threshold}
     flagged = [f[b"id"].decode() for _, f in client.xrange("anomalies")]
     assert sorted(flagged) == sorted(expected_flagged)  # exactly the flagged ones, once each
+    for _, fields in client.xrange("anomalies"):  # the default: what each component added, summing to it
+        parts = json.loads(fields[b"score_components"])
+        assert tuple(parts) == components_of(DEFAULT_SCORE)
+        assert sum(parts.values()) == pytest.approx(float(fields[b"score"]), abs=1e-3)
     assert sum(p.startswith("normal") for p in flagged) / 400 < 0.05  # p99 on held-out normal data
     normal_scores = [float(f[b"score"]) for pid, f in scores.items() if pid.startswith("normal")]
     rotated_scores = [float(f[b"score"]) for pid, f in scores.items() if pid.startswith("rotated")]

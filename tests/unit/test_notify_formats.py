@@ -52,6 +52,7 @@ WEBHOOK_ANOMALY = {
     "model_version": "v1",
     "region": "7,7,14,14",
     "region_share": 0.4,
+    "score_components": {"mse": 0.5, "hidden-knn": 0.4},
     "scored_at_ms": 1700000000000,
     "viewer_url": PAGE,
     "picture_url": PICTURE,
@@ -110,6 +111,7 @@ def test_alertmanager_body_is_a_list_of_one_postable_alert() -> None:
                 "p_value": "0.001",
                 "z": "4.2",
                 "region": "7,7,14,14",
+                "score_components": "mse 0.5, hidden-knn 0.4",
                 "id": "cam-7",
                 "output_id": "1700000000100-0",
             },
@@ -120,7 +122,9 @@ def test_alertmanager_body_is_a_list_of_one_postable_alert() -> None:
 
 
 def test_alertmanager_alert_without_viewer_or_optional_fields_leaves_them_out() -> None:
-    bare = anomaly(id="", z=None, p_value=None, region="", region_share=None, scored_at_ms=None)
+    bare = anomaly(
+        id="", z=None, p_value=None, region="", region_share=None, scored_at_ms=None, score_components={}
+    )
     (alert,) = Formatter("alertmanager", NO_VIEWER, 60).anomaly(bare).json()
     assert "generatorURL" not in alert
     assert alert["annotations"] == {
@@ -192,7 +196,8 @@ def test_slack_message_has_text_and_blocks_with_the_links() -> None:
                 "text": {
                     "type": "mrkdwn",
                     "text": "Anomaly cam-7 scored 0.9 (threshold 0.5)\n"
-                    "p-value 0.001 · model v1 · shard 0 · region 7,7,14,14",
+                    "p-value 0.001 · model v1 · shard 0 · region 7,7,14,14\n"
+                    "why: mse 0.5, hidden-knn 0.4",
                 },
             },
             {
@@ -265,6 +270,31 @@ def test_optional_numbers_that_are_not_finite_are_left_out_never_written_as_nan(
     parsed = parse_anomaly(b"2-0", fields, shard=0, output_stream="anomalies", input_stream="images")
     body = Formatter("webhook", NO_VIEWER, 60).anomaly(parsed).json()
     assert body["z"] is None and body["p_value"] is None
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["", "[" * 5000, "not json", "[0.5]", '{"mse": "high", "knn": true, "x": null}', '{"mse": 1e999}'],
+)
+def test_score_components_that_are_not_ours_leave_the_anomaly_without_them(written: str) -> None:
+    fields = {
+        k.encode(): v.encode() for k, v in output_fields("1700000000000-3", score_components=written).items()
+    }
+    parsed = parse_anomaly(
+        b"1700000000100-0", fields, shard=0, output_stream="anomalies", input_stream="images"
+    )
+    assert parsed.score_components == {} and parsed.why == ""
+    assert (
+        "score_components"
+        not in Formatter("alertmanager", VIEWER, 60).anomaly(parsed).json()[0]["annotations"]
+    )
+    assert Formatter("webhook", VIEWER, 60).anomaly(parsed).json()["score_components"] is None
+
+
+def test_the_largest_contribution_comes_first_in_why() -> None:
+    assert anomaly(score_components={"mse": 0.2, "orientation": 5.0, "hidden-knn": 1.5}).why == (
+        "orientation 5, hidden-knn 1.5, mse 0.2"
+    )
 
 
 def test_viewer_links_follow_the_viewers_routes() -> None:

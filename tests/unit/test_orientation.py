@@ -182,19 +182,6 @@ def test_every_preset_is_a_detector_configuration_that_its_flags_give_back(name:
     assert parsed("--preset", name) == PRESETS[name] == parsed(*PRESETS[name].flags())
 
 
-@pytest.fixture(scope="module")
-def default_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default detector (no score, threshold or architecture given), trained briefly."""
-    from detector.datasets import Dataset, Split
-    from trainer.train import train
-
-    x, y = mnist_sample(2500, seed=7)
-    dataset = Dataset("mnist-sample", Split(x[:2000], y[:2000]), Split(x[2000:], y[2000:]), "test")
-    out = tmp_path_factory.mktemp("default") / "artifact"
-    train(DetectorConfig(epochs=2), dataset, out, report=False, progress=False)
-    return out
-
-
 @pytest.mark.slow
 def test_the_default_detector_is_the_orientation_score_with_its_buckets_recorded(
     default_artifact: Path,

@@ -110,6 +110,9 @@ class SpotScorer:
         self.located_rows.append(images.shape[0])
         return self._scores(images), np.square(images)
 
+    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+        return ("max-pixel",), self._scores(images).reshape(-1, 1)
+
 
 def spot_model(side: int | None = 4) -> tuple[LoadedModel, SpotScorer]:
     scorer = SpotScorer()

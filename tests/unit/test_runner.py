@@ -53,6 +53,7 @@ def test_flagged_images_are_published_with_the_contract_fields(r, make_runner) -
         "p_value",
         "model_version",
         "scored_at_ms",
+        "score_components",
     }
     assert entry["id"] == "cam-2" and entry["source_id"] == bright.decode()
     assert float(entry["score"]) == pytest.approx(round(0.9 * 255) / 255, rel=1e-6)

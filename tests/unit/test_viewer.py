@@ -6,6 +6,7 @@ answers, and a 503 page when Redis is down."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,48 @@ def test_producer_text_is_escaped_everywhere_and_no_inline_script_may_run(r, tin
         csp = response.headers["content-security-policy"]
         assert "script-src 'self'" in csp and "unsafe-inline" not in csp
     assert client.get("/").text.count("<script") == 1  # /viewer.js, nothing else
+
+
+def why(page: str) -> list[str]:
+    """The `why` line of every anomaly on a page: its score components as shown, in order."""
+    return [
+        re.sub(r"<[^>]+>", "", cell).strip()
+        for cell in re.findall(r'<dd class="why">(.*?)</dd>', page, re.DOTALL)
+    ]
+
+
+def test_each_alert_says_which_score_component_flagged_it_largest_first(r, tiny_artifact: Path) -> None:
+    components = '{"mse":1.25,"orientation":0.4,"hidden-knn":6.125,"hidden-mahalanobis":-0.5}'
+    push_alert(r, "m", "explained", score_components=components)
+    push_alert(r, "m", "from-an-older-worker")  # no score_components field
+    page = client_for(r, tiny_artifact).get("/").text
+    assert why(page) == [
+        "–",
+        "hidden-knn 6.12 · mse 1.25 · orientation 0.4 · hidden-mahalanobis -0.5",
+    ]
+    assert '<span class="component largest" title="what hidden-knn added to the score">' in page
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "[" * 5000,  # deeper than any parser's stack
+        "not json",
+        "[1, 2, 3]",
+        '{"mse": "1e999", "orientation": true, "x": null, "y": NaN, "z": Infinity}',
+        json.dumps({EVIL: 2.0}),
+        json.dumps({f"c{i}": float(i) for i in range(500)}),
+    ],
+)
+def test_hostile_score_components_never_break_the_page_and_are_escaped(
+    r, tiny_artifact: Path, hostile: str
+) -> None:
+    push_alert(r, "m", "hostile", score_components=hostile)
+    response = client_for(r, tiny_artifact).get("/")
+    assert response.status_code == 200 and articles(response.text) == ["hostile"]
+    assert "<script>alert" not in response.text
+    (shown,) = why(response.text)
+    assert shown.count("·") < 8  # at most MAX_COMPONENTS_SHOWN
 
 
 # ---------------------------------------------------------------- only alerts are drawn
