@@ -1,7 +1,7 @@
 """The bodies posted, one function per ANOMALY_NOTIFY_FORMAT, for one anomaly and for a summary
 (pure: an `Outgoing` request is built, nothing is sent).
 
-- webhook: our JSON object (`kind` anomaly or summary), described in the README.
+- webhook: our JSON object (`kind` anomaly or summary), described in docs/operations.md.
 - alertmanager: Alertmanager's POST /api/v2/alerts body, a list of postable alerts (labels,
   annotations, startsAt, generatorURL when there is a viewer link). Labels identify an alert, so
   each anomaly's carry its key; Alertmanager resolves it after its resolve_timeout.

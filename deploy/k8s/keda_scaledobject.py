@@ -104,7 +104,7 @@ def scaled_object(
 #  - lagCount: entries of the shard not yet delivered to the group (XINFO GROUPS lag, Redis >= 7).
 #    {lag} = ceil({rate:g} msg/s per worker x {drain_seconds:g} s drain goal / {shards} shard(s)): one
 #    worker reads every shard, so it drains rate/shards of each; the rate is the benchmark's for
-#    the default artifact (see the generator for other scores, and the README's sizing).
+#    the default artifact (see the generator for other scores, and deploy/README.md's sizing).
 #  - pendingEntriesCount: delivered but unacknowledged (XPENDING); climbs when workers are slow or
 #    die mid-batch. Target {PENDING_PER_REPLICA} = 4 batches of 256 per replica.
 # KEDA picks the mode of a trigger from its keys: consumerGroup + lagCount -> lag,
