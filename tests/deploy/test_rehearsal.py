@@ -40,6 +40,7 @@ import redis
 import yaml
 
 from contract.shards import shard_of_id
+from detector.score import components_of
 from producer.client import ImageProducer
 from tests.conftest import RedisServer, free_port
 from tests.notify_support import Receiver, running_receiver
@@ -305,6 +306,11 @@ def test_the_deployment_starts_and_serves_as_a_cluster_starts_it(
         rotated_share = sum(i.startswith("rotated") for i in ids) / ROTATED
         normal_share = sum(i.startswith("normal") for i in ids) / NORMAL
         assert rotated_share > 0.8 and normal_share < 0.05, (rotated_share, normal_share)
+        components = components_of(baseline["score"])  # each alert says why: the default's four
+        for fields in (f for entries in flagged.values() for f in entries):
+            parts = json.loads(fields[b"score_components"])
+            assert tuple(parts) == components
+            assert abs(sum(parts.values()) - float(fields[b"score"])) < 1e-3, fields
         assert sum(admin.xlen(f"images:dead-letter:{{{s}}}") for s in range(SHARDS)) == 0
         for worker in workers:  # the figures deploy/README's sizing quotes (pytest -rP shows them)
             children = [
@@ -359,7 +365,11 @@ def test_the_deployment_starts_and_serves_as_a_cluster_starts_it(
         summarised = sum(r.body["count"] for r in answered if r.body.get("kind") == "summary")
         assert len(singles) == len(set(singles)) and set(singles) <= anomalies, singles[:5]
         assert len(singles) + summarised == len(anomalies), (len(singles), summarised, len(anomalies))
-        assert all(r.body["source_id"] for r in answered if r.body.get("kind") != "summary")
+        assert all(
+            r.body["source_id"] and tuple(r.body["score_components"]) == components
+            for r in answered
+            if r.body.get("kind") != "summary"
+        )
         print(f"rehearsal: notify posted {len(singles)} anomalies and {summarised} in summaries")
 
         # 5b. The viewer pod: the newest anomalies of both shards, their pictures, a label each.
