@@ -45,3 +45,8 @@ def parse(text: str | bytes | None) -> dict[str, float]:
         if math.isfinite(number) and len(out) < MAX_COMPONENTS:
             out[str(name)[:MAX_NAME]] = number
     return out
+
+
+def ranked(text: str | bytes | None) -> list[tuple[str, float]]:
+    """`parse`'s contributions, largest first: which view of "not normal" flagged the image."""
+    return sorted(parse(text).items(), key=lambda item: -item[1])

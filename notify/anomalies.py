@@ -65,8 +65,8 @@ class Anomaly:
     @property
     def why(self) -> str:
         """The components of its score, largest first, e.g. "hidden-knn 6.1, mse 1.2"; "" if none."""
-        ranked = sorted(self.score_components.items(), key=lambda item: -item[1])
-        return ", ".join(f"{name} {value:.3g}" for name, value in ranked)
+        ordered = sorted(self.score_components.items(), key=lambda item: -item[1])
+        return ", ".join(f"{name} {value:.3g}" for name, value in ordered)
 
     @property
     def name(self) -> str:

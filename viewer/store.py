@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from contract.labels import Label, latest_labels
-from contract.score_components import parse as parse_components
+from contract.score_components import ranked
 from runtime.settings.base import StreamSettings
 
 LATEST = 50  # anomalies on the page
@@ -99,8 +99,8 @@ class Anomaly:
         """(component, its contribution rounded for people), largest first: which view of "not
         normal" flagged the image; at most MAX_COMPONENTS_SHOWN, none for an entry without the
         field or with one that is not ours (`contract.score_components.parse` is total)."""
-        numbers = sorted(parse_components(self.score_components).items(), key=lambda i: -i[1])
-        return [(name, f"{value:.3g}") for name, value in numbers[:MAX_COMPONENTS_SHOWN]]
+        shown = ranked(self.score_components)[:MAX_COMPONENTS_SHOWN]
+        return [(name, f"{value:.3g}") for name, value in shown]
 
     @property
     def scored_at(self) -> str:

@@ -25,9 +25,8 @@ class Scored:
     regions: dict[int, tuple[str, float]]
     shadow: ShadowBatch | None = None
     shadow_error: str | None = None
-    components: dict[int, dict[str, float | None]] = field(
-        default_factory=dict
-    )  # flagged row -> name -> value
+    # flagged row -> score component -> its contribution (None: not finite)
+    components: dict[int, dict[str, float | None]] = field(default_factory=dict)
 
 
 def score_batch(
