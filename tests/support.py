@@ -15,6 +15,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from contract.codec import encode_image
+from detector.engines.common import Explanation
 from runtime.http import Health
 from runtime.settings import WorkerSettings
 from worker.loaded_model import LoadedModel
@@ -40,9 +41,10 @@ class MeanPixelScorer:
         self.calls.append(images.shape[0])
         return images.mean(axis=1).astype(np.float64)
 
-    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-        """One component, the score itself (not counted as a forward pass)."""
-        return ("mean-pixel",), images.mean(axis=1).astype(np.float64).reshape(-1, 1)
+    def explain(self, images: np.ndarray) -> Explanation:
+        """One component, the score itself (not counted as a forward pass); no reconstruction."""
+        scores = images.mean(axis=1).astype(np.float64)
+        return Explanation(("mean-pixel",), scores.reshape(-1, 1), np.zeros_like(images))
 
 
 class ChildScorer(MeanPixelScorer):

@@ -37,11 +37,12 @@ def score_batch(
     if with_every_region:
         scores, regions = model.score_and_locate(images)
         decisions = model.rule.decide(scores)
+        components = model.explain(images, decisions.flagged).components
     else:
         scores = model.scorer.score_batch(images)
         decisions = model.rule.decide(scores)
-        regions = model.locate(images, decisions.flagged)
-    components = model.explain(images, decisions.flagged)
+        explained = model.explain(images, decisions.flagged)
+        regions, components = explained.regions, explained.components
     if shadow is None or not len(images):
         return Scored(scores, decisions, regions, components=components)
     try:

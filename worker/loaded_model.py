@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from detector.engines.common import Explanation
 from detector.errors import AnomalyScorerError, ArtifactError
 from detector.loading import load_scorer
 from detector.region import locate_regions, square_side
@@ -30,17 +31,24 @@ class BatchScorer(Protocol):
         """Per-row score of a (n, D) float32 batch."""
         ...
 
-    def squared_error(self, images: np.ndarray) -> np.ndarray:
-        """Per-pixel squared reconstruction error of a (n, D) batch (for the region)."""
-        ...
-
     def score_with_squared_error(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """score_batch and squared_error of the same batch (one forward pass where the engine can)."""
+        """score_batch and the per-pixel squared reconstruction error of the same batch (one
+        forward pass where the engine can): every row's region, for the scores stream."""
         ...
 
-    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-        """The score's component names and their (n, k) contributions (rows sum to the score)."""
+    def explain(self, images: np.ndarray) -> Explanation:
+        """Each score component's (n, k) contribution (rows sum to the score) and the (n, D)
+        squared reconstruction error, from one forward pass: the flagged rows' why and where."""
         ...
+
+
+@dataclass(frozen=True)
+class Explained:
+    """The flagged rows of a batch, explained: batch row -> (`region`, `region_share`), and
+    batch row -> score component -> its contribution (None: not a finite number)."""
+
+    regions: dict[int, tuple[str, float]]
+    components: dict[int, dict[str, float | None]]
 
 
 @dataclass(frozen=True)
@@ -55,27 +63,22 @@ class LoadedModel:
     score_buckets: tuple[float, ...] | None = None
     region_side: int | None = None  # square images only: where the error is (detector.region)
 
-    def locate(self, images: np.ndarray, flagged: np.ndarray) -> dict[int, tuple[str, float]]:
-        """Batch row -> (`region`, `region_share`) for the flagged rows; nothing for images that
-        are not square. The reconstruction is redone for those rows only: a few percent of a
-        batch, so the forward pass of the rest stays cheap."""
-        rows = np.flatnonzero(flagged)
-        if self.region_side is None or not rows.size:
-            return {}
-        return regions_of(rows, self.scorer.squared_error(images[rows]), self.region_side)
-
-    def explain(self, images: np.ndarray, flagged: np.ndarray) -> dict[int, dict[str, float | None]]:
-        """Batch row -> each score component's contribution, for the flagged rows (the output
-        entry's `score_components`: which view of "not normal" flagged it). Computed again for
-        those rows only, like `locate`, so that the pass over the whole batch stays the cheap one."""
+    def explain(self, images: np.ndarray, flagged: np.ndarray) -> Explained:
+        """For the flagged rows of a batch, from one more forward pass of those rows only (a few
+        percent of a batch, so the pass over the whole batch stays the cheap one): each one's
+        (`region`, `region_share`), none for images that are not square, and what each score
+        component added to its score (the output entry's `score_components`: which view of
+        "not normal" flagged it)."""
         rows = np.flatnonzero(flagged)
         if not rows.size:
-            return {}
-        names, values = self.scorer.score_components(images[rows])
-        return {
-            int(row): dict(zip(names, map(_shown, contribution.tolist()), strict=True))
-            for row, contribution in zip(rows.tolist(), values, strict=True)
+            return Explained({}, {})
+        why = self.scorer.explain(images[rows])
+        regions = {} if self.region_side is None else regions_of(rows, why.squared_error, self.region_side)
+        components = {
+            int(row): dict(zip(why.names, map(_shown, contribution.tolist()), strict=True))
+            for row, contribution in zip(rows.tolist(), why.contributions, strict=True)
         }
+        return Explained(regions, components)
 
     def score_and_locate(self, images: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[str, float]]]:
         """Scores and every row's region (the scores stream carries them) from the scoring pass's

@@ -15,7 +15,7 @@ import numpy as np
 
 from detector.artifact import MODEL_FILE, LoadedArtifact
 from detector.components.base import ForwardPass
-from detector.engines.common import check_width
+from detector.engines.common import Explanation, check_width
 from detector.engines.tensorflow_import import import_keras_quietly
 from detector.errors import ArtifactError
 from detector.preprocessing import scaling_of
@@ -129,13 +129,15 @@ class KerasScorer:
         recon = np.asarray(self.model(self._tf.constant(z), training=False))
         return np.square(z - recon)
 
-    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-        """The score's component names and each one's contribution per row ((n, k), rows summing
-        to the score: `Score.contributions`), for a (n, D) batch (an eager pass: the worker asks
-        for the few flagged rows only)."""
+    def explain(self, images: np.ndarray) -> Explanation:
+        """Each score component's contribution per row (rows summing to the score:
+        `Score.contributions`) and the squared reconstruction error, from one eager forward pass
+        of a (n, D) batch (the worker asks for the few flagged rows only)."""
         check_width(images, self.input_dim)
         batch = self.forward(self.scaling(images))
-        return tuple(c.name for c in self.score.components), self.score.contributions(self.score.parts(batch))
+        contributions = self.score.contributions(self.score.parts(batch))
+        names = tuple(c.name for c in self.score.components)
+        return Explanation(names, contributions, np.square(batch.images - batch.reconstructions))
 
     def forward(self, x: np.ndarray, chunk: int = 1024) -> ForwardPass:
         """The forward pass of a model-space batch with every encoder layer's output (eager, in

@@ -10,7 +10,7 @@ import numpy as np
 
 from detector.artifact import LoadedArtifact
 from detector.components.base import ForwardPass
-from detector.engines.common import check_width
+from detector.engines.common import Explanation, check_width
 from detector.errors import ArtifactError
 from detector.preprocessing import scaling_of
 
@@ -63,11 +63,15 @@ class NumpyScorer:
         np.subtract(x, residual, out=residual)
         return np.square(residual, out=residual)
 
-    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-        """The score's component names and each one's contribution per row ((n, k), rows summing
-        to the score: `Score.contributions`), for a (n, D) batch: why a flagged image scored high."""
+    def explain(self, images: np.ndarray) -> Explanation:
+        """Each score component's contribution per row (rows summing to the score:
+        `Score.contributions`) and the squared reconstruction error, from one forward pass of a
+        (n, D) batch: why a flagged image scored high, and where."""
         batch = self._forward(self._model_space(images))
-        return tuple(c.name for c in self.score.components), self.score.contributions(self.score.parts(batch))
+        contributions = self.score.contributions(self.score.parts(batch))
+        residual = np.subtract(batch.images, batch.reconstructions)
+        names = tuple(c.name for c in self.score.components)
+        return Explanation(names, contributions, np.square(residual, out=residual))
 
     def forward(self, x: np.ndarray) -> ForwardPass:
         """The forward pass of a model-space batch with every encoder layer's output: what

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import fakeredis
 import numpy as np
 import pytest
 
+from detector.engines.common import Explanation
 from detector.region import default_window, locate_regions, square_side
 from tests.support import build_runner, stream
 from worker.loaded_model import LoadedModel
@@ -92,7 +95,8 @@ class SpotScorer:
     model_version = "spot-v1"
 
     def __init__(self) -> None:
-        self.located_rows: list[int] = []
+        self.located_rows: list[int] = []  # by score_with_squared_error (the scores stream)
+        self.explained_rows: list[int] = []  # the flagged rows, explained (region and why)
         self.scored_rows: list[int] = []  # by score_batch alone
 
     def score_batch(self, images: np.ndarray) -> np.ndarray:
@@ -102,16 +106,13 @@ class SpotScorer:
     def _scores(self, images: np.ndarray) -> np.ndarray:
         return images.max(axis=1).astype(np.float64)
 
-    def squared_error(self, images: np.ndarray) -> np.ndarray:
-        self.located_rows.append(images.shape[0])
-        return np.square(images)
-
     def score_with_squared_error(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self.located_rows.append(images.shape[0])
         return self._scores(images), np.square(images)
 
-    def score_components(self, images: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-        return ("max-pixel",), self._scores(images).reshape(-1, 1)
+    def explain(self, images: np.ndarray) -> Explanation:
+        self.explained_rows.append(images.shape[0])
+        return Explanation(("max-pixel",), self._scores(images).reshape(-1, 1), np.square(images))
 
 
 def spot_model(side: int | None = 4) -> tuple[LoadedModel, SpotScorer]:
@@ -147,7 +148,8 @@ def test_without_a_scores_stream_only_flagged_rows_are_located() -> None:
     for _ in range(9):
         r.xadd("images", {"image": bytes(16)})
     build_runner(r, model=model).drain()
-    assert sum(scorer.located_rows) == 1
+    assert scorer.scored_rows == [10] and scorer.explained_rows == [1]  # one more pass, of 1 row
+    assert scorer.located_rows == []
     assert stream(r, "anomalies")[0]["region"] == "1,2,2,3"
 
 
@@ -160,6 +162,7 @@ def test_with_a_scores_stream_every_row_is_located_from_the_scoring_pass() -> No
     build_runner(r, model=model, scores_stream="scores").drain()
     assert scorer.located_rows == [10]  # one pass for the batch's scores and its 10 regions
     assert scorer.scored_rows == []  # no second pass for the scores alone
+    assert scorer.explained_rows == [1]  # the flagged row's score components
     regions = [(e["id"] == "spot", e["region"]) for e in stream(r, "scores")]
     assert sorted(set(regions)) == [(False, "0,0,1,1"), (True, "1,2,2,3")] and len(regions) == 10
     assert stream(r, "anomalies")[0]["region"] == "1,2,2,3"
@@ -173,6 +176,7 @@ def test_images_that_are_not_square_have_no_region_fields() -> None:
     assert "region" not in stream(r, "anomalies")[0]
     assert "region_share" not in stream(r, "scores")[0]
     assert scorer.located_rows == []
+    assert json.loads(stream(r, "anomalies")[0]["score_components"]) == {"max-pixel": 1.0}
 
 
 def test_the_real_engine_locates_a_defect_painted_on_a_digit(tiny_artifact) -> None:

@@ -39,16 +39,19 @@ def served(artifact_path: Path) -> LoadedModel:
     )
 
 
-def test_a_combined_score_is_the_sum_of_its_components_contributions_in_both_engines(
+def test_a_combined_score_is_the_sum_of_its_components_contributions_in_both_engines_from_one_pass(
     default_artifact: Path,
 ) -> None:
     artifact = load_artifact(default_artifact)
     x, _ = mnist_sample(48, seed=11)
     for scorer in (NumpyScorer(artifact), KerasScorer(artifact, max_batch=64, jit=False)):
-        names, values = scorer.score_components(x)
+        why = scorer.explain(x)
+        names, values = why.names, why.contributions
         assert names == components_of(DEFAULT_SCORE)
         assert values.shape == (48, 4)
         np.testing.assert_allclose(values.sum(axis=1), scorer.score_batch(x), rtol=1e-4, atol=1e-4)
+        # The same pass says where: the region's squared errors, without another reconstruction.
+        np.testing.assert_allclose(why.squared_error, scorer.squared_error(x), rtol=1e-5, atol=1e-7)
 
 
 def test_each_contribution_is_its_components_score_standardised_on_held_out_normal_images(
@@ -59,7 +62,7 @@ def test_each_contribution_is_its_components_score_standardised_on_held_out_norm
     x, _ = mnist_sample(16, seed=12)
     score = artifact.score
     parts = score.parts(scorer.forward(scorer.scaling(x)))
-    _, values = scorer.score_components(x)
+    values = scorer.explain(x).contributions
     for column, (part, mean, std) in enumerate(
         zip(parts, score.combine_mean, score.combine_std, strict=True)
     ):
@@ -69,7 +72,8 @@ def test_each_contribution_is_its_components_score_standardised_on_held_out_norm
 def test_a_one_component_score_contributes_its_whole_score(tiny_artifact: Path) -> None:
     scorer = NumpyScorer(load_artifact(tiny_artifact))
     x, _ = mnist_sample(16, seed=13)
-    names, values = scorer.score_components(x)
+    why = scorer.explain(x)
+    names, values = why.names, why.contributions
     assert names == ("mse",)
     np.testing.assert_allclose(values[:, 0], scorer.score_batch(x), rtol=1e-6)
 
