@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 import redis
 
+from contract.score_components import FIELD as SCORE_COMPONENTS
+from contract.score_components import ranked
+
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACT = ROOT / "artifacts" / "demo"
 # The default detector (dense-64-16 trained with its orientation head, score
@@ -227,13 +230,25 @@ def show_results(client: Any, streams: dict[str, str], port: int) -> None:
         f"  rotated digits flagged:  {kinds['rotated']:5d} / {N_ROTATED}  "
         f"({kinds['rotated'] / N_ROTATED:.1%})"
     )
-    print("  the most anomalous entries:")
+    print("  the most anomalous entries, and why (what each score component added to the score):")
     for _, fields in sorted(flagged, key=lambda e: -float(e[1][b"score"]))[:3]:
         f = {k.decode(): v.decode() for k, v in fields.items()}
         print(
             f"    id={f['id']:<12} score={float(f['score']):.4f} threshold={float(f['threshold']):.4f} "
             f"z={float(f['z']):.1f} p_value={float(f['p_value']):.4f} model={f['model_version']}"
         )
+        why = ", ".join(f"{name} {value:+.2f}" for name, value in ranked(f.get(SCORE_COMPONENTS)))
+        print(f"      why: {why or '-'}; region (x0,y0,x1,y1) {f.get('region', '-')}")
+    print("  what flagged them (the largest score component of each flagged digit):")
+    for kind in ("normal", "rotated"):
+        largest = Counter(
+            top[0][0]
+            for _, fields in flagged
+            if fields[b"id"].decode().startswith(kind)
+            and (top := ranked(fields.get(SCORE_COMPONENTS.encode())))
+        )
+        shown = ", ".join(f"{name} {count}" for name, count in largest.most_common()) or "-"
+        print(f"    {kind + ':':<9} {shown}")
     print("  dead letters:")
     for _, fields in client.xrange(streams["dead"]):
         print(f"    id={fields[b'id'].decode():<18} reason: {fields[b'reason'].decode()}")
