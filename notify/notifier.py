@@ -40,6 +40,7 @@ from notify.formats import Formatter, Outgoing
 from notify.grouping import Burst, Held, RateLimiter
 from notify.metrics import NotifyMetrics
 from notify.stream import Entry, OutputGroup, read_new
+from runtime.groups import PRUNE_INTERVAL_SECONDS, refused_by_acl
 from runtime.http import Health
 from runtime.settings import NotifySettings
 
@@ -99,6 +100,8 @@ class Notifier:
         self._renew_interval = settings.notify_claim_idle_ms / 3000.0
         self._next_renew = monotonic() + self._renew_interval
         self._next_shard = 0  # on a cluster, the shard read next
+        self._next_prune = 0.0  # idle consumers of the group are looked for at start, then each minute
+        self._prune_refused = False  # the Redis user may not prune (told once)
         self._receiver_failing = False
 
     # -- control ------------------------------------------------------------------------------
@@ -133,6 +136,7 @@ class Notifier:
         if self.stop_event.is_set():
             return 0
         self._renew_if_due()
+        self._prune_if_due()
         batches = self._read(block_ms)
         handled = 0
         for group, entries in batches:
@@ -443,6 +447,36 @@ class Notifier:
             self.groups[self._index(shard)].renew(ids)
 
     # -- small helpers ------------------------------------------------------------------------
+    def _prune_if_due(self) -> None:
+        """Remove the consumers of the group that hold nothing and have not read for
+        NOTIFY_DEAD_CONSUMER_IDLE_MS (each restarted pod leaves its name behind). A user whose ACL
+        does not allow it (an ACL from before this setting) is told once; delivery goes on."""
+        idle_ms = self.settings.notify_dead_consumer_idle_ms
+        if not idle_ms or self._prune_refused or self.monotonic() < self._next_prune:
+            return
+        self._next_prune = self.monotonic() + PRUNE_INTERVAL_SECONDS
+        for group in self.groups:
+            try:
+                removed = group.prune_consumers(idle_ms)
+            except redis.ResponseError as exc:
+                if not refused_by_acl(exc):
+                    raise
+                self._prune_refused = True
+                log.warning(
+                    "idle consumers are not removed: the Redis user may not run the pruning script "
+                    "(deploy/README.md, Least privilege; or set ANOMALY_NOTIFY_DEAD_CONSUMER_IDLE_MS=0) "
+                    "error=%s",
+                    exc,
+                )
+                return
+            if removed:
+                log.info(
+                    "removed idle consumers with nothing pending count=%d shard=%d names=%s",
+                    len(removed),
+                    group.shard,
+                    ",".join(removed[:10]),
+                )
+
     def _trimmed_fields(self, group: OutputGroup, entry_id: str) -> dict[str | bytes, str | bytes]:
         return dead_letter_fields(
             reason_code="trimmed",

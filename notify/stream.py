@@ -13,6 +13,8 @@ from typing import Any
 
 import redis
 
+from runtime.groups import ConsumerPruner
+
 Entry = tuple[bytes, Mapping[bytes, bytes]]
 ACK_CHUNK = 1000  # ids per XACK (a summary may acknowledge thousands)
 
@@ -50,6 +52,7 @@ class OutputGroup:
         self.dead_letter_maxlen = dead_letter_maxlen
         self.group = group
         self.consumer = consumer
+        self._pruner = ConsumerPruner(client)
 
     def ensure_group(self, start_id: str) -> bool:
         """Create the group (and the stream) if missing; True when this call created it."""
@@ -89,6 +92,11 @@ class OutputGroup:
         for first in range(0, len(ids), ACK_CHUNK):
             acked += int(self.redis.xack(self.output_stream, self.group, *ids[first : first + ACK_CHUNK]))
         return acked
+
+    def prune_consumers(self, min_idle_ms: int) -> list[str]:
+        """Delete the group's consumers idle longer than `min_idle_ms` with nothing pending (never
+        this one); returns their names."""
+        return self._pruner.prune(self.output_stream, self.group, min_idle_ms, self.consumer)
 
     def dead_letter(
         self, records: Sequence[tuple[str, Mapping[str | bytes, str | bytes]]], ack: bool = True

@@ -27,6 +27,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
 from contract.codec import DecodedBatch, Entry, Rejected, decode_batch, default_max_payload_bytes
+from runtime.groups import PRUNE_INTERVAL_SECONDS
 from runtime.http import Health
 from runtime.settings import WorkerSettings
 from worker.batch import Scored, score_batch
@@ -46,7 +47,6 @@ from worker.stream import (
 
 log = logging.getLogger(__name__)
 
-PRUNE_INTERVAL_SECONDS = 60.0
 # A read that filled this share of the batch means entries arrive faster than single batches
 # are handled: read the next one while this one is scored. Below it, the read ahead would
 # mostly come back empty (one wasted round trip per small batch at low rates).

@@ -18,6 +18,7 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 
 from contract.codec import Entry
+from runtime.groups import ConsumerPruner
 
 if TYPE_CHECKING:
     from runtime.settings import WorkerSettings
@@ -126,23 +127,6 @@ while i <= #ARGV do
   end
 end
 return {acked, published, fenced}
-"""
-
-
-# Removes consumers of the group that hold nothing and have not tried to read for ARGV[2] ms
-# (workers that died or were scaled away; every restart adds a name). Atomic, so a consumer that
-# reads entries between the check and the delete cannot lose them.
-PRUNE_SCRIPT = """
-local removed = {}
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local f = {}
-  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
-    removed[#removed + 1] = f['name']
-  end
-end
-return removed
 """
 
 
@@ -276,7 +260,7 @@ class StreamClient:
         self.maxlens = [maxlen for _, _, maxlen in configured]
         self._key_of = {target: index for index, (target, _, _) in enumerate(configured, start=2)}
         self._commit = client.register_script(COMMIT_SCRIPT)
-        self._prune = client.register_script(PRUNE_SCRIPT)
+        self._pruner = ConsumerPruner(client)
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings: WorkerSettings, shard: int = 0) -> StreamClient:
@@ -492,8 +476,7 @@ class StreamClient:
 
     def prune_consumers(self, min_idle_ms: int) -> list[str]:
         """Delete idle consumers with no pending entries (never this one); returns their names."""
-        removed = self._prune(keys=[self.input_stream], args=[self.group, min_idle_ms, self.consumer])
-        return [name.decode() if isinstance(name, bytes) else str(name) for name in removed]
+        return self._pruner.prune(self.input_stream, self.group, min_idle_ms, self.consumer)
 
     def group_state(self) -> GroupState:
         """Pending count and (Redis >= 7) lag of our group."""

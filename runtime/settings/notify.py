@@ -115,6 +115,12 @@ class NotifySettings(StreamSettings):
         description="anomaly-notify: anomalies another notifier of the group has held unacknowledged "
         "this long are taken over (it died); the notifier renews what it holds long before",
     )
+    notify_dead_consumer_idle_ms: int = Field(
+        3_600_000,
+        ge=0,
+        description="anomaly-notify: consumers of its group idle this long with nothing pending are "
+        "removed (notifiers that died or were replaced; 0: never)",
+    )
     notify_metrics_host: str = Field(
         "0.0.0.0", description="anomaly-notify: address of its /metrics, /healthz, /readyz server"
     )

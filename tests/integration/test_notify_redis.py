@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,10 @@ SHARDED_KEYS = "~anomalies:{*} (~anomalies:notify-dead-letter:{*} +xadd)"  # dep
 
 
 def real_notifier(
-    client: Any, settings: NotifySettings, registry: CollectorRegistry | None = None
+    client: Any,
+    settings: NotifySettings,
+    registry: CollectorRegistry | None = None,
+    monotonic: Callable[[], float] = time.monotonic,
 ) -> Notifier:
     """A notifier as anomaly-notify builds it (urllib sender, real clock), on `client`."""
     sender = UrllibSender(settings.webhook_url(), settings.notify_timeout_seconds, "anomaly-notify/test")
@@ -52,8 +56,9 @@ def real_notifier(
         settings.notify_format, ViewerLinks(settings.notify_viewer_url), settings.notify_max_per_minute
     )
     metrics = NotifyMetrics(registry or CollectorRegistry(), with_process=False)
+    groups = output_groups(client, settings)
     return Notifier(
-        settings, output_groups(client, settings), sender, formatter, metrics, Health(needs_model=False)
+        settings, groups, sender, formatter, metrics, Health(needs_model=False), monotonic=monotonic
     )
 
 
@@ -197,6 +202,56 @@ def test_the_notifier_recovers_when_redis_restarts(own_redis: RedisServer, recei
     assert sorted(set(receiver.delivered_keys())) == sorted(keys)
 
 
+def _idle_ms(r: redis.Redis, stream: str, name: str) -> int:
+    found = [c for c in r.xinfo_consumers(stream, "anomaly-notify") if c["name"] == name.encode()]
+    return int(found[0]["idle"]) if found else -1
+
+
+PRUNING_RULES = ("+xgroup|delconsumer", "+xinfo|consumers", "+evalsha", "+eval", "+script|load")
+
+
+@pytest.mark.parametrize(
+    "without",
+    [PRUNING_RULES, PRUNING_RULES[:2]],
+    ids=["the-acl-before-pruning", "scripts-but-not-their-commands"],
+)
+def test_a_notifier_whose_user_may_not_prune_says_so_once_and_delivers(
+    redis_client: redis.Redis,
+    redis_server: RedisServer,
+    receiver: Receiver,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    without: tuple[str, ...],
+) -> None:
+    before = [word for word in documented_notify_acl(PASSWORD, 1) if word not in without]
+    assert len(before) == len(documented_notify_acl(PASSWORD, 1)) - len(without)
+    redis_client.execute_command(*before)
+    secret = tmp_path / "redis-password"
+    secret.write_text(PASSWORD + "\n")
+    try:
+        keys = _publish_many(redis_client, 2)
+        settings = notify_settings(
+            redis_url=f"redis://anomaly-notify@127.0.0.1:{redis_server.port}/0",
+            redis_password_file=secret,
+            notify_webhook_url=receiver.url,
+            notify_dead_consumer_idle_ms=5,
+        )
+        client = make_redis(settings, "n1")
+        minutes_later = [0.0]  # added to the real clock
+        notifier = real_notifier(client, settings, monotonic=lambda: time.monotonic() + minutes_later[0])
+        with caplog.at_level("WARNING", logger="notify"):
+            notifier.drain()
+            minutes_later[0] = 120.0  # two pruning intervals later: it does not try again
+            notifier.drain()
+        assert sorted(receiver.delivered_keys()) == sorted(keys)
+        told = [r for r in caplog.records if r.getMessage().startswith("idle consumers are not removed")]
+        assert len(told) == 1, [r.getMessage() for r in told]
+        assert "no permissions" in told[0].getMessage() or "can't run this command" in told[0].getMessage()
+        client.close()
+    finally:
+        redis_client.acl_deluser("anomaly-notify")
+
+
 def documented_notify_acl(password: str, shards: int) -> list[str]:
     """anomaly-notify's ACL SETUSER line of deploy/README.md, with its sharded patterns for N > 1."""
     text = (ROOT / "deploy" / "README.md").read_text()
@@ -225,9 +280,15 @@ def test_the_notifier_works_with_its_least_privilege_acl_user(
             notify_webhook_url=receiver.url,
             shards=shards,
         )
+        # A notifier pod that was replaced left its name in the group; this one removes it.
+        redis_client.xgroup_create(output, "anomaly-notify", id="0")
+        redis_client.xgroup_createconsumer(output, "anomaly-notify", "replaced-pod")
+        wait_until(lambda: _idle_ms(redis_client, output, "replaced-pod") > 5, 10, what="an idle consumer")
+        settings = settings.model_copy(update={"notify_dead_consumer_idle_ms": 5})
         client = make_redis(settings, "n1")
         real_notifier(client, settings).drain()
         assert sorted(receiver.delivered_keys()) == sorted([keys[0], keys[2]])
+        assert [c["name"] for c in redis_client.xinfo_consumers(output, "anomaly-notify")] == [b"n1"]
         dead_stream = settings.in_shard(settings.notify_dead_letter_stream, shards - 1)
         assert [d["status"] for d in dead_letters(redis_client, dead_stream)] == ["404"]
         assert pending_count(redis_client, output) == 0
